@@ -1,0 +1,166 @@
+"""The `clinqa` command: thin typer wrappers that parse, call one library function, print with rich."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from clinqa.errors import ClinqaError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="clinqa: clinical question answering with language models, run privately.")
+console = Console()
+err = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator:
+    """A rich progress bar; yields a callback(done, total) for long jobs."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[extra]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False) as prog:
+        task = prog.add_task(description, total=None, extra="")
+
+        def update(done: int, total: int, extra: str = "") -> None:
+            prog.update(task, completed=done, total=total, extra=extra)
+
+        yield update
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def load_predictor(spec: str):
+    """Resolve a model spec (base model plus any +modifiers) into a Predictor."""
+    _quiet_transformers()
+    from clinqa.adapt import load_predictor as _load
+
+    with err.status(f"loading model {spec} ..."):
+        return _load(spec)
+
+
+def _pct(x) -> str:
+    import math
+
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title)
+    for col, just in (("specialty", "left"), ("n", "right"), ("accuracy %", "right"), ("95% CI", "right"), ("chance %", "right")):
+        table.add_column(col, justify=just)
+    for g, a in summary["by_specialty"].items():
+        table.add_row(g, str(a["n"]), _pct(a["acc"]), f"{_pct(a['ci_low'])}–{_pct(a['ci_high'])}", _pct(a["chance"]))
+    o = summary["overall"]
+    table.add_row("[bold]all", str(o["n"]), f"[bold]{_pct(o['acc'])}", f"{_pct(o['ci_low'])}–{_pct(o['ci_high'])}", _pct(o["chance"]))
+    console.print(table)
+    notes = [f"macro {_pct(summary['macro_specialty'])} · micro {_pct(summary['micro_specialty'])}"]
+    if "overall_sum" in summary:
+        notes.append(f"unnormalised-sum accuracy {_pct(summary['overall_sum']['acc'])}")
+    if "shuffles" in summary:
+        sh = summary["shuffles"]
+        notes.append(f"{sh['k']} shuffles: per-shuffle accuracy {_pct(sh['min_acc'])}–{_pct(sh['max_acc'])}, consistency {_pct(sh['consistency'])}%")
+    c = summary["calibration"]
+    notes.append(f"ECE {c['ece']:.3f} · Brier {c['brier']:.3f} · mean confidence {_pct(c['mean_confidence'])}%")
+    notes.append(f"unparseable {summary['unparseable']}")
+    if summary.get("harmful_choice_rate") is not None:
+        notes.append(f"unsafe-option choices {_pct(summary['harmful_choice_rate'])}%")
+    console.print(" · ".join(notes))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="model spec: default, a folder or HF id, a .gguf file, or openai:URL#MODEL, with +lora:/+steer:/+rag: modifiers"),
+    data: str = typer.Argument(..., help="questions: bundled, bundled:control, or a file/folder (MedQA, MedMCQA, MMLU, PubMedQA, MIRAGE, JSONL/CSV/Parquet)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run folder (re-running the same command resumes)"),
+    method: str = typer.Option("option", help="letter | option | generate"),
+    shuffles: int = typer.Option(1, help="seeded option permutations per question (S-MedQA uses 5)"),
+    limit: Optional[int] = typer.Option(None, help="only the first N questions"),
+    specialty: List[str] = typer.Option([], "--specialty", help="keep only questions of this specialty (repeatable)"),
+    seed: int = typer.Option(0),
+    data_format: Optional[str] = typer.Option(None, "--format", help="force a data format instead of auto-detecting"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip malformed rows (counted) instead of stopping"),
+    batch_size: int = typer.Option(16, help="questions per batch; samples are saved after every batch"),
+    max_new_tokens: int = typer.Option(128, help="generate method: token budget"),
+    alpha: Optional[float] = typer.Option(None, help="steering strength for +steer: models (overrides the spec's @alpha)"),
+) -> None:
+    """Evaluate a model on multiple-choice questions; writes run.json + samples.jsonl to --out."""
+    from clinqa.evaluate import EvalConfig, evaluate, load_data
+    from clinqa.evaluate.report import summarize
+
+    if alpha is not None:
+        model = _with_alpha(model, alpha)
+    config = EvalConfig(model=model, data=data, method=method, shuffles=shuffles, seed=seed, limit=limit,
+                        specialties=tuple(specialty), data_format=data_format, skip_invalid=skip_invalid,
+                        max_new_tokens=max_new_tokens)
+    questions, skipped = load_data(config)
+    if skipped:
+        err.print(f"[yellow]skipped {skipped} invalid rows[/yellow]")
+    predictor = load_predictor(model)
+    with progress_bar(f"{method} · {len(questions)} questions × {shuffles}") as update:
+        run = evaluate(predictor, questions, config, out, batch_size=batch_size, progress=update, skipped=skipped)
+    summary = summarize(run.samples(), seed=seed)
+    print_summary(summary, f"{model} · {data} · method={method} · shuffles={shuffles}")
+    console.print(f"run saved in [bold]{out}[/bold] · `clinqa report {out}` writes report.md and plots")
+
+
+def _with_alpha(model: str, alpha: float) -> str:
+    from clinqa.models.spec import parse_spec, Modifier, ModelSpec
+
+    ms = parse_spec(model)
+    if not any(m.kind == "steer" for m in ms.modifiers):
+        raise ClinqaError("--alpha applies to a +steer: model spec, e.g. default+steer:vectors/NAME")
+    mods = tuple(Modifier(m.kind, m.target, {**m.params, "alpha": str(alpha)}) if m.kind == "steer" else m for m in ms.modifiers)
+    return str(ModelSpec(ms.kind, ms.target, ms.model_name, mods))
+
+
+@app.command("report")
+def report_cmd(
+    run: Path = typer.Argument(..., help="run folder"),
+    other: Optional[Path] = typer.Argument(None, help="a second run on the same questions: adds a paired comparison"),
+) -> None:
+    """Write report.md and PNG plots (per-specialty accuracy, reliability diagram) into a run folder."""
+    from clinqa.evaluate.report import write_report
+
+    result = write_report([run] + ([other] if other else []))
+    print_summary(result["summary"], f"{run}")
+    if "paired" in result:
+        p = result["paired"]
+        console.print(f"paired vs {other}: B−A {_pct(p.diff)} points (95% CI {_pct(p.ci_low)} to {_pct(p.ci_high)}), "
+                      f"bootstrap p={p.p_bootstrap:.4f}, McNemar p={p.p_mcnemar:.4f}")
+    console.print(f"wrote {result['report']}")
+
+
+def main() -> None:
+    """Console entry point: user errors print one line, no traceback."""
+    try:
+        app()
+    except ClinqaError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted: finished batches are saved; re-run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

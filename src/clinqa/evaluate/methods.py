@@ -1,0 +1,131 @@
+"""Scoring methods: one function each, all taking a batch of shown questions and returning Samples.
+
+- letter:   next-token log-probabilities of " A", " B", ... after the MMLU prompt (one forward pass).
+- option:   log-likelihood of each option's text after the cloze prompt, sum (lm-eval acc) and
+            per-character normalised (acc_norm); the question prefix is computed once per question.
+- generate: free generation with the chat template, then answer extraction; unparseable is counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from clinqa.data.schema import Question
+from clinqa.evaluate import prompts, shuffle
+from clinqa.evaluate.extract import extract_answer
+from clinqa.evaluate.sample import Sample
+from clinqa.models.base import GenerationConfig, Predictor
+
+METHODS = ("letter", "option", "generate")
+
+
+@dataclass(frozen=True)
+class Item:
+    """A question under one shuffle, as shown to the model."""
+
+    question: Question
+    shuffle: int
+    permutation: list[int]
+    options: dict[str, str]
+    gold: str
+    to_original: dict[str, str]
+
+
+def make_items(questions: Sequence[Question], shuffles: int, seed: int) -> list[Item]:
+    items = []
+    for q in questions:
+        for k in range(shuffles):
+            perm = shuffle.permutation(q.id, k, len(q.options), seed)
+            shown, gold, to_original = shuffle.apply(q, perm)
+            items.append(Item(q, k, perm, shown, gold, to_original))
+    return items
+
+
+def _softmax(x: Sequence[float]) -> list[float]:
+    a = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(a).any():
+        return [1.0 / len(a)] * len(a)
+    e = np.exp(a - np.max(a[np.isfinite(a)]))
+    e[~np.isfinite(a)] = 0.0
+    return (e / e.sum()).tolist()
+
+
+def _sample(item: Item, method: str, pred: str | None, scores: dict, probs: dict, extras: dict, latency: float) -> Sample:
+    q = item.question
+    harmful = q.meta.get("harmful_options")
+    if harmful:
+        back = {o: s for s, o in item.to_original.items()}
+        extras = {**extras, "harmful_options": [back[h] for h in harmful if h in back]}
+    return Sample(
+        question_id=q.id, shuffle=item.shuffle, permutation=item.permutation, options=item.options,
+        gold=item.gold, pred=pred, correct=pred == item.gold, method=method, scores=scores, probs=probs,
+        specialties=list(q.specialties), source=q.source, extras=extras, latency_s=latency,
+    )
+
+
+def score_letter(predictor: Predictor, items: Sequence[Item], **_) -> list[Sample]:
+    t0 = time.perf_counter()
+    out: list[Sample] = []
+    # group by option count: the candidate set must be the same within one call
+    by_n: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_n.setdefault(len(it.options), []).append(i)
+    results: dict[int, Sample] = {}
+    for n, idx in by_n.items():
+        letters = list(items[idx[0]].options)
+        lp = predictor.next_token_logprobs([prompts.letter_prompt(items[i].question, items[i].options) for i in idx], [f" {l}" for l in letters])
+        per = (time.perf_counter() - t0) / max(len(items), 1)
+        for row, i in enumerate(idx):
+            scores = dict(zip(letters, map(float, lp[row])))
+            pred = max(scores, key=scores.get) if any(math.isfinite(v) for v in scores.values()) else None
+            results[i] = _sample(items[i], "letter", pred, scores, dict(zip(letters, _softmax(lp[row]))), {}, per)
+    out = [results[i] for i in range(len(items))]
+    return out
+
+
+def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sample]:
+    t0 = time.perf_counter()
+    groups = [(prompts.cloze_prompt(it.question), [" " + v for v in it.options.values()]) for it in items]
+    scored = predictor.score_continuations(groups)
+    per = (time.perf_counter() - t0) / max(len(items), 1)
+    out = []
+    for it, conts in zip(items, scored):
+        letters = list(it.options)
+        sums = [c.logprob for c in conts]
+        # lm-eval's acc_norm divides by the character length of the choice text (without the space)
+        norms = [c.logprob / max(len(v), 1) for c, v in zip(conts, it.options.values())]
+        pred_norm = letters[int(np.argmax(norms))]
+        pred_sum = letters[int(np.argmax(sums))]
+        extras = {
+            "logprob_sum": dict(zip(letters, sums)),
+            "n_tokens": dict(zip(letters, [c.n_tokens for c in conts])),
+            "pred_sum": pred_sum,
+            "correct_sum": pred_sum == it.gold,
+        }
+        # probs: the model's relative probability of each option text (softmax of the sums)
+        out.append(_sample(it, "option", pred_norm, dict(zip(letters, norms)), dict(zip(letters, _softmax(sums))), extras, per))
+    return out
+
+
+def score_generate(predictor: Predictor, items: Sequence[Item], *, max_new_tokens: int = 128, seed: int = 0, **_) -> list[Sample]:
+    t0 = time.perf_counter()
+    texts = predictor.generate([prompts.generate_prompt(it.question, it.options) for it in items],
+                               GenerationConfig(max_new_tokens=max_new_tokens, seed=seed))
+    per = (time.perf_counter() - t0) / max(len(items), 1)
+    out = []
+    for it, text in zip(items, texts):
+        pred, how = extract_answer(text, it.options)
+        out.append(_sample(it, "generate", pred, {}, {}, {"generated": text, "parse": how}, per))
+    return out
+
+
+SCORERS: dict[str, Callable[..., list[Sample]]] = {
+    "letter": score_letter,
+    "option": score_option,
+    "generate": score_generate,
+}

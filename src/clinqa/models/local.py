@@ -1,0 +1,276 @@
+"""Local transformers backend: the fast path for scoring on a CPU.
+
+Two decisions make it fast and still equal to lm-evaluation-harness:
+- Next-token scoring runs the decoder once per prompt (right-padded batches sorted by length, where
+  causal attention makes padding harmless) and applies the LM head only at each prompt's last token.
+- Continuation scoring packs one context and all its continuations into a single sequence with a
+  block attention mask (each continuation sees the context and itself), so the shared question
+  prefix is computed once; log-softmax is taken only at the positions that predict continuation
+  tokens. Tokenisation follows lm-eval's `_encode_pair` exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from clinqa.errors import ClinqaError
+from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
+
+# A batch holds at most this many (padded) tokens; keeps attention and activations cache-friendly.
+MAX_BATCH_TOKENS = int(os.environ.get("CLINQA_MAX_BATCH_TOKENS", "4096"))
+MAX_BATCH_SIZE = 64
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int = MAX_BATCH_TOKENS, max_size: int = MAX_BATCH_SIZE) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first) under a padded-token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) + 1) * width > max_tokens or len(cur) >= max_size:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class LocalModel:
+    """A causal LM from transformers implementing the Predictor protocol."""
+
+    def __init__(self, model, tokenizer, info: ModelInfo):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.info = info
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id = tokenizer.pad_token_id
+        self.max_length = min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 8192)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, spec: str, name: str | None = None, dtype: str = "float32") -> "LocalModel":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = str(path)
+        local = Path(path).exists()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
+        except OSError as exc:
+            if local:
+                raise ClinqaError(f"{path} is not a loadable model folder (need config.json and weights): {exc}") from exc
+            raise ClinqaError(
+                f"model {path!r} is neither a local folder nor in the Hugging Face cache (these machines are offline): "
+                "pass a folder, a .gguf file, 'default', or openai:URL#MODEL"
+            ) from exc
+        return cls.from_objects(model, tokenizer, spec=spec, name=name or Path(path).name)
+
+    @classmethod
+    def from_objects(cls, model, tokenizer, *, spec: str = "in-memory", name: str = "in-memory") -> "LocalModel":
+        cfg = model.config
+        info = ModelInfo(
+            spec=spec,
+            backend="transformers",
+            name=name,
+            n_layers=getattr(cfg, "num_hidden_layers", None),
+            hidden_size=getattr(cfg, "hidden_size", None),
+            n_params=sum(p.numel() for p in model.parameters()),
+            context_length=getattr(cfg, "max_position_embeddings", None),
+        )
+        return cls(model, tokenizer, info)
+
+    # -- tokenisation -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's `_encode_pair`: trailing context spaces move to the continuation; the
+        continuation's tokens are those of (context + continuation) beyond the context's."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def candidate_token_ids(self, context: str, candidates: Sequence[str]) -> list[int]:
+        ids = []
+        for cand in candidates:
+            _, cont = self.encode_pair(context, cand)
+            if len(cont) != 1:
+                raise ClinqaError(f"candidate {cand!r} is {len(cont)} tokens for this tokenizer; next-token scoring needs one")
+            ids.append(cont[0])
+        return ids
+
+    @property
+    def _decoder(self):
+        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+
+    @property
+    def _lm_head(self):
+        return self.model.get_output_embeddings()
+
+    # -- scoring --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def next_token_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        if not contexts:
+            return np.zeros((0, len(candidates)), dtype=np.float64)
+        cand_ids = self.candidate_token_ids(contexts[0], candidates)
+        encoded = [self.encode(c)[-self.max_length:] for c in contexts]
+        out = np.zeros((len(contexts), len(candidates)), dtype=np.float64)
+        for batch in length_batches([len(e) for e in encoded]):
+            width = len(encoded[batch[0]])
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            last = torch.empty(len(batch), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                last[row] = len(encoded[i]) - 1
+            # Right padding: causal attention never lets a real token see a pad, so no mask is needed.
+            hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
+            logits = self._lm_head(hidden[torch.arange(len(batch)), last]).float()
+            logprobs = torch.log_softmax(logits, dim=-1)[:, cand_ids]
+            out[batch] = logprobs.double().numpy()
+        return out
+
+    @torch.inference_mode()
+    def score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
+        packed = [self._pack(ctx, conts) for ctx, conts in groups]
+        results: list[list[ContinuationScore]] = [[] for _ in groups]
+        for batch in length_batches([len(p["ids"]) for p in packed]):
+            width = len(packed[batch[0]]["ids"])
+            n = len(batch)
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            pos = torch.zeros((n, width), dtype=torch.long)
+            mask = torch.zeros((n, 1, width, width), dtype=torch.bool)
+            for row, i in enumerate(batch):
+                p = packed[i]
+                L = len(p["ids"])
+                ids[row, :L] = torch.tensor(p["ids"])
+                pos[row, :L] = torch.tensor(p["pos"])
+                mask[row, 0, :L, :L] = p["mask"]
+                mask[row, 0, torch.arange(L, width), torch.arange(L, width)] = True  # pads see themselves only
+            hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            rows, cols, targets, owners = [], [], [], []
+            for row, i in enumerate(batch):
+                for j, (predictors, tgt) in enumerate(packed[i]["targets"]):
+                    rows += [row] * len(predictors)
+                    cols += predictors
+                    targets += tgt
+                    owners += [(i, j)] * len(predictors)
+            logits = self._lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            tgt = torch.tensor(targets)
+            token_lp = logprobs[torch.arange(len(tgt)), tgt]
+            greedy = logits.argmax(-1) == tgt
+            acc: dict[tuple[int, int], list] = {}
+            for k, owner in enumerate(owners):
+                a = acc.setdefault(owner, [0.0, True])
+                a[0] += float(token_lp[k])
+                a[1] = a[1] and bool(greedy[k])
+            for i in batch:
+                p = packed[i]
+                results[i] = [
+                    ContinuationScore(acc[(i, j)][0], len(p["targets"][j][1]), len(p["conts"][j]), acc[(i, j)][1])
+                    for j in range(len(p["conts"]))
+                ]
+        return results
+
+    def _pack(self, context: str, continuations: Sequence[str]) -> dict:
+        """One sequence: context tokens, then each continuation's tokens but its last.
+
+        Returns token ids, position ids, a [L, L] boolean attention mask (True = may attend) and,
+        per continuation, the positions whose output predicts each of its tokens.
+        """
+        if not continuations:
+            raise ValueError("score_continuations needs at least one continuation per context")
+        pairs = [self.encode_pair(context, c) if context else ([], self.encode(c)) for c in continuations]
+        ctx = pairs[0][0]
+        if not ctx:  # lm-eval conditions an empty context on the BOS/EOS token
+            prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            ctx = [prefix]
+        conts = [cont for _, cont in pairs]
+        for c, cont in zip(continuations, conts):
+            if not cont:
+                raise ClinqaError(f"continuation {c!r} encodes to no tokens")
+        budget = self.max_length - max(len(c) for c in conts)
+        if budget < 1:
+            raise ClinqaError("a continuation is longer than the model's context window")
+        ctx = ctx[-budget:]  # left-truncate like lm-eval
+        c = len(ctx)
+        ids, pos = list(ctx), list(range(c))
+        segments = []
+        for cont in conts:
+            start = len(ids)
+            ids += cont[:-1]
+            pos += range(c, c + len(cont) - 1)
+            segments.append((start, len(ids)))
+        L = len(ids)
+        mask = torch.zeros((L, L), dtype=torch.bool)
+        mask[:c, :c] = torch.tril(torch.ones((c, c), dtype=torch.bool))
+        targets = []
+        for (start, end), cont in zip(segments, conts):
+            if end > start:
+                mask[start:end, :c] = True
+                mask[start:end, start:end] = torch.tril(torch.ones((end - start, end - start), dtype=torch.bool))
+            targets.append(([c - 1, *range(start, end)], list(cont)))
+        return {"ids": ids, "pos": pos, "mask": mask, "targets": targets, "conts": list(continuations)}
+
+    # -- generation ---------------------------------------------------------------------------
+    def format_prompt(self, prompt: str, config: GenerationConfig) -> str:
+        if not config.chat or not getattr(self.tokenizer, "chat_template", None):
+            return prompt
+        messages = ([{"role": "system", "content": config.system}] if config.system else []) + [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None) -> list[str]:
+        config = config or GenerationConfig()
+        texts = [self.format_prompt(p, config) for p in prompts]
+        outputs: list[str] = [""] * len(texts)
+        encoded = [self.encode(t) for t in texts]
+        gen = torch.Generator().manual_seed(config.seed)
+        for batch in length_batches([len(e) + config.max_new_tokens for e in encoded], max_size=16):
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding for generation
+                e = encoded[i]
+                ids[row, width - len(e):] = torch.tensor(e)
+                attn[row, width - len(e):] = 1
+            kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=self.pad_id)
+            if config.temperature > 0:
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+                kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            out = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+            for row, i in enumerate(batch):
+                text = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
+                for s in config.stop:
+                    if s and s in text:
+                        text = text[: text.index(s)]
+                outputs[i] = text.strip()
+        return outputs
+
+    # -- internals ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[np.ndarray]:
+        n = self.info.n_layers or 0
+        for layer in layers:
+            if not 0 <= layer <= n:
+                raise ClinqaError(f"layer {layer} is out of range: this model has layers 0..{n}")
+        out = []
+        for text in texts:
+            ids = torch.tensor([self.encode(text)[-self.max_length:]])
+            hs = self._decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+            out.append(torch.stack([hs[layer][0] for layer in layers]).float().numpy())
+        return out

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random Llama for logic tests, the real embedded model for inference paths."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    from clinqa.models.embedded import embedded_model_dir
+
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedded_dir))
+
+
+def tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    # random init gives near-uniform distributions; scale up so scores are well separated
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    return model.eval()
+
+
+@pytest.fixture()
+def tiny_predictor(tokenizer):
+    from clinqa.models.local import LocalModel
+
+    return LocalModel.from_objects(tiny_llama(tokenizer), tokenizer, spec="tiny", name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def embedded_predictor():
+    from clinqa.models import load_base_model
+
+    return load_base_model("default")
