@@ -1,0 +1,40 @@
+"""Helpers shared by the benchmark scripts: data selection, timing, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PUBMEDQA = SHARED / "pubmedqa" / "ori_pqal.json"
+SYNTHEA = SHARED / "fhir" / "synthea-r4"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 8) -> float:
+    """fp32 matmul throughput of this machine with torch's default threads (best of `repeats`)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str))
