@@ -160,8 +160,10 @@ def main() -> None:
                                 "--out", str(theirs_out), "--lm-eval-batch", str(args.lm_eval_batch)])
         ours, theirs = json.loads(ours_out.read_text()), json.loads(theirs_out.read_text())
         key = "sum" if task == "letter" else "norm"
-        same = {k: sum(ours["preds"][q][k] == theirs["preds"][q][k] for q in ours["preds"]) for k in ("sum", "norm")}
         n = len(questions)
+        same = {k: sum(ours["preds"][q][k] == theirs["preds"][q][k] for q in ours["preds"]) for k in ("sum", "norm")}
+        gold = {q.id: q.answer for q in questions}
+        acc = {name: sum(r["preds"][q][key] == gold[q] for q in gold) / n for name, r in (("clinqa", ours), ("lm-eval", theirs))}
         tok_s = ours["tokens"] / ours["score_s"]
         share = tok_s * ours["flops_per_token"] / (peak * 1e9)
         print(f"\n[{task}] whole process: clinqa {n / t_ours:.2f} q/s ({t_ours:.1f} s), lm-eval {n / t_theirs:.2f} q/s "
@@ -169,7 +171,7 @@ def main() -> None:
         print(f"[{task}] clinqa scoring loop: {n / ours['score_s']:.2f} q/s, {tok_s:.0f} tokens/s = {100 * share:.0f}% of matmul peak "
               f"({ours['flops_per_token'] / 1e6:.0f} MFLOP/token); setup {ours['setup_s']:.1f} s")
         print(f"[{task}] identical predictions: {same[key]}/{n} ({'acc' if key == 'sum' else 'acc_norm'}); "
-              f"other variant {same['norm' if key == 'sum' else 'sum']}/{n}; accuracy clinqa {ours['acc']:.3f} lm-eval {theirs['acc']:.3f}")
+              f"other variant {same['norm' if key == 'sum' else 'sum']}/{n}; accuracy clinqa {acc['clinqa']:.3f} lm-eval {acc['lm-eval']:.3f}")
         print(f"[{task}] peak memory: clinqa {ours['peak_rss_mb']:.0f} MB, lm-eval {theirs['peak_rss_mb']:.0f} MB")
 
 

@@ -22,7 +22,7 @@ from clinqa.errors import ClinqaError
 from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
 
 # A batch holds at most this many (padded) tokens; keeps attention and activations cache-friendly.
-MAX_BATCH_TOKENS = int(os.environ.get("CLINQA_MAX_BATCH_TOKENS", "4096"))
+MAX_BATCH_TOKENS = int(os.environ.get("CLINQA_MAX_BATCH_TOKENS", "1024"))
 MAX_BATCH_SIZE = 64
 
 
