@@ -1,10 +1,31 @@
-"""Adapting a model: LoRA adapters, steering vectors, retrieval; and the spec modifiers that apply them."""
+"""Adapting a model: LoRA adapters, steering vectors, retrieval, prompts; and the spec modifiers
+(`+lora:`, `+steer:`, `+rag:`, `+prompt:`) that apply them to any predictor.
+
+Each modifier lives in its own module and exposes `apply(predictor, modifier) -> Predictor`; the
+registry below names them by import path so the core never imports what a spec does not use.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from clinqa.errors import ClinqaError
 from clinqa.models import load_base_model, parse_spec
 from clinqa.models.base import Predictor
+from clinqa.models.spec import Modifier
+
+MODIFIERS: dict[str, str] = {
+    "lora": "clinqa.adapt.lora:apply_modifier",
+    "steer": "clinqa.adapt.steering:apply_modifier",
+    "rag": "clinqa.adapt.retrieval:apply_modifier",
+    "prompt": "clinqa.adapt.prompting:apply_modifier",
+}
+
+
+def apply_modifier(predictor: Predictor, modifier: Modifier) -> Predictor:
+    module_name, _, func = MODIFIERS[modifier.kind].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, func)(predictor, modifier)
 
 
 def load_predictor(spec: str) -> Predictor:
@@ -12,5 +33,8 @@ def load_predictor(spec: str) -> Predictor:
     ms = parse_spec(spec)
     predictor = load_base_model(ms)
     for mod in ms.modifiers:
-        raise ClinqaError(f"model modifier '{mod.kind}:' is not available in this version of clinqa yet (spec {spec!r})")
+        predictor = apply_modifier(predictor, mod)
     return predictor
+
+
+__all__ = ["MODIFIERS", "apply_modifier", "load_predictor", "ClinqaError"]

@@ -55,6 +55,13 @@ def _softmax(x: Sequence[float]) -> list[float]:
     return (e / e.sum()).tolist()
 
 
+def annotations(predictor: Predictor, prompt: str) -> dict:
+    """Extras a wrapping predictor wants recorded for a prompt (retrieved passage ids, steering
+    vector chosen, reasoning steps, ...): the optional `annotations(prompt) -> dict` method."""
+    fn = getattr(predictor, "annotations", None)
+    return dict(fn(prompt)) if fn is not None else {}
+
+
 def _sample(item: Item, method: str, pred: str | None, scores: dict, probs: dict, extras: dict, latency: float) -> Sample:
     q = item.question
     harmful = q.meta.get("harmful_options")
@@ -78,12 +85,14 @@ def score_letter(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
     results: dict[int, Sample] = {}
     for n, idx in by_n.items():
         letters = list(items[idx[0]].options)
-        lp = predictor.next_token_logprobs([prompts.letter_prompt(items[i].question, items[i].options) for i in idx], [f" {l}" for l in letters])
+        texts = [prompts.letter_prompt(items[i].question, items[i].options) for i in idx]
+        lp = predictor.next_token_logprobs(texts, [f" {l}" for l in letters])
         per = (time.perf_counter() - t0) / max(len(items), 1)
         for row, i in enumerate(idx):
             scores = dict(zip(letters, map(float, lp[row])))
             pred = max(scores, key=scores.get) if any(math.isfinite(v) for v in scores.values()) else None
-            results[i] = _sample(items[i], "letter", pred, scores, dict(zip(letters, _softmax(lp[row]))), {}, per)
+            results[i] = _sample(items[i], "letter", pred, scores, dict(zip(letters, _softmax(lp[row]))),
+                                 annotations(predictor, texts[row]), per)
     out = [results[i] for i in range(len(items))]
     return out
 
@@ -94,7 +103,7 @@ def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
     scored = predictor.score_continuations(groups)
     per = (time.perf_counter() - t0) / max(len(items), 1)
     out = []
-    for it, conts in zip(items, scored):
+    for it, (ctx, _), conts in zip(items, groups, scored):
         letters = list(it.options)
         sums = [c.logprob for c in conts]
         # lm-eval's acc_norm divides by the character length of the choice text (without the space)
@@ -106,6 +115,7 @@ def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
             "n_tokens": dict(zip(letters, [c.n_tokens for c in conts])),
             "pred_sum": pred_sum,
             "correct_sum": pred_sum == it.gold,
+            **annotations(predictor, ctx),
         }
         # probs: the model's relative probability of each option text (softmax of the sums)
         out.append(_sample(it, "option", pred_norm, dict(zip(letters, norms)), dict(zip(letters, _softmax(sums))), extras, per))
@@ -114,13 +124,13 @@ def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
 
 def score_generate(predictor: Predictor, items: Sequence[Item], *, max_new_tokens: int = 128, seed: int = 0, **_) -> list[Sample]:
     t0 = time.perf_counter()
-    texts = predictor.generate([prompts.generate_prompt(it.question, it.options) for it in items],
-                               GenerationConfig(max_new_tokens=max_new_tokens, seed=seed))
+    prompt_texts = [prompts.generate_prompt(it.question, it.options) for it in items]
+    texts = predictor.generate(prompt_texts, GenerationConfig(max_new_tokens=max_new_tokens, seed=seed))
     per = (time.perf_counter() - t0) / max(len(items), 1)
     out = []
-    for it, text in zip(items, texts):
+    for it, prompt, text in zip(items, prompt_texts, texts):
         pred, how = extract_answer(text, it.options)
-        out.append(_sample(it, "generate", pred, {}, {}, {"generated": text, "parse": how}, per))
+        out.append(_sample(it, "generate", pred, {}, {}, {"generated": text, "parse": how, **annotations(predictor, prompt)}, per))
     return out
 
 

@@ -11,9 +11,12 @@ Two decisions make it fast and still equal to lm-evaluation-harness:
 
 from __future__ import annotations
 
+import contextvars
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +27,20 @@ from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
 # A batch holds at most this many (padded) tokens; keeps attention and activations cache-friendly.
 MAX_BATCH_TOKENS = int(os.environ.get("CLINQA_MAX_BATCH_TOKENS", "1024"))
 MAX_BATCH_SIZE = 64
+
+# Set around every decoder forward: a LongTensor [batch] with, per row, the first sequence index
+# that belongs to the answer side (the last prompt token onward). Steering hooks read it so they
+# never touch the question prefix or padding; a cached decode step (seq len 1) is always answer side.
+STEER_START: contextvars.ContextVar = contextvars.ContextVar("clinqa_steer_start", default=None)
+
+
+@contextmanager
+def _steer_start(start: torch.Tensor) -> Iterator[None]:
+    token = STEER_START.set(start)
+    try:
+        yield
+    finally:
+        STEER_START.reset(token)
 
 
 def length_batches(lengths: Sequence[int], max_tokens: int = MAX_BATCH_TOKENS, max_size: int = MAX_BATCH_SIZE) -> list[list[int]]:
@@ -43,16 +60,62 @@ def length_batches(lengths: Sequence[int], max_tokens: int = MAX_BATCH_TOKENS, m
 
 
 class LocalModel:
-    """A causal LM from transformers implementing the Predictor protocol."""
+    """A causal LM from transformers implementing the Predictor protocol.
 
-    def __init__(self, model, tokenizer, info: ModelInfo):
+    LoRA adapters are loaded into the one model object and switched per call: `with_adapter(name)`
+    returns a view that shares weights, so several adapters cost no second copy of the base model.
+    """
+
+    def __init__(self, model, tokenizer, info: ModelInfo, adapter: str | None = None, _shared: dict | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.info = info
+        self.adapter = adapter
+        # state shared by all adapter views of this model: the PeftModel (once an adapter is loaded)
+        self._shared = _shared if _shared is not None else {"peft": None, "lock": threading.RLock(), "adapters": {}}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = tokenizer.pad_token_id
         self.max_length = min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 8192)
+
+    # -- adapters -------------------------------------------------------------------------------
+    def load_adapter(self, path: str | Path, name: str | None = None) -> "LocalModel":
+        """Load a PEFT adapter folder into the shared model (once) and return a view that uses it."""
+        from peft import PeftModel
+
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise ClinqaError(f"{path} is not a LoRA adapter folder (no adapter_config.json): train one with `clinqa finetune`")
+        name = name or f"a{len(self._shared['adapters'])}_{path.name}"
+        with self._shared["lock"]:
+            known = self._shared["adapters"]
+            if str(path.resolve()) in known:
+                name = known[str(path.resolve())]
+            else:
+                if self._shared["peft"] is None:
+                    self._shared["peft"] = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+                else:
+                    self._shared["peft"].load_adapter(str(path), adapter_name=name, is_trainable=False)
+                known[str(path.resolve())] = name
+        return self.with_adapter(name)
+
+    def with_adapter(self, name: str | None) -> "LocalModel":
+        info = ModelInfo(**{**self.info.__dict__, "extra": {**self.info.extra, "adapter": name}})
+        return LocalModel(self.model, self.tokenizer, info, adapter=name, _shared=self._shared)
+
+    @contextmanager
+    def _adapter_scope(self) -> Iterator[None]:
+        peft = self._shared["peft"]
+        if peft is None:
+            yield
+            return
+        with self._shared["lock"]:
+            if self.adapter is None:
+                with peft.disable_adapter():
+                    yield
+            else:
+                peft.set_adapter(self.adapter)
+                yield
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -120,8 +183,29 @@ class LocalModel:
         return self.model.get_output_embeddings()
 
     # -- scoring --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def next_token_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        with self._adapter_scope():
+            return self._next_token_logprobs(contexts, candidates)
+
+    def score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
+        with self._adapter_scope():
+            return self._score_continuations(groups)
+
+    def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None) -> list[str]:
+        with self._adapter_scope():
+            return self._generate(prompts, config)
+
+    def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[np.ndarray]:
+        with self._adapter_scope():
+            return self._hidden_states(texts, layers)
+
+    @property
+    def layers(self):
+        """The decoder blocks, in order (block i produces hidden-state layer i + 1)."""
+        return self._decoder.layers
+
+    @torch.inference_mode()
+    def _next_token_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
         if not contexts:
             return np.zeros((0, len(candidates)), dtype=np.float64)
         cand_ids = self.candidate_token_ids(contexts[0], candidates)
@@ -135,14 +219,15 @@ class LocalModel:
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 last[row] = len(encoded[i]) - 1
             # Right padding: causal attention never lets a real token see a pad, so no mask is needed.
-            hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
+            with _steer_start(last.clone()):
+                hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
             logits = self._lm_head(hidden[torch.arange(len(batch)), last]).float()
             logprobs = torch.log_softmax(logits, dim=-1)[:, cand_ids]
             out[batch] = logprobs.double().numpy()
         return out
 
     @torch.inference_mode()
-    def score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
+    def _score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
         packed = [self._pack(ctx, conts) for ctx, conts in groups]
         results: list[list[ContinuationScore]] = [[] for _ in groups]
         for batch in length_batches([len(p["ids"]) for p in packed]):
@@ -158,7 +243,9 @@ class LocalModel:
                 pos[row, :L] = torch.tensor(p["pos"])
                 mask[row, 0, :L, :L] = p["mask"]
                 mask[row, 0, torch.arange(L, width), torch.arange(L, width)] = True  # pads see themselves only
-            hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+            start = torch.tensor([packed[i]["targets"][0][0][0] for i in batch])  # the last context token
+            with _steer_start(start):
+                hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
             rows, cols, targets, owners = [], [], [], []
             for row, i in enumerate(batch):
                 for j, (predictors, tgt) in enumerate(packed[i]["targets"]):
@@ -232,7 +319,7 @@ class LocalModel:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None) -> list[str]:
+    def _generate(self, prompts: Sequence[str], config: GenerationConfig | None = None) -> list[str]:
         config = config or GenerationConfig()
         texts = [self.format_prompt(p, config) for p in prompts]
         outputs: list[str] = [""] * len(texts)
@@ -252,7 +339,8 @@ class LocalModel:
                 kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            out = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+            with _steer_start(torch.full((len(batch),), width - 1)):
+                out = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
             for row, i in enumerate(batch):
                 text = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
                 for s in config.stop:
@@ -263,7 +351,7 @@ class LocalModel:
 
     # -- internals ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[np.ndarray]:
+    def _hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[np.ndarray]:
         n = self.info.n_layers or 0
         for layer in layers:
             if not 0 <= layer <= n:
