@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/clinqa report runs/demo
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 bench: setup
 	$(PIP) install -q -e '.[test,bench]'
