@@ -25,7 +25,8 @@ class OpenAIModel:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = client or httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
-        self.model = model or self._first_model()
+        served = self._served_models(required=not model)
+        self.model = model or served[0]
         self.info = ModelInfo(spec=spec or f"openai:{self.base_url}#{self.model}", backend="openai", name=self.model)
 
     def _post(self, path: str, payload: dict) -> dict:
@@ -37,16 +38,21 @@ class OpenAIModel:
             raise ClinqaError(f"{self.base_url}{path} answered HTTP {r.status_code}: {r.text[:300]}")
         return r.json()
 
-    def _first_model(self) -> str:
+    def _served_models(self, required: bool) -> list[str]:
+        """Check the server answers (fail fast, before any run folder is written) and list its models."""
         try:
             r = self.client.get(f"{self.base_url}/models")
+        except httpx.HTTPError as exc:
+            raise ClinqaError(f"cannot reach {self.base_url} ({exc.__class__.__name__}): is the server running?") from exc
+        try:
             r.raise_for_status()
-            return r.json()["data"][0]["id"]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-            raise ClinqaError(
-                f"cannot list models at {self.base_url}/models ({exc.__class__.__name__}): is the server running? "
-                "Name the model explicitly with openai:URL#MODEL"
-            ) from exc
+            models = [m["id"] for m in r.json()["data"]]
+            if models or not required:
+                return models
+        except (httpx.HTTPError, KeyError, TypeError, ValueError):
+            if not required:
+                return []
+        raise ClinqaError(f"cannot list models at {self.base_url}/models: name the model explicitly with openai:URL#MODEL")
 
     def score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
         out = []

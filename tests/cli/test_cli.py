@@ -1,0 +1,81 @@
+"""The command line as a user meets it: the embedded model end to end, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from clinqa.cli import app
+
+runner = CliRunner()
+
+
+def clinqa(*args, timeout=300):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "clinqa.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_commands():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("eval", "report"):
+        assert cmd in r.output
+
+
+@pytest.mark.embedded
+def test_eval_and_report_on_embedded_model(tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["eval", "default", "bundled", "--method", "option", "--shuffles", "2", "--limit", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "chance" in r.output and "all" in r.output
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+    s = json.loads(lines[0])
+    assert s["method"] == "option" and set(s["probs"]) == {"A", "B", "C", "D"}
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["config"]["model"] == "default" and meta["finished_at"]
+    # the same command again resumes: nothing new is computed, the file is unchanged
+    r = runner.invoke(app, ["eval", "default", "bundled", "--method", "option", "--shuffles", "2", "--limit", "4", "--out", str(out)])
+    assert r.exit_code == 0 and (out / "samples.jsonl").read_text().splitlines() == lines
+    r = runner.invoke(app, ["report", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "report.md").exists() and (out / "specialties.png").exists()
+
+
+@pytest.mark.embedded
+def test_generate_method_counts_unparseable(tmp_path):
+    out = tmp_path / "gen"
+    r = runner.invoke(app, ["eval", "default", "bundled", "--method", "generate", "--limit", "2", "--max-new-tokens", "24", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert all("generated" in s["extras"] and s["extras"]["parse"] for s in samples)
+    assert all((s["pred"] is None) == (s["extras"]["parse"] in ("unparseable", "ambiguous")) for s in samples)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "./no/such/model", "bundled", "--out", "X"], "no such model folder: ./no/such/model"),
+    (["eval", "missing.gguf", "bundled", "--out", "X"], "no such GGUF file: missing.gguf"),
+    (["eval", "openai:http://127.0.0.1:9/v1#m", "bundled", "--method", "letter", "--limit", "1", "--out", "X"], "cannot reach http://127.0.0.1:9/v1"),
+    (["eval", "default", "no_such_data.jsonl", "--out", "X"], "no such file or folder"),
+    (["eval", "default+lora:", "bundled", "--out", "X"], "needs a target"),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, args, message):
+    args = [a.replace("X", str(tmp_path / "out")) if a == "X" else a for a in args]
+    r = clinqa(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert message in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_row_names_file_line_and_field(tmp_path):
+    f = tmp_path / "q.jsonl"
+    good = {"id": "a", "question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "A"}
+    bad = {"id": "b", "question": "Q?", "options": {"A": "x", "B": "y"}, "answer": "C"}
+    f.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    r = clinqa("eval", "default", str(f), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and f"{f}:2" in r.stderr and "--skip-invalid" in r.stderr

@@ -1,0 +1,63 @@
+"""The OpenAI-compatible backend against vLLM-shaped responses (httpx.MockTransport: no network)."""
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from clinqa.errors import ClinqaError
+from clinqa.models.base import GenerationConfig
+from clinqa.models.remote import OpenAIModel
+
+
+def handler(request: httpx.Request) -> httpx.Response:
+    body = json.loads(request.content or b"{}")
+    if request.url.path.endswith("/models"):
+        return httpx.Response(200, json={"data": [{"id": "smol"}]})
+    if request.url.path.endswith("/chat/completions"):
+        return httpx.Response(200, json={"choices": [{"message": {"content": " Answer: B "}}]})
+    if body.get("echo"):
+        # prompt "Ctx: yes" tokenised as ["Ctx", ":", " yes"] + one generated token
+        return httpx.Response(200, json={"choices": [{"text": body["prompt"] + "!", "logprobs": {
+            "tokens": ["Ctx", ":", " yes", "!"], "text_offset": [0, 3, 4, 8],
+            "token_logprobs": [None, -1.0, -0.5, -2.0],
+            "top_logprobs": [None, {":": -1.0}, {" yes": -0.5, " no": -1.5}, {"!": -2.0}]}}]})
+    return httpx.Response(200, json={"choices": [{"text": " A", "logprobs": {
+        "tokens": [" A"], "token_logprobs": [-0.2], "top_logprobs": [{" A": -0.2, " B": -1.9, "C": -3.0}]}}]})
+
+
+@pytest.fixture()
+def model():
+    client = httpx.Client(transport=httpx.MockTransport(handler))
+    return OpenAIModel("http://server/v1", client=client)
+
+
+def test_model_name_from_server(model):
+    assert model.model == "smol" and model.info.backend == "openai"
+
+
+def test_continuation_logprob_from_echo(model):
+    [[s]] = model.score_continuations([("Ctx:", [" yes"])])
+    assert s.logprob == pytest.approx(-0.5) and s.n_tokens == 1 and s.greedy
+
+
+def test_next_token_candidates_from_top_logprobs(model):
+    lp = model.next_token_logprobs(["Q\nAnswer:"], [" A", " B", " C", " D"])
+    np.testing.assert_allclose(lp[0, :3], [-0.2, -1.9, -3.0])
+    assert lp[0, 3] == -np.inf
+
+
+def test_chat_generation(model):
+    assert model.generate(["q"], GenerationConfig()) == ["Answer: B"]
+
+
+def test_hidden_states_not_supported(model):
+    with pytest.raises(ClinqaError, match="not supported by the OpenAI-compatible backend"):
+        model.hidden_states(["x"], [1])
+
+
+def test_http_error_is_clear():
+    client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500, text="boom")))
+    with pytest.raises(ClinqaError, match="answered HTTP 500"):
+        OpenAIModel("http://server/v1", "m", client=client).generate(["q"])
