@@ -150,6 +150,146 @@ def report_cmd(
     console.print(f"wrote {result['report']}")
 
 
+records_app = typer.Typer(no_args_is_help=True, help="Patient records over FHIR R4: load, render, synthesise, question generation.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for the service, with SMART-style scopes (stored hashed).")
+audit_app = typer.Typer(no_args_is_help=True, help="The service's tamper-evident audit log.")
+app.add_typer(records_app, name="records")
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
+
+
+@records_app.command("synth")
+def records_synth(
+    patients: int = typer.Option(10, "--patients", "-n", help="how many patients"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for one Bundle JSON file per patient"),
+    now: str = typer.Option("2025-01-01", help="the 'today' the histories end at (YYYY-MM-DD)"),
+) -> None:
+    """Generate realistic synthetic FHIR R4 patients (deterministic for a seed)."""
+    import datetime as dt
+
+    from clinqa.records.synth import synthesize_patients, write_patients
+
+    try:
+        today = dt.date.fromisoformat(now)
+    except ValueError as exc:
+        raise ClinqaError(f"--now {now!r} is not a date (YYYY-MM-DD)") from exc
+    with err.status(f"synthesising {patients} patients ..."):
+        paths = write_patients(out, synthesize_patients(patients, seed=seed, now=today))
+    console.print(f"wrote {len(paths)} patient bundles to [bold]{out}[/bold]")
+
+
+@records_app.command("show")
+def records_show(
+    source: str = typer.Argument(..., help="a Bundle JSON file, a folder of bundles, an NDJSON export, or https://server/fhir/Patient/ID"),
+    lenient: bool = typer.Option(False, "--lenient", help="keep resources that fail validation and report them"),
+    include_billing: bool = typer.Option(False, "--include-billing", help="keep Claim/ExplanationOfBenefit"),
+    limit: int = typer.Option(40, help="rendered lines to print per patient (0 = all)"),
+) -> None:
+    """Load and validate records, then print each patient's resources as the model sees them."""
+    from clinqa.records.fhir import load_records
+    from clinqa.records.render import render_record
+
+    records = load_records(source, lenient=lenient, include_billing=include_billing)
+    for rec in records:
+        lines = render_record(rec)
+        console.print(f"[bold]{rec.name}[/bold] ({rec.patient_id}) · {len(rec.resources)} resources · {len(rec.problems)} problems")
+        for problem in rec.problems:
+            err.print(f"[yellow]problem:[/yellow] {problem}")
+        for rid, line in lines[: limit or None]:
+            console.print(line, highlight=False, markup=False)
+        if limit and len(lines) > limit:
+            console.print(f"... {len(lines) - limit} more")
+
+
+@records_app.command("questions")
+def records_questions(
+    source: str = typer.Argument(..., help="records: a folder of bundles (e.g. from `records synth`), a bundle, or an NDJSON export"),
+    out: Path = typer.Option(..., "--out", "-o", help="questions JSONL (relevant resource ids and reference answers)"),
+    seed: int = typer.Option(0),
+    per_type: int = typer.Option(3, help="questions per question type per patient"),
+    now: Optional[str] = typer.Option(None, help="fixed 'today' for time-window questions (default: each record's last date + 30 days)"),
+) -> None:
+    """Generate questions with ground truth from records (works on real Synthea bundles too)."""
+    import datetime as dt
+    from collections import Counter
+
+    from clinqa.records.fhir import load_records
+    from clinqa.records.questions import generate_questions, record_end, write_questions
+
+    records = load_records(source)
+    qs = []
+    with progress_bar("questions") as update:
+        for i, rec in enumerate(records):
+            today = dt.date.fromisoformat(now) if now else (record_end(rec) or dt.date.today()) + dt.timedelta(days=30)
+            qs += generate_questions(rec, now=today, seed=seed, per_type=per_type)
+            update(i + 1, len(records))
+    write_questions(out, qs)
+    counts = Counter(q.qtype for q in qs)
+    console.print(f"wrote {len(qs)} questions for {len(records)} patients to [bold]{out}[/bold]: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def _keystore(path: Path):
+    from clinqa.serve.auth import KeyStore
+
+    return KeyStore(path)
+
+
+KEYS_DB = typer.Option(Path(os.environ.get("CLINQA_KEYS_DB", "clinqa-keys.db")), "--db", help="key store file (env CLINQA_KEYS_DB)")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="who or what uses the key, e.g. 'ward-7 tablet'"),
+    patients: str = typer.Option("", help="comma-separated patient ids, or * for all"),
+    operations: str = typer.Option("read,ask", help="comma-separated: read, ask, admin"),
+    days: Optional[int] = typer.Option(None, help="expires after this many days"),
+    db: Path = KEYS_DB,
+) -> None:
+    """Create a key; the plain key is printed once and never stored."""
+    import datetime as dt
+
+    rec, plain = _keystore(db).create(name, [p for p in patients.split(",") if p], [o for o in operations.split(",") if o],
+                                      expires=dt.timedelta(days=days) if days else None)
+    console.print(f"key id {rec.key_id} · scopes: {rec.scope_text}")
+    console.print(plain, highlight=False, markup=False)
+
+
+@keys_app.command("list")
+def keys_list(db: Path = KEYS_DB) -> None:
+    """List keys (ids, names, scopes, status; never secrets)."""
+    table = Table()
+    for col in ("key id", "name", "scopes", "created", "expires", "status"):
+        table.add_column(col)
+    for k in _keystore(db).list():
+        table.add_row(k.key_id, k.name, k.scope_text, str(k.created)[:19], str(k.expires or "")[:19], k.status())
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(...), db: Path = KEYS_DB) -> None:
+    """Revoke a key at once."""
+    rec = _keystore(db).revoke(key_id)
+    console.print(f"revoked {rec.key_id} ({rec.name})")
+
+
+@audit_app.command("verify")
+def audit_verify(db: Path = typer.Option(Path(os.environ.get("CLINQA_AUDIT_DB", "clinqa-audit.db")), "--db", help="audit log file (env CLINQA_AUDIT_DB)")) -> None:
+    """Recompute the audit log's hash chain; exit 1 if it was tampered with."""
+    from clinqa.serve.audit import AuditLog
+
+    if not db.exists():
+        raise ClinqaError(f"no audit log at {db}")
+    with AuditLog(db) as log:
+        result = log.verify()
+    if result.ok:
+        console.print(f"[green]ok[/green]: {result.n} entries, chain intact")
+    else:
+        err.print(f"[bold red]TAMPERED[/bold red]: {result.message} (first bad entry {result.first_bad_seq})")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point: user errors print one line, no traceback."""
     try:

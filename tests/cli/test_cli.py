@@ -79,3 +79,34 @@ def test_bad_row_names_file_line_and_field(tmp_path):
     f.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     r = clinqa("eval", "default", str(f), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and f"{f}:2" in r.stderr and "--skip-invalid" in r.stderr
+
+
+def test_records_synth_show_and_questions(tmp_path):
+    r = runner.invoke(app, ["records", "synth", "-n", "2", "--seed", "1", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "p").glob("*.json"))) == 2
+    r = runner.invoke(app, ["records", "show", str(tmp_path / "p"), "--limit", "3"])
+    assert r.exit_code == 0 and "[Patient/" in r.output and "0 problems" in r.output
+    r = runner.invoke(app, ["records", "questions", str(tmp_path / "p"), "--out", str(tmp_path / "q.jsonl")])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "q.jsonl").read_text().splitlines()]
+    assert {"unanswerable", "latest", "trend"} <= {q["qtype"] for q in rows}
+
+
+def test_keys_and_audit_commands(tmp_path):
+    db = str(tmp_path / "keys.db")
+    r = runner.invoke(app, ["keys", "create", "ward 7", "--patients", "p1,p2", "--operations", "read", "--db", db])
+    assert r.exit_code == 0, r.output
+    key_id = r.output.split("key id ")[1].split()[0]
+    plain = [line for line in r.output.splitlines() if line.startswith("cq_")][0]
+    assert plain.encode() not in (tmp_path / "keys.db").read_bytes()
+    r = runner.invoke(app, ["keys", "list", "--db", db])
+    assert key_id in r.output and "patient/p1.read" in r.output
+    assert runner.invoke(app, ["keys", "revoke", key_id, "--db", db]).exit_code == 0
+    assert "revoked" in runner.invoke(app, ["keys", "list", "--db", db]).output
+    from clinqa.serve.audit import AuditLog
+
+    with AuditLog(tmp_path / "audit.db") as log:
+        log.append("ask", key_id=key_id, patient_id="p1", question="q", resource_ids=["Observation/1"])
+    r = runner.invoke(app, ["audit", "verify", "--db", str(tmp_path / "audit.db")])
+    assert r.exit_code == 0 and "1 entries" in r.output
