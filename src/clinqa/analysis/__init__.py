@@ -1,0 +1,1 @@
+"""Analyses of what adaptation changed: token-probability shifts of clinical terms."""

@@ -199,6 +199,12 @@ class LocalModel:
         with self._adapter_scope():
             return self._hidden_states(texts, layers)
 
+    def token_logprobs(self, texts: Sequence[str]) -> list[dict]:
+        """Per text: token ids, character offsets and the log-probability of every token given its
+        prefix (the first token has none: NaN). One forward per text; used to read term probabilities."""
+        with self._adapter_scope():
+            return self._token_logprobs(texts)
+
     @property
     def layers(self):
         """The decoder blocks, in order (block i produces hidden-state layer i + 1)."""
@@ -348,6 +354,27 @@ class LocalModel:
                         text = text[: text.index(s)]
                 outputs[i] = text.strip()
         return outputs
+
+    @torch.inference_mode()
+    def _token_logprobs(self, texts: Sequence[str]) -> list[dict]:
+        encs = [self.tokenizer(t, return_offsets_mapping=True) for t in texts]
+        ids_list = [e["input_ids"][-self.max_length:] for e in encs]
+        out: list[dict] = [{} for _ in texts]
+        for batch in length_batches([len(x) for x in ids_list]):
+            width = len(ids_list[batch[0]])
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(ids_list[i])] = torch.tensor(ids_list[i])
+            hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
+            for row, i in enumerate(batch):
+                n = len(ids_list[i])
+                lp = torch.full((n,), float("nan"))
+                if n > 1:
+                    logits = self._lm_head(hidden[row, : n - 1]).float()
+                    lp[1:] = torch.log_softmax(logits, -1)[torch.arange(n - 1), torch.tensor(ids_list[i][1:])]
+                offsets = encs[i]["offset_mapping"][-n:]
+                out[i] = {"ids": ids_list[i], "offsets": [tuple(o) for o in offsets], "logprobs": lp.numpy()}
+        return out
 
     # -- internals ----------------------------------------------------------------------------
     @torch.inference_mode()
