@@ -1,0 +1,1 @@
+"""Experiments: folders of runs plus one summary table (compare, cross-specialty)."""

@@ -1,0 +1,81 @@
+"""The `+prompt:` modifier: a better prompt as a baseline for fine-tuning, steering and retrieval.
+
+    default+prompt:expert          an expert-physician instruction before every prompt
+    default+prompt:cot             ask for step-by-step reasoning (pays off with --method generate)
+    default+prompt:fewshot@k=3     k solved example questions (bundled control-free clinical set) first
+    default+prompt:path/to/file.txt  your own instruction text
+
+It rewrites the context of every call and leaves continuations alone, so all scoring methods work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from clinqa.errors import ClinqaError
+from clinqa.models.base import GenerationConfig, ModelInfo
+from clinqa.models.spec import Modifier
+
+INSTRUCTIONS = {
+    "expert": "The following are multiple choice questions about clinical medicine. Answer as an experienced physician would.\n\n",
+    "cot": "Think step by step about the key clinical findings and what they imply, then give the answer.\n\n",
+}
+
+
+def fewshot_block(k: int, seed: int = 0) -> str:
+    """k solved bundled clinical questions in the cloze format, one per specialty in turn."""
+    import random
+
+    from clinqa.data.loaders import load_questions
+
+    qs = load_questions("bundled").questions
+    rng = random.Random(seed)
+    picked = rng.sample(qs, k)
+    return "".join(f"Question: {q.question.strip()}\nAnswer: {q.options[q.answer]}\n\n" for q in picked)
+
+
+class PromptPredictor:
+    def __init__(self, base, prefix: str, name: str):
+        self.base = base
+        self.prefix = prefix
+        self.info = ModelInfo(**{**base.info.__dict__, "spec": f"{base.info.spec}+prompt:{name}",
+                                 "extra": {**base.info.extra, "prompt": name}})
+        self._examples = set()  # example question texts, so a question is never its own example
+
+    def _rewrite(self, text: str) -> str:
+        return self.prefix + text
+
+    def score_continuations(self, groups):
+        return self.base.score_continuations([(self._rewrite(c), conts) for c, conts in groups])
+
+    def next_token_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]):
+        return self.base.next_token_logprobs([self._rewrite(c) for c in contexts], candidates)
+
+    def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None):
+        return self.base.generate([self._rewrite(p) for p in prompts], config)
+
+    def hidden_states(self, texts: Sequence[str], layers: Sequence[int]):
+        return self.base.hidden_states([self._rewrite(t) for t in texts], layers)
+
+    def annotations(self, prompt: str) -> dict:
+        inner = getattr(self.base, "annotations", None)
+        return {**(inner(prompt) if inner else {}), "prompt": self.info.extra["prompt"]}
+
+    def __getattr__(self, name):  # encode, tokenizer, ... of the wrapped model
+        return getattr(self.base, name)
+
+
+def apply_modifier(predictor, modifier: Modifier) -> PromptPredictor:
+    name = modifier.target
+    if name in INSTRUCTIONS:
+        return PromptPredictor(predictor, INSTRUCTIONS[name], name)
+    if name == "fewshot":
+        k = int(modifier.params.get("k", 3))
+        if not 1 <= k <= 16:
+            raise ClinqaError(f"prompt:fewshot@k={k}: k must be between 1 and 16")
+        return PromptPredictor(predictor, fewshot_block(k, int(modifier.params.get("seed", 0))), f"fewshot{k}")
+    path = Path(name)
+    if path.is_file():
+        return PromptPredictor(predictor, path.read_text().rstrip() + "\n\n", path.stem)
+    raise ClinqaError(f"unknown prompt {name!r}: use expert, cot, fewshot@k=N, or a text file with your instruction")

@@ -1,0 +1,127 @@
+"""Every adaptation method side by side on the same questions and shuffles: which one should I use?
+
+An experiment is a folder of ordinary runs (one per method) plus `summary.json`, `summary.md` and a
+plot. Each run resumes like any other, so a killed comparison picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from clinqa.data.schema import Question
+from clinqa.errors import ClinqaError
+from clinqa.evaluate import metrics as M
+from clinqa.evaluate.harness import evaluate
+from clinqa.evaluate.report import summarize
+from clinqa.evaluate.runs import EvalConfig, Run
+
+
+@dataclass
+class CompareConfig:
+    model: str
+    data: str
+    methods: tuple[str, ...] = ("base",)
+    method: str = "option"  # scoring method used for every adaptation method
+    shuffles: int = 1
+    seed: int = 0
+    limit: int | None = None
+    specialties: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+
+def method_spec(model: str, method: str) -> str:
+    """`base` is the model itself; anything else is appended as a spec modifier (prompt:cot, lora:DIR, ...)."""
+    return model if method == "base" else f"{model}+{method}"
+
+
+def slug(method: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", method).strip("_") or "base"
+
+
+def cost_of(predictor) -> dict:
+    """Extra parameters and training/build seconds a wrapped predictor reports (via `cost()`), else zeros."""
+    fn = getattr(predictor, "cost", None)
+    return {"extra_params": 0, "training_s": 0.0, **(fn() if fn else {})}
+
+
+def compare(config: CompareConfig, questions: Sequence[Question], out: str | Path, *, load: Callable[[str], object],
+            progress: Callable[[str, int, int], None] | None = None) -> dict:
+    if "base" not in config.methods:
+        raise ClinqaError("--methods must include 'base': every method is compared against it")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    samples_by_method = {}
+    for method in config.methods:
+        spec = method_spec(config.model, method)
+        predictor = load(spec)
+        ev = EvalConfig(model=spec, data=config.data, method=config.method, shuffles=config.shuffles, seed=config.seed,
+                        limit=config.limit, specialties=config.specialties)
+        run = evaluate(predictor, questions, ev, out / slug(method),
+                       progress=(lambda d, t, m=method: progress(m, d, t)) if progress else None)
+        samples = run.samples()
+        samples_by_method[method] = samples
+        s = summarize(samples, seed=config.seed)
+        n_q = max(s["n_questions"], 1)
+        results[method] = {"spec": spec, "summary": s, **cost_of(predictor),
+                           "seconds_per_question": run.meta.get("compute_s", 0.0) / n_q / max(config.shuffles, 1)}
+    for method in config.methods:
+        if method == "base":
+            continue
+        p = M.paired_comparison(samples_by_method["base"], samples_by_method[method], seed=config.seed)
+        results[method]["vs_base"] = p.__dict__
+    summary = {"config": config.__dict__, "methods": results}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.md").write_text(markdown(summary))
+    plot(summary, out / "compare.png")
+    return summary
+
+
+def _pct(x) -> str:
+    return "—" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def markdown(summary: dict) -> str:
+    methods = summary["methods"]
+    specs = sorted({g for m in methods.values() for g in m["summary"]["by_specialty"]})
+    head = "| method | accuracy % (95% CI) | Δ vs base (p) | ECE | unsafe % | s/question | extra params | training s |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in methods.items():
+        o = m["summary"]["overall"]
+        vs = m.get("vs_base")
+        delta = f"{_pct(vs['diff'])} (p={vs['p_bootstrap']:.3f})" if vs else "—"
+        lines.append(f"| {name} | {_pct(o['acc'])} ({_pct(o['ci_low'])}–{_pct(o['ci_high'])}) | {delta} | "
+                     f"{m['summary']['calibration']['ece']:.3f} | {_pct(m['summary']['harmful_choice_rate'])} | "
+                     f"{m['seconds_per_question']:.3f} | {m['extra_params']:,} | {m['training_s']:.0f} |")
+    lines += ["", "| specialty | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for g in specs:
+        cells = [_pct(m["summary"]["by_specialty"].get(g, {}).get("acc")) for m in methods.values()]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["methods"])
+    o = [summary["methods"][n]["summary"]["overall"] for n in names]
+    acc = [x["acc"] for x in o]
+    err = [[x["acc"] - x["ci_low"] for x in o], [x["ci_high"] - x["acc"] for x in o]]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names) + 2), 4))
+    ax.bar(range(len(names)), acc, yerr=err, capsize=4, color="#4C78A8")
+    ax.axhline(o[0]["chance"], ls="--", color="#E45756", label="chance")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
