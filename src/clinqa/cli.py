@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,6 +149,67 @@ def report_cmd(
         console.print(f"paired vs {other}: B−A {_pct(p.diff)} points (95% CI {_pct(p.ci_low)} to {_pct(p.ci_high)}), "
                       f"bootstrap p={p.p_bootstrap:.4f}, McNemar p={p.p_mcnemar:.4f}")
     console.print(f"wrote {result['report']}")
+
+
+@app.command("compare")
+def compare_cmd(
+    model: str = typer.Argument(..., help="base model spec"),
+    data: str = typer.Argument(..., help="questions (bundled, a file, ...)"),
+    methods: str = typer.Option("base,prompt:expert,prompt:fewshot@k=3", help="comma-separated: base, prompt:NAME, lora:DIR, steer:DIR, rag:INDEX"),
+    out: Path = typer.Option(..., "--out", "-o", help="experiment folder (one run per method; resumable)"),
+    method: str = typer.Option("option", help="scoring method for every adaptation method: letter | option | generate"),
+    shuffles: int = typer.Option(1),
+    limit: Optional[int] = typer.Option(None),
+    specialty: List[str] = typer.Option([], "--specialty"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Run every adaptation method on the same questions and shuffles: one table with CIs, paired tests and cost."""
+    from clinqa.evaluate import EvalConfig, load_data
+    from clinqa.experiments.compare import CompareConfig, compare
+
+    # a method list may contain '@a=1,b=2' parameters: split on commas that start a new method
+    names = [m for m in re.split(r",(?=\s*(?:base|prompt:|lora:|steer:|rag:))", methods) if m.strip()]
+    cfg = CompareConfig(model=model, data=data, methods=tuple(m.strip() for m in names), method=method, shuffles=shuffles,
+                        seed=seed, limit=limit, specialties=tuple(specialty))
+    questions, _ = load_data(EvalConfig(model=model, data=data, limit=limit, specialties=tuple(specialty)))
+    with progress_bar("compare") as update:
+        summary = compare(cfg, questions, out, load=load_predictor, progress=lambda m, d, t: update(d, t, m))
+    console.print((out / "summary.md").read_text(), markup=False, highlight=False)
+    console.print(f"wrote {out}/summary.md, summary.json and compare.png")
+
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of what adaptation changed.")
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("token-shift")
+def token_shift_cmd(
+    base: str = typer.Argument(..., help="base model spec (a local model)"),
+    adapted: str = typer.Argument(..., help="comma-separated LoRA adapter folders (include the control adapter)"),
+    data: str = typer.Argument("bundled", help="clinical questions with specialty labels"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for token_shift.md/.json and the plot"),
+    control: str = typer.Option("bundled:control", help="non-medical questions: their words are not clinical terms"),
+    max_terms: int = typer.Option(40, help="clinical terms per specialty"),
+) -> None:
+    """Mean log-probability of each specialty's clinical terms under the base model and each adapter."""
+    import json as _json
+
+    from clinqa.analysis.token_shift import clinical_terms, plot_shift, token_shift
+    from clinqa.data.loaders import load_questions
+
+    questions = load_questions(data).questions
+    terms = clinical_terms(questions, load_questions(control).questions, max_terms=max_terms)
+    predictor = load_predictor(base)
+    if not hasattr(predictor, "load_adapter"):
+        raise ClinqaError("token-shift needs a local base model (adapters are switched on one model object)")
+    views = {Path(a).name: predictor.load_adapter(a) for a in adapted.split(",") if a}
+    with progress_bar("token-shift models") as update:
+        result = token_shift(predictor, views, questions, terms, progress=update)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "token_shift.md").write_text(result.markdown())
+    (out / "token_shift.json").write_text(_json.dumps({"rows": [r.__dict__ for r in result.rows], "terms": result.terms}, indent=2))
+    plot_shift(result, out / "token_shift.png")
+    console.print(result.markdown(), markup=False, highlight=False)
 
 
 records_app = typer.Typer(no_args_is_help=True, help="Patient records over FHIR R4: load, render, synthesise, question generation.")
