@@ -212,6 +212,86 @@ def token_shift_cmd(
     console.print(result.markdown(), markup=False, highlight=False)
 
 
+@app.command("finetune")
+def finetune_cmd(
+    model: str = typer.Argument(..., help="base model spec (a local model)"),
+    data: str = typer.Argument("bundled", help="training questions"),
+    out: Path = typer.Option(..., "--out", "-o", help="adapter folder (a killed run resumes from its checkpoint)"),
+    specialty: List[str] = typer.Option([], "--specialty", help="train on this specialty's questions (repeatable)"),
+    control: bool = typer.Option(False, "--control", help="train on the non-medical control set instead (bundled:control)"),
+    balance: bool = typer.Option(False, "--balance", help="subsample every specialty to the smallest one's size"),
+    epochs: int = typer.Option(10),
+    learning_rate: float = typer.Option(2e-4, "--lr"),
+    rank: int = typer.Option(32),
+    alpha: float = typer.Option(16),
+    dropout: float = typer.Option(0.1),
+    batch_size: int = typer.Option(8),
+    patience: int = typer.Option(2, help="early stopping: epochs without a lower validation loss"),
+    prompt_format: str = typer.Option("cloze", help="cloze (matches --method option) or letter"),
+    seed: int = typer.Option(0),
+) -> None:
+    """LoRA fine-tuning (loss on the answer only) on one specialty, several, or the control set."""
+    from clinqa.adapt.lora import LoraTrainConfig, finetune
+    from clinqa.data.loaders import load_questions
+    from clinqa.specialties.taxonomy import resolve_specialty
+
+    cfg = LoraTrainConfig(rank=rank, alpha=alpha, dropout=dropout, epochs=epochs, patience=patience, learning_rate=learning_rate,
+                          batch_size=batch_size, prompt_format=prompt_format, seed=seed, balance=balance)
+    if control:
+        questions = load_questions("bundled:control" if data == "bundled" else data).questions
+    elif specialty:
+        specs = [resolve_specialty(s) for s in specialty]
+        all_q = load_questions(data, specialties=specs).questions
+        questions = {s: [q for q in all_q if q.specialties and q.specialties[0] == s] for s in specs}
+    else:
+        questions = load_questions(data).questions
+    base = load_predictor(model)
+    with progress_bar("finetune") as update:
+        result = finetune(base, questions, cfg, out, metadata={"control": control, "data": data},
+                          progress=lambda step, total, loss: update(step, total, f"loss {loss:.3f}" if loss is not None else ""))
+    md = result.metadata
+    console.print(f"adapter in [bold]{result.path}[/bold] ({'already trained' if result.cached else 'trained'}) · best epoch "
+                  f"{md.get('best_epoch')} · {md.get('train_seconds', 0):.0f} s · use it as [bold]{model}{result.spec_modifier}[/bold]")
+
+
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: folders of runs plus one summary table.")
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("cross-specialty")
+def cross_specialty_cmd(
+    model: str = typer.Argument(..., help="base model spec (a local model)"),
+    data: str = typer.Argument("bundled"),
+    specialties: str = typer.Option("cardiology,gastroenterology,infectious_diseases,neurology,obstetrics_gynecology,pediatrics",
+                                    help="comma-separated specialties (ids or aliases: cardio, gastro, ...)"),
+    out: Path = typer.Option(..., "--out", "-o", help="experiment folder (adapters/, runs/, summary.md, matrix.png)"),
+    control: str = typer.Option("bundled:control", help="non-medical questions for the control adapter ('' for none)"),
+    test_fraction: float = typer.Option(0.3),
+    epochs: int = typer.Option(3),
+    method: str = typer.Option("option"),
+    shuffles: int = typer.Option(1),
+    balance: bool = typer.Option(True, help="equal training sizes across specialties"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train one adapter per specialty (+ control), evaluate every adapter on every specialty's test split."""
+    from clinqa.data.loaders import load_questions
+    from clinqa.experiments.cross_specialty import CrossSpecialtyConfig, cross_specialty
+
+    cfg = CrossSpecialtyConfig(model=model, data=data, specialties=tuple(s.strip() for s in specialties.split(",") if s.strip()),
+                               control_data=control or None, test_fraction=test_fraction, balance=balance, method=method,
+                               shuffles=shuffles, seed=seed, lora={"epochs": epochs})
+    questions = load_questions(data).questions
+    control_qs = load_questions(control).questions if control else []
+    base = load_predictor(model)
+    if not hasattr(base, "load_adapter"):
+        raise ClinqaError("the cross-specialty experiment needs a local base model (it trains LoRA adapters)")
+    with progress_bar("cross-specialty") as update:
+        summary = cross_specialty(cfg, questions, out, base=base, control_questions=control_qs,
+                                  progress=lambda what, d, t: update(d, t, what))
+    console.print((out / "summary.md").read_text(), markup=False, highlight=False)
+    console.print(f"wrote {out}/summary.md, summary.json and matrix.png")
+
+
 records_app = typer.Typer(no_args_is_help=True, help="Patient records over FHIR R4: load, render, synthesise, question generation.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the service, with SMART-style scopes (stored hashed).")
 audit_app = typer.Typer(no_args_is_help=True, help="The service's tamper-evident audit log.")

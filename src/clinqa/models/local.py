@@ -99,6 +99,19 @@ class LocalModel:
                 known[str(path.resolve())] = name
         return self.with_adapter(name)
 
+    def cost(self) -> dict:
+        """What this view adds to the base model: the adapter's parameters and training time."""
+        if self.adapter is None:
+            return {}
+        path = next((Path(p) for p, n in self._shared["adapters"].items() if n == self.adapter), None)
+        meta_file = path / "clinqa_adapter.json" if path else None
+        if meta_file is None or not meta_file.is_file():
+            return {}
+        import json
+
+        meta = json.loads(meta_file.read_text())
+        return {"extra_params": int(meta.get("trainable_params") or 0), "training_s": float(meta.get("train_seconds") or 0.0)}
+
     def with_adapter(self, name: str | None) -> "LocalModel":
         info = ModelInfo(**{**self.info.__dict__, "extra": {**self.info.extra, "adapter": name}})
         return LocalModel(self.model, self.tokenizer, info, adapter=name, _shared=self._shared)

@@ -1,0 +1,195 @@
+"""The cross-specialty experiment (S-MedQA): does training on one specialty help that specialty,
+or is the gain a general shift toward medicine?
+
+Each specialty is split into train/test (seeded, by primary label); one LoRA adapter is trained per
+specialty, plus a control adapter on non-medical questions; every adapter (and the base model) is
+evaluated on every specialty's test split with the ordinary harness. The result is the
+train x test accuracy matrix with CIs, deltas over base, a heatmap, paired tests of whether an
+off-diagonal cell beats the diagonal, and the clinical-term overlap between splits.
+Everything is a folder of adapters and runs: a killed experiment redoes nothing already finished.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from clinqa.data.schema import Question
+from clinqa.errors import ClinqaError
+from clinqa.evaluate import metrics as M
+from clinqa.evaluate.harness import evaluate
+from clinqa.evaluate.runs import EvalConfig
+from clinqa.specialties.taxonomy import resolve_specialty
+
+CONTROL = "control"
+
+
+@dataclass
+class CrossSpecialtyConfig:
+    model: str
+    data: str
+    specialties: tuple[str, ...]
+    control_data: str | None = "bundled:control"
+    test_fraction: float = 0.3
+    balance: bool = True
+    method: str = "option"
+    shuffles: int = 1
+    seed: int = 0
+    lora: dict = field(default_factory=lambda: {"epochs": 3})
+
+
+def split_by_specialty(questions: Sequence[Question], specialties: Sequence[str], test_fraction: float, seed: int
+                       ) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
+    """Seeded train/test split within each specialty (by primary label), so every test split has the
+    same share of its specialty."""
+    train, test = {}, {}
+    for spec in specialties:
+        qs = sorted((q for q in questions if q.specialties and q.specialties[0] == spec), key=lambda q: q.id)
+        if len(qs) < 4:
+            raise ClinqaError(f"specialty {spec} has {len(qs)} questions: at least 4 are needed to split train/test")
+        random.Random(f"{seed}|{spec}").shuffle(qs)
+        n_test = max(1, round(len(qs) * test_fraction))
+        test[spec], train[spec] = qs[:n_test], qs[n_test:]
+    return train, test
+
+
+_STOP = None
+
+
+def term_set(questions: Sequence[Question]) -> set[str]:
+    """Content words (not English stop words, >= 4 letters) of questions and their correct answers."""
+    global _STOP
+    if _STOP is None:
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        _STOP = ENGLISH_STOP_WORDS
+    text = " ".join(f"{q.question} {q.options[q.answer]}" for q in questions).lower()
+    return {w for w in re.findall(r"[a-z][a-z\-]{3,}", text) if w not in _STOP}
+
+
+def term_overlap(train: dict[str, list[Question]], test: dict[str, list[Question]], general: set[str]) -> dict:
+    """Share of each test split's clinical terms (minus general vocabulary) that occur in each train split."""
+    out = {}
+    for a, tr in train.items():
+        ta = term_set(tr) - general
+        out[a] = {}
+        for b, te in test.items():
+            tb = term_set(te) - general
+            out[a][b] = len(ta & tb) / len(tb) if tb else float("nan")
+    return out
+
+
+def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: str | Path, *, base,
+                    control_questions: Sequence[Question] = (), progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run (or resume) the whole experiment in `out`; `base` is a LocalModel (adapters are loaded into it)."""
+    from clinqa.adapt.lora import LoraTrainConfig, finetune
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [resolve_specialty(s) for s in config.specialties]
+    cfg_file = out / "experiment.json"
+    cfg = json.loads(json.dumps(asdict(config)))
+    if cfg_file.exists() and json.loads(cfg_file.read_text()) != cfg:
+        raise ClinqaError(f"{out} holds a cross-specialty experiment with a different config: choose another --out")
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+
+    train, test = split_by_specialty(questions, specs, config.test_fraction, config.seed)
+    if config.balance:
+        n = min(len(v) for v in train.values())
+        train = {s: sorted(random.Random(f"{config.seed}|bal|{s}").sample(v, n), key=lambda q: q.id) for s, v in train.items()}
+    adapters_to_train = dict(train)
+    if control_questions:
+        n = min(len(v) for v in train.values())
+        ctrl = sorted(random.Random(f"{config.seed}|control").sample(list(control_questions), min(n, len(control_questions))), key=lambda q: q.id)
+        adapters_to_train[CONTROL] = ctrl
+
+    lora_cfg = LoraTrainConfig(**{"seed": config.seed, **config.lora})
+    views = {"base": base}
+    for i, (name, qs) in enumerate(adapters_to_train.items()):
+        result = finetune(base, qs, lora_cfg, out / "adapters" / name,
+                          progress=(lambda s, t, loss, n=name: progress(f"train {n}", s, t)) if progress else None,
+                          metadata={"control": name == CONTROL, "specialty": name})
+        views[name] = base.load_adapter(result.path, name=f"xs_{name}")
+
+    cells: dict[str, dict[str, dict]] = {}
+    samples: dict[tuple[str, str], list] = {}
+    for model_name, pred in views.items():
+        cells[model_name] = {}
+        for spec in specs:
+            ev = EvalConfig(model=f"{config.model}" + ("" if model_name == "base" else f"+lora:{out / 'adapters' / model_name}"),
+                            data=f"{config.data}#test:{spec}", method=config.method, shuffles=config.shuffles, seed=config.seed)
+            run = evaluate(pred, test[spec], ev, out / "runs" / f"{model_name}__{spec}",
+                           progress=(lambda d, t, m=model_name, s=spec: progress(f"eval {m}→{s}", d, t)) if progress else None)
+            ss = run.samples()
+            samples[(model_name, spec)] = ss
+            a = M.accuracy(ss, seed=config.seed)
+            cells[model_name][spec] = {"acc": a.acc, "ci_low": a.ci_low, "ci_high": a.ci_high, "n": a.n}
+    for model_name in views:
+        for spec in specs:
+            cells[model_name][spec]["delta_vs_base"] = cells[model_name][spec]["acc"] - cells["base"][spec]["acc"]
+    beats = []
+    for a in specs:
+        for b in specs:
+            if a == b:
+                continue
+            p = M.paired_comparison(samples[(b, b)], samples[(a, b)], seed=config.seed)
+            cells[a][b]["vs_diagonal"] = {"diff": p.diff, "p": p.p_bootstrap, "p_mcnemar": p.p_mcnemar}
+            if p.diff > 0 and p.p_bootstrap < 0.05:
+                beats.append({"train": a, "test": b, "diff": p.diff, "p": p.p_bootstrap})
+    general = term_set(control_questions) if control_questions else set()
+    summary = {"config": cfg, "specialties": specs, "models": list(views), "cells": cells,
+               "off_diagonal_beats_diagonal": beats,
+               "train_sizes": {k: len(v) for k, v in adapters_to_train.items()}, "test_sizes": {k: len(v) for k, v in test.items()},
+               "term_overlap": term_overlap(train, test, general)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown(summary))
+    heatmap(summary, out / "matrix.png")
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    specs = summary["specialties"]
+    pct = lambda x: f"{100 * x:.1f}"
+    lines = ["Accuracy % on each specialty's test split (rows: adapter trained on; columns: tested on), 95% CI; "
+             "Δ = change vs the base model.", "",
+             "| trained on \\ tested on | " + " | ".join(specs) + " |", "|---|" + "---:|" * len(specs)]
+    for m in summary["models"]:
+        row = [f"{pct(c['acc'])} ({pct(c['ci_low'])}–{pct(c['ci_high'])})" + ("" if m == "base" else f" Δ{100 * c['delta_vs_base']:+.1f}")
+               for c in (summary["cells"][m][s] for s in specs)]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines += ["", "Off-diagonal cells that beat the diagonal (paired bootstrap p < 0.05): "
+              + (", ".join(f"{b['train']}→{b['test']} (+{100 * b['diff']:.1f}, p={b['p']:.3f})" for b in summary["off_diagonal_beats_diagonal"]) or "none"),
+              "", "Clinical-term overlap: share of a test split's terms found in a train split", "",
+              "| train \\ test | " + " | ".join(specs) + " |", "|---|" + "---:|" * len(specs)]
+    for a, row in summary["term_overlap"].items():
+        lines.append(f"| {a} | " + " | ".join(f"{row[b]:.2f}" for b in specs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    specs, models = summary["specialties"], summary["models"]
+    mat = np.array([[summary["cells"][m][s]["acc"] for s in specs] for m in models])
+    fig, ax = plt.subplots(figsize=(1.4 * len(specs) + 2.5, 0.6 * len(models) + 2))
+    im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=1)
+    for i in range(len(models)):
+        for j in range(len(specs)):
+            ax.text(j, i, f"{100 * mat[i, j]:.0f}", ha="center", va="center", color="white" if mat[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(specs)), [s.replace("_", " ") for s in specs], rotation=30, ha="right")
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("tested on")
+    ax.set_ylabel("trained on")
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,330 @@
+"""LoRA training (clinqa.adapt.lora) on the tiny random Llama: examples, training, checkpoints and
+resume, the finished-folder and wrong-config rules, and the +lora: modifier on a LocalModel."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clinqa.adapt import lora
+from clinqa.adapt.lora import LoraTrainConfig, apply_modifier, balance_by_specialty, build_examples, finetune, split_train_val
+from clinqa.data.schema import Question
+from clinqa.errors import ClinqaError
+from clinqa.evaluate.prompts import cloze_prompt, letter_prompt
+from clinqa.models.spec import Modifier
+
+# LocalModel.load_adapter -> PeftModel.__init__ reads a deprecated transformers property
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+DRUGS = ["Aspirin", "Heparin", "Atropine", "Adenosine", "Amiodarone", "Digoxin", "Furosemide", "Metoprolol"]
+
+
+def make_questions(n: int = 16, prefix: str = "q") -> list[Question]:
+    out = []
+    for i in range(n):
+        opts = {k: DRUGS[(i + j) % len(DRUGS)] for j, k in enumerate("ABCD")}
+        out.append(Question(id=f"{prefix}{i:02d}", question=f"Case {i}: which drug is first line for finding {i}?",
+                            options=opts, answer="ABCD"[i % 4], specialties=["cardiology" if i % 2 else "neurology"]))
+    return out
+
+
+# tiny and fast; a high rate because the adapter starts at zero and we only take a few steps
+FAST = dict(rank=8, alpha=16, dropout=0.1, learning_rate=3e-2, batch_size=4, max_length=48, val_fraction=0.25, warmup_fraction=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: threads only add synchronisation cost (and the machine is shared)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_TRAINED: dict[str, object] = {}
+
+
+@pytest.fixture()
+def adapters(tiny_predictor, tmp_path_factory):
+    """Two adapters on the same tiny base, trained once per session: A from the plain base, B (another
+    seed) from a predictor that already has A loaded, which must not leak into B or change A."""
+    if not _TRAINED:
+        root = tmp_path_factory.mktemp("adapters")
+        weights = {k: v.clone() for k, v in tiny_predictor.model.state_dict().items()}
+        a = finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=4, patience=None, **FAST), root / "a",
+                     metadata={"control": True, "note": "test"})
+        _TRAINED["base_unchanged"] = all(torch.equal(v, weights[k]) for k, v in tiny_predictor.model.state_dict().items())
+        with_a = tiny_predictor.load_adapter(a.path)
+        before = with_a.score_continuations(GROUPS)
+        b = finetune(with_a, make_questions(), LoraTrainConfig(epochs=2, seed=1, **FAST), root / "b")
+        _TRAINED.update(a=a, b=b, a_scores_before_b=before, a_scores_after_b=with_a.score_continuations(GROUPS))
+    return _TRAINED
+
+
+GROUPS = [(cloze_prompt(q), [" " + v for v in q.options.values()]) for q in make_questions(4, prefix="s")]
+
+
+def logprobs(pred) -> np.ndarray:
+    return np.array([[s.logprob for s in row] for row in pred.score_continuations(GROUPS)])
+
+
+# -- examples, splits, config ------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_labels_mask_exactly_the_prompt(tiny_predictor, tokenizer, fmt):
+    qs = make_questions(3)
+    examples = build_examples(tokenizer, qs, LoraTrainConfig(prompt_format=fmt))
+    for q, ex in zip(qs, examples):
+        prompt, answer = (cloze_prompt(q), " " + q.options[q.answer]) if fmt == "cloze" else (letter_prompt(q, q.options), " " + q.answer)
+        ctx, cont = tiny_predictor.encode_pair(prompt, answer)  # the scoring path's tokenisation
+        assert ex["input_ids"] == ctx + cont + [tokenizer.eos_token_id]
+        assert ex["labels"] == [-100] * len(ctx) + cont + [tokenizer.eos_token_id]
+        if fmt == "letter":
+            assert len(cont) == 1
+
+
+def test_long_prompt_is_cut_from_the_left(tokenizer):
+    q = make_questions(1)[0]
+    full = build_examples(tokenizer, [q], LoraTrainConfig())[0]
+    cut = build_examples(tokenizer, [q], LoraTrainConfig(max_length=12))[0]
+    assert len(cut["input_ids"]) == 12
+    assert cut["input_ids"] == full["input_ids"][-12:] and cut["labels"] == full["labels"][-12:]
+    assert cut["labels"][0] == -100
+
+
+def test_split_is_deterministic_and_order_free():
+    qs = make_questions(20)
+    train, val = split_train_val(qs, 0.1, seed=3)
+    assert len(val) == 2 and len(train) == 18 and not {q.id for q in train} & {q.id for q in val}
+    train2, val2 = split_train_val(list(reversed(qs)), 0.1, seed=3)
+    assert {q.id for q in val2} == {q.id for q in val}
+    assert split_train_val(qs[:5], 0.01, 0)[1] and split_train_val(qs, 0.0, 0)[1] == []
+
+
+def test_balance_subsamples_to_the_smallest():
+    qs = make_questions(20)
+    groups = {"cardiology": qs[:9], "neurology": qs[9:13], "pediatrics": qs[13:]}
+    out = balance_by_specialty(groups, seed=0)
+    assert {k: len(v) for k, v in out.items()} == {"cardiology": 4, "neurology": 4, "pediatrics": 4}
+    assert out == balance_by_specialty(groups, seed=0)
+    assert out["neurology"] == qs[9:13]
+    assert all(set(q.id for q in out[k]) <= set(q.id for q in groups[k]) for k in groups)
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ClinqaError, match="prompt_format"):
+        LoraTrainConfig(prompt_format="chat")
+    with pytest.raises(ClinqaError, match="val_fraction"):
+        LoraTrainConfig(val_fraction=1.0)
+    with pytest.raises(ClinqaError, match="quantization"):
+        LoraTrainConfig(quantization="8bit")
+
+
+def test_target_modules_are_all_block_projections(tiny_predictor):
+    assert lora.find_target_modules(tiny_predictor.model) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_early_stopping_bookkeeping():
+    state = {"best_val": None, "best_epoch": None, "bad_epochs": 0, "done": False, "stopped_early": False}
+    seen = []
+    for epoch, val in enumerate([5.0, 4.0, 4.5, 3.9, 4.2, 4.1, 3.0], start=1):
+        seen.append(lora._record_epoch(state, epoch, val, patience=2))
+        if state["done"]:
+            break
+    assert seen == [True, True, False, True, False, False]
+    assert state["best_epoch"] == 4 and state["best_val"] == 3.9 and state["stopped_early"]
+
+
+# -- training --------------------------------------------------------------------------------------
+def test_training_lowers_loss_and_writes_metadata(adapters, tiny_predictor):
+    a = adapters["a"]
+    for f in ("adapter_config.json", "adapter_model.safetensors", "clinqa_adapter.json"):
+        assert (a.path / f).is_file()
+    assert not (a.path / "checkpoint").exists() and not (a.path / "clinqa_train.json").exists()
+    meta = json.loads((a.path / "clinqa_adapter.json").read_text())
+    assert meta == lora.load_adapter_metadata(a.path) == a.metadata
+    hist = meta["history"]
+    assert len(hist) == 4 and hist[-1]["train_loss"] < hist[0]["train_loss"] - 1.0
+    assert meta["best_val_loss"] < meta["initial_val_loss"]
+    assert meta["n_train"] == 12 and meta["n_val"] == 4 and meta["steps"] == meta["total_steps"] == 12
+    assert meta["config"]["rank"] == 8 and meta["quantization"] == "none" and meta["control"] is True
+    assert meta["extra"] == {"control": True, "note": "test"}
+    assert set(meta["specialties"]) == {"cardiology", "neurology"}
+    assert meta["base"]["spec"] == "tiny" and meta["base"]["name"] == "tiny-llama"
+    assert meta["trainable_params"] > 0 and meta["tokens_per_second"] > 0 and meta["peak_memory_mb"] > 0
+    assert meta["target_modules"] == lora.find_target_modules(tiny_predictor.model)
+    assert meta["best_epoch"] == min(hist, key=lambda h: h["val_loss"])["epoch"]
+    # the adapter raises the likelihood of the answers it was trained on, scored the `option` way
+    train = [q for q in make_questions() if q.id in meta["train_ids"]]
+    groups = [(cloze_prompt(q), [" " + q.options[q.answer]]) for q in train]
+    base_lp = sum(r[0].logprob for r in tiny_predictor.score_continuations(groups))
+    tuned_lp = sum(r[0].logprob for r in tiny_predictor.load_adapter(a.path).score_continuations(groups))
+    assert tuned_lp > base_lp + 5
+
+
+def test_training_leaves_the_base_model_alone(adapters, tiny_predictor):
+    assert adapters["base_unchanged"]  # training A trained a copy
+    # training B from a predictor with A loaded changed neither A's view nor the shared model
+    assert all(x.logprob == y.logprob for r1, r2 in zip(adapters["a_scores_before_b"], adapters["a_scores_after_b"])
+               for x, y in zip(r1, r2))
+    assert adapters["b"].metadata["base"]["n_params"] == adapters["a"].metadata["base"]["n_params"]
+    keys = load_file(str(adapters["b"].path / "adapter_model.safetensors")).keys()
+    assert all("lora_A.weight" in k or "lora_B.weight" in k for k in keys) and len(keys) == 2 * 7 * 2
+
+
+def test_finished_folder_returns_without_training(adapters, tiny_predictor):
+    a = adapters["a"]
+
+    def boom(*_):
+        raise AssertionError("a finished adapter must not train again")
+
+    again = finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=4, patience=None, **FAST), a.path, progress=boom)
+    assert again.cached and again.metadata == a.metadata
+
+
+def test_different_config_is_refused(adapters, tiny_predictor, tmp_path):
+    a = adapters["a"]
+    with pytest.raises(ClinqaError, match=r"rank: 8 -> 4"):
+        finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=4, patience=None, **{**FAST, "rank": 4}), a.path)
+    with pytest.raises(ClinqaError, match="training questions differ"):
+        finetune(tiny_predictor, make_questions(15), LoraTrainConfig(epochs=4, patience=None, **FAST), a.path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(ClinqaError, match="not a clinqa adapter folder"):
+        finetune(tiny_predictor, make_questions(), LoraTrainConfig(**FAST), tmp_path / "other")
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_predictor, tmp_path):
+    # validation questions ask the training questions again with another answer: the better the
+    # adapter learns the training answers, the worse the validation loss after the first epoch
+    ids = [f"e{i:02d}" for i in range(12)]
+    placeholder = [Question(id=i, question="x", options={"A": "a", "B": "b"}, answer="A") for i in ids]
+    _, val = split_train_val(placeholder, 0.25, 0)
+    val_ids = {q.id for q in val}
+    qs = [Question(id=i, question=f"Which drug for case {k % 3}?", options={"A": "Aspirin", "B": "Heparin"},
+                   answer="B" if i in val_ids else "A") for k, i in enumerate(ids)]
+    cfg = LoraTrainConfig(epochs=8, patience=2, **{**FAST, "learning_rate": 5e-2})
+    res = finetune(tiny_predictor, qs, cfg, tmp_path / "es")
+    m = res.metadata
+    assert m["stopped_early"] and m["epochs_run"] < 8 and m["steps"] < m["total_steps"]
+    vals = [h["val_loss"] for h in m["history"]]
+    assert m["best_epoch"] == 1 + int(np.argmin(vals)) and m["epochs_run"] == m["best_epoch"] + 2
+    # the saved adapter is the best epoch's, not the last one's
+    tuned = tiny_predictor.load_adapter(res.path)
+    loss = lora.answer_loss(tuned, [q for q in qs if q.id in val_ids], cfg)
+    assert loss == pytest.approx(m["best_val_loss"], rel=1e-4)
+    assert loss != pytest.approx(vals[-1], rel=1e-4)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_predictor, tmp_path):
+    cfg = LoraTrainConfig(epochs=2, patience=None, **FAST)  # 3 steps per epoch, dropout on
+    qs = make_questions()
+    whole = finetune(tiny_predictor, qs, cfg, tmp_path / "whole", checkpoint_every=2)
+
+    calls = []
+
+    def kill_at_5(step, total, loss):
+        calls.append((step, loss))
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_predictor, qs, cfg, tmp_path / "killed", checkpoint_every=2, progress=kill_at_5)
+    assert (tmp_path / "killed" / "checkpoint" / "state.pt").is_file()
+    assert not (tmp_path / "killed" / "clinqa_adapter.json").exists()
+    with pytest.raises(ClinqaError, match="learning_rate"):
+        finetune(tiny_predictor, qs, LoraTrainConfig(epochs=2, patience=None, **{**FAST, "learning_rate": 1e-3}), tmp_path / "killed")
+
+    calls.clear()
+    resumed = finetune(tiny_predictor, qs, cfg, tmp_path / "killed", checkpoint_every=2, 
+                       progress=lambda s, t, l: calls.append((s, l)))
+    assert resumed.resumed_from == 4 and calls[0] == (4, None) and [s for s, _ in calls[1:]] == [5, 6]
+    assert resumed.metadata["steps"] == whole.metadata["steps"] == 6 and resumed.metadata["resumes"] == 1
+    for h1, h2 in zip(resumed.history, whole.history):
+        assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-5)
+        assert h1["val_loss"] == pytest.approx(h2["val_loss"], rel=1e-5)
+    w1 = load_file(str(whole.path / "adapter_model.safetensors"))
+    w2 = load_file(str(resumed.path / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+
+
+# -- the +lora: modifier --------------------------------------------------------------------------
+def test_apply_modifier_loads_the_adapter(adapters, tiny_predictor):
+    base = logprobs(tiny_predictor)
+    tuned = apply_modifier(tiny_predictor, Modifier("lora", str(adapters["a"].path)))
+    assert tuned.adapter is not None and tuned.info.extra["adapter"] == tuned.adapter
+    assert not np.allclose(logprobs(tuned), base, atol=1e-3)
+    assert np.array_equal(logprobs(tuned.with_adapter(None)), base)
+    assert np.array_equal(logprobs(tiny_predictor), base)
+
+
+def test_two_adapters_on_one_base_switch_without_reloading(adapters, tiny_predictor, tokenizer):
+    va = apply_modifier(tiny_predictor, Modifier("lora", str(adapters["a"].path)))
+    vb = apply_modifier(tiny_predictor, Modifier("lora", str(adapters["b"].path), {"name": "bee"}))
+    assert vb.adapter == "bee" and va.model is vb.model
+    sa, sb, sa2 = logprobs(va), logprobs(vb), logprobs(va)
+    assert not np.allclose(sa, sb, atol=1e-3)
+    assert np.array_equal(sa, sa2)
+    # each equals the same adapter loaded alone on a fresh copy of the base
+    for key, got in (("a", sa), ("b", sb)):
+        fresh_base = _fresh_tiny(tiny_predictor, tokenizer)
+        np.testing.assert_allclose(logprobs(fresh_base.load_adapter(adapters[key].path)), got, rtol=0, atol=1e-5)
+
+
+def _fresh_tiny(pred, tokenizer):
+    """A new LocalModel with the tiny base's weights (without any LoRA layers)."""
+    import copy
+
+    from clinqa.models.local import LocalModel
+
+    peft = pred._shared["peft"]
+    model = copy.deepcopy(peft).unload() if peft is not None else copy.deepcopy(pred.model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return LocalModel.from_objects(model, tokenizer, spec="tiny", name="tiny-llama")
+
+
+def test_apply_modifier_errors(adapters, tiny_predictor, tmp_path):
+    with pytest.raises(ClinqaError, match="no such LoRA adapter folder"):
+        apply_modifier(tiny_predictor, Modifier("lora", str(tmp_path / "missing")))
+    with pytest.raises(ClinqaError, match="not a LoRA adapter folder"):
+        apply_modifier(tiny_predictor, Modifier("lora", str(tmp_path)))
+
+    class Remote:
+        info = type("I", (), {"backend": "openai"})()
+
+    with pytest.raises(ClinqaError, match="LoRA adapters need a local model backend"):
+        apply_modifier(Remote(), Modifier("lora", str(adapters["a"].path)))
+    with pytest.raises(ClinqaError, match="only @name"):
+        apply_modifier(tiny_predictor, Modifier("lora", str(adapters["a"].path), {"alpha": "2"}))
+    tiny_predictor.info.hidden_size = 64
+    with pytest.raises(ClinqaError, match="hidden_size 32"):
+        apply_modifier(tiny_predictor, Modifier("lora", str(adapters["a"].path)))
+    with pytest.raises(ClinqaError, match="no clinqa_adapter.json"):
+        lora.load_adapter_metadata(tmp_path)
+
+
+def test_spec_string_base_trains_like_the_loaded_model(tiny_predictor, tokenizer, tmp_path):
+    # a spec string is loaded afresh from its folder; the result equals training on the LocalModel.
+    # Also covers gradient accumulation and training without a validation set.
+    folder = tmp_path / "tiny-model"
+    tiny_predictor.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = LoraTrainConfig(epochs=1, patience=None, grad_accum=2, **{**FAST, "batch_size": 3, "val_fraction": 0.0})
+    from_obj = finetune(tiny_predictor, make_questions(), cfg, tmp_path / "obj")
+    from_spec = finetune(str(folder), make_questions(), LoraTrainConfig(**cfg.to_dict()), tmp_path / "spec")
+    for res in (from_obj, from_spec):
+        m = res.metadata
+        assert m["n_val"] == 0 and m["initial_val_loss"] is None and m["best_epoch"] == 1
+        assert m["steps"] == 3  # 16 questions / batch 3 = 6 batches, 2 per step
+    assert from_spec.metadata["base"]["source"] == str(folder)
+    w1 = load_file(str(from_obj.path / "adapter_model.safetensors"))
+    w2 = load_file(str(from_spec.path / "adapter_model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
