@@ -292,6 +292,40 @@ def cross_specialty_cmd(
     console.print(f"wrote {out}/summary.md, summary.json and matrix.png")
 
 
+index_app = typer.Typer(no_args_is_help=True, help="Retrieval indexes (BM25 + dense MiniLM + fusion) over your documents.")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    docs: str = typer.Argument(..., help="a folder of .txt/.md/.jsonl documents, a file, or 'bundled' (the reference corpus)"),
+    out: Path = typer.Option(..., "--out", "-o", help="index folder"),
+    dense: bool = typer.Option(True, help="also embed passages with MiniLM (offline) for dense and fused search"),
+    max_words: int = typer.Option(120, help="passage length in words"),
+    overlap: int = typer.Option(20, help="words shared by consecutive passages"),
+) -> None:
+    """Chunk documents and build a persistent index; use it as MODEL+rag:INDEX."""
+    from clinqa.adapt.retrieval import build_index_cmd, describe
+
+    with progress_bar("index") as update:
+        index = build_index_cmd(docs, out, dense=dense, max_words=max_words, overlap=overlap,
+                                progress=lambda stage, d, t: update(d, t, stage))
+    console.print(describe(index), highlight=False)
+
+
+@index_app.command("query")
+def index_query(
+    index: str = typer.Argument(..., help="index folder, or 'bundled'"),
+    text: str = typer.Argument(..., help="the query"),
+    k: int = typer.Option(5, "-k", "--k", help="passages to return"),
+    mode: str = typer.Option("fused", help="bm25 | dense | fused"),
+) -> None:
+    """The top passages for a query."""
+    from clinqa.adapt.retrieval import format_hits, query
+
+    console.print(format_hits(query(index, text, k=k, mode=mode)), markup=False, highlight=False)
+
+
 records_app = typer.Typer(no_args_is_help=True, help="Patient records over FHIR R4: load, render, synthesise, question generation.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for the service, with SMART-style scopes (stored hashed).")
 audit_app = typer.Typer(no_args_is_help=True, help="The service's tamper-evident audit log.")

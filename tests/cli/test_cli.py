@@ -110,3 +110,14 @@ def test_keys_and_audit_commands(tmp_path):
         log.append("ask", key_id=key_id, patient_id="p1", question="q", resource_ids=["Observation/1"])
     r = runner.invoke(app, ["audit", "verify", "--db", str(tmp_path / "audit.db")])
     assert r.exit_code == 0 and "1 entries" in r.output
+
+
+def test_index_build_and_query(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "af.md").write_text("# Atrial fibrillation\nAnticoagulation with apixaban prevents stroke in atrial fibrillation.")
+    (docs / "se.md").write_text("# Status epilepticus\nGive intravenous lorazepam first for status epilepticus.")
+    r = runner.invoke(app, ["index", "build", str(docs), "--out", str(tmp_path / "idx"), "--no-dense"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["index", "query", str(tmp_path / "idx"), "lorazepam seizure", "-k", "1", "--mode", "bm25"])
+    assert r.exit_code == 0 and "se#0" in r.output and "af#0" not in r.output
