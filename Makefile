@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	# METEOR (patient-record QA) reads WordNet from Debian's wordnet-base: offline, no nltk download.
 	test -d /usr/share/wordnet || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null; } \
 	  || echo "note: install Debian's wordnet-base for METEOR (apt-get install wordnet-base)"
+	# The page's browser tests drive Debian's Chromium through playwright (never a browser download).
+	test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "note: install Debian's chromium for the browser tests (they skip without it)"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -406,6 +406,108 @@ def records_questions(
                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
+def _selector(selector: str, model_predictor, top_k: int, threshold: float):
+    from clinqa.records.pipeline import FullRecordBaseline, LLMSelector, RetrievalSelector
+
+    if selector in ("bm25", "embedding"):
+        return RetrievalSelector(selector, top_k=top_k)
+    if selector == "llm":
+        return LLMSelector(model_predictor, threshold=threshold)
+    if selector == "full":
+        return FullRecordBaseline()
+    raise ClinqaError(f"unknown selector {selector!r}: use bm25, embedding, llm or full")
+
+
+SELECTOR_HELP = "stage 1: bm25 | embedding | llm (P(yes) from the model; use MODEL+lora:... for a fine-tuned one) | full (whole record baseline)"
+
+
+@records_app.command("ask")
+def records_ask(
+    source: str = typer.Argument(..., help="a patient's Bundle JSON file (or any records source with one patient)"),
+    question: str = typer.Argument(..., help="the question about this patient"),
+    model: str = typer.Option("default", help="model spec"),
+    selector: str = typer.Option("bm25", help=SELECTOR_HELP),
+    top_k: int = typer.Option(8, help="lines kept by a retrieval selector"),
+    threshold: float = typer.Option(0.5, help="P(yes) threshold of the llm selector"),
+    patient: Optional[str] = typer.Option(None, help="patient id when the source holds several"),
+    max_new_tokens: int = typer.Option(128),
+) -> None:
+    """Answer a question from one patient's record: the answer, its cited resources, and stage 1's selection."""
+    from clinqa.records.fhir import load_records
+    from clinqa.records.pipeline import answer_question
+    from clinqa.records.render import render_record
+
+    records = load_records(source)
+    if patient:
+        records = [r for r in records if r.patient_id == patient]
+    if len(records) != 1:
+        raise ClinqaError(f"{source} holds {len(records)} patients: choose one with --patient ID")
+    record = records[0]
+    predictor = load_predictor(model)
+    with err.status("answering ..."):
+        res = answer_question(predictor, record, question, selector=_selector(selector, predictor, top_k, threshold),
+                              max_new_tokens=max_new_tokens)
+    lines = dict(render_record(record))
+    console.print(f"[bold]answer:[/bold] {res.answer}", highlight=False)
+    for rid in res.citations:
+        console.print(f"  cites {lines.get(rid, rid)}", highlight=False, markup=False)
+    if res.invalid_citations:
+        console.print(f"[yellow]removed citations to resources outside this record:[/yellow] {', '.join(res.invalid_citations)}")
+    console.print(f"stage 1 ({selector}) selected {len(res.selected)} of {len(lines)} resources:")
+    for sel in res.selected[:12]:
+        console.print(f"  {sel.score:.3f} {lines.get(sel.id, sel.id)}", highlight=False, markup=False)
+    console.print(f"{res.tokens} tokens · " + " · ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
+
+
+@records_app.command("eval")
+def records_eval(
+    model: str = typer.Argument(..., help="model spec answering stage 2 (and stage 1 with --selector llm)"),
+    qa: Path = typer.Argument(..., help="questions JSONL from `clinqa records questions`"),
+    records: str = typer.Option(..., "--records", help="the records the questions were generated from"),
+    out: Path = typer.Option(..., "--out", "-o", help="run folder (resumable)"),
+    selector: str = typer.Option("bm25", help=SELECTOR_HELP),
+    top_k: int = typer.Option(8),
+    threshold: float = typer.Option(0.5),
+    limit: Optional[int] = typer.Option(None, help="only the first N questions"),
+    max_new_tokens: int = typer.Option(128),
+    meteor: bool = typer.Option(True, help="compute METEOR (needs Debian's wordnet-base)"),
+) -> None:
+    """Stage-1 precision/recall/F1 and stage-2 METEOR, ROUGE-L, exact match, citation precision, abstention."""
+    import json as _json
+
+    from clinqa.records.fhir import load_records
+    from clinqa.records.pipeline import evaluate_records
+    from clinqa.records.questions import read_questions
+
+    questions = read_questions(qa)[:limit] if limit else read_questions(qa)
+    recs = load_records(records)
+    predictor = load_predictor(model)
+    with progress_bar(f"records · {selector}") as update:
+        summary = evaluate_records(predictor, recs, questions, selector=_selector(selector, predictor, top_k, threshold), out=out,
+                                   progress=update, max_new_tokens=max_new_tokens, with_meteor=meteor)
+    console.print_json(_json.dumps(summary, default=str))
+    console.print(f"run saved in [bold]{out}[/bold]")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Optional[str] = typer.Option(None, help="model spec (default, +lora:, +rag:, openai:URL#MODEL for vLLM, ...)"),
+    records: List[str] = typer.Option([], "--records", help="records folder/file or https://server/fhir/Patient/ID (repeatable)"),
+    host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="port (default 8470)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML/JSON settings file (else $CLINQA_CONFIG); CLINQA_* env vars also apply"),
+    keys_db: Optional[Path] = typer.Option(None, "--keys-db"),
+    audit_db: Optional[Path] = typer.Option(None, "--audit-db"),
+) -> None:
+    """The private HTTP service and web page: patient-scoped API keys, audit log, record QA and MCQ answering."""
+    from clinqa.serve.app import serve
+    from clinqa.serve.config import ServeConfig
+
+    overrides = {k: v for k, v in {"model": model, "records": list(records) or None, "host": host, "port": port,
+                                   "keys_db": keys_db, "audit_db": audit_db}.items() if v is not None}
+    serve(ServeConfig.load(config, **overrides))
+
+
 def _keystore(path: Path):
     from clinqa.serve.auth import KeyStore
 

@@ -214,3 +214,9 @@ def test_meteor_offline_hand_example(monkeypatch):
     wn = ensure_wordnet()
     assert wn.synset("dog.n.01").lexname() == "noun.animal"
     assert str(wn.lemma_from_key("dog%1:05:00::")) == "Lemma('dog.n.01.dog')"  # the derived index.sense
+
+
+def test_bracketed_units_are_not_citations():
+    from clinqa.records.metrics import parse_citations
+
+    assert parse_citations("Hb 14 [Mass/volume] [Observation/abc; Condition/x]") == ["Observation/abc", "Condition/x"]

@@ -21,6 +21,7 @@ Stage 2, per answer (`answer_metrics`) and summarised over a run (`summarize`):
 from __future__ import annotations
 
 import math
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +49,18 @@ _ABSTAIN = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=512)
+def is_resource_type(name: str) -> bool:
+    """True for FHIR resource type names (Observation, Condition, ...), so '[Mass/volume]' is no citation."""
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    try:
+        return issubclass(get_fhir_model_class(name), Resource)
+    except (ValueError, KeyError, AttributeError):
+        return False
+
+
 def parse_citations(text: str) -> list[str]:
     """``Type/id`` handles cited in square brackets, in order of first appearance, without repeats.
 
@@ -55,6 +68,8 @@ def parse_citations(text: str) -> list[str]:
     out: dict[str, None] = {}
     for inside in _BRACKET.findall(text or ""):
         for rtype, rid in _HANDLE.findall(inside):
+            if not is_resource_type(rtype):
+                continue
             out.setdefault(f"{rtype}/{rid.rstrip('.')}", None)
     return list(out)
 
