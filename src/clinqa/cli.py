@@ -292,6 +292,45 @@ def cross_specialty_cmd(
     console.print(f"wrote {out}/summary.md, summary.json and matrix.png")
 
 
+@app.command("annotate")
+def annotate_cmd(
+    data: str = typer.Argument(..., help="questions to label with specialties"),
+    out: Path = typer.Option(..., "--out", "-o", help="annotations JSONL (resumable)"),
+    model: str = typer.Option("default", "--model", help="the annotating model (spec)"),
+    prompts: int = typer.Option(5, "--prompts", help="differently worded prompts that each vote"),
+    min_votes: int = typer.Option(3, "--min-votes", help="votes the majority label needs to be kept"),
+    calibrate: bool = typer.Option(True, help="contextual calibration against a content-free question"),
+    alpha: float = typer.Option(0.1, help="error rate of the conformal multi-label sets"),
+    limit: Optional[int] = typer.Option(None),
+) -> None:
+    """Label questions with specialties by majority vote over prompts (labels scored, never parsed), then
+    report the accuracy/coverage trade-off and split-conformal multi-label sets where gold labels exist."""
+    from clinqa.data.loaders import load_questions
+    from clinqa.specialties.annotate import annotate_to_file, conformal_from_probs, tradeoff_table
+
+    questions = load_questions(data, limit=limit).questions
+    predictor = load_predictor(model)
+    with progress_bar(f"annotate · {prompts} prompts") as update:
+        anns = annotate_to_file(predictor, questions, out, n_prompts=prompts, min_votes=min_votes, calibrate=calibrate,
+                                progress=update)
+    table = Table(title="accuracy / coverage by vote threshold")
+    for col in ("min votes", "coverage", "accuracy (any gold label)"):
+        table.add_column(col, justify="right")
+    for row in tradeoff_table(anns, questions, n_prompts=prompts):
+        table.add_row(str(row["min_votes"]), f"{row['coverage']:.3f}", "—" if row["accuracy"] is None else f"{row['accuracy']:.3f}")
+    console.print(table)
+    gold = [q.specialties for q in questions]
+    if all(gold) and len(questions) >= 20:
+        try:
+            c = conformal_from_probs(anns, gold, alpha)
+            console.print(f"conformal sets (alpha={alpha}, calibrated on {c['n_cal']}, tested on {c['n_test']}): coverage "
+                          f"{c['coverage']:.3f} (target {c['target']:.2f}), mean set size {c['mean_set_size']:.2f}, "
+                          f"precision {c['precision']:.2f}, recall {c['recall']:.2f}")
+        except ClinqaError as exc:
+            err.print(f"[yellow]conformal sets skipped:[/yellow] {exc}")
+    console.print(f"annotations in [bold]{out}[/bold]")
+
+
 index_app = typer.Typer(no_args_is_help=True, help="Retrieval indexes (BM25 + dense MiniLM + fusion) over your documents.")
 app.add_typer(index_app, name="index")
 

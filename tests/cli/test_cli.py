@@ -121,3 +121,9 @@ def test_index_build_and_query(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["index", "query", str(tmp_path / "idx"), "lorazepam seizure", "-k", "1", "--mode", "bm25"])
     assert r.exit_code == 0 and "se#0" in r.output and "af#0" not in r.output
+
+
+def test_annotate_command_reports_tradeoff(tmp_path):
+    r = runner.invoke(app, ["annotate", "bundled", "--limit", "3", "--prompts", "2", "--min-votes", "1", "--out", str(tmp_path / "a.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert "coverage" in r.output and len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
