@@ -61,7 +61,7 @@ def worker_clinqa(task: str, qfile: Path, out: Path) -> None:
     from clinqa.models import load_base_model
 
     pred = load_base_model("default")
-    questions = [Question.model_validate_json(line) for line in qfile.read_text().splitlines()]
+    questions = [Question.model_validate_json(line) for line in qfile.read_text().split("\n") if line]
     items = make_items(questions, 1, 0)
     t1 = time.perf_counter()
     samples = (score_letter if task == "letter" else score_option)(pred, items)

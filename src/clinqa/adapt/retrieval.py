@@ -150,7 +150,7 @@ def _title_of(text: str) -> str:
 def _read_jsonl(path: Path, source_default: str) -> list[Document]:
     docs = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise ClinqaError(f"could not read corpus file {path}: {e}") from e
     for no, line in enumerate(lines, 1):

@@ -645,7 +645,7 @@ def write_examples(path: str | Path, examples: Iterable[Mapping[str, Any]]) -> P
 
 
 def read_examples(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 # ------------------------------------------------------------------------------------- evaluation

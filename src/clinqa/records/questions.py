@@ -855,7 +855,7 @@ def read_questions(path: str | Path) -> list[RecordQuestion]:
     """Questions written by `write_questions`; ClinqaError names the line and field of a bad one."""
     src = Path(path)
     try:
-        lines = src.read_text(encoding="utf-8").splitlines()
+        lines = src.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise ClinqaError(f"{src}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
