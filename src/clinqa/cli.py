@@ -331,6 +331,74 @@ def annotate_cmd(
     console.print(f"annotations in [bold]{out}[/bold]")
 
 
+steer_app = typer.Typer(no_args_is_help=True, help="Activation steering: build vectors, sweep layers x alphas.")
+app.add_typer(steer_app, name="steer")
+
+
+def _int_list(text: Optional[str]) -> Optional[list[int]]:
+    return [int(x) for x in text.split(",") if x.strip()] if text else None
+
+
+@steer_app.command("build")
+def steer_build(
+    model: str = typer.Argument(..., help="a local model spec"),
+    data: str = typer.Argument("bundled", help="labelled questions: correct vs incorrect answers give the contrastive pairs"),
+    out: Path = typer.Option(..., "--out", "-o", help="vector folder"),
+    by: Optional[str] = typer.Option(None, "--by", help="one vector per category: 'specialty' or a meta key (adds a router)"),
+    layers: Optional[str] = typer.Option(None, help="comma-separated hidden-state layers (default: the penultimate)"),
+    position: str = typer.Option("answer_last", help="answer_last | answer_mean"),
+    aggregator: str = typer.Option("mean_diff", help="mean_diff | pca | probe"),
+    max_pairs: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+    gguf: bool = typer.Option(False, help="also export llama.cpp's control-vector GGUF"),
+) -> None:
+    """Build a steering vector (or one per category plus a router); use it as MODEL+steer:OUT@alpha=A."""
+    from clinqa.adapt.steering import SteeringConfig, build_steering_vector
+    from clinqa.data.loaders import load_questions
+
+    cfg = SteeringConfig(layers=_int_list(layers), position=position, aggregator=aggregator, max_pairs=max_pairs, seed=seed)
+    questions = load_questions(data).questions
+    predictor = load_predictor(model)
+    with progress_bar("steering pairs") as update:
+        if by:
+            from clinqa.adapt.router import build_category_vectors
+
+            index = build_category_vectors(predictor, questions, by, cfg, out, progress=update, data=data)
+            console.print_json(data=index)
+            return
+        vector = build_steering_vector(predictor, questions, cfg, progress=update)
+    vector.save(out)
+    if gguf:
+        vector.export_gguf(out / "control_vector.gguf")
+    console.print(f"vector in [bold]{out}[/bold]; use {model}+steer:{out}@alpha=1")
+
+
+@steer_app.command("sweep")
+def steer_sweep(
+    model: str = typer.Argument(..., help="a local model spec"),
+    data: str = typer.Argument("bundled"),
+    vector: Path = typer.Option(..., "--vector", help="vector folder from `steer build` (built with the layers to sweep)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for sweep.csv/.md/.png (resumable)"),
+    layers: Optional[str] = typer.Option(None, help="comma-separated layers (default: all in the vector)"),
+    alphas: str = typer.Option("-4,-2,-1,0,1,2,4", help="comma-separated alphas (units of activation std)"),
+    method: str = typer.Option("option"),
+    shuffles: int = typer.Option(1),
+    limit: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+) -> None:
+    """Accuracy for every (layer, alpha) with the per-question flip rates (wrong→right and right→wrong)."""
+    from clinqa.adapt.steering import SteeringVector, sweep
+    from clinqa.data.loaders import load_questions
+
+    vec = SteeringVector.load(vector)
+    questions = load_questions(data, limit=limit).questions
+    predictor = load_predictor(model)
+    with progress_bar("steer sweep") as update:
+        result = sweep(predictor, questions, vec, _int_list(layers) or list(vec.layers),
+                       [float(a) for a in alphas.split(",")], method=method, shuffles=shuffles, seed=seed, out=out, progress=update)
+    console.print(result.markdown(), markup=False, highlight=False)
+
+
 index_app = typer.Typer(no_args_is_help=True, help="Retrieval indexes (BM25 + dense MiniLM + fusion) over your documents.")
 app.add_typer(index_app, name="index")
 

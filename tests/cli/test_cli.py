@@ -127,3 +127,17 @@ def test_annotate_command_reports_tradeoff(tmp_path):
     r = runner.invoke(app, ["annotate", "bundled", "--limit", "3", "--prompts", "2", "--min-votes", "1", "--out", str(tmp_path / "a.jsonl")])
     assert r.exit_code == 0, r.output
     assert "coverage" in r.output and len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.embedded
+def test_steer_build_and_sweep(tmp_path):
+    r = runner.invoke(app, ["steer", "build", "default", "bundled", "--layers", "29", "--max-pairs", "6", "--out", str(tmp_path / "v")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "v" / "vector.safetensors").exists()
+    r = runner.invoke(app, ["steer", "sweep", "default", "bundled", "--vector", str(tmp_path / "v"), "--alphas=0,2",
+                            "--limit", "3", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert "| 29 | 0 |" in r.output and "right→wrong" in r.output
+    r = runner.invoke(app, ["eval", f"default+steer:{tmp_path / 'v'}", "bundled", "--alpha", "1", "--limit", "2", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert '"steer"' in (tmp_path / "e" / "samples.jsonl").read_text()
