@@ -38,6 +38,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict
 
 from clinqa.errors import ClinqaError
+from clinqa.serve.auth import private_file  # one owner-only file creator for both stores
 
 __all__ = ["GENESIS_HASH", "MAX_DETAIL", "OUTCOMES", "AuditEntry", "AuditLog", "VerifyResult", "hash_question"]
 
@@ -124,19 +125,6 @@ class VerifyResult(BaseModel):
         return self.ok
 
 
-def _private_file(path: Path) -> None:
-    """Create ``path`` (and its parent directories) readable by the owner only, if it does not exist."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
 def _opt_str(value: Any, what: str) -> Optional[str]:
     if value is None:
         return None
@@ -159,7 +147,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._writer: Optional[sqlite3.Connection] = None
         self._writer_pid: Optional[int] = None
-        _private_file(self.path)
+        private_file(self.path)
         try:
             with closing(self._connect()) as db:
                 mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]

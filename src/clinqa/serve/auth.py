@@ -314,7 +314,7 @@ def _split_key(plain_key: object) -> Optional[tuple[str, str]]:
 # --------------------------------------------------------------------------- the store
 
 
-def _private_file(path: Path) -> None:
+def private_file(path: Path) -> None:
     """Create ``path`` (and its parent directories) readable by the owner only, if it does not exist."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -348,7 +348,7 @@ class KeyStore:
         self.path = Path(path)
         if self.path.is_dir():
             raise ClinqaError(f"key store path {self.path} is a directory; give a file name such as keys.sqlite")
-        _private_file(self.path)
+        private_file(self.path)
         try:
             with closing(self._connect()) as db:
                 db.executescript(_SCHEMA)
