@@ -217,7 +217,8 @@ def test_save_load_round_trip(tmp_path, vector):
 def test_gguf_export_is_a_llama_cpp_control_vector(tmp_path, vector):
     from gguf import GGUFReader
 
-    path = vector.export_gguf(tmp_path / "v.gguf", alpha=2.0)
+    with pytest.warns(UserWarning, match="layer 1 cannot be expressed"):
+        path = vector.export_gguf(tmp_path / "v.gguf", alpha=2.0)
     reader = GGUFReader(str(path))
     fields = {name: f for name, f in reader.fields.items()}
     text = lambda f: bytes(f.parts[f.data[0]]).decode()  # noqa: E731
