@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from clinqa.errors import ClinqaError
+from clinqa.jsonl import read_appended
 from clinqa.evaluate.sample import Sample
 
 RUN_FILE = "run.json"
@@ -128,27 +129,8 @@ class Run:
     # -- samples --------------------------------------------------------------------------------
     def samples(self) -> list[Sample]:
         """All complete samples; a half-written last line (a kill mid-write) is dropped and repaired."""
-        f = self.path / SAMPLES_FILE
-        if not f.exists():
-            return []
-        raw = f.read_bytes()
-        lines = raw.split(b"\n")
-        out: list[Sample] = []
-        good_bytes = 0
-        for i, line in enumerate(lines):
-            if not line.strip():
-                good_bytes += len(line) + 1
-                continue
-            try:
-                out.append(Sample.model_validate_json(line))
-                good_bytes += len(line) + 1
-            except ValueError:
-                if i >= len(lines) - 2:  # torn final line: truncate it away
-                    with open(f, "r+b") as fh:
-                        fh.truncate(min(good_bytes, len(raw)))
-                    break
-                raise ClinqaError(f"{f}:{i + 1}: corrupt sample line; move the run folder aside and re-run")
-        return out
+        return read_appended(self.path / SAMPLES_FILE, Sample.model_validate_json,
+                             corrupt="corrupt sample line; move the run folder aside and re-run")
 
     def append(self, samples: Iterable[Sample]) -> None:
         data = "".join(s.model_dump_json() + "\n" for s in samples)

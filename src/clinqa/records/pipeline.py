@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from clinqa.errors import ClinqaError
+from clinqa.jsonl import read_appended
 from clinqa.models.base import GenerationConfig, Predictor
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.metrics import NOT_IN_RECORD_ANSWER, answer_metrics, parse_citations, prf, stage1_metrics, stage2_summary
@@ -668,23 +669,7 @@ def read_records_run(path: str | Path) -> list[dict[str, Any]]:
         if not (Path(path) / "run.json").is_file():
             raise ClinqaError(f"{path} is not a run folder (no run.json)")
         return []
-    raw = f.read_bytes()
-    lines = raw.split(b"\n")
-    out, good = [], 0
-    for i, line in enumerate(lines):
-        if not line.strip():
-            good += len(line) + 1
-            continue
-        try:
-            out.append(json.loads(line))
-            good += len(line) + 1
-        except ValueError:
-            if i >= len(lines) - 2:
-                with open(f, "r+b") as fh:
-                    fh.truncate(min(good, len(raw)))
-                break
-            raise ClinqaError(f"{f}:{i + 1}: corrupt sample line; move the run folder aside and re-run") from None
-    return out
+    return read_appended(f, json.loads, corrupt="corrupt sample line; move the run folder aside and re-run")
 
 
 def _questions_digest(questions: Sequence[RecordQuestion]) -> str:

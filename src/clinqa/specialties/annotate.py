@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from clinqa.errors import ClinqaError
+from clinqa.jsonl import read_appended
 from clinqa.models.base import Predictor
 from clinqa.specialties import conformal
 from clinqa.specialties.taxonomy import SPECIALTIES, resolve_specialty
@@ -359,30 +360,13 @@ def write_annotations(path: str | Path, annotations: Iterable[Annotation]) -> Pa
 
 def _read_records(path: Path, repair: bool) -> list[dict]:
     """JSON records of an annotation file; a torn last line (a kill mid-write) is dropped (and cut off if repair)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    out: list[dict] = []
-    good = 0
-    for i, line in enumerate(lines):
-        if not line.strip():
-            good += len(line) + 1
-            continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            if i >= len(lines) - 2:  # the final line: torn by a kill
-                if repair:
-                    with open(path, "r+b") as fh:
-                        fh.truncate(min(good, len(raw)))
-                break
-            raise ClinqaError(f"{path}:{i + 1}: not a JSON annotation record; move the file aside and re-run") from None
-        out.append(rec)
-        good += len(line) + 1
-    return out
+    def parse(line: bytes) -> dict:
+        rec = json.loads(line)
+        if not isinstance(rec, dict):
+            raise ValueError("not an object")
+        return rec
+
+    return read_appended(path, parse, corrupt="not a JSON annotation record; move the file aside and re-run", repair=repair)
 
 
 def read_annotations(path: str | Path) -> list[Annotation]:
