@@ -513,9 +513,10 @@ def records_questions(
                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
-def _selector(selector: str, model_predictor, top_k: int, threshold: float):
+def _selector(selector: str, model_predictor, top_k: int, threshold: float | None):
     from clinqa.records.pipeline import FullRecordBaseline, LLMSelector, RetrievalSelector
 
+    threshold = 0.5 if threshold is None else threshold
     if selector in ("bm25", "embedding"):
         return RetrievalSelector(selector, top_k=top_k)
     if selector == "llm":
@@ -574,10 +575,13 @@ def records_eval(
     out: Path = typer.Option(..., "--out", "-o", help="run folder (resumable)"),
     selector: str = typer.Option("bm25", help=SELECTOR_HELP),
     top_k: int = typer.Option(8),
-    threshold: float = typer.Option(0.5),
+    threshold: Optional[float] = typer.Option(None, help="P(yes) threshold of the llm selector (default: the tuned one with --adapters, else 0.5)"),
     limit: Optional[int] = typer.Option(None, help="only the first N questions"),
     max_new_tokens: int = typer.Option(128),
     meteor: bool = typer.Option(True, help="compute METEOR (needs Debian's wordnet-base)"),
+    adapters: Optional[Path] = typer.Option(None, help="fine-tuned stages from `records finetune`: MODEL is their base; "
+                                            "stage 1 is the llm selector with the stage-1 adapter and its tuned threshold"),
+    stage1_model: Optional[str] = typer.Option(None, help="model spec of the llm selector when it differs from MODEL"),
 ) -> None:
     """Stage-1 precision/recall/F1 and stage-2 METEOR, ROUGE-L, exact match, citation precision, abstention."""
     import json as _json
@@ -588,12 +592,123 @@ def records_eval(
 
     questions = read_questions(qa)[:limit] if limit else read_questions(qa)
     recs = load_records(records)
+    if adapters is not None:
+        from clinqa.records.train import read_stages
+
+        stages = read_stages(adapters)
+        stage1_model, model = f"{model}+lora:{stages['stage1']}", f"{model}+lora:{stages['stage2']}"
+        selector, threshold = "llm", stages["threshold"] if threshold is None else threshold
     predictor = load_predictor(model)
+    stage1 = load_predictor(stage1_model) if stage1_model else predictor
     with progress_bar(f"records · {selector}") as update:
-        summary = evaluate_records(predictor, recs, questions, selector=_selector(selector, predictor, top_k, threshold), out=out,
+        summary = evaluate_records(predictor, recs, questions, selector=_selector(selector, stage1, top_k, threshold), out=out,
                                    progress=update, max_new_tokens=max_new_tokens, with_meteor=meteor)
     console.print_json(_json.dumps(summary, default=str))
     console.print(f"run saved in [bold]{out}[/bold]")
+
+
+def _stages_config(mode: str, epochs: int, learning_rate: float, rank: int, batch_size: int, max_length: int, seed: int):
+    from clinqa.adapt.lora import LoraTrainConfig
+    from clinqa.records.train import StagesConfig
+
+    lora = LoraTrainConfig(rank=rank, alpha=16, epochs=epochs, patience=1, learning_rate=learning_rate, batch_size=batch_size,
+                           max_length=max_length, seed=seed)
+    return StagesConfig(mode=mode, lora=lora, seed=seed)
+
+
+def _records_and_questions(qa: Path, records: str, limit: int | None = None):
+    from clinqa.records.fhir import load_records
+    from clinqa.records.questions import read_questions
+
+    questions = read_questions(qa)
+    return load_records(records), questions[:limit] if limit else questions
+
+
+def _stage_progress(update):
+    return lambda what, done, total: update(done, total, what)
+
+
+@records_app.command("finetune")
+def records_finetune(
+    model: str = typer.Argument(..., help="base model spec (a local model)"),
+    qa: Path = typer.Argument(..., help="training questions JSONL (`records questions` on training patients)"),
+    records: str = typer.Option(..., "--records", help="the records the training questions were generated from"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the stage adapters and stages.json (resumable)"),
+    mode: str = typer.Option("separate", help="separate (one adapter per stage) | sequential | multitask (one adapter for both)"),
+    sequential: bool = typer.Option(False, "--sequential", help="same as --mode sequential: stage 2 continues the stage-1 adapter"),
+    test: Optional[Path] = typer.Option(None, help="with --sequential: test questions to measure stage-1 F1 before vs after stage 2"),
+    test_records: Optional[str] = typer.Option(None, help="the records of --test (default: --records)"),
+    limit: Optional[int] = typer.Option(None, help="only the first N training questions"),
+    epochs: int = typer.Option(3),
+    learning_rate: float = typer.Option(2e-4, "--lr"),
+    rank: int = typer.Option(16),
+    batch_size: int = typer.Option(4),
+    max_length: int = typer.Option(768, help="tokens per training example (a stage-2 prompt holds several record lines)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """LoRA fine-tuning of both record stages (stage 1 relevant yes/no, stage 2 cited answers); tunes the stage-1 threshold."""
+    from clinqa.records.train import finetune_stages, forgetting
+
+    mode = "sequential" if sequential else mode
+    recs, questions = _records_and_questions(qa, records, limit)
+    cfg = _stages_config(mode, epochs, learning_rate, rank, batch_size, max_length, seed)
+    base = load_predictor(model)
+    with progress_bar("records finetune") as update:
+        stages = finetune_stages(base, recs, questions, out, cfg, progress=_stage_progress(update))
+    console.print(f"{mode} stages in [bold]{out}[/bold]: stage 1 {stages['stage1']} ({stages['n_examples']['stage1']} pairs), "
+                  f"stage 2 {stages['stage2']} ({stages['n_examples']['stage2']} answers); stage-1 threshold "
+                  f"{stages['threshold']:.3f} (F1 {stages['tuning'].get('f1', float('nan')):.3f} on {stages['n_tune_questions']} held-out questions)")
+    console.print(f"evaluate: clinqa records eval {model} TEST_QA --records TEST_RECORDS --adapters {out} --out runs/NAME")
+    if test is not None:
+        if mode != "sequential":
+            raise ClinqaError("--test measures forgetting, which needs --sequential")
+        trecs, tq = _records_and_questions(test, test_records or records)
+        with progress_bar("stage-1 F1 before/after") as update:
+            result = forgetting(base, trecs, tq, out, progress=_stage_progress(update))
+        console.print(f"stage-1 micro F1 on {len(tq)} test questions: before stage 2 {result['before']['micro']['f1']:.3f}, "
+                      f"after {result['after']['micro']['f1']:.3f} (drop {result['f1_drop']:+.3f}); saved in {out}/forgetting.json")
+
+
+@records_app.command("sweep")
+def records_sweep(
+    model: str = typer.Argument(..., help="base model spec (a local model)"),
+    train: Path = typer.Argument(..., help="training questions JSONL"),
+    test: Path = typer.Argument(..., help="test questions JSONL"),
+    records: str = typer.Option(..., "--records", help="records of the training questions"),
+    test_records: Optional[str] = typer.Option(None, help="records of the test questions (default: --records)"),
+    sizes: str = typer.Option("100,500,full", help="training-set sizes in questions; 'full' is all"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for adapters, runs, sweep.json and sweep.png (resumable)"),
+    epochs: int = typer.Option(3),
+    learning_rate: float = typer.Option(2e-4, "--lr"),
+    rank: int = typer.Option(16),
+    batch_size: int = typer.Option(4),
+    max_length: int = typer.Option(768),
+    max_new_tokens: int = typer.Option(64),
+    seed: int = typer.Option(0),
+) -> None:
+    """Dataset-size sweep: fine-tune both stages on the first N training questions for each size, evaluate, plot F1 and METEOR."""
+    from clinqa.records.train import size_sweep
+
+    try:
+        size_list = [None if x.strip() == "full" else int(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        raise ClinqaError(f"--sizes {sizes!r}: use comma-separated integers and 'full', e.g. 100,500,full") from None
+    if not size_list or any(x is not None and x < 1 for x in size_list):
+        raise ClinqaError(f"--sizes {sizes!r}: give at least one positive size")
+    recs, train_q = _records_and_questions(train, records)
+    trecs, test_q = _records_and_questions(test, test_records or records)
+    cfg = _stages_config("separate", epochs, learning_rate, rank, batch_size, max_length, seed)
+    base = load_predictor(model)
+    with progress_bar("records sweep") as update:
+        rows = size_sweep(base, recs, train_q, trecs, test_q, size_list, out, cfg, progress=_stage_progress(update),
+                          max_new_tokens=max_new_tokens)
+    table = Table("training questions", "stage-1 F1", "METEOR", "ROUGE-L", "exact match", "abstention")
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        table.add_row(str(r["n_questions"]), fmt(r["stage1_f1"]), fmt(r["stage2"].get("meteor")), fmt(r["stage2"].get("rouge_l")),
+                      fmt(r["stage2"].get("exact_match")), fmt(r["stage2"].get("abstention_rate")))
+    console.print(table)
+    console.print(f"curves in [bold]{out}/sweep.json[/bold] and {out}/sweep.png")
 
 
 @app.command("serve")

@@ -328,3 +328,62 @@ def test_spec_string_base_trains_like_the_loaded_model(tiny_predictor, tokenizer
     w2 = load_file(str(from_spec.path / "adapter_model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
+
+
+# -- generic (prompt, target) examples and sequential training ----------------------------------------
+def yes_no_examples(n: int = 16) -> list[lora.TextExample]:
+    """A task a tiny model can learn: the answer is " yes" exactly when the entry names the asked drug."""
+    out = []
+    for i in range(n):
+        asked, shown = DRUGS[i % 4], DRUGS[(i // 2) % 4] if i % 2 else DRUGS[i % 4]
+        out.append(lora.TextExample(id=f"t{i:02d}", prompt=f"Is {asked} in the entry <<<{shown} 5 mg>>>? Answer:",
+                                    target=" yes" if asked == shown else " no", label="stage1"))
+    return out
+
+
+def test_text_examples_mask_the_prompt_and_use_the_chat_template(tiny_predictor, tokenizer):
+    from clinqa.models.base import GenerationConfig
+
+    plain, chat = lora.TextExample("p", "Question: x? Answer:", " yes"), lora.TextExample("c", "What is x?", "x is 5.", system="Be brief.", chat=True)
+    ex_plain, ex_chat = build_examples(tokenizer, [plain, chat], LoraTrainConfig(max_length=256))
+    ctx, cont = tiny_predictor.encode_pair(plain.prompt, plain.target)
+    assert ex_plain["input_ids"] == ctx + cont + [tokenizer.eos_token_id]
+    formatted = tiny_predictor.format_prompt(chat.prompt, GenerationConfig(system="Be brief."))  # what generate() feeds
+    assert formatted != chat.prompt and "Be brief." in formatted
+    ctx, cont = tiny_predictor.encode_pair(formatted, chat.target)
+    assert ex_chat["input_ids"] == ctx + cont + [tokenizer.eos_token_id]
+    assert ex_chat["labels"] == [-100] * len(ctx) + cont + [tokenizer.eos_token_id]
+    with pytest.raises(ClinqaError, match="empty target"):
+        lora.TextExample("e", "prompt", "")
+
+
+def test_text_examples_train_a_yes_no_classifier(tiny_predictor, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    examples = yes_no_examples()
+    res = finetune(tiny_predictor, examples, LoraTrainConfig(epochs=15, patience=None, **{**FAST, "learning_rate": 1e-2}), tmp_path / "yn")
+    assert res.metadata["specialties"] == ["stage1"]
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+
+    def auc(pred) -> float:  # how well log P(yes) - log P(no) ranks the yes examples first (a selector tunes its threshold)
+        lp = pred.next_token_logprobs([e.prompt for e in examples], [" yes", " no"])
+        return roc_auc_score([e.target == " yes" for e in examples], lp[:, 0] - lp[:, 1])
+
+    assert auc(tiny_predictor.load_adapter(res.path)) > max(0.9, auc(tiny_predictor))
+
+
+def test_init_adapter_continues_from_its_weights(adapters, tiny_predictor, tmp_path):
+    a = adapters["a"]
+    # a negligible learning rate: the continued adapter must still be A's weights, not a fresh init
+    cfg = LoraTrainConfig(**{**FAST, "learning_rate": 1e-12}, epochs=1)
+    seq = finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq", init_adapter=a.path)
+    assert seq.metadata["init_adapter"]["path"] == str(a.path)
+    wa, ws = load_file(str(a.path / "adapter_model.safetensors")), load_file(str(seq.path / "adapter_model.safetensors"))
+    assert wa.keys() == ws.keys() and all(torch.allclose(wa[k], ws[k], atol=1e-6) for k in wa)
+    fresh = load_file(str(finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "fresh").path / "adapter_model.safetensors"))
+    assert any(not torch.allclose(fresh[k], wa[k]) for k in wa)
+    # the starting adapter is part of the folder's identity; a rank mismatch is refused up front
+    with pytest.raises(ClinqaError, match="starting adapter"):
+        finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq")
+    with pytest.raises(ClinqaError, match="rank 8; this training uses rank 4"):
+        finetune(tiny_predictor, yes_no_examples(8), LoraTrainConfig(**{**FAST, "rank": 4}), tmp_path / "r4", init_adapter=a.path)

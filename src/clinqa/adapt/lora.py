@@ -61,6 +61,7 @@ from clinqa.evaluate.prompts import cloze_prompt, letter_prompt
 __all__ = [
     "AdapterResult",
     "LoraTrainConfig",
+    "TextExample",
     "METADATA_FILE",
     "answer_loss",
     "apply_modifier",
@@ -209,6 +210,37 @@ class AdapterResult:
 # Data
 
 
+@dataclass(frozen=True)
+class TextExample:
+    """A (prompt, target) training pair for tasks that are not multiple choice (the two record stages).
+
+    The loss is on `target` (then EOS) only. With `chat=True` the prompt is wrapped in the tokenizer's
+    chat template with `system`, exactly as `LocalModel.generate` formats it, so an adapter trained
+    here sees at inference the tokens it was trained on; with `chat=False` it is used as is, as the
+    scoring calls (`next_token_logprobs`) use prompts. `label` groups examples (recorded in the
+    adapter's metadata, used by `balance`)."""
+
+    id: str
+    prompt: str
+    target: str
+    system: str | None = None
+    chat: bool = False
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if not str(self.id):
+            raise ClinqaError("TextExample.id is empty")
+        if not self.target:
+            raise ClinqaError(f"TextExample {self.id}: empty target")
+
+    @property
+    def specialties(self) -> tuple[str, ...]:
+        return (self.label,) if self.label else ()
+
+
+Example = Question | TextExample
+
+
 class _Encoder:
     """Just enough of a LocalModel for `LocalModel.encode_pair`, so training tokenises with the very
     code that scoring uses."""
@@ -220,14 +252,21 @@ class _Encoder:
         return self.tokenizer(text).input_ids
 
 
-def _prompt_and_answer(q: Question, prompt_format: str) -> tuple[str, str]:
+def _prompt_and_answer(q: Example, prompt_format: str, tokenizer=None) -> tuple[str, str]:
+    if isinstance(q, TextExample):
+        if not q.chat:
+            return q.prompt, q.target
+        from clinqa.models.base import GenerationConfig
+        from clinqa.models.local import LocalModel
+
+        return LocalModel.format_prompt(_Encoder(tokenizer), q.prompt, GenerationConfig(system=q.system)), q.target
     if prompt_format == "cloze":
         return cloze_prompt(q), " " + q.options[q.answer]
     return letter_prompt(q, q.options), " " + q.answer
 
 
-def build_examples(tokenizer, questions: Sequence[Question], config: LoraTrainConfig) -> list[dict[str, Any]]:
-    """One training example per question: {"id", "input_ids", "labels"}.
+def build_examples(tokenizer, questions: Sequence[Example], config: LoraTrainConfig) -> list[dict[str, Any]]:
+    """One training example per question (or `TextExample`): {"id", "input_ids", "labels"}.
 
     input_ids = prompt tokens + answer tokens + EOS, split as `LocalModel.encode_pair(prompt, answer)`
     splits them; labels are -100 on the prompt so the loss is on the answer (and EOS) only. Too long
@@ -241,7 +280,7 @@ def build_examples(tokenizer, questions: Sequence[Question], config: LoraTrainCo
         raise ClinqaError("the tokenizer has no EOS token, which training appends to every answer")
     out = []
     for q in questions:
-        prompt, answer = _prompt_and_answer(q, config.prompt_format)
+        prompt, answer = _prompt_and_answer(q, config.prompt_format, tokenizer)
         ctx, cont = LocalModel.encode_pair(enc, prompt, answer)
         if not cont:
             raise ClinqaError(f"question {q.id}: the answer {answer!r} encodes to no tokens")
@@ -320,8 +359,9 @@ def _prepare_questions(questions, config: LoraTrainConfig) -> tuple[list[Questio
     return list(seen.values()), list(groups)
 
 
-def _fingerprint(questions: Sequence[Question], labels: Sequence[str]) -> str:
-    rows = sorted(json.dumps([q.id, q.question, q.options, q.answer, q.meta.get("contexts")], sort_keys=True, default=str)
+def _fingerprint(questions: Sequence[Example], labels: Sequence[str]) -> str:
+    rows = sorted(json.dumps([q.id, q.prompt, q.target, q.system, q.chat] if isinstance(q, TextExample)
+                             else [q.id, q.question, q.options, q.answer, q.meta.get("contexts")], sort_keys=True, default=str)
                   for q in questions)
     return hashlib.sha256(json.dumps([rows, sorted(labels)]).encode()).hexdigest()[:16]
 
@@ -630,9 +670,26 @@ def _check_identity(out_dir: Path, found: Mapping[str, Any], wanted: Mapping[str
         diffs.append(f"base model: {(found.get('base') or {}).get('spec')!r} -> {wanted['base']['spec']!r}")
     if found.get("data_fingerprint") != wanted["data_fingerprint"]:
         diffs.append("training questions differ")
+    if found.get("init_adapter") != wanted.get("init_adapter"):
+        diffs.append(f"starting adapter: {found.get('init_adapter')!r} -> {wanted.get('init_adapter')!r}")
     if diffs:
         raise ClinqaError(f"{out_dir} holds {where} with a different setup ({'; '.join(diffs)}): "
                           "choose another output folder or delete this one")
+
+
+def _read_init_adapter(path: Path, config: LoraTrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, identity) of a starting adapter, refusing one whose rank or targets differ from `config`."""
+    from safetensors.torch import load_file
+
+    if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
+        raise ClinqaError(f"starting adapter {path} is not a LoRA adapter folder (no adapter_config.json / adapter_model.safetensors)")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    if cfg.get("r") != config.rank:
+        raise ClinqaError(f"starting adapter {path} has rank {cfg.get('r')}; this training uses rank {config.rank}")
+    if config.target_modules is not None and sorted(cfg.get("target_modules") or []) != sorted(config.target_modules):
+        raise ClinqaError(f"starting adapter {path} targets {cfg.get('target_modules')}; this training targets {config.target_modules}")
+    blob = (path / "adapter_model.safetensors").read_bytes()
+    return load_file(str(path / "adapter_model.safetensors")), {"path": str(path), "sha256": hashlib.sha256(blob).hexdigest()[:16]}
 
 
 def _is_finished(out_dir: Path) -> bool:
@@ -645,10 +702,11 @@ def _is_finished(out_dir: Path) -> bool:
 
 def finetune(
     base,
-    questions: Sequence[Question] | Mapping[str, Sequence[Question]],
+    questions: Sequence[Example] | Mapping[str, Sequence[Example]],
     config: LoraTrainConfig | None = None,
     out_dir: str | Path = "adapter",
     *,
+    init_adapter: str | Path | None = None,
     progress: ProgressFn | None = None,
     metadata: Mapping[str, Any] | None = None,
     checkpoint_every: int = 50,
@@ -658,8 +716,12 @@ def finetune(
 
     base: a `LocalModel` (its weights are copied, never modified) or a model spec string (loaded
         afresh from the folder the spec resolves to).
-    questions: a list, or {specialty label: questions} (the labels are recorded in the metadata and
-        used by `balance`).
+    questions: a list of `Question`s (multiple choice, prompted by `config.prompt_format`) and/or
+        `TextExample`s (any prompt and target), or {specialty label: such a list} (the labels are
+        recorded in the metadata and used by `balance`).
+    init_adapter: an adapter folder (same rank and target modules) to start from instead of a fresh
+        LoRA initialisation: training continues it on new data (sequential training, as in the
+        records pipeline's forgetting experiment). Its weights' hash is part of the run's identity.
     progress(step, total_steps, loss): called once at the start (loss None; step is where a resumed
         run picks up) and after every optimizer step with that step's mean answer-token loss.
     metadata: free-form facts recorded under "extra" in clinqa_adapter.json; its "control" flag
@@ -683,6 +745,9 @@ def finetune(
                  else {"spec": getattr(getattr(base, "info", None), "spec", type(base).__name__),
                        "name": getattr(getattr(base, "info", None), "name", None)})
     identity = {"config": config.to_dict(), "base": {"spec": base_desc["spec"]}, "data_fingerprint": _fingerprint(qs, labels)}
+    init_weights = None
+    if init_adapter is not None:
+        init_weights, identity["init_adapter"] = _read_init_adapter(Path(init_adapter), config)
 
     # -- an existing folder: finished, resumable, or someone else's --------------------------------
     if _is_finished(out_dir):
@@ -725,6 +790,14 @@ def finetune(
                 peft_model = get_peft_model(model, lora_cfg)
         except ValueError as exc:
             raise ClinqaError(f"could not attach LoRA to modules {targets}: {exc}") from exc
+        if init_weights is not None:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(peft_model, init_weights)
+            missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+            if missing:
+                raise ClinqaError(f"starting adapter {init_adapter} does not cover this model's LoRA layers "
+                                  f"(e.g. {missing[0]}): was it trained on another base model or target modules?")
         if quantization != "4bit":
             peft_model.to(device)
         causal_lm = peft_model.get_base_model()
@@ -851,6 +924,7 @@ def finetune(
         "device": str(device),
         "target_modules": list(targets),
         "data_fingerprint": identity["data_fingerprint"],
+        "init_adapter": identity.get("init_adapter"),
         "specialties": labels,
         "control": bool(extra.get("control", False)),
         "n_train": len(train_q),
@@ -948,6 +1022,8 @@ def apply_modifier(predictor, modifier):
                 raise ClinqaError(f"adapter {modifier.target} was trained on {trained_on.get('name') or trained_on.get('spec')} "
                                   f"({key} {want}); this model ({predictor.info.name}) has {key} {have}")
     try:
-        return predictor.load_adapter(path, name=modifier.params.get("name"))
+        view = predictor.load_adapter(path, name=modifier.params.get("name"))
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ClinqaError(f"could not load LoRA adapter {modifier.target} into {predictor.info.name}: {exc}") from exc
+    view.info = dataclasses.replace(view.info, spec=f"{predictor.info.spec}+{modifier}")  # runs record which adapter answered
+    return view

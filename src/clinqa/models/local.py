@@ -86,7 +86,7 @@ class LocalModel:
         path = Path(path)
         if not (path / "adapter_config.json").is_file():
             raise ClinqaError(f"{path} is not a LoRA adapter folder (no adapter_config.json): train one with `clinqa finetune`")
-        name = name or f"a{len(self._shared['adapters'])}_{path.name}"
+        name = name or f"a{len(self._shared['adapters'])}_" + "".join(c if c.isalnum() else "_" for c in path.name)  # torch module names: no dots
         with self._shared["lock"]:
             known = self._shared["adapters"]
             if str(path.resolve()) in known:

@@ -1,0 +1,315 @@
+"""Fine-tuning the two record stages with LoRA, the sequential-training forgetting experiment, and the
+training-set-size sweep.
+
+    from clinqa.records.train import finetune_stages, StagesConfig
+    stages = finetune_stages("default", train_records, train_questions, "adapters/records")
+    # then: clinqa records eval default qa_test.jsonl --records test_patients --adapters adapters/records
+
+Decisions:
+- Stage 1 learns " yes"/" no" after the very prompt `LLMSelector` scores (`stage1_examples`: every
+  relevant line plus sampled negatives, half of them of the positives' resource types); stage 2
+  learns the cited reference answer after the chat-formatted stage-2 prompt (`stage2_examples`: the
+  relevant lines among distractors). Both are `TextExample`s for `clinqa.adapt.lora.finetune`, so
+  checkpoints, resume and metadata are the LoRA trainer's.
+- Modes: "separate" (default: one adapter per stage, the paper's recommendation), "sequential"
+  (stage 2 continues training the stage-1 adapter, the set-up in which the paper saw stage 1
+  forgotten) and "multitask" (one adapter on both example sets, shuffled together).
+- The stage-1 threshold is tuned for micro F1 on held-out questions (`StagesConfig.tune_fraction` of
+  the training questions, whose examples are never trained on): a classifier trained on 1:3
+  positives to negatives is miscalibrated for a record where 1 line in 200 is relevant.
+- `stages.json` in the output folder names the adapters and the threshold of the last run and
+  `stages-MODE.json` those of each mode; `records eval --adapters` reads either. Several modes trained
+  into one folder share the stage-1 adapter ("separate" and "sequential" train the same one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from clinqa.adapt.lora import AdapterResult, LoraTrainConfig, TextExample, finetune
+from clinqa.errors import ClinqaError
+from clinqa.jsonl import read_appended
+from clinqa.records.fhir import PatientRecord
+from clinqa.records.metrics import stage1_metrics
+from clinqa.records.pipeline import (ANSWER_SYSTEM, LLMSelector, _by_patient, _LineCache, _resource_type, _run_selector,
+                                     evaluate_records, selection_examples, stage1_examples, stage2_examples, tune_threshold)
+from clinqa.records.questions import RecordQuestion
+
+MODES = ("separate", "sequential", "multitask")
+STAGES_FILE = "stages.json"
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass
+class StagesConfig:
+    """How the two stages are trained.
+
+    mode: "separate" | "sequential" | "multitask" (see the module docstring).
+    lora: the LoRA settings of both stages (defaults below suit SmolLM2-135M on a CPU: rank 16, 3
+        epochs; `max_length` must hold a stage-2 prompt with its lines).
+    negatives, distractors: stage-1 negatives per positive, stage-2 distractor lines per question.
+    tune_fraction, max_tune: share of the training questions (at most `max_tune`) held out to tune the
+        stage-1 threshold (0: keep 0.5). Tuning scores every line of those questions' records, so a
+        few questions cost as much as training; they give enough (positive, negative) pairs.
+    seed: example sampling and the held-out choice (the LoRA seed is `lora.seed`)."""
+
+    mode: str = "separate"
+    lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(rank=16, alpha=16, epochs=3, patience=1, batch_size=4,
+                                                                          max_length=768))
+    negatives: int = 3
+    distractors: int = 3
+    tune_fraction: float = 0.1
+    max_tune: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ClinqaError(f"StagesConfig.mode = {self.mode!r}: use one of {', '.join(MODES)}")
+        if not 0 <= self.tune_fraction < 1:
+            raise ClinqaError(f"StagesConfig.tune_fraction = {self.tune_fraction!r}: must be in [0, 1)")
+        if self.negatives < 1 or self.distractors < 0:
+            raise ClinqaError("StagesConfig: negatives must be >= 1 and distractors >= 0")
+
+
+def stage_examples(records: Mapping[str, PatientRecord] | Sequence[PatientRecord], questions: Sequence[RecordQuestion],
+                   stage: int, *, negatives: int = 3, distractors: int = 3, seed: int = 0) -> list[TextExample]:  # fmt: skip
+    """The training examples of one stage as `TextExample`s (stage 1 plain prompts, stage 2 chat)."""
+    if stage == 1:
+        return [TextExample(id=f"{e['question_id']}|{e['resource_id']}", prompt=e["prompt"], target=e["target"], label="stage1")
+                for e in stage1_examples(records, questions, negatives=negatives, seed=seed)]
+    if stage == 2:
+        return [TextExample(id=e["question_id"], prompt=e["prompt"], target=e["target"], system=ANSWER_SYSTEM, chat=True, label="stage2")
+                for e in stage2_examples(records, questions, distractors=distractors, seed=seed)]
+    raise ClinqaError(f"stage must be 1 or 2, got {stage}")
+
+
+def _held_out(questions: Sequence[RecordQuestion], fraction: float, seed: int,
+              cap: int) -> tuple[list[RecordQuestion], list[RecordQuestion]]:  # fmt: skip
+    """(train, tune): `fraction` of the questions (at most `cap`), chosen by a hash of seed and id."""
+    n_tune = round(len(questions) * fraction) if fraction > 0 else 0
+    if fraction > 0 and len(questions) >= 4:
+        n_tune = max(n_tune, 1)
+    n_tune = min(n_tune, cap)
+    rank = sorted(questions, key=lambda q: hashlib.sha256(f"{seed}:{q.id}".encode()).hexdigest())
+    tune_ids = {q.id for q in rank[:n_tune]}
+    return [q for q in questions if q.id not in tune_ids], [q for q in questions if q.id in tune_ids]
+
+
+def _spec(base: Any) -> str:
+    return str(base) if isinstance(base, (str, Path)) else base.info.spec
+
+
+def with_adapter(base: Any, adapter: str | Path) -> Any:
+    """`base` (a model spec, or a loaded LocalModel) with the adapter folder applied."""
+    if isinstance(base, (str, Path)):
+        from clinqa.adapt import load_predictor
+
+        return load_predictor(f"{base}+lora:{adapter}")
+    return base.load_adapter(adapter)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord],
+                    questions: Sequence[RecordQuestion], out: str | Path, config: StagesConfig | None = None, *,
+                    progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train the stage adapters into `out` (resumable: finished adapters are reused, a killed one resumes)
+    and tune the stage-1 threshold; returns and writes `out/stages.json`:
+    {"mode", "base", "stage1": adapter folder, "stage2": adapter folder, "threshold", "tuning", ...}."""
+    config = config or StagesConfig()
+    out = Path(out)
+    if not questions:
+        raise ClinqaError("no training questions")
+    by_patient = _by_patient(records)
+    missing = sorted({q.patient_id for q in questions} - set(by_patient))
+    if missing:
+        raise ClinqaError(f"no record for patient(s) {', '.join(missing[:3])}: pass the records the training questions were made from")
+    train_q, tune_q = _held_out(questions, config.tune_fraction, config.seed, config.max_tune)
+    ex1 = stage_examples(by_patient, train_q, 1, negatives=config.negatives, seed=config.seed)
+    ex2 = stage_examples(by_patient, train_q, 2, distractors=config.distractors, seed=config.seed)
+
+    def train(name: str, examples: list[TextExample], **kw) -> AdapterResult:
+        def report(step: int, total: int, loss: float | None) -> None:
+            if progress:
+                progress(name, step, total)
+
+        return finetune(base, examples, config.lora, out / name, progress=report, **kw)
+
+    t0 = time.perf_counter()
+    results: dict[str, AdapterResult] = {}
+    if config.mode == "multitask":
+        results["stage1"] = results["stage2"] = train("multitask", ex1 + ex2)
+    else:
+        results["stage1"] = train("stage1", ex1)
+        if config.mode == "sequential":
+            results["stage2"] = train("stage2-after-stage1", ex2, init_adapter=results["stage1"].path)
+        else:
+            results["stage2"] = train("stage2", ex2)
+
+    tuning: dict[str, Any] = {"threshold": 0.5, "questions": 0}
+    if tune_q:
+        key = [[q.id for q in tune_q], str(results["stage1"].path)]
+        previous = [st["tuning"] for st in _all_stages(out) if st.get("tuning", {}).get("key") == key]
+        if previous:  # the same stage-1 adapter was tuned on the same questions (an earlier run, or another mode)
+            tuning = previous[0]
+        else:
+            selector = LLMSelector(with_adapter(base, results["stage1"].path))
+            tuning = {**tune_threshold(selector, selection_examples(by_patient, tune_q)), "questions": len(tune_q), "key": key}
+    stages = {
+        "format": 1, "mode": config.mode, "base": _spec(base),
+        "stage1": str(results["stage1"].path), "stage2": str(results["stage2"].path),
+        "threshold": tuning["threshold"], "tuning": tuning,
+        "n_questions": len(train_q), "n_tune_questions": len(tune_q),
+        "n_examples": {"stage1": len(ex1), "stage2": len(ex2)},
+        "train_seconds": {k: r.metadata.get("train_seconds") for k, r in results.items()},
+        "config": {**asdict(config), "lora": config.lora.to_dict()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    _write_json(out / f"stages-{config.mode}.json", stages)
+    _write_json(out / STAGES_FILE, stages)
+    return stages
+
+
+def _all_stages(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(f.read_text()) for f in sorted(out.glob("stages*.json"))] if out.is_dir() else []
+
+
+def read_stages(path: str | Path) -> dict[str, Any]:
+    """The `stages.json` of a folder written by `finetune_stages` (the folder or the file itself)."""
+    path = Path(path)
+    f = path / STAGES_FILE if path.is_dir() else path
+    if not f.is_file():
+        raise ClinqaError(f"{path} has no {STAGES_FILE}: train the stages with `clinqa records finetune` first")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise ClinqaError(f"{f} is not valid JSON: {exc}") from exc
+
+
+def stage_models(stages: Mapping[str, Any], base: Any = None) -> tuple[Any, Any]:
+    """(stage-1 model, stage-2 model) of trained stages on `base` (a spec or a LocalModel; default: the
+    spec they were trained on)."""
+    base = base if base is not None else stages["base"]
+    return with_adapter(base, stages["stage1"]), with_adapter(base, stages["stage2"])
+
+
+# ----------------------------------------------------------------------------------- stage 1 alone
+
+
+def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord],
+                       questions: Sequence[RecordQuestion], *, out: str | Path | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Stage-1 precision/recall/F1 of `selector` without generating answers (the forgetting experiment
+    needs only this). With `out` (a JSONL file) each question's selection is appended as it is made and
+    a re-run skips the questions already there."""
+    by_patient = _by_patient(records)
+    lines = _LineCache(by_patient)
+    rows: dict[str, dict[str, Any]] = {}
+    path = Path(out) if out else None
+    if path and path.exists():
+        rows = {r["question_id"]: r for r in read_appended(path, json.loads, corrupt="corrupt selection line; delete the file and re-run")}
+    todo = [q for q in questions if q.id not in rows]
+    if progress:
+        progress(len(questions) - len(todo), len(questions))
+    for q in todo:
+        record = by_patient[q.patient_id]
+        picked, tokens = _run_selector(selector, q.question, lines[q.patient_id])
+        ids = [s.id for s in picked]
+        row = {"question_id": q.id, "qtype": q.qtype, "selected": ids, "relevant_ids": list(q.relevant_ids), "tokens": tokens,
+               "types": {rid: _resource_type(record, rid) for rid in set(ids) | set(q.relevant_ids)}}
+        rows[q.id] = row
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if progress:
+            progress(len(questions) - len(todo) + todo.index(q) + 1, len(questions))
+    picked_rows = [rows[q.id] for q in questions]
+    return stage1_metrics([r["selected"] for r in picked_rows], [r["relevant_ids"] for r in picked_rows],
+                          qtypes=[r["qtype"] for r in picked_rows], types=[r["types"] for r in picked_rows])
+
+
+def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord], questions: Sequence[RecordQuestion],
+               stages_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Stage-1 F1 on `questions` of the stage-1 adapter before and after stage-2 training continued it
+    (a "sequential" stages folder), both at the tuned threshold; written to `stages_dir/forgetting.json`."""
+    stages_dir = Path(stages_dir)
+    stages = read_stages(stages_dir)
+    if stages["mode"] != "sequential":
+        raise ClinqaError(f"{stages_dir} was trained in mode {stages['mode']!r}; the forgetting experiment needs --mode sequential")
+    out: dict[str, Any] = {"threshold": stages["threshold"], "n_questions": len(questions)}
+    for name, adapter in (("before", stages["stage1"]), ("after", stages["stage2"])):
+        selector = LLMSelector(with_adapter(base, adapter), threshold=stages["threshold"])
+        out[name] = evaluate_selection(selector, records, questions, out=stages_dir / f"selection-{name}.jsonl",
+                                       progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
+    out["f1_drop"] = out["before"]["micro"]["f1"] - out["after"]["micro"]["f1"]
+    _write_json(stages_dir / "forgetting.json", out)
+    return out
+
+
+# ----------------------------------------------------------------------------------- size sweep
+
+
+def size_sweep(base: Any, train_records, train_questions: Sequence[RecordQuestion], test_records,
+               test_questions: Sequence[RecordQuestion], sizes: Sequence[int | None], out: str | Path,
+               config: StagesConfig | None = None, *, progress: Progress | None = None,
+               max_new_tokens: int = 64) -> list[dict[str, Any]]:  # fmt: skip
+    """Train the stages on the first n training questions for each n in `sizes` (None: all) and evaluate
+    each pair of adapters on the test questions; returns (and writes to out/sweep.json, with a plot
+    out/sweep.png) one row per size: stage-1 F1, METEOR, ROUGE-L, exact match, abstention. Every
+    training and evaluation is resumable, so a killed sweep continues where it stopped."""
+    out = Path(out)
+    rows = []
+    for size in sizes:
+        n = len(train_questions) if size is None else min(int(size), len(train_questions))
+        folder = out / f"n{n}"
+        stages = finetune_stages(base, train_records, list(train_questions)[:n], folder / "adapters", config, progress=progress)
+        stage1, stage2 = stage_models(stages, base)
+        selector = LLMSelector(stage1, threshold=stages["threshold"])
+        summary = evaluate_records(stage2, test_records, test_questions, selector=selector, out=folder / "run",
+                                   max_new_tokens=max_new_tokens,
+                                   progress=(lambda d, t, n=n: progress(f"eval n={n}", d, t)) if progress else None)
+        s2m = {k: v for k, v in summary["stage2"].items() if k != "by_qtype"}
+        rows.append({"n_questions": n, "n_examples": stages["n_examples"], "threshold": stages["threshold"],
+                     "stage1_f1": summary["stage1"]["micro"]["f1"], "stage2": s2m,
+                     "train_seconds": stages["train_seconds"]})
+        _write_json(out / "sweep.json", {"sizes": [r["n_questions"] for r in rows], "rows": rows})
+    _plot_sweep(rows, out / "sweep.png")
+    return rows
+
+
+def _plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["n_questions"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(xs, [r["stage1_f1"] for r in rows], "o-", label="stage-1 F1")
+    for key, label in (("meteor", "stage-2 METEOR"), ("rouge_l", "stage-2 ROUGE-L")):
+        ys = [r["stage2"].get(key) for r in rows]
+        if all(y is not None for y in ys):
+            ax.plot(xs, ys, "s--", label=label)
+    ax.set_xlabel("training questions")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["MODES", "STAGES_FILE", "StagesConfig", "evaluate_selection", "finetune_stages", "forgetting", "read_stages",
+           "size_sweep", "stage_examples", "stage_models", "with_adapter"]  # fmt: skip

@@ -1,0 +1,193 @@
+"""Fine-tuning the record stages (clinqa.records.train) on a tiny random Llama: the examples, the three
+modes, the tuned threshold, the forgetting experiment and the size sweep, each resumable."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+
+import pytest
+
+from clinqa.adapt.lora import LoraTrainConfig
+from clinqa.errors import ClinqaError
+from clinqa.models.base import GenerationConfig
+from clinqa.records.fhir import record_from_bundle
+from clinqa.records.pipeline import ANSWER_SYSTEM, LLMSelector, select_prompt
+from clinqa.records.questions import generate_questions
+from clinqa.records.render import render_record
+from clinqa.records.synth import synthesize_patients
+from clinqa.records.train import (StagesConfig, evaluate_selection, finetune_stages, forgetting, read_stages, size_sweep,
+                                  stage_examples)
+
+NOW = date(2025, 1, 1)
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return [record_from_bundle(b, source=f"synthetic-{i}") for i, b in enumerate(synthesize_patients(2, seed=3, now=NOW))]
+
+
+@pytest.fixture(scope="module")
+def questions(records):
+    return [q for r in records for q in generate_questions(r, now=NOW, seed=0, per_type=1)]
+
+
+def tiny_config(mode: str = "separate", **kw) -> StagesConfig:
+    lora = LoraTrainConfig(rank=4, alpha=8, epochs=1, patience=None, batch_size=8, max_length=256, learning_rate=1e-2,
+                           val_fraction=0.2, warmup_fraction=0.0)
+    return StagesConfig(mode=mode, lora=lora, negatives=1, distractors=1, **kw)
+
+
+def test_stage_examples_match_the_inference_prompts(records, questions):
+    ex1 = stage_examples(records, questions, 1, negatives=2)
+    by_q = {q.id: q for q in questions}
+    lines = {rid: text for r in records for rid, text in render_record(r)}
+    for e in ex1:
+        qid, rid = e.id.split("|")
+        assert e.prompt == select_prompt(by_q[qid].question, lines[rid]) and not e.chat  # LLMSelector's very prompt
+        assert e.target == (" yes" if rid in by_q[qid].relevant_ids else " no")
+    assert {e.target for e in ex1} == {" yes", " no"}
+    ex2 = stage_examples(records, questions, 2)
+    assert len(ex2) == len(questions) and all(e.chat and e.system == ANSWER_SYSTEM for e in ex2)
+    unanswerable = next(e for e in ex2 if by_q[e.id].qtype == "unanswerable")
+    assert unanswerable.target == "Not in the record."
+    with pytest.raises(ClinqaError, match="stage must be 1 or 2"):
+        stage_examples(records, questions, 3)
+
+
+def test_bad_config_and_missing_records(records, questions, tiny_predictor, tmp_path):
+    with pytest.raises(ClinqaError, match="mode = 'joint'"):
+        StagesConfig(mode="joint")
+    with pytest.raises(ClinqaError, match="no record for patient"):
+        finetune_stages(tiny_predictor, records[:1], questions, tmp_path / "x", tiny_config())
+    with pytest.raises(ClinqaError, match="records finetune"):
+        read_stages(tmp_path)
+
+
+def test_separate_stages_train_tune_and_reuse(records, questions, tiny_predictor, tmp_path):
+    stages = finetune_stages(tiny_predictor, records, questions, tmp_path / "sep", tiny_config())
+    assert read_stages(tmp_path / "sep") == json.loads(json.dumps(stages))
+    assert stages["stage1"].endswith("stage1") and stages["stage2"].endswith("stage2")
+    meta1 = json.loads((tmp_path / "sep/stage1/clinqa_adapter.json").read_text())
+    meta2 = json.loads((tmp_path / "sep/stage2/clinqa_adapter.json").read_text())
+    assert meta1["specialties"] == ["stage1"] and meta2["specialties"] == ["stage2"] and meta2["init_adapter"] is None
+    # the tuning questions are held out of both stages' training data
+    assert stages["n_tune_questions"] >= 1 and stages["n_questions"] + stages["n_tune_questions"] == len(questions)
+    trained_q = {i.split("|")[0] for i in meta1["train_ids"] + meta1["val_ids"]}
+    assert len(trained_q) == stages["n_questions"]  # every training question has pairs (at least its negatives)
+    assert len({q.id for q in questions} - trained_q) == stages["n_tune_questions"]
+    assert 0.0 <= stages["threshold"] <= 1.0 and 0.0 <= stages["tuning"]["f1"] <= 1.0
+    # a second call trains nothing and keeps the tuned threshold
+    again = finetune_stages(tiny_predictor, records, questions, tmp_path / "sep", tiny_config())
+    assert again["threshold"] == stages["threshold"] and again["tuning"] == stages["tuning"]
+
+
+def test_sequential_continues_stage1_and_measures_forgetting(records, questions, tiny_predictor, tmp_path):
+    stages = finetune_stages(tiny_predictor, records, questions, tmp_path / "seq", tiny_config("sequential"))
+    meta2 = json.loads((tmp_path / "seq/stage2-after-stage1/clinqa_adapter.json").read_text())
+    assert meta2["init_adapter"]["path"] == stages["stage1"]
+    test_q = questions[:3]
+    result = forgetting(tiny_predictor, records, test_q, tmp_path / "seq")
+    assert set(result) >= {"before", "after", "f1_drop", "threshold"}
+    assert result["f1_drop"] == pytest.approx(result["before"]["micro"]["f1"] - result["after"]["micro"]["f1"])
+    assert json.loads((tmp_path / "seq/forgetting.json").read_text())["f1_drop"] == pytest.approx(result["f1_drop"])
+    lines = (tmp_path / "seq/selection-before.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    # resumable: a second run reads the selections instead of scoring again
+    assert forgetting(tiny_predictor, records, test_q, tmp_path / "seq")["before"] == result["before"]
+    assert (tmp_path / "seq/selection-before.jsonl").read_text().splitlines() == lines
+    with pytest.raises(ClinqaError, match="needs --mode sequential"):
+        sep = finetune_stages(tiny_predictor, records, questions, tmp_path / "sep1", tiny_config(tune_fraction=0.0))
+        assert sep["threshold"] == 0.5
+        forgetting(tiny_predictor, records, test_q, tmp_path / "sep1")
+
+
+def test_multitask_is_one_adapter_for_both_stages(records, questions, tiny_predictor, tmp_path):
+    stages = finetune_stages(tiny_predictor, records, questions, tmp_path / "mt", tiny_config("multitask", tune_fraction=0.0))
+    assert stages["stage1"] == stages["stage2"] and stages["stage1"].endswith("multitask")
+    meta = json.loads((tmp_path / "mt/multitask/clinqa_adapter.json").read_text())
+    assert sorted(meta["specialties"]) == ["stage1", "stage2"]
+    assert meta["n_train"] + meta["n_val"] == stages["n_examples"]["stage1"] + stages["n_examples"]["stage2"]
+
+
+def test_evaluate_selection_matches_the_selector(records, questions, tiny_predictor, tmp_path):
+    selector = LLMSelector(tiny_predictor, threshold=0.5)
+    qs = questions[:2]
+    m = evaluate_selection(selector, records, qs, out=tmp_path / "sel.jsonl")
+    lines = {r.patient_id: render_record(r) for r in records}
+    tp = fp = fn = 0
+    for q in qs:
+        picked = {s.id for s in selector.select(q.question, lines[q.patient_id])}
+        rel = set(q.relevant_ids)
+        tp, fp, fn = tp + len(picked & rel), fp + len(picked - rel), fn + len(rel - picked)
+    assert (m["micro"]["tp"], m["micro"]["fp"], m["micro"]["fn"]) == (tp, fp, fn)
+
+
+def test_size_sweep_writes_curves(records, questions, tiny_predictor, tmp_path):
+    train_q = [q for q in questions if q.patient_id == records[0].patient_id]
+    test_q = [q for q in questions if q.patient_id == records[1].patient_id][:2]
+    rows = size_sweep(tiny_predictor, records, train_q, records, test_q, [4, None], tmp_path / "sw",
+                      tiny_config(tune_fraction=0.0), max_new_tokens=8)
+    assert [r["n_questions"] for r in rows] == [4, len(train_q)]
+    assert rows[0]["n_examples"]["stage2"] < rows[1]["n_examples"]["stage2"]
+    for r in rows:
+        assert 0.0 <= r["stage1_f1"] <= 1.0 and r["stage2"]["n"] == 2
+    saved = json.loads((tmp_path / "sw/sweep.json").read_text())
+    assert saved["sizes"] == [4, len(train_q)]
+    assert (tmp_path / "sw/sweep.png").stat().st_size > 1000
+    assert (tmp_path / f"sw/n{len(train_q)}/run/records.jsonl").is_file()
+
+
+def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
+    """The commands a user runs, end to end, on a tiny random Llama saved as a model folder."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from clinqa.cli import app
+    from clinqa.records.questions import write_questions
+    from clinqa.records.synth import write_patients
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+    from conftest import tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    write_patients(tmp_path / "pts", synthesize_patients(2, seed=3, now=NOW))
+    train_q = [q for q in questions if q.patient_id == records[0].patient_id]
+    test_q = [q for q in questions if q.patient_id == records[1].patient_id][:2]
+    write_questions(tmp_path / "train.jsonl", train_q)
+    write_questions(tmp_path / "test.jsonl", test_q)
+    runner = CliRunner()
+    common = ["--records", str(tmp_path / "pts"), "--epochs", "1", "--rank", "4", "--max-length", "256"]
+    r = runner.invoke(app, ["records", "finetune", str(model_dir), str(tmp_path / "train.jsonl"), *common, "--sequential",
+                            "--test", str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output
+    assert "stage-1 micro F1 on 2 test questions: before stage 2" in r.output
+    assert (tmp_path / "ft/stages-sequential.json").is_file() and (tmp_path / "ft/forgetting.json").is_file()
+    r = runner.invoke(app, ["records", "eval", str(model_dir), str(tmp_path / "test.jsonl"), "--records", str(tmp_path / "pts"),
+                            "--adapters", str(tmp_path / "ft"), "--max-new-tokens", "8", "--no-meteor", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    stages = json.loads((tmp_path / "ft/stages.json").read_text())
+    assert summary["selector"]["kind"] == "llm" and summary["selector"]["threshold"] == stages["threshold"]
+    assert summary["model"].endswith("+lora:" + stages["stage2"]) and summary["n"] == 2
+    r = runner.invoke(app, ["records", "sweep", str(model_dir), str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"), *common,
+                            "--sizes", "3,full", "--max-new-tokens", "8", "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 0, r.output
+    assert "sweep.json" in r.output and (tmp_path / "sw/sweep.png").is_file()
+    assert json.loads((tmp_path / "sw/sweep.json").read_text())["sizes"] == [3, len(train_q)]
+    r = runner.invoke(app, ["records", "sweep", str(model_dir), "a", "b", "--records", "x", "--sizes", "ten", "--out", "y"])
+    assert isinstance(r.exception, ClinqaError) and "--sizes 'ten'" in str(r.exception)
