@@ -162,6 +162,8 @@ def compare_cmd(
     limit: Optional[int] = typer.Option(None),
     specialty: List[str] = typer.Option([], "--specialty"),
     seed: int = typer.Option(0),
+    part: Optional[str] = typer.Option(None, "--part", help="only part K/N of the questions (every N-th per specialty), e.g. 1/2 "
+                                       "when vectors/adapters were built on 0/2"),
 ) -> None:
     """Run every adaptation method on the same questions and shuffles: one table with CIs, paired tests and cost."""
     from clinqa.evaluate import EvalConfig, load_data
@@ -170,7 +172,7 @@ def compare_cmd(
     # a method list may contain '@a=1,b=2' parameters: split on commas that start a new method
     names = [m for m in re.split(r",(?=\s*(?:base|prompt:|lora:|steer:|rag:))", methods) if m.strip()]
     cfg = CompareConfig(model=model, data=data, methods=tuple(m.strip() for m in names), method=method, shuffles=shuffles,
-                        seed=seed, limit=limit, specialties=tuple(specialty))
+                        seed=seed, limit=limit, specialties=tuple(specialty), part=part)
     questions, _ = load_data(EvalConfig(model=model, data=data, limit=limit, specialties=tuple(specialty)))
     with progress_bar("compare") as update:
         summary = compare(cfg, questions, out, load=load_predictor, progress=lambda m, d, t: update(d, t, m))
@@ -351,22 +353,31 @@ def steer_build(
     max_pairs: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     gguf: bool = typer.Option(False, help="also export llama.cpp's control-vector GGUF"),
+    part: Optional[str] = typer.Option(None, "--part", help="only part K/N of the questions (every N-th per specialty): build on 0/2, evaluate on 1/2"),
+    router: str = typer.Option("embed", "--router", help="with --by: router features, embed | hidden | embed+hidden"),
+    router_layer: Optional[int] = typer.Option(None, help="hidden-state layer for the router (default: the last steering layer)"),
+    router_c: Optional[float] = typer.Option(None, "--router-c", help="router regularisation (default: chosen by 5-fold CV)"),
+    coverage: float = typer.Option(0.9, help="router: route about this share of questions, the rest unsteered"),
+    threshold: Optional[float] = typer.Option(None, help="router: a fixed top-probability cut instead of --coverage"),
 ) -> None:
     """Build a steering vector (or one per category plus a router); use it as MODEL+steer:OUT@alpha=A."""
     from clinqa.adapt.steering import SteeringConfig, build_steering_vector
     from clinqa.data.loaders import load_questions
+    from clinqa.experiments.compare import question_part
 
     cfg = SteeringConfig(layers=_int_list(layers), position=position, aggregator=aggregator, max_pairs=max_pairs, seed=seed)
-    questions = load_questions(data).questions
+    questions = question_part(load_questions(data).questions, part)
+    data = f"{data} (part {part})" if part else data
     predictor = load_predictor(model)
     with progress_bar("steering pairs") as update:
         if by:
             from clinqa.adapt.router import build_category_vectors
 
-            index = build_category_vectors(predictor, questions, by, cfg, out, progress=update, data=data)
+            options = {"mode": router, "layer": router_layer, "C": router_c, "coverage": coverage, "threshold": threshold}
+            index = build_category_vectors(predictor, questions, by, cfg, out, progress=update, router=options, data=data)
             console.print_json(data=index)
             return
-        vector = build_steering_vector(predictor, questions, cfg, progress=update)
+        vector = build_steering_vector(predictor, questions, cfg, progress=update, data=data)
     vector.save(out)
     if gguf:
         vector.export_gguf(out / "control_vector.gguf")
@@ -385,13 +396,15 @@ def steer_sweep(
     shuffles: int = typer.Option(1),
     limit: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
+    part: Optional[str] = typer.Option(None, "--part", help="only part K/N of the questions, e.g. 1/2 when the vector was built on 0/2"),
 ) -> None:
     """Accuracy for every (layer, alpha) with the per-question flip rates (wrong→right and right→wrong)."""
     from clinqa.adapt.steering import SteeringVector, sweep
     from clinqa.data.loaders import load_questions
+    from clinqa.experiments.compare import question_part
 
     vec = SteeringVector.load(vector)
-    questions = load_questions(data, limit=limit).questions
+    questions = question_part(load_questions(data, limit=limit).questions, part)
     predictor = load_predictor(model)
     with progress_bar("steer sweep") as update:
         result = sweep(predictor, questions, vec, _int_list(layers) or list(vec.layers),
@@ -607,13 +620,53 @@ def records_eval(
     console.print(f"run saved in [bold]{out}[/bold]")
 
 
-def _stages_config(mode: str, epochs: int, learning_rate: float, rank: int, batch_size: int, max_length: int, seed: int):
+@records_app.command("judge")
+def records_judge(
+    qa: Path = typer.Argument(..., help="the questions JSONL the runs answered"),
+    run: List[str] = typer.Option(..., "--run", help="NAME=RUN_FOLDER of a `records eval` run (repeatable); NAME is what a non-blind judge is told"),
+    judge: str = typer.Option("default", help="judge model spec (any backend, e.g. openai:URL#MODEL)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write every grade and the summary as JSON here"),
+    seed: int = typer.Option(0, help="seed of the blind mode's answer order"),
+) -> None:
+    """LLM-as-judge of record answers against the references, blind (systems hidden and shuffled) and non-blind."""
+    import json as _json
+
+    from clinqa.records.judge import compare_blind
+    from clinqa.records.questions import read_questions
+
+    systems = {}
+    for item in run:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ClinqaError(f"--run {item!r}: use NAME=RUN_FOLDER")
+        if not (Path(folder) / "run.json").is_file():
+            raise ClinqaError(f"--run {item!r}: {folder} is not a run folder (no run.json)")
+        systems[name] = folder
+    questions = read_questions(qa)
+    judge_model = load_predictor(judge)
+    with err.status(f"judging {len(systems)} systems x {len(questions)} questions, blind and non-blind ..."):
+        result = compare_blind(judge_model, questions, systems, seed=seed)
+    table = Table("system", "n", "blind grade", "non-blind grade", "non-blind − blind", "correct (blind)", "κ vs exact match (blind)")
+    fmt = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for name, r in result["systems"].items():
+        table.add_row(name, str(r["blind"]["n"]), fmt(r["blind"]["mean_expected"]), fmt(r["non_blind"]["mean_expected"]),
+                      fmt(r["difference"], 3), fmt(r["blind"]["correct_rate"]), fmt(r["kappa_blind"]["kappa"]))
+    console.print(table)
+    console.print("grades 0-4 (expected grade under the judge's distribution); correct = grade >= 3")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(_json.dumps({"judge": judge, **result}, indent=2, default=str))
+        console.print(f"grades in [bold]{out}[/bold]")
+
+
+def _stages_config(mode: str, epochs: int, learning_rate: float, rank: int, batch_size: int, max_length: int, seed: int,
+                   tune_questions: int = 8):
     from clinqa.adapt.lora import LoraTrainConfig
     from clinqa.records.train import StagesConfig
 
     lora = LoraTrainConfig(rank=rank, alpha=16, epochs=epochs, patience=1, learning_rate=learning_rate, batch_size=batch_size,
                            max_length=max_length, seed=seed)
-    return StagesConfig(mode=mode, lora=lora, seed=seed)
+    return StagesConfig(mode=mode, lora=lora, seed=seed, max_tune=tune_questions, tune_fraction=0.1 if tune_questions else 0.0)
 
 
 def _records_and_questions(qa: Path, records: str, limit: int | None = None):
@@ -644,6 +697,7 @@ def records_finetune(
     rank: int = typer.Option(16),
     batch_size: int = typer.Option(4),
     max_length: int = typer.Option(768, help="tokens per training example (a stage-2 prompt holds several record lines)"),
+    tune_questions: int = typer.Option(8, help="training questions held out to tune the stage-1 threshold (0: use 0.5)"),
     seed: int = typer.Option(0),
 ) -> None:
     """LoRA fine-tuning of both record stages (stage 1 relevant yes/no, stage 2 cited answers); tunes the stage-1 threshold."""
@@ -651,7 +705,7 @@ def records_finetune(
 
     mode = "sequential" if sequential else mode
     recs, questions = _records_and_questions(qa, records, limit)
-    cfg = _stages_config(mode, epochs, learning_rate, rank, batch_size, max_length, seed)
+    cfg = _stages_config(mode, epochs, learning_rate, rank, batch_size, max_length, seed, tune_questions)
     base = load_predictor(model)
     with progress_bar("records finetune") as update:
         stages = finetune_stages(base, recs, questions, out, cfg, progress=_stage_progress(update))

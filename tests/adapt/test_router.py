@@ -101,9 +101,9 @@ def test_binary_router_matches_sklearn():
     from sklearn.linear_model import LogisticRegression
 
     texts, labels = flat({k: TRAIN[k] for k in ("cardiology", "psychiatry")})
-    r = Router("embed").fit(texts, labels, holdout=0)
+    r = Router("embed", C=0.1, threshold=0.0).fit(texts, labels, holdout=0)
     X = r.features(texts)
-    clf = LogisticRegression(C=r.C, max_iter=2000, random_state=0).fit((X - r.mean) / r.scale, [r.classes.index(y) for y in labels])
+    clf = LogisticRegression(C=0.1, max_iter=2000, random_state=0).fit((X - r.mean) / r.scale, [r.classes.index(y) for y in labels])
     np.testing.assert_allclose(r.probabilities(texts), clf.predict_proba((X - r.mean) / r.scale), atol=1e-10)
     assert r.route(texts) == labels
 
@@ -120,6 +120,52 @@ def test_hidden_state_router(tmp_path, tiny_predictor):
         Router.load(tmp_path / "h")
     with pytest.raises(ClinqaError, match="needs the model"):
         Router("hidden")
+
+
+def test_router_chooses_C_and_threshold_by_cross_validation(tmp_path):
+    from clinqa.adapt.router import C_GRID
+
+    texts, labels = flat(TRAIN)
+    r = Router("embed", coverage=0.5).fit(texts, labels, holdout=0)
+    assert r.C is None and r.C_used in C_GRID
+    y = np.array([r.classes.index(x) for x in labels])
+    X = r.features(texts)
+    oof = {C: r._out_of_fold(X, y, C) for C in C_GRID}
+    assert (oof[r.C_used].argmax(1) == y).mean() == max((P.argmax(1) == y).mean() for P in oof.values())
+    conf = oof[r.C_used].max(1)  # the threshold routes half of the out-of-fold texts
+    assert (conf >= r.threshold).mean() >= 0.5 > (conf > r.threshold).mean()
+    back = Router.load(r.save(tmp_path / "cv"))
+    assert back.threshold == r.threshold and back.C_used == r.C_used
+    assert json.loads((tmp_path / "cv" / "router.json").read_text())["C_by_cv"] is True
+    with pytest.raises(ClinqaError, match="2\\+ texts per category"):
+        Router().fit(texts + ["Wheeze and a prolonged expiratory phase."], labels + ["respiratory"], holdout=0)
+    assert Router(C=0.1, threshold=0.5).fit(texts + ["Wheeze."], labels + ["respiratory"], holdout=0).C_used == 0.1
+
+
+def test_router_metrics_confusion_and_accuracy_at_coverage(router):
+    texts, labels = flat(TEST)
+    m = router.evaluate(texts, labels)
+    confusion = np.array(m["confusion"])
+    assert confusion.sum() == len(texts) and confusion.sum(1).tolist() == [4, 4, 4]
+    assert np.trace(confusion) / len(texts) == m["routing_accuracy"] == m["accuracy_at_coverage"]["1.0"]
+    assert set(m["accuracy_at_coverage"]) == {"1.0", "0.9", "0.75", "0.5"}
+    assert router.metrics["confusion"] and router.metrics["n_test"] == 6
+
+
+def test_embed_plus_hidden_router_balances_the_two_blocks(tmp_path, tiny_predictor):
+    data = {"numbers": ["one two three", "four five six", "seven eight nine", "ten eleven twelve"] * 2,
+            "colours": ["red green blue", "yellow purple pink", "orange brown black", "white grey cyan"] * 2}
+    r = Router("embed+hidden", layer=1, predictor=tiny_predictor).fit(*flat(data), holdout=0)
+    X = r.features(["one two three"])
+    hidden = X.shape[1] - 384
+    assert r._dims == [384, hidden]
+    z = (r.features(flat(data)[0]) - r.mean) / r.scale  # each block carries the same total variance
+    np.testing.assert_allclose(z[:, :384].var(0).sum(), z[:, 384:].var(0).sum(), rtol=0.02)
+    assert r.route(["one two three", "red green blue"]) == ["numbers", "colours"]
+    back = Router.load(r.save(tmp_path / "eh"), predictor=tiny_predictor)
+    np.testing.assert_allclose(back.probabilities(["four five six"]), r.probabilities(["four five six"]))
+    with pytest.raises(ClinqaError, match="needs the model"):
+        Router("embed+hidden", layer=1)
 
 
 def test_category_vectors_folder_and_routed_predictor(tmp_path, tiny_predictor):

@@ -303,6 +303,16 @@ def test_sweep_grid_flips_files_and_resume(tmp_path, tiny_predictor, vector, que
         sweep(tiny_predictor, questions[:5], vector, [1], [1.0], out=out)
 
 
+def test_sweep_markdown_gives_mcnemar_p():
+    from clinqa.adapt.steering import SweepResult
+
+    rows = [{"layer": 1, "alpha": 2.0, "accuracy": 0.6, "wrong_to_right": 0.1, "right_to_wrong": 0.0, "n": 100},
+            {"layer": 1, "alpha": 0.0, "accuracy": 0.5, "wrong_to_right": 0.0, "right_to_wrong": 0.0, "n": 100}]
+    md = SweepResult(base_accuracy=0.5, n=100, rows=rows).markdown().splitlines()
+    assert md[2].endswith("| p |")
+    assert md[4].endswith("| 0.00 |") and md[5].endswith("| 1.00 |")  # 10 gained, 0 lost: p = 2/1024
+
+
 # --------------------------------------------------------------------------- statement metrics
 
 

@@ -30,3 +30,28 @@ def test_compare_runs_every_method_on_the_same_questions(tiny_predictor, tmp_pat
     # resumable: a second call recomputes nothing and gives the same table
     again = compare(cfg, qs(), tmp_path / "exp", load=load)
     assert json.dumps(again["methods"]["base"]["summary"], default=str) == json.dumps(summary["methods"]["base"]["summary"], default=str)
+
+
+def test_question_part_is_a_disjoint_stratified_split():
+    import pytest
+
+    from clinqa.errors import ClinqaError
+    from clinqa.experiments.compare import question_part
+
+    questions = qs(9)  # neurology q0,q2,q4,q6,q8; cardiology q1,q3,q5,q7
+    a, b = question_part(questions, "0/2"), question_part(questions, "1/2")
+    assert [q.id for q in a] == ["q0", "q1", "q4", "q5", "q8"] and [q.id for q in b] == ["q2", "q3", "q6", "q7"]
+    assert question_part(questions, None) == questions
+    thirds = [question_part(questions, f"{k}/3") for k in range(3)]
+    assert sorted(q.id for t in thirds for q in t) == sorted(q.id for q in questions)
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(ClinqaError, match="K/N"):
+            question_part(questions, bad)
+
+
+def test_compare_on_a_part_records_it(tiny_predictor, tmp_path):
+    cfg = CompareConfig(model="tiny", data="test", methods=("base",), part="1/2")
+    summary = compare(cfg, qs(), tmp_path / "exp", load=lambda spec: tiny_predictor)
+    assert summary["methods"]["base"]["summary"]["n_questions"] == 4
+    run = json.loads((tmp_path / "exp" / "base" / "run.json").read_text())
+    assert run["config"]["extra"] == {"part": "1/2"}

@@ -184,6 +184,15 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
     stages = json.loads((tmp_path / "ft/stages.json").read_text())
     assert summary["selector"]["kind"] == "llm" and summary["selector"]["threshold"] == stages["threshold"]
     assert summary["model"].endswith("+lora:" + stages["stage2"]) and summary["n"] == 2
+    r = runner.invoke(app, ["records", "judge", str(tmp_path / "test.jsonl"), "--run", f"tuned={tmp_path / 'run'}", "--run",
+                            f"again={tmp_path / 'run'}", "--judge", str(model_dir), "--out", str(tmp_path / "judge.json")])
+    assert r.exit_code == 0, r.output
+    judged = json.loads((tmp_path / "judge.json").read_text())
+    assert set(judged["systems"]) == {"tuned", "again"} and len(judged["blind"]["grades"]) == 4
+    # the same answers judged blind get the same grades whichever name they carry
+    assert judged["systems"]["tuned"]["blind"]["mean_expected"] == pytest.approx(judged["systems"]["again"]["blind"]["mean_expected"])
+    r = runner.invoke(app, ["records", "judge", str(tmp_path / "test.jsonl"), "--run", "nofolder", "--judge", str(model_dir)])
+    assert isinstance(r.exception, ClinqaError) and "NAME=RUN_FOLDER" in str(r.exception)
     r = runner.invoke(app, ["records", "sweep", str(model_dir), str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"), *common,
                             "--sizes", "3,full", "--max-new-tokens", "8", "--out", str(tmp_path / "sw")])
     assert r.exit_code == 0, r.output

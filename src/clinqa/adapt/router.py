@@ -1,10 +1,12 @@
 """Per-category steering: one vector per specialty (or any meta key) and a router choosing one.
 
-The router is a multinomial logistic regression on features of the question stem, either the
-bundled MiniLM sentence embeddings ("embed", the default: cheap and model-independent) or the
-steered model's own mean hidden state at a layer ("hidden"). Below a confidence threshold it
-returns None and the question is answered unsteered: a wrong vector is worse than none.
-Coefficients are saved as JSON (no pickle), with the held-out routing accuracy measured at fit.
+The router is a multinomial logistic regression on features of the question stem: the bundled
+MiniLM sentence embeddings ("embed", the default: cheap and model-independent), the steered model's
+own mean hidden state at a layer ("hidden"), or both side by side ("embed+hidden"). C is chosen by
+cross-validation on the training texts. When the top probability is below a threshold (by default
+set so that about 90% of training texts are routed) it returns None and the question is answered
+unsteered: a wrong vector is worse than none. Coefficients are saved as JSON (no pickle), with
+held-out routing metrics (accuracy, coverage, accuracy of the most confident shares, confusion).
 
 A category folder written by `build_category_vectors`:
 
@@ -31,7 +33,9 @@ from clinqa.evaluate.prompts import GENERATE_INSTRUCTION
 
 ROUTER_FORMAT = "clinqa.steering_router"
 INDEX_FORMAT = "clinqa.steering_categories"
-MODES = ("embed", "hidden")
+MODES = ("embed", "hidden", "embed+hidden")
+C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # searched by CV when C is None
+CV_FOLDS = 5
 _OPTION_LINE = re.compile(r"^[A-Z][.)] ")
 
 
@@ -50,46 +54,94 @@ def question_from_prompt(prompt: str) -> str:
 
 
 class Router:
-    """Pick a category for each text, or None when the classifier is not confident enough."""
+    """Pick a category for each text, or None when the classifier is not confident enough.
 
-    def __init__(self, mode: str = "embed", *, threshold: float = 0.5, layer: int | None = None, predictor: Any = None,
-                 C: float = 0.1, seed: int = 0):
+    `C=None` chooses the regularisation by stratified 5-fold CV on the training texts (small data
+    wants strong regularisation, and the best strength differs between feature sets). Abstaining:
+    a fixed probability `threshold`, or (threshold=None) one set at fit so that about `coverage` of
+    the training texts are routed, judged on out-of-fold probabilities -- a probability cut alone
+    means little, since it moves with C.
+    """
+
+    def __init__(self, mode: str = "embed", *, threshold: float | None = None, coverage: float = 0.9,
+                 layer: int | None = None, predictor: Any = None, C: float | None = None, seed: int = 0):
         if mode not in MODES:
             raise ClinqaError(f"unknown router mode {mode!r}: use one of {', '.join(MODES)}")
-        if mode == "hidden" and (predictor is None or layer is None):
+        if "hidden" in mode and (predictor is None or layer is None):
             raise ClinqaError("a hidden-state router needs the model (predictor=) and a layer")
-        self.mode, self.threshold, self.layer, self.predictor, self.C, self.seed = mode, float(threshold), layer, predictor, C, seed
+        if not 0 < coverage <= 1:
+            raise ClinqaError(f"coverage must be in (0, 1], got {coverage}")
+        self.mode, self.layer, self.predictor, self.C, self.coverage, self.seed = mode, layer, predictor, C, coverage, seed
+        self.threshold = None if threshold is None else float(threshold)
+        self.fixed_threshold = threshold is not None
         self.classes: list[str] = []
         self.coef = self.intercept = self.mean = self.scale = None
-        self.metrics: dict[str, Any] = {}  # held-out routing_accuracy, coverage, routed_accuracy, n_train, n_test
-        self.model: dict[str, str] = {}  # hidden mode: the model the features come from
+        self.C_used: float | None = C
+        self.metrics: dict[str, Any] = {}  # held-out routing_accuracy, coverage, routed_accuracy, confusion, ...
+        self.model: dict[str, str] = {}  # hidden modes: the model the features come from
+        self._dims: list[int] = []
 
     @property
     def routing_accuracy(self) -> float | None:
         return self.metrics.get("routing_accuracy")
 
     def features(self, texts: Sequence[str]) -> np.ndarray:
-        if self.mode == "embed":
+        """MiniLM embeddings and/or the mean hidden state at `layer`, side by side."""
+        blocks = []
+        if "embed" in self.mode:
             from clinqa.specialties.embed import embed_texts
 
-            return embed_texts(list(texts)).astype(np.float64)
-        states = self.predictor.hidden_states(list(texts), [self.layer])
-        return np.stack([s[0].mean(0) for s in states]).astype(np.float64)
+            blocks.append(embed_texts(list(texts)).astype(np.float64))
+        if "hidden" in self.mode:
+            states = self.predictor.hidden_states(list(texts), [self.layer])
+            blocks.append(np.stack([s[0].mean(0) for s in states]).astype(np.float64))
+        self._dims = [b.shape[1] for b in blocks]
+        return np.hstack(blocks)
 
-    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+    def _train(self, X: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, ...]:
+        """(coef, intercept, mean, scale). Features are z-scored, and each block of a concatenation
+        scaled to the same total variance so the wider one does not dominate."""
         from sklearn.linear_model import LogisticRegression
 
-        self.mean, self.scale = X.mean(0), X.std(0) + 1e-6
-        clf = LogisticRegression(C=self.C, max_iter=2000, random_state=self.seed).fit((X - self.mean) / self.scale, y)
-        self.coef, self.intercept = clf.coef_, clf.intercept_
+        weight = np.concatenate([np.full(d, np.sqrt(len(self._dims) * d / sum(self._dims))) for d in self._dims])
+        mean, scale = X.mean(0), (X.std(0) + 1e-6) * weight
+        clf = LogisticRegression(C=C, max_iter=3000, random_state=self.seed).fit((X - mean) / scale, y)
+        return clf.coef_, clf.intercept_, mean, scale
 
-    def _proba(self, X: np.ndarray) -> np.ndarray:
-        z = ((X - self.mean) / self.scale) @ self.coef.T + self.intercept
+    @staticmethod
+    def _proba_of(params: tuple[np.ndarray, ...], X: np.ndarray) -> np.ndarray:
+        coef, intercept, mean, scale = params
+        z = ((X - mean) / scale) @ coef.T + intercept
         if z.shape[1] == 1:  # binary logistic regression: one column for the second class
             p = 1.0 / (1.0 + np.exp(-z[:, 0]))
             return np.stack([1 - p, p], axis=1)
         e = np.exp(z - z.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        return self._proba_of((self.coef, self.intercept, self.mean, self.scale), X)
+
+    def _out_of_fold(self, X: np.ndarray, y: np.ndarray, C: float) -> np.ndarray:
+        """Probabilities for each training text from a model fitted without its fold (stratified k-fold)."""
+        from sklearn.model_selection import StratifiedKFold
+
+        P = np.zeros((len(y), len(self.classes)))
+        folds = StratifiedKFold(min(CV_FOLDS, int(np.bincount(y).min())), shuffle=True, random_state=self.seed)
+        for tr, te in folds.split(X, y):
+            P[te] = self._proba_of(self._train(X[tr], y[tr], C), X[te])
+        return P
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        cv = self.C is None or not self.fixed_threshold
+        if cv and np.bincount(y, minlength=len(self.classes)).min() < 2:
+            raise ClinqaError("choosing C or the threshold by cross-validation needs 2+ texts per category: "
+                              "pass C= and threshold=")
+        oof = {C: self._out_of_fold(X, y, C) for C in ((self.C,) if self.C is not None else C_GRID)} if cv else {}
+        self.C_used = self.C if self.C is not None else max(oof, key=lambda c: (oof[c].argmax(1) == y).mean())
+        if not self.fixed_threshold:  # the top probability that about `coverage` of the texts reach
+            conf = np.sort(oof[self.C_used].max(1))[::-1]
+            self.threshold = float(conf[max(0, int(np.ceil(self.coverage * len(conf))) - 1)])
+        self.coef, self.intercept, self.mean, self.scale = self._train(X, y, self.C_used)
 
     def _decide(self, P: np.ndarray) -> list[str | None]:
         best = P.argmax(1)
@@ -97,7 +149,8 @@ class Router:
 
     def fit(self, texts: Sequence[str], labels: Sequence[str], *, holdout: float = 0.25) -> "Router":
         """Fit on (text, category) examples. With `holdout` > 0, first fit on a seeded stratified
-        split and store held-out metrics in `metrics`, then refit on everything."""
+        split (C and threshold chosen inside it) and store held-out metrics in `metrics`, then
+        refit on everything."""
         labels = [str(x) for x in labels]
         if len(texts) != len(labels):
             raise ClinqaError(f"{len(texts)} texts but {len(labels)} labels")
@@ -119,19 +172,26 @@ class Router:
         else:
             self.metrics = {"routing_accuracy": None, "n_test": 0, "n_train": len(y)}
         self._fit(X, y)
-        if self.mode == "hidden":
+        if "hidden" in self.mode:
             self.model = {"name": self.predictor.info.name, "sha256": weights_hash(self.predictor)}
         return self
 
     def _score(self, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         P = self._proba(X)
         hit = P.argmax(1) == y
-        covered = P.max(1) >= self.threshold
+        conf = P.max(1)
+        covered = conf >= self.threshold
+        ranked = hit[np.argsort(-conf, kind="stable")]
         return {"routing_accuracy": float(hit.mean()), "coverage": float(covered.mean()),
-                "routed_accuracy": float(hit[covered].mean()) if covered.any() else None, "n_test": int(len(y))}
+                "routed_accuracy": float(hit[covered].mean()) if covered.any() else None, "n_test": int(len(y)),
+                "accuracy_at_coverage": {str(c): float(ranked[: max(1, int(round(c * len(y))))].mean())
+                                         for c in (1.0, 0.9, 0.75, 0.5)},
+                "confusion": np.bincount(y * len(self.classes) + P.argmax(1), minlength=len(self.classes) ** 2)
+                .reshape(len(self.classes), -1).tolist(), "C": self.C_used, "threshold": self.threshold}
 
     def evaluate(self, texts: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
-        """Accuracy of the top choice, share routed (above threshold), accuracy among routed."""
+        """Accuracy of the top choice, share routed (above threshold), accuracy among routed, accuracy
+        of the most confident shares, and the confusion matrix (rows: true category, in `classes` order)."""
         unknown = set(labels) - set(self.classes)
         if unknown:
             raise ClinqaError(f"labels {sorted(unknown)} are not router categories {self.classes}")
@@ -151,10 +211,11 @@ class Router:
         from clinqa.specialties.embed import embedding_model_name
 
         doc = {"format": ROUTER_FORMAT, "version": 1, "mode": self.mode, "threshold": self.threshold, "layer": self.layer,
-               "embedding_model": embedding_model_name() if self.mode == "embed" else None, "model": self.model,
-               "C": self.C, "seed": self.seed, "classes": self.classes, "coef": np.asarray(self.coef).tolist(),
-               "intercept": np.asarray(self.intercept).tolist(), "mean": np.asarray(self.mean).tolist(),
-               "scale": np.asarray(self.scale).tolist(), "metrics": self.metrics}
+               "coverage": None if self.fixed_threshold else self.coverage,
+               "embedding_model": embedding_model_name() if "embed" in self.mode else None, "model": self.model,
+               "C": self.C_used, "C_by_cv": self.C is None, "seed": self.seed, "classes": self.classes,
+               "coef": np.asarray(self.coef).tolist(), "intercept": np.asarray(self.intercept).tolist(),
+               "mean": np.asarray(self.mean).tolist(), "scale": np.asarray(self.scale).tolist(), "metrics": self.metrics}
         (path / "router.json").write_text(json.dumps(doc) + "\n")
         return path
 
@@ -167,7 +228,7 @@ class Router:
         doc = json.loads(file.read_text())
         if doc.get("format") != ROUTER_FORMAT:
             raise ClinqaError(f"{file} is not a clinqa steering router")
-        if doc["mode"] == "hidden" and predictor is None:
+        if "hidden" in doc["mode"] and predictor is None:
             raise ClinqaError(f"{file} routes on hidden states: load it with the model (predictor=)")
         r = cls(doc["mode"], threshold=doc["threshold"], layer=doc["layer"], predictor=predictor, C=doc["C"], seed=doc["seed"])
         r.classes, r.metrics, r.model = doc["classes"], doc["metrics"], doc.get("model") or {}
@@ -189,11 +250,12 @@ def _folder(category: str) -> str:
 
 
 def build_category_vectors(predictor: Any, questions: Sequence[Question], by: str, config: SteeringConfig | None,
-                           out_dir: str | Path, progress: Progress | None = None, *, router_mode: str = "embed",
-                           router_layer: int | None = None, threshold: float = 0.5, min_questions: int = 4,
-                           holdout: float = 0.25, data: str | None = None) -> dict[str, Any]:
+                           out_dir: str | Path, progress: Progress | None = None, *, router: dict[str, Any] | None = None,
+                           min_questions: int = 4, holdout: float = 0.25, data: str | None = None) -> dict[str, Any]:
     """One steering vector per category (questions grouped by `by`) plus a router; returns the index
-    written to `out_dir/vectors.json`. Categories with fewer than `min_questions` are skipped."""
+    written to `out_dir/vectors.json`. Categories with fewer than `min_questions` are skipped.
+    `router`: Router keyword arguments (mode, layer, C, threshold, coverage); a hidden-state router
+    reads the last steering layer unless told otherwise."""
     config = config or SteeringConfig()
     out = Path(out_dir)
     groups: dict[str, list[Question]] = {}
@@ -224,17 +286,19 @@ def build_category_vectors(predictor: Any, questions: Sequence[Question], by: st
                         "best_layer": vec.best_layer, "probe_accuracy": {str(k): v for k, v in vec.probe_accuracy.items()}}
     from clinqa.specialties.embed import question_text
 
-    if router_mode == "hidden" and router_layer is None:
-        router_layer = resolve_layers(predictor, config.layers)[-1]
-    router = Router(router_mode, threshold=threshold, layer=router_layer, predictor=predictor, seed=config.seed)
+    options = {"mode": "embed", "seed": config.seed, **(router or {})}
+    if "hidden" in options["mode"] and options.get("layer") is None:
+        options["layer"] = resolve_layers(predictor, config.layers)[-1]
+    routing = Router(predictor=predictor, **options)
     texts = [question_text(q) for qs in kept.values() for q in qs]
-    router.fit(texts, [c for c, qs in kept.items() for _ in qs], holdout=holdout)
-    router.save(out / "router")
+    routing.fit(texts, [c for c, qs in kept.items() for _ in qs], holdout=holdout)
+    routing.save(out / "router")
     index = {"format": INDEX_FORMAT, "version": 1, "by": by, "data": data,
              "model": {"name": vec.model_name, "sha256": vec.model_hash},
              "config": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(config).items()},
              "categories": entries, "skipped": skipped,
-             "router": {"path": "router", "mode": router.mode, "threshold": router.threshold, **router.metrics}}
+             "router": {"path": "router", "mode": routing.mode, "layer": routing.layer, **routing.metrics,
+                        "C": routing.C_used, "threshold": routing.threshold}}
     (out / "vectors.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
 

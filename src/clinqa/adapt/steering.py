@@ -563,11 +563,17 @@ class SweepResult:
         return max(self.rows, key=lambda r: (r["accuracy"], -abs(r["alpha"])))
 
     def markdown(self) -> str:
+        """The grid as a table; p is McNemar's exact test against the unsteered answers (uncorrected for
+        the number of cells, so expect about one cell in twenty below 0.05 by chance)."""
+        from scipy.stats import binomtest
+
         lines = [f"Unsteered accuracy {self.base_accuracy:.3f} (n={self.n})", "",
-                 "| layer | alpha | accuracy | Δ | wrong→right | right→wrong |", "|---:|---:|---:|---:|---:|---:|"]
+                 "| layer | alpha | accuracy | Δ | wrong→right | right→wrong | p |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in self.rows:
+            gained, lost = round(r["wrong_to_right"] * r["n"]), round(r["right_to_wrong"] * r["n"])
+            p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
             lines.append(f"| {r['layer']} | {r['alpha']:g} | {r['accuracy']:.3f} | {r['accuracy'] - self.base_accuracy:+.3f} "
-                         f"| {r['wrong_to_right']:.3f} | {r['right_to_wrong']:.3f} |")
+                         f"| {r['wrong_to_right']:.3f} | {r['right_to_wrong']:.3f} | {p:.2f} |")
         return "\n".join(lines) + "\n"
 
 

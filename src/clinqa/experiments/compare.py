@@ -30,7 +30,29 @@ class CompareConfig:
     seed: int = 0
     limit: int | None = None
     specialties: tuple[str, ...] = ()
+    part: str | None = None  # "K/N": only that part of the questions (see question_part)
     extra: dict = field(default_factory=dict)
+
+
+def question_part(questions: Sequence[Question], part: str | None) -> list[Question]:
+    """Part K of N (`part="K/N"`, K in 0..N-1): every N-th question within each primary specialty.
+
+    Parts are disjoint, stratified and fixed by the file order, so a vector, router or adapter built
+    on `0/2` can be evaluated honestly on `1/2` of the same data."""
+    if not part:
+        return list(questions)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", part)
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise ClinqaError(f"part {part!r}: use K/N with 0 <= K < N, e.g. 0/2 for one half and 1/2 for the other")
+    k, n = int(m[1]), int(m[2])
+    seen: dict[str, int] = {}
+    out = []
+    for q in questions:
+        group = q.specialties[0] if q.specialties else ""
+        if seen.get(group, 0) % n == k:
+            out.append(q)
+        seen[group] = seen.get(group, 0) + 1
+    return out
 
 
 def method_spec(model: str, method: str) -> str:
@@ -52,6 +74,9 @@ def compare(config: CompareConfig, questions: Sequence[Question], out: str | Pat
             progress: Callable[[str, int, int], None] | None = None) -> dict:
     if "base" not in config.methods:
         raise ClinqaError("--methods must include 'base': every method is compared against it")
+    questions = question_part(questions, config.part)
+    if not questions:
+        raise ClinqaError(f"no questions in part {config.part} of {config.data}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -60,7 +85,7 @@ def compare(config: CompareConfig, questions: Sequence[Question], out: str | Pat
         spec = method_spec(config.model, method)
         predictor = load(spec)
         ev = EvalConfig(model=spec, data=config.data, method=config.method, shuffles=config.shuffles, seed=config.seed,
-                        limit=config.limit, specialties=config.specialties)
+                        limit=config.limit, specialties=config.specialties, extra={"part": config.part} if config.part else {})
         run = evaluate(predictor, questions, ev, out / slug(method),
                        progress=(lambda d, t, m=method: progress(m, d, t)) if progress else None)
         samples = run.samples()
