@@ -57,6 +57,29 @@ def test_next_token_logprobs_matches_direct(tiny_predictor):
         np.testing.assert_allclose(row, direct_next_token(tiny_predictor, ctx, cands), atol=1e-3)
 
 
+def test_shared_prefix_next_token_matches_direct(tiny_predictor, monkeypatch):
+    from clinqa.models import local
+
+    prefix = "Question: What was the latest heart rate?\nPatient record entry:\n"
+    suffixes = [f"<<<Observation {i}: heart rate {60 + 7 * i} /min{' (final)' * (i % 3)}>>>\nNeeded? Answer:" for i in range(11)]
+    cands = [" yes", " no"]
+    monkeypatch.setattr(local, "MAX_BATCH_TOKENS", 96)  # several batches
+    got = tiny_predictor.next_token_logprobs_shared(prefix, suffixes, cands)
+    assert got.shape == (11, 2)
+    for row, suf in zip(got, suffixes):
+        np.testing.assert_allclose(row, direct_next_token(tiny_predictor, prefix + suf, cands), atol=1e-3)
+    # a prefix that does not tokenise on its own (no clean boundary) takes the unshared path, same answers
+    unshared = []
+    plain = tiny_predictor._next_token_logprobs
+    monkeypatch.setattr(tiny_predictor, "_next_token_logprobs", lambda ctxs, c: unshared.append(ctxs) or plain(ctxs, c))
+    odd = tiny_predictor.next_token_logprobs_shared("Question: hea", ["rt rate?", "lth?"], cands)
+    assert unshared == [["Question: heart rate?", "Question: health?"]]
+    np.testing.assert_allclose(odd, plain(["Question: heart rate?", "Question: health?"], cands), atol=1e-5)
+    tiny_predictor.next_token_logprobs_shared(prefix, suffixes[:2], cands)
+    assert len(unshared) == 1  # a clean boundary is shared
+    assert tiny_predictor.next_token_logprobs_shared(prefix, [], cands).shape == (0, 2)
+
+
 def test_encode_pair_moves_trailing_space(tiny_predictor):
     ctx, cont = tiny_predictor.encode_pair("Answer: ", "A")
     ctx2, cont2 = tiny_predictor.encode_pair("Answer:", " A")

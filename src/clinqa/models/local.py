@@ -12,6 +12,7 @@ Two decisions make it fast and still equal to lm-evaluation-harness:
 from __future__ import annotations
 
 import contextvars
+import copy
 import os
 import threading
 from contextlib import contextmanager
@@ -204,6 +205,12 @@ class LocalModel:
         with self._adapter_scope():
             return self._score_continuations(groups)
 
+    def next_token_logprobs_shared(self, prefix: str, suffixes: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        """`next_token_logprobs([prefix + s for s in suffixes], candidates)` with the prefix computed once
+        per packed sequence: the record stage-1 selector asks one question about hundreds of lines."""
+        with self._adapter_scope():
+            return self._next_token_logprobs_shared(prefix, suffixes, candidates)
+
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None) -> list[str]:
         with self._adapter_scope():
             return self._generate(prompts, config)
@@ -243,6 +250,41 @@ class LocalModel:
             logits = self._lm_head(hidden[torch.arange(len(batch)), last]).float()
             logprobs = torch.log_softmax(logits, dim=-1)[:, cand_ids]
             out[batch] = logprobs.double().numpy()
+        return out
+
+    @torch.inference_mode()
+    def _next_token_logprobs_shared(self, prefix: str, suffixes: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+        # The prefix runs once into a KV cache; the suffixes run in right-padded batches on copies of it
+        # (positions continue from the prefix), so each costs only its own tokens. The token ids fed
+        # are exactly the unshared path's: prefix + suffix must tokenise as the prefix's tokens then more.
+        if not suffixes:
+            return np.zeros((0, len(candidates)), dtype=np.float64)
+        cand_ids = self.candidate_token_ids(prefix + suffixes[0], candidates)
+        wholes = [self.encode(prefix + s) for s in suffixes]
+        ctx = self.encode(prefix.rstrip())
+        if not ctx or any(w[: len(ctx)] != ctx or len(w) == len(ctx) for w in wholes) or max(map(len, wholes)) > self.max_length:
+            # the prefix does not tokenise on its own (a merge across the boundary), or a text is too long
+            return self._next_token_logprobs([prefix + s for s in suffixes], candidates)
+        c = len(ctx)
+        tails = [w[c:] for w in wholes]
+        with _steer_start(torch.tensor([c])):  # the unshared path steers only the last token: never the prefix
+            cache = self._decoder(input_ids=torch.tensor([ctx]), use_cache=True).past_key_values
+        out = np.zeros((len(suffixes), len(candidates)), dtype=np.float64)
+        for batch in length_batches([len(t) for t in tails]):
+            width = len(tails[batch[0]])
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            last = torch.empty(len(batch), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(tails[i])] = torch.tensor(tails[i])
+                last[row] = len(tails[i]) - 1
+            kv = copy.deepcopy(cache)
+            kv.batch_repeat_interleave(len(batch))
+            pos = torch.arange(c, c + width).expand(len(batch), width)
+            with _steer_start(last.clone()):  # right padding: causal attention never lets a real token see a pad
+                hidden = self._decoder(input_ids=ids, past_key_values=kv, position_ids=pos, use_cache=True,
+                                       attention_mask=torch.ones((len(batch), c + width), dtype=torch.long)).last_hidden_state
+            logits = self._lm_head(hidden[torch.arange(len(batch)), last]).float()
+            out[batch] = torch.log_softmax(logits, dim=-1)[:, cand_ids].double().numpy()
         return out
 
     @torch.inference_mode()

@@ -232,9 +232,18 @@ class LLMSelector:
 
     def _scores(self, question: str, lines: Sequence[Line]) -> tuple[list[float], int]:
         prompts = self.prompts(question, lines)
+        # the question comes first, so a backend that can share it computes it once per packed batch
+        shared = getattr(self.predictor, "next_token_logprobs_shared", None)
+        cut = prompts[0].find("<<<") if prompts else -1
+        prefix = prompts[0][:cut] if cut > 0 else ""
         scores: list[float] = []
         for start in range(0, len(prompts), self.chunk):
-            lp = np.asarray(self.predictor.next_token_logprobs(prompts[start:start + self.chunk], [YES, NO]), dtype=np.float64)
+            chunk = prompts[start:start + self.chunk]
+            if shared is not None and prefix and all(p.startswith(prefix) for p in chunk):
+                lp = shared(prefix, [p[len(prefix):] for p in chunk], [YES, NO])
+            else:
+                lp = self.predictor.next_token_logprobs(chunk, [YES, NO])
+            lp = np.asarray(lp, dtype=np.float64)
             scores += (1.0 / (1.0 + np.exp(lp[:, 1] - lp[:, 0]))).tolist()
         return scores, sum(count_tokens(self.predictor, prompts))
 
