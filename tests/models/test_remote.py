@@ -8,7 +8,7 @@ import pytest
 
 from clinqa.errors import ClinqaError
 from clinqa.models.base import GenerationConfig
-from clinqa.models.remote import OpenAIModel
+from clinqa.models.remote import ABSENT_LOGPROB, OpenAIModel
 
 
 def handler(request: httpx.Request) -> httpx.Response:
@@ -23,6 +23,9 @@ def handler(request: httpx.Request) -> httpx.Response:
             "tokens": ["Ctx", ":", " yes", "!"], "text_offset": [0, 3, 4, 8],
             "token_logprobs": [None, -1.0, -0.5, -2.0],
             "top_logprobs": [None, {":": -1.0}, {" yes": -0.5, " no": -1.5}, {"!": -2.0}]}}]})
+    if body.get("prompt") == "Ctx:":  # the alignment check's plain next-token request
+        return httpx.Response(200, json={"choices": [{"text": " yes", "logprobs": {
+            "tokens": [" yes"], "token_logprobs": [-0.5], "top_logprobs": [{" yes": -0.5, " no": -1.5}]}}]})
     return httpx.Response(200, json={"choices": [{"text": " A", "logprobs": {
         "tokens": [" A"], "token_logprobs": [-0.2], "top_logprobs": [{" A": -0.2, " B": -1.9, "C": -3.0}]}}]})
 
@@ -42,10 +45,37 @@ def test_continuation_logprob_from_echo(model):
     assert s.logprob == pytest.approx(-0.5) and s.n_tokens == 1 and s.greedy
 
 
+def test_shifted_echo_logprobs_are_refused():
+    """llama-cpp-python without a BOS token reports each prompt token's log-prob one position late."""
+    def shifted(request):
+        body = json.loads(request.content or b"{}")
+        if body.get("echo"):
+            return httpx.Response(200, json={"choices": [{"text": body["prompt"], "logprobs": {
+                "tokens": ["Ctx", ":", " yes"], "text_offset": [0, 3, 4], "token_logprobs": [None, -7.0, -6.0],
+                "top_logprobs": [None, {" yes": -0.5, ":": -7.0}, {"\n": -0.1, " yes": -6.0}]}}]})
+        return handler(request)
+
+    m = OpenAIModel("http://server/v1", "m", client=httpx.Client(transport=httpx.MockTransport(shifted)))
+    with pytest.raises(ClinqaError, match="shifted by one token"):
+        m.score_continuations([("Ctx:", [" yes"])])
+
+
 def test_next_token_candidates_from_top_logprobs(model):
     lp = model.next_token_logprobs(["Q\nAnswer:"], [" A", " B", " C", " D"])
     np.testing.assert_allclose(lp[0, :3], [-0.2, -1.9, -3.0])
-    assert lp[0, 3] == -np.inf
+    assert lp[0, 3] == ABSENT_LOGPROB  # finite: samples.jsonl is JSON
+
+
+def test_next_token_retries_past_end_of_sequence():
+    """llama-cpp-python returns no log-probs when the greedy token is EOS; min_tokens=1 gets them."""
+    def eos_first(request):
+        if json.loads(request.content or b"{}").get("min_tokens"):
+            return handler(request)
+        return httpx.Response(200, json={"choices": [{"text": "", "finish_reason": "stop", "logprobs": {
+            "tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}}]})
+
+    m = OpenAIModel("http://server/v1", "m", client=httpx.Client(transport=httpx.MockTransport(eos_first)))
+    assert m.next_token_logprobs(["Q\nAnswer:"], [" A"])[0, 0] == pytest.approx(-0.2)
 
 
 def test_chat_generation(model):

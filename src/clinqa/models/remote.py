@@ -1,13 +1,13 @@
 """OpenAI-compatible backend (vLLM, llama.cpp server, any /v1/completions server).
 
 Log-likelihoods come from the completions API with `echo` and `logprobs` where the server gives them
-(vLLM does); next-token scoring reads the top log-probabilities of one generated token. Hidden
-states never leave a server, so steering needs a local backend.
+(vLLM does; a one-time check refuses servers that shift them by a token, as llama-cpp-python does for
+models without a BOS token); next-token scoring reads the top log-probabilities of one generated
+token. Hidden states never leave a server, so steering needs a local backend.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import httpx
@@ -17,6 +17,9 @@ from clinqa.errors import ClinqaError
 from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
 
 TOP_LOGPROBS = 20
+# next_token_logprobs' value for a candidate outside the server's top-20: "practically zero", but finite,
+# because run files are JSON (no infinities) and a -inf score made samples.jsonl unreadable.
+ABSENT_LOGPROB = -1e4
 
 
 class OpenAIModel:
@@ -27,6 +30,7 @@ class OpenAIModel:
         self.client = client or httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         served = self._served_models(required=not model)
         self.model = model or served[0]
+        self._echo_checked = False
         self.info = ModelInfo(spec=spec or f"openai:{self.base_url}#{self.model}", backend="openai", name=self.model)
 
     def _post(self, path: str, payload: dict) -> dict:
@@ -71,6 +75,8 @@ class OpenAIModel:
                         "use --method generate with this server, or a vLLM server"
                     )
                 start, end = len(context), len(context) + len(cont)
+                if not self._echo_checked:
+                    self._check_echo_alignment(context, lp)
                 total, n, greedy = 0.0, 0, True
                 for k, (off, tlp) in enumerate(zip(offsets, token_lps)):
                     if off < start or off >= end or tlp is None:
@@ -83,13 +89,37 @@ class OpenAIModel:
             out.append(scores)
         return out
 
+    def _check_echo_alignment(self, context: str, echo: dict) -> None:
+        """Refuse a server whose prompt log-probabilities are shifted by one token, as llama-cpp-python's
+        are for models without a BOS token (abetlen/llama-cpp-python#1983): the echoed distribution at the
+        first continuation token must match the plain next-token distribution after the context."""
+        self._echo_checked = True
+        tops = echo.get("top_logprobs") or []
+        k = next((i for i, off in enumerate(echo["text_offset"]) if off >= len(context)), len(tops))
+        payload = {"model": self.model, "prompt": context, "max_tokens": 1, "temperature": 0, "logprobs": TOP_LOGPROBS}
+        plain = ((self._post("/completions", payload)["choices"][0].get("logprobs") or {}).get("top_logprobs") or [None])[0]
+        if k >= len(tops) or not tops[k] or not plain:
+            return  # nothing to compare: trust the server
+        tok, lp = echo["tokens"][k], echo["token_logprobs"][k]
+        same_top = abs(max(tops[k].values()) - max(plain.values())) <= 0.1
+        if not same_top or (tok in plain and lp is not None and abs(plain[tok] - lp) > 0.1):
+            raise ClinqaError(
+                f"{self.base_url} returns prompt log-probabilities shifted by one token (llama-cpp-python does this "
+                "for models without a BOS token): use --method letter or generate, or start the server with "
+                "--kv_overrides tokenizer.ggml.add_bos_token=bool:true"
+            )
+
     def next_token_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
-        """Candidates absent from the server's top-20 get -inf: an approximation, documented."""
-        out = np.full((len(contexts), len(candidates)), -math.inf)
+        """Candidates absent from the server's top-20 get ABSENT_LOGPROB: an approximation, documented."""
+        out = np.full((len(contexts), len(candidates)), ABSENT_LOGPROB)
         for i, ctx in enumerate(contexts):
             payload = {"model": self.model, "prompt": ctx, "max_tokens": 1, "temperature": 0, "logprobs": TOP_LOGPROBS}
             choice = self._post("/completions", payload)["choices"][0]
             top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]
+            if not top and not choice.get("text"):
+                # stopped at end-of-sequence, which llama-cpp-python reports without log-probs: force one token
+                choice = self._post("/completions", {**payload, "min_tokens": 1})["choices"][0]
+                top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]
             if not top:
                 raise ClinqaError(f"{self.base_url} returned no top log-probabilities: use --method generate with this server")
             for j, cand in enumerate(candidates):
