@@ -12,6 +12,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads: on a busy 2-core machine two threads wait on each other
+    for tens of milliseconds per op (15x slower). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def embedded_dir():
     from clinqa.models.embedded import embedded_model_dir

@@ -18,7 +18,7 @@ from clinqa.evaluate.prompts import cloze_prompt, letter_prompt
 from clinqa.models.spec import Modifier
 
 # LocalModel.load_adapter -> PeftModel.__init__ reads a deprecated transformers property
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 DRUGS = ["Aspirin", "Heparin", "Atropine", "Adenosine", "Amiodarone", "Digoxin", "Furosemide", "Metoprolol"]
 
@@ -34,15 +34,6 @@ def make_questions(n: int = 16, prefix: str = "q") -> list[Question]:
 
 # tiny and fast; a high rate because the adapter starts at zero and we only take a few steps
 FAST = dict(rank=8, alpha=16, dropout=0.1, learning_rate=3e-2, batch_size=4, max_length=48, val_fraction=0.25, warmup_fraction=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: threads only add synchronisation cost (and the machine is shared)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 _TRAINED: dict[str, object] = {}

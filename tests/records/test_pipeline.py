@@ -41,18 +41,7 @@ from clinqa.records.synth import synthesize_patients
 from clinqa.records.wordnet import wordnet_available
 
 NOW = date(2025, 1, 1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matrices are too small for threads: on a busy 2-core machine two threads wait on
-    each other for tens of milliseconds per op (15x slower). Restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

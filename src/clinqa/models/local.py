@@ -230,6 +230,13 @@ class LocalModel:
         """The decoder blocks, in order (block i produces hidden-state layer i + 1)."""
         return self._decoder.layers
 
+    def _right_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [n, longest] padded on the right, index of each row's last real token)."""
+        ids = torch.full((len(seqs), max(map(len, seqs))), self.pad_id, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+        return ids, torch.tensor([len(seq) - 1 for seq in seqs], dtype=torch.long)
+
     @torch.inference_mode()
     def _next_token_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
         if not contexts:
@@ -238,12 +245,7 @@ class LocalModel:
         encoded = [self.encode(c)[-self.max_length:] for c in contexts]
         out = np.zeros((len(contexts), len(candidates)), dtype=np.float64)
         for batch in length_batches([len(e) for e in encoded]):
-            width = len(encoded[batch[0]])
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            last = torch.empty(len(batch), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                last[row] = len(encoded[i]) - 1
+            ids, last = self._right_padded([encoded[i] for i in batch])
             # Right padding: causal attention never lets a real token see a pad, so no mask is needed.
             with _steer_start(last.clone()):
                 hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
@@ -271,12 +273,8 @@ class LocalModel:
             cache = self._decoder(input_ids=torch.tensor([ctx]), use_cache=True).past_key_values
         out = np.zeros((len(suffixes), len(candidates)), dtype=np.float64)
         for batch in length_batches([len(t) for t in tails]):
-            width = len(tails[batch[0]])
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            last = torch.empty(len(batch), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(tails[i])] = torch.tensor(tails[i])
-                last[row] = len(tails[i]) - 1
+            ids, last = self._right_padded([tails[i] for i in batch])
+            width = ids.shape[1]
             kv = copy.deepcopy(cache)
             kv.batch_repeat_interleave(len(batch))
             pos = torch.arange(c, c + width).expand(len(batch), width)
