@@ -140,6 +140,8 @@ def test_router_chooses_C_and_threshold_by_cross_validation(tmp_path):
     with pytest.raises(ClinqaError, match="2\\+ texts per category"):
         Router().fit(texts + ["Wheeze and a prolonged expiratory phase."], labels + ["respiratory"], holdout=0)
     assert Router(C=0.1, threshold=0.5).fit(texts + ["Wheeze."], labels + ["respiratory"], holdout=0).C_used == 0.1
+    small = Router().fit(texts + ["Wheeze.", "Stridor."], labels + ["respiratory"] * 2)  # too few to hold one out
+    assert small.metrics["n_test"] == 0 and small.classes[-1] == "respiratory"
 
 
 def test_router_metrics_confusion_and_accuracy_at_coverage(router):
@@ -186,6 +188,9 @@ def test_category_vectors_folder_and_routed_predictor(tmp_path, tiny_predictor):
 
     sp = apply_modifier(tiny_predictor, Modifier("steer", str(out), {"alpha": "3", "layer": "2"}))
     assert isinstance(sp, SteeredPredictor) and sp.routed
+    cost = sp.cost()  # one layer of each of 3 vectors, plus the router's weights; build and fit seconds
+    hidden = tiny_predictor.model.config.hidden_size
+    assert cost["extra_params"] == 3 * hidden + np.size(router.coef) + np.size(router.intercept) and cost["training_s"] > 0
     cardio, neuro = qs[0], qs[6]
     groups = [(cloze_prompt(q), [" " + v for v in q.options.values()]) for q in (cardio, neuro)]
     ann = sp.annotations(groups[0][0])["steer"]
@@ -203,3 +208,20 @@ def test_category_vectors_folder_and_routed_predictor(tmp_path, tiny_predictor):
                        torch.tensor([[s.logprob for s in g] for g in base]))
     with pytest.raises(ClinqaError, match="at least 2 categories"):
         build_category_vectors(tiny_predictor, qs, "topic", SteeringConfig(layers=[1]), tmp_path / "x")
+
+
+@pytest.mark.embedded
+def test_steer_build_command_per_specialty_on_a_part(tmp_path):
+    from typer.testing import CliRunner
+
+    from clinqa.cli import app
+
+    out = tmp_path / "by"
+    r = CliRunner().invoke(app, ["steer", "build", "default", "bundled", "--by", "specialty", "--part", "0/2", "--layers", "29",
+                                 "--max-pairs", "2", "--coverage", "0.8", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    index = json.loads((out / "vectors.json").read_text())
+    assert index["data"] == "bundled (part 0/2)" and all(c["n_questions"] == 17 for c in index["categories"].values())
+    router = index["router"]
+    assert router["mode"] == "embed" and router["n_train"] + router["n_test"] == 102 and len(router["confusion"]) == 6
+    assert json.loads((out / "router" / "router.json").read_text())["coverage"] == 0.8

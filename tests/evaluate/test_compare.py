@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from clinqa.adapt import apply_modifier
 from clinqa.data.schema import Question
 from clinqa.experiments.compare import CompareConfig, compare
@@ -33,8 +35,6 @@ def test_compare_runs_every_method_on_the_same_questions(tiny_predictor, tmp_pat
 
 
 def test_question_part_is_a_disjoint_stratified_split():
-    import pytest
-
     from clinqa.errors import ClinqaError
     from clinqa.experiments.compare import question_part
 
@@ -55,3 +55,16 @@ def test_compare_on_a_part_records_it(tiny_predictor, tmp_path):
     assert summary["methods"]["base"]["summary"]["n_questions"] == 4
     run = json.loads((tmp_path / "exp" / "base" / "run.json").read_text())
     assert run["config"]["extra"] == {"part": "1/2"}
+
+
+@pytest.mark.embedded
+def test_compare_command_part(tmp_path):
+    from typer.testing import CliRunner
+
+    from clinqa.cli import app
+
+    r = CliRunner().invoke(app, ["compare", "default", "bundled", "--methods", "base", "--limit", "8", "--part", "1/2",
+                                 "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "c" / "base" / "run.json").read_text())
+    assert run["counts"]["questions"] == 4 and run["config"]["extra"] == {"part": "1/2"}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -131,9 +132,14 @@ class Router:
             P[te] = self._proba_of(self._train(X[tr], y[tr], C), X[te])
         return P
 
+    @property
+    def _min_per_class(self) -> int:
+        """Texts each category needs: 2 when C or the threshold come from cross-validation."""
+        return 2 if self.C is None or not self.fixed_threshold else 1
+
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
-        cv = self.C is None or not self.fixed_threshold
-        if cv and np.bincount(y, minlength=len(self.classes)).min() < 2:
+        cv = self._min_per_class == 2
+        if np.bincount(y, minlength=len(self.classes)).min() < self._min_per_class:
             raise ClinqaError("choosing C or the threshold by cross-validation needs 2+ texts per category: "
                               "pass C= and threshold=")
         oof = {C: self._out_of_fold(X, y, C) for C in ((self.C,) if self.C is not None else C_GRID)} if cv else {}
@@ -151,6 +157,7 @@ class Router:
         """Fit on (text, category) examples. With `holdout` > 0, first fit on a seeded stratified
         split (C and threshold chosen inside it) and store held-out metrics in `metrics`, then
         refit on everything."""
+        started = time.perf_counter()
         labels = [str(x) for x in labels]
         if len(texts) != len(labels):
             raise ClinqaError(f"{len(texts)} texts but {len(labels)} labels")
@@ -166,12 +173,13 @@ class Router:
                 idx = rng.permutation(np.flatnonzero(y == c))
                 if len(idx) >= 2:
                     test[idx[: max(1, int(round(len(idx) * holdout)))]] = True
-        if test.any() and len(set(y[~test])) == len(self.classes):
+        if test.any() and np.bincount(y[~test], minlength=len(self.classes)).min() >= self._min_per_class:
             self._fit(X[~test], y[~test])
             self.metrics = {**self._score(X[test], y[test]), "n_train": int((~test).sum())}
         else:
             self.metrics = {"routing_accuracy": None, "n_test": 0, "n_train": len(y)}
         self._fit(X, y)
+        self.metrics["fit_seconds"] = round(time.perf_counter() - started, 3)
         if "hidden" in self.mode:
             self.model = {"name": self.predictor.info.name, "sha256": weights_hash(self.predictor)}
         return self

@@ -33,6 +33,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -208,6 +209,7 @@ def build_steering_vector(predictor: Any, questions: Sequence[Question], config:
                           progress: Progress | None = None, name: str = "steering", category: str | None = None,
                           data: str | None = None) -> "SteeringVector":
     """Extract a steering vector (right minus wrong answers) from labelled questions."""
+    started = time.perf_counter()
     model = _require_local(predictor)
     config = config or SteeringConfig()
     layers = resolve_layers(model, config.layers)
@@ -240,7 +242,7 @@ def build_steering_vector(predictor: Any, questions: Sequence[Question], config:
                         "\n".join(q.id for q in questions).encode()).hexdigest(),
                     "seed": config.seed, "max_pairs": config.max_pairs, "adapter": getattr(model, "adapter", None),
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "clinqa_version": __version__},
+                    "build_seconds": round(time.perf_counter() - started, 3), "clinqa_version": __version__},
     )
 
 
@@ -480,6 +482,19 @@ class SteeredPredictor:
                 for i, r in zip(idx, run(idx)):
                     out[i] = r
         return out
+
+    def cost(self) -> dict:
+        """For `compare`: the directions applied plus the router's weights as extra parameters, and the
+        seconds it took to build them (added to whatever the wrapped model, e.g. a LoRA view, reports)."""
+        inner = getattr(self.base, "cost", None)
+        cost = {"extra_params": 0, "training_s": 0.0, **(inner() if inner else {})}
+        vectors = list(self.vectors.values())
+        cost["extra_params"] += sum(v.directions[layer].numel() for v in vectors for layer in (self.steer_layers or v.layers))
+        cost["training_s"] += sum(float(v.provenance.get("build_seconds") or 0.0) for v in vectors)
+        if self.router is not None:
+            cost["extra_params"] += int(np.size(self.router.coef) + np.size(self.router.intercept))
+            cost["training_s"] += float(self.router.metrics.get("fit_seconds") or 0.0)
+        return cost
 
     # Predictor protocol
     def score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
