@@ -230,11 +230,14 @@ def finetune_cmd(
     batch_size: int = typer.Option(8),
     patience: int = typer.Option(2, help="early stopping: epochs without a lower validation loss"),
     prompt_format: str = typer.Option("cloze", help="cloze (matches --method option) or letter"),
+    part: Optional[str] = typer.Option(None, "--part", help="train on part K/N of the questions only (every N-th per specialty): "
+                                       "train on 0/2, compare on 1/2"),
     seed: int = typer.Option(0),
 ) -> None:
     """LoRA fine-tuning (loss on the answer only) on one specialty, several, or the control set."""
     from clinqa.adapt.lora import LoraTrainConfig, finetune
     from clinqa.data.loaders import load_questions
+    from clinqa.experiments.compare import question_part
     from clinqa.specialties.taxonomy import resolve_specialty
 
     cfg = LoraTrainConfig(rank=rank, alpha=alpha, dropout=dropout, epochs=epochs, patience=patience, learning_rate=learning_rate,
@@ -247,9 +250,12 @@ def finetune_cmd(
         questions = {s: [q for q in all_q if q.specialties and q.specialties[0] == s] for s in specs}
     else:
         questions = load_questions(data).questions
+    if part:
+        questions = ({s: question_part(qs, part) for s, qs in questions.items()} if isinstance(questions, dict)
+                     else question_part(questions, part))
     base = load_predictor(model)
     with progress_bar("finetune") as update:
-        result = finetune(base, questions, cfg, out, metadata={"control": control, "data": data},
+        result = finetune(base, questions, cfg, out, metadata={"control": control, "data": data, "part": part},
                           progress=lambda step, total, loss: update(step, total, f"loss {loss:.3f}" if loss is not None else ""))
     md = result.metadata
     console.print(f"adapter in [bold]{result.path}[/bold] ({'already trained' if result.cached else 'trained'}) · best epoch "

@@ -61,6 +61,7 @@ def test_generate_method_counts_unparseable(tmp_path):
     (["eval", "openai:http://127.0.0.1:9/v1#m", "bundled", "--method", "letter", "--limit", "1", "--out", "X"], "cannot reach http://127.0.0.1:9/v1"),
     (["eval", "default", "no_such_data.jsonl", "--out", "X"], "no such file or folder"),
     (["eval", "default+lora:", "bundled", "--out", "X"], "needs a target"),
+    (["finetune", "default", "bundled", "--part", "3/2", "--out", "X"], "part '3/2': use K/N"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, args, message):
     args = [a.replace("X", str(tmp_path / "out")) if a == "X" else a for a in args]

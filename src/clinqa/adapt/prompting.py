@@ -23,28 +23,37 @@ INSTRUCTIONS = {
 }
 
 
-def fewshot_block(k: int, seed: int = 0) -> str:
-    """k solved bundled clinical questions in the cloze format, one per specialty in turn."""
+def fewshot_examples(k: int, seed: int = 0) -> list[tuple[str, str]]:
+    """2k solved bundled clinical questions as (question text, cloze block): the first k are the
+    examples, the rest stand in for any of them that is the very question being asked."""
     import random
 
     from clinqa.data.loaders import load_questions
 
     qs = load_questions("bundled").questions
-    rng = random.Random(seed)
-    picked = rng.sample(qs, k)
-    return "".join(f"Question: {q.question.strip()}\nAnswer: {q.options[q.answer]}\n\n" for q in picked)
+    picked = random.Random(seed).sample(qs, min(2 * k, len(qs)))
+    return [(q.question.strip(), f"Question: {q.question.strip()}\nAnswer: {q.options[q.answer]}\n\n") for q in picked]
+
+
+def fewshot_block(k: int, seed: int = 0) -> str:
+    """k solved bundled clinical questions in the cloze format."""
+    return "".join(block for _, block in fewshot_examples(k, seed)[:k])
 
 
 class PromptPredictor:
-    def __init__(self, base, prefix: str, name: str):
+    def __init__(self, base, prefix: str, name: str, examples: Sequence[tuple[str, str]] = (), k: int = 0):
         self.base = base
         self.prefix = prefix
         self.info = ModelInfo(**{**base.info.__dict__, "spec": f"{base.info.spec}+prompt:{name}",
                                  "extra": {**base.info.extra, "prompt": name}})
-        self._examples = set()  # example question texts, so a question is never its own example
+        self._examples, self._k = list(examples), k  # few-shot: (question text, block); prefix holds the first k
 
     def _rewrite(self, text: str) -> str:
-        return self.prefix + text
+        if not any(q in text for q, _ in self._examples[: self._k]):
+            return self.prefix + text
+        # the question asked is one of the examples: never show a question its own answer
+        usable = [block for q, block in self._examples if q not in text]
+        return "".join(usable[: self._k]) + text
 
     def score_continuations(self, groups):
         return self.base.score_continuations([(self._rewrite(c), conts) for c, conts in groups])
@@ -74,7 +83,8 @@ def apply_modifier(predictor, modifier: Modifier) -> PromptPredictor:
         k = int(modifier.params.get("k", 3))
         if not 1 <= k <= 16:
             raise ClinqaError(f"prompt:fewshot@k={k}: k must be between 1 and 16")
-        return PromptPredictor(predictor, fewshot_block(k, int(modifier.params.get("seed", 0))), f"fewshot{k}")
+        examples = fewshot_examples(k, int(modifier.params.get("seed", 0)))
+        return PromptPredictor(predictor, "".join(b for _, b in examples[:k]), f"fewshot{k}", examples, k)
     path = Path(name)
     if path.is_file():
         return PromptPredictor(predictor, path.read_text().rstrip() + "\n\n", path.stem)
