@@ -601,6 +601,9 @@ def records_eval(
     adapters: Optional[Path] = typer.Option(None, help="fine-tuned stages from `records finetune`: MODEL is their base; "
                                             "stage 1 is the llm selector with the stage-1 adapter and its tuned threshold"),
     stage1_model: Optional[str] = typer.Option(None, help="model spec of the llm selector when it differs from MODEL"),
+    tune: Optional[Path] = typer.Option(None, help="validation questions JSONL: set the llm selector's threshold for the best "
+                                        "stage-1 F1 on them first"),
+    tune_records: Optional[str] = typer.Option(None, help="records of --tune (default: --records)"),
 ) -> None:
     """Stage-1 precision/recall/F1 and stage-2 METEOR, ROUGE-L, exact match, citation precision, abstention."""
     import json as _json
@@ -619,8 +622,18 @@ def records_eval(
         selector, threshold = "llm", stages["threshold"] if threshold is None else threshold
     predictor = load_predictor(model)
     stage1 = load_predictor(stage1_model) if stage1_model else predictor
+    chosen = _selector(selector, stage1, top_k, threshold)
+    if tune is not None:
+        from clinqa.records.pipeline import selection_examples, tune_threshold
+
+        if selector != "llm":
+            raise ClinqaError("--tune sets the llm selector's threshold: use it with --selector llm (or --adapters)")
+        trecs, tq = _records_and_questions(tune, tune_records or records)
+        with err.status(f"tuning the stage-1 threshold on {len(tq)} questions ..."):
+            tuned = tune_threshold(chosen, selection_examples(trecs, tq))
+        console.print(f"stage-1 threshold {tuned['threshold']:.4f}: F1 {tuned['f1']:.3f} on {len(tq)} tuning questions")
     with progress_bar(f"records · {selector}") as update:
-        summary = evaluate_records(predictor, recs, questions, selector=_selector(selector, stage1, top_k, threshold), out=out,
+        summary = evaluate_records(predictor, recs, questions, selector=chosen, out=out,
                                    progress=update, max_new_tokens=max_new_tokens, with_meteor=meteor)
     console.print_json(_json.dumps(summary, default=str))
     console.print(f"run saved in [bold]{out}[/bold]")

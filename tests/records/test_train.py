@@ -174,6 +174,12 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
     stages = json.loads((tmp_path / "ft/stages.json").read_text())
     assert summary["selector"]["kind"] == "llm" and summary["selector"]["threshold"] == stages["threshold"]
     assert summary["model"].endswith("+lora:" + stages["stage2"]) and summary["n"] == 2
+    r = runner.invoke(app, ["records", "eval", str(model_dir), str(tmp_path / "test.jsonl"), "--records", str(tmp_path / "pts"),
+                            "--selector", "llm", "--tune", str(tmp_path / "train.jsonl"), "--limit", "1", "--max-new-tokens", "4",
+                            "--no-meteor", "--out", str(tmp_path / "run-tuned")])
+    assert r.exit_code == 0, r.output
+    tuned = float(r.output.split("stage-1 threshold ")[1].split(":")[0])
+    assert json.loads((tmp_path / "run-tuned/summary.json").read_text())["selector"]["threshold"] == pytest.approx(tuned, abs=1e-4)
     r = runner.invoke(app, ["records", "judge", str(tmp_path / "test.jsonl"), "--run", f"tuned={tmp_path / 'run'}", "--run",
                             f"again={tmp_path / 'run'}", "--judge", str(model_dir), "--out", str(tmp_path / "judge.json")])
     assert r.exit_code == 0, r.output
