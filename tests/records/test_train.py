@@ -78,6 +78,11 @@ def test_separate_stages_train_tune_and_reuse(records, questions, tiny_predictor
     assert len(trained_q) == stages["n_questions"]  # every training question has pairs (at least its negatives)
     assert len({q.id for q in questions} - trained_q) == stages["n_tune_questions"]
     assert 0.0 <= stages["threshold"] <= 1.0 and 0.0 <= stages["tuning"]["f1"] <= 1.0
+    # a moved folder still finds its adapters
+    import shutil
+
+    shutil.copytree(tmp_path / "sep", tmp_path / "moved")
+    assert read_stages(tmp_path / "moved")["stage2"] == str(tmp_path / "moved" / "stage2")
     # a second call trains nothing and keeps the tuned threshold
     again = finetune_stages(tiny_predictor, records, questions, tmp_path / "sep", tiny_config())
     assert again["threshold"] == stages["threshold"] and again["tuning"] == stages["tuning"]

@@ -192,9 +192,14 @@ def read_stages(path: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise ClinqaError(f"{path} has no {STAGES_FILE}: train the stages with `clinqa records finetune` first")
     try:
-        return json.loads(f.read_text())
+        stages = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
         raise ClinqaError(f"{f} is not valid JSON: {exc}") from exc
+    for key in ("stage1", "stage2"):  # the adapters live beside stages.json: find them wherever the folder moved
+        if key not in stages:
+            raise ClinqaError(f"{f}: no {key!r} adapter named")
+        stages[key] = str(f.parent / Path(stages[key]).name)
+    return stages
 
 
 def stage_models(stages: Mapping[str, Any], base: Any = None) -> tuple[Any, Any]:
