@@ -608,12 +608,9 @@ def records_eval(
     """Stage-1 precision/recall/F1 and stage-2 METEOR, ROUGE-L, exact match, citation precision, abstention."""
     import json as _json
 
-    from clinqa.records.fhir import load_records
     from clinqa.records.pipeline import evaluate_records
-    from clinqa.records.questions import read_questions
 
-    questions = read_questions(qa)[:limit] if limit else read_questions(qa)
-    recs = load_records(records)
+    recs, questions = _records_and_questions(qa, records, limit)
     if adapters is not None:
         from clinqa.records.train import read_stages
 
