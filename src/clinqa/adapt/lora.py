@@ -311,17 +311,18 @@ def balance_by_specialty(questions_by_specialty: Mapping[str, Sequence[Question]
     return out
 
 
-def split_train_val(questions: Sequence[Question], val_fraction: float, seed: int = 0) -> tuple[list[Question], list[Question]]:
-    """(train, val): round(n * val_fraction) questions (at least 1 when val_fraction > 0 and n >= 2)
-    held out. The choice depends on the seed and the question ids, not on their order; both parts
-    keep the input order."""
+def split_train_val(questions: Sequence[Any], val_fraction: float, seed: int = 0,
+                    max_val: int | None = None) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    """(train, val): round(n * val_fraction) items with an `id` (at least 1 when val_fraction > 0 and
+    n >= 2, at most `max_val`) held out. The choice depends on the seed and the ids, not on their
+    order; both parts keep the input order."""
     if not 0 <= val_fraction < 1:
         raise ClinqaError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n = len(questions)
     n_val = round(n * val_fraction)
     if val_fraction > 0 and n >= 2:
         n_val = max(n_val, 1)
-    n_val = min(n_val, max(n - 1, 0))
+    n_val = min(n_val, max(n - 1, 0), n if max_val is None else max_val)
     rank = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{questions[i].id}".encode()).hexdigest())
     val_idx = set(rank[:n_val])
     return [q for i, q in enumerate(questions) if i not in val_idx], [q for i, q in enumerate(questions) if i in val_idx]

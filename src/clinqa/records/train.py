@@ -24,7 +24,6 @@ Decisions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from clinqa.adapt.lora import AdapterResult, LoraTrainConfig, TextExample, finetune
+from clinqa.adapt.lora import AdapterResult, LoraTrainConfig, TextExample, finetune, split_train_val
 from clinqa.errors import ClinqaError
 from clinqa.jsonl import read_appended
 from clinqa.records.fhir import PatientRecord
@@ -90,18 +89,6 @@ def stage_examples(records: Mapping[str, PatientRecord] | Sequence[PatientRecord
     raise ClinqaError(f"stage must be 1 or 2, got {stage}")
 
 
-def _held_out(questions: Sequence[RecordQuestion], fraction: float, seed: int,
-              cap: int) -> tuple[list[RecordQuestion], list[RecordQuestion]]:  # fmt: skip
-    """(train, tune): `fraction` of the questions (at most `cap`), chosen by a hash of seed and id."""
-    n_tune = round(len(questions) * fraction) if fraction > 0 else 0
-    if fraction > 0 and len(questions) >= 4:
-        n_tune = max(n_tune, 1)
-    n_tune = min(n_tune, cap)
-    rank = sorted(questions, key=lambda q: hashlib.sha256(f"{seed}:{q.id}".encode()).hexdigest())
-    tune_ids = {q.id for q in rank[:n_tune]}
-    return [q for q in questions if q.id not in tune_ids], [q for q in questions if q.id in tune_ids]
-
-
 def _spec(base: Any) -> str:
     return str(base) if isinstance(base, (str, Path)) else base.info.spec
 
@@ -135,7 +122,7 @@ def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[P
     missing = sorted({q.patient_id for q in questions} - set(by_patient))
     if missing:
         raise ClinqaError(f"no record for patient(s) {', '.join(missing[:3])}: pass the records the training questions were made from")
-    train_q, tune_q = _held_out(questions, config.tune_fraction, config.seed, config.max_tune)
+    train_q, tune_q = split_train_val(questions, config.tune_fraction, config.seed, max_val=config.max_tune)
     ex1 = stage_examples(by_patient, train_q, 1, negatives=config.negatives, seed=config.seed)
     ex2 = stage_examples(by_patient, train_q, 2, distractors=config.distractors, seed=config.seed)
 
@@ -225,8 +212,9 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
     if path and path.exists():
         rows = {r["question_id"]: r for r in read_appended(path, json.loads, corrupt="corrupt selection line; delete the file and re-run")}
     todo = [q for q in questions if q.id not in rows]
+    done = len(questions) - len(todo)
     if progress:
-        progress(len(questions) - len(todo), len(questions))
+        progress(done, len(questions))
     for q in todo:
         record = by_patient[q.patient_id]
         picked, tokens = _run_selector(selector, q.question, lines[q.patient_id])
@@ -238,8 +226,9 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
+        done += 1
         if progress:
-            progress(len(questions) - len(todo) + todo.index(q) + 1, len(questions))
+            progress(done, len(questions))
     picked_rows = [rows[q.id] for q in questions]
     return stage1_metrics([r["selected"] for r in picked_rows], [r["relevant_ids"] for r in picked_rows],
                           qtypes=[r["qtype"] for r in picked_rows], types=[r["types"] for r in picked_rows])
