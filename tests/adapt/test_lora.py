@@ -369,6 +369,7 @@ def test_init_adapter_continues_from_its_weights(adapters, tiny_predictor, tmp_p
     cfg = LoraTrainConfig(**{**FAST, "learning_rate": 1e-12}, epochs=1)
     seq = finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq", init_adapter=a.path)
     assert seq.metadata["init_adapter"]["path"] == str(a.path)
+    assert finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq", init_adapter=a.path).cached  # same start: done
     wa, ws = load_file(str(a.path / "adapter_model.safetensors")), load_file(str(seq.path / "adapter_model.safetensors"))
     assert wa.keys() == ws.keys() and all(torch.allclose(wa[k], ws[k], atol=1e-6) for k in wa)
     fresh = load_file(str(finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "fresh").path / "adapter_model.safetensors"))

@@ -671,8 +671,11 @@ def _check_identity(out_dir: Path, found: Mapping[str, Any], wanted: Mapping[str
         diffs.append(f"base model: {(found.get('base') or {}).get('spec')!r} -> {wanted['base']['spec']!r}")
     if found.get("data_fingerprint") != wanted["data_fingerprint"]:
         diffs.append("training questions differ")
-    if found.get("init_adapter") != wanted.get("init_adapter"):
-        diffs.append(f"starting adapter: {found.get('init_adapter')!r} -> {wanted.get('init_adapter')!r}")
+    def sha(v):  # metadata keeps {"path", "sha256"}; a run's identity the hash alone
+        return v.get("sha256") if isinstance(v, Mapping) else v
+
+    if sha(found.get("init_adapter")) != sha(wanted.get("init_adapter")):
+        diffs.append(f"starting adapter: {sha(found.get('init_adapter'))!r} -> {sha(wanted.get('init_adapter'))!r}")
     if diffs:
         raise ClinqaError(f"{out_dir} holds {where} with a different setup ({'; '.join(diffs)}): "
                           "choose another output folder or delete this one")
@@ -746,9 +749,10 @@ def finetune(
                  else {"spec": getattr(getattr(base, "info", None), "spec", type(base).__name__),
                        "name": getattr(getattr(base, "info", None), "name", None)})
     identity = {"config": config.to_dict(), "base": {"spec": base_desc["spec"]}, "data_fingerprint": _fingerprint(qs, labels)}
-    init_weights = None
+    init_weights, init_info = None, None
     if init_adapter is not None:
-        init_weights, identity["init_adapter"] = _read_init_adapter(Path(init_adapter), config)
+        init_weights, init_info = _read_init_adapter(Path(init_adapter), config)
+        identity["init_adapter"] = init_info["sha256"]  # its weights, wherever the folder lives
 
     # -- an existing folder: finished, resumable, or someone else's --------------------------------
     if _is_finished(out_dir):
@@ -925,7 +929,7 @@ def finetune(
         "device": str(device),
         "target_modules": list(targets),
         "data_fingerprint": identity["data_fingerprint"],
-        "init_adapter": identity.get("init_adapter"),
+        "init_adapter": init_info,
         "specialties": labels,
         "control": bool(extra.get("control", False)),
         "n_train": len(train_q),
