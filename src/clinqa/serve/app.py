@@ -609,6 +609,23 @@ class Service:
     def budget_left(self, ctx: _AuditContext) -> float:
         return self.config.request_timeout_s - (time.perf_counter() - ctx.started)
 
+    async def call_model(self, ctx: _AuditContext, what: str, secrets: Sequence[str], call: Callable[[Any], Any]) -> Any:
+        """`call(predictor)` on the model thread within the request's time budget, with `secrets` (the
+        question, record text) redacted from every log line meanwhile; any failure but an ApiError
+        becomes a 500 that names only the error type."""
+        token = id(ctx)
+        RedactingFilter.register(token, secrets)
+        try:
+            return await self.runner.run(call, budget=self.budget_left(ctx))
+        except ApiError:
+            raise
+        except Exception as e:
+            log.error("%s failed on the model thread: %s", what, type(e).__name__)
+            raise ApiError(500, "model_error", "the model call failed; the server log names the error type",
+                           outcome="error", detail=f"model call failed: {type(e).__name__}") from None
+        finally:
+            RedactingFilter.unregister(token)
+
 
 # ============================================================================ the guard (ASGI middleware)
 
@@ -900,24 +917,10 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
         if len(question) > config.max_question_chars:
             raise ApiError(422, "invalid_request", f"the question is longer than {config.max_question_chars} characters",
                            detail="question too long")
-        token = id(ctx)
-        RedactingFilter.register(token, [question, *p.text.values()])
-        try:
-            t0 = time.perf_counter()
-            extra = {"lines": p.lines} if service.pass_lines else {}  # already rendered at startup
-            result = await service.runner.run(
-                lambda predictor: answer_question(predictor, p.record, question, selector=service.selector,
-                                                  max_new_tokens=config.max_new_tokens, **extra),
-                budget=service.budget_left(ctx),
-            )
-        except ApiError:
-            raise
-        except Exception as e:
-            log.error("ask failed on the model thread: %s", type(e).__name__)
-            raise ApiError(500, "model_error", "the model call failed; the server log names the error type",
-                           outcome="error", detail=f"model call failed: {type(e).__name__}") from None
-        finally:
-            RedactingFilter.unregister(token)
+        t0 = time.perf_counter()
+        extra = {"lines": p.lines} if service.pass_lines else {}  # already rendered at startup
+        result = await service.call_model(ctx, "ask", [question, *p.text.values()], lambda predictor: answer_question(
+            predictor, p.record, question, selector=service.selector, max_new_tokens=config.max_new_tokens, **extra))
         elapsed = time.perf_counter() - t0
 
         cited: list[str] = []
@@ -976,22 +979,9 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
             raise ApiError(422, "invalid_request", f"bad question or options: {msgs}", detail="invalid options") from None
         items = make_items([question], shuffles=1, seed=0)
         scorer = SCORERS[body.method]
-        token = id(ctx)
-        RedactingFilter.register(token, [body.question, *body.options.values()])
-        try:
-            t0 = time.perf_counter()
-            samples = await service.runner.run(
-                lambda predictor: scorer(predictor, items, max_new_tokens=config.max_new_tokens),
-                budget=service.budget_left(ctx),
-            )
-        except ApiError:
-            raise
-        except Exception as e:
-            log.error("mcq failed on the model thread: %s", type(e).__name__)
-            raise ApiError(500, "model_error", "the model call failed; the server log names the error type",
-                           outcome="error", detail=f"model call failed: {type(e).__name__}") from None
-        finally:
-            RedactingFilter.unregister(token)
+        t0 = time.perf_counter()
+        samples = await service.call_model(ctx, "mcq", [body.question, *body.options.values()],
+                                           lambda predictor: scorer(predictor, items, max_new_tokens=config.max_new_tokens))
         sample, item = samples[0], items[0]
         back = item.to_original
         return MCQResponse(
