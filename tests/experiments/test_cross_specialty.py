@@ -1,7 +1,10 @@
 import json
 
 from clinqa.data.schema import Question
-from clinqa.experiments.cross_specialty import CrossSpecialtyConfig, cross_specialty, split_by_specialty
+import pytest
+
+from clinqa.evaluate.sample import Sample
+from clinqa.experiments.cross_specialty import CrossSpecialtyConfig, cross_specialty, pooled_effects, split_by_specialty
 
 
 def qs():
@@ -35,9 +38,39 @@ def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
     assert 0 <= s["term_overlap"]["cardiology"]["neurology"] < s["term_overlap"]["cardiology"]["cardiology"] <= 1
     assert (tmp_path / "xs" / "matrix.png").stat().st_size > 1000
     assert "| control |" in (tmp_path / "xs" / "summary.md").read_text()
+    assert set(s["pooled"]) == {"own_vs_other", "medical_vs_base", "control_vs_base", "medical_vs_control"}
+    assert s["pooled"]["own_vs_other"]["n"] == 4  # two test questions in each of two specialties
+    assert "own-specialty adapter − other" in (tmp_path / "xs" / "summary.md").read_text()
     runs = sorted(p.name for p in (tmp_path / "xs" / "runs").iterdir())
     assert len(runs) == 8
     before = {p: (p / "samples.jsonl").read_text() for p in (tmp_path / "xs" / "runs").iterdir()}
     again = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL)
     assert json.dumps(again["cells"]) == json.dumps(s["cells"])
     assert all((p / "samples.jsonl").read_text() == t for p, t in before.items())
+
+
+def _samples(correct_by_qid):
+    return [Sample(question_id=q, permutation=[0, 1], options={"A": "x", "B": "y"}, gold="A", pred="A" if c else "B",
+                   correct=c, method="option") for q, c in correct_by_qid.items()]
+
+
+def test_pooled_effects_pairs_each_question_with_its_own_and_other_adapters():
+    specs = ["cardiology", "neurology"]
+    card = {f"c{i}": i < 2 for i in range(4)}  # base: 2 of 4 right on each test split
+    neur = {f"n{i}": i < 2 for i in range(4)}
+    samples = {
+        ("base", "cardiology"): _samples(card), ("base", "neurology"): _samples(neur),
+        # each specialty adapter gets every question of its own specialty right, the other's as base
+        ("cardiology", "cardiology"): _samples({q: True for q in card}), ("cardiology", "neurology"): _samples(neur),
+        ("neurology", "neurology"): _samples({q: True for q in neur}), ("neurology", "cardiology"): _samples(card),
+        # the control adapter loses one question on each split
+        ("control", "cardiology"): _samples({**card, "c0": False}), ("control", "neurology"): _samples({**neur, "n0": False}),
+    }
+    out = pooled_effects(samples, specs, control=True)
+    assert out["own_vs_other"]["diff"] == pytest.approx(0.5)  # own right on all 8, other on 4 of 8
+    assert out["medical_vs_base"]["diff"] == pytest.approx(0.25)
+    assert out["control_vs_base"]["diff"] == pytest.approx(-0.25)
+    assert out["medical_vs_control"]["diff"] == pytest.approx(0.5)
+    assert all(e["n"] == 8 for e in out.values())
+    assert out["own_vs_other"]["ci_low"] > 0 and out["own_vs_other"]["p"] < 0.05
+    assert "control_vs_base" not in pooled_effects(samples, specs, control=False)

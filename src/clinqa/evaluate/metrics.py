@@ -42,6 +42,7 @@ __all__ = [
     "ShuffleSummary",
     "accuracy",
     "bootstrap_ci",
+    "bootstrap_mean_test",
     "brier",
     "calibration",
     "cluster_bootstrap_ci",
@@ -108,6 +109,24 @@ def bootstrap_ci(
     if arr.size == 0:
         return (_NAN, _NAN)
     return _percentile_interval(_bootstrap_stats(arr, n_boot, seed, stat), confidence)
+
+
+def bootstrap_mean_test(
+    diffs: npt.ArrayLike, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float, float]:
+    """Mean of paired differences with a percentile interval and a two-sided bootstrap p-value for mean 0.
+
+    One value per independent unit (a question), so correlated samples never count twice.
+    Returns (mean, ci_low, ci_high, p); all nan for empty input.
+    """
+    arr = np.asarray(diffs, dtype=float).ravel()
+    if arr.size == 0:
+        return (_NAN, _NAN, _NAN, _NAN)
+    stats = _bootstrap_stats(arr, n_boot, seed, np.mean)
+    lo, hi = _percentile_interval(stats, confidence)
+    below = (np.sum(stats <= 0) + 1) / (n_boot + 1)
+    above = (np.sum(stats >= 0) + 1) / (n_boot + 1)
+    return float(arr.mean()), lo, hi, float(min(1.0, 2.0 * min(below, above)))
 
 
 def per_question(samples: Iterable[Sample]) -> dict[str, float]:
@@ -427,10 +446,7 @@ def paired_comparison(
     for k, ha, hb in zip(keys, hit_a, hit_b):
         per_q[k[0]].append(float(hb) - float(ha))
     q_diffs = np.array([np.mean(v) for v in per_q.values()], dtype=float)
-    stats = _bootstrap_stats(q_diffs, n_boot, seed, np.mean)
-    lo, hi = _percentile_interval(stats, confidence)
-    below = (np.sum(stats <= 0) + 1) / (n_boot + 1)
-    above = (np.sum(stats >= 0) + 1) / (n_boot + 1)
+    _, lo, hi, p_boot = bootstrap_mean_test(q_diffs, n_boot=n_boot, confidence=confidence, seed=seed)
     acc_a, acc_b = float(hit_a.mean()), float(hit_b.mean())
     return Paired(
         n=len(keys),
@@ -439,7 +455,7 @@ def paired_comparison(
         diff=acc_b - acc_a,
         ci_low=lo,
         ci_high=hi,
-        p_bootstrap=float(min(1.0, 2.0 * min(below, above))),
+        p_bootstrap=p_boot,
         mcnemar_b=n_b,
         mcnemar_c=n_c,
         p_mcnemar=p_mcnemar,

@@ -5,7 +5,9 @@ Each specialty is split into train/test (seeded, by primary label); one LoRA ada
 specialty, plus a control adapter on non-medical questions; every adapter (and the base model) is
 evaluated on every specialty's test split with the ordinary harness. The result is the
 train x test accuracy matrix with CIs, deltas over base, a heatmap, paired tests of whether an
-off-diagonal cell beats the diagonal, and the clinical-term overlap between splits.
+off-diagonal cell beats the diagonal, the clinical-term overlap between splits, and pooled paired
+tests over all test questions (``pooled_effects``): single cells are small, the pooled questions
+are where the power is.
 Everything is a folder of adapters and runs: a killed experiment redoes nothing already finished.
 """
 
@@ -143,12 +145,54 @@ def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question],
     general = term_set(control_questions) if control_questions else set()
     summary = {"config": cfg, "specialties": specs, "models": list(views), "cells": cells,
                "off_diagonal_beats_diagonal": beats,
+               "pooled": pooled_effects(samples, specs, control=CONTROL in views, seed=config.seed),
                "train_sizes": {k: len(v) for k, v in adapters_to_train.items()}, "test_sizes": {k: len(v) for k, v in test.items()},
                "term_overlap": term_overlap(train, test, general)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown(summary))
     heatmap(summary, out / "matrix.png")
     return summary
+
+
+def pooled_effects(samples: dict[tuple[str, str], list], specs: Sequence[str], *, control: bool, seed: int = 0) -> dict:
+    """The experiment's hypotheses as paired tests pooled over every test question of every specialty.
+
+    Per test question (its mean correctness over shuffles under each model):
+    - ``own_vs_other``: own-specialty adapter minus the mean of the other specialties' adapters
+      (knowledge injection predicts > 0);
+    - ``medical_vs_base``: mean of all specialty adapters minus the base model (a shift toward medicine);
+    - ``control_vs_base`` and ``medical_vs_control`` when a control adapter was trained.
+    Each entry: mean difference (accuracy points as a fraction), 95% bootstrap CI over questions, p, n.
+    """
+    rows: dict[str, list[float]] = {"own_vs_other": [], "medical_vs_base": []}
+    if control:
+        rows.update(control_vs_base=[], medical_vs_control=[])
+    for b in specs:
+        per = {m: M.per_question(samples[(m, b)]) for m in ["base", *specs, *([CONTROL] if control else [])]}
+        for qid in sorted(per["base"]):
+            own = per[b][qid]
+            med = [per[a][qid] for a in specs]
+            others = [per[a][qid] for a in specs if a != b]
+            if others:
+                rows["own_vs_other"].append(own - sum(others) / len(others))
+            rows["medical_vs_base"].append(sum(med) / len(med) - per["base"][qid])
+            if control:
+                rows["control_vs_base"].append(per[CONTROL][qid] - per["base"][qid])
+                rows["medical_vs_control"].append(sum(med) / len(med) - per[CONTROL][qid])
+    out = {}
+    for name, diffs in rows.items():
+        if diffs:
+            mean, lo, hi, p = M.bootstrap_mean_test(diffs, seed=seed)
+            out[name] = {"diff": mean, "ci_low": lo, "ci_high": hi, "p": p, "n": len(diffs)}
+    return out
+
+
+POOLED_LABELS = {
+    "own_vs_other": "own-specialty adapter − other specialties' adapters",
+    "medical_vs_base": "specialty adapters (mean) − base",
+    "control_vs_base": "control adapter − base",
+    "medical_vs_control": "specialty adapters (mean) − control adapter",
+}
 
 
 def markdown(summary: dict) -> str:
@@ -163,7 +207,12 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Off-diagonal cells that beat the diagonal (paired bootstrap p < 0.05): "
               + (", ".join(f"{b['train']}→{b['test']} (+{100 * b['diff']:.1f}, p={b['p']:.3f})" for b in summary["off_diagonal_beats_diagonal"]) or "none"),
-              "", "Clinical-term overlap: share of a test split's terms found in a train split", "",
+              "", "Pooled over every test question (paired, 95% bootstrap CI over questions), accuracy points:", "",
+              "| comparison | Δ | 95% CI | p | questions |", "|---|---:|---:|---:|---:|"]
+    for name, e in summary.get("pooled", {}).items():
+        lines.append(f"| {POOLED_LABELS.get(name, name)} | {100 * e['diff']:+.1f} | {100 * e['ci_low']:+.1f} to "
+                     f"{100 * e['ci_high']:+.1f} | {e['p']:.3f} | {e['n']} |")
+    lines += ["", "Clinical-term overlap: share of a test split's terms found in a train split", "",
               "| train \\ test | " + " | ".join(specs) + " |", "|---|" + "---:|" * len(specs)]
     for a, row in summary["term_overlap"].items():
         lines.append(f"| {a} | " + " | ".join(f"{row[b]:.2f}" for b in specs) + " |")
