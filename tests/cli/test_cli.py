@@ -130,6 +130,48 @@ def test_annotate_command_reports_tradeoff(tmp_path):
     assert "coverage" in r.output and len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
 
 
+def _write_jsonl(path, questions, strip=False):
+    with open(path, "w") as fh:
+        for q in questions:
+            fh.write(json.dumps({**q.model_dump(), **({"specialties": []} if strip else {})}) + "\n")
+    return str(path)
+
+
+def test_annotate_with_minilm_calibrated_sets_and_labelled_output(tmp_path):
+    from clinqa.data.loaders import load_questions
+
+    qs = load_questions("bundled").questions
+    train = _write_jsonl(tmp_path / "train.jsonl", qs[::2])
+    cal = _write_jsonl(tmp_path / "cal.jsonl", qs[1::4])
+    new = _write_jsonl(tmp_path / "new.jsonl", qs[3::4], strip=True)  # an unlabelled benchmark
+    r = runner.invoke(app, ["annotate", new, "--train", train, "--calibration", cal, "--alpha", "0.2",
+                            "--out", str(tmp_path / "a.jsonl"), "--labelled", str(tmp_path / "labelled.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert "calibrated on 51 questions" in r.output and "51 of 51 with a specialty" in r.output
+    labelled = load_questions(str(tmp_path / "labelled.jsonl")).questions
+    gold = {q.id: set(q.specialties) for q in qs}
+    hits = sum(bool(set(q.specialties) & gold[q.id]) for q in labelled)
+    assert hits / len(labelled) > 0.6  # the sets are held out here: calibrated and trained on other questions
+    assert load_questions(str(tmp_path / "labelled.jsonl"), specialties=["cardiology"]).questions
+    r = runner.invoke(app, ["annotate", new, "--train", train, "--calibration", train, "--out", str(tmp_path / "b.jsonl")])
+    assert r.exit_code != 0 and "shares question ids with --train" in str(r.exception)
+
+
+@pytest.mark.embedded
+def test_annotate_llm_with_calibration_file_writes_labelled_questions(tmp_path):
+    from clinqa.data.loaders import load_questions
+
+    qs = load_questions("bundled").questions
+    cal = _write_jsonl(tmp_path / "cal.jsonl", qs[:3])
+    new = _write_jsonl(tmp_path / "new.jsonl", qs[100:103], strip=True)
+    r = runner.invoke(app, ["annotate", new, "--prompts", "2", "--min-votes", "1", "--calibration", cal, "--alpha", "0.5",
+                            "--out", str(tmp_path / "a.jsonl"), "--labelled", str(tmp_path / "l.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a.calibration.jsonl").exists() and "calibrated on 3 questions" in r.output
+    labelled = load_questions(str(tmp_path / "l.jsonl")).questions
+    assert [q.id for q in labelled] == [q.id for q in qs[100:103]] and all(q.specialties for q in labelled)
+
+
 @pytest.mark.embedded
 def test_steer_build_and_sweep(tmp_path):
     r = runner.invoke(app, ["steer", "build", "default", "bundled", "--layers", "29", "--max-pairs", "6", "--out", str(tmp_path / "v")])

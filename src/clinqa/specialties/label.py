@@ -1,0 +1,92 @@
+"""From annotations to a labelled question file, so unlabelled benchmarks feed the specialty commands.
+
+MedQA and most benchmarks carry no specialty. ``clinqa annotate DATA --labelled OUT.jsonl`` writes
+DATA back in clinqa's native JSONL with ``specialties`` filled in, and every per-specialty command
+(``eval --specialty``, ``finetune --specialty``, ``experiment cross-specialty``) then runs on it.
+
+A question's labels are its conformal set when a labelled calibration set was given (several labels
+for cross-disciplinary questions, at a chosen error rate), otherwise its majority label when that
+reached the vote threshold, otherwise none (the question is kept, unlabelled). What decided the
+labels is kept in ``meta["specialty_annotation"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from clinqa.data.schema import Question
+from clinqa.errors import ClinqaError
+from clinqa.specialties import conformal
+from clinqa.specialties.annotate import Annotation
+from clinqa.specialties.taxonomy import resolve_specialty
+
+__all__ = ["conformal_sets", "embedding_annotations", "gold_labels", "labelled_questions", "write_questions"]
+
+
+def gold_labels(questions: Sequence[Question], where: str) -> list[list[str]]:
+    """Every question's specialty ids; a question without any is an error naming it and ``where``."""
+    out = []
+    for q in questions:
+        if not q.specialties:
+            raise ClinqaError(f"{where}: question {q.id!r} has no specialties; calibration needs gold labels on every question")
+        out.append([resolve_specialty(s) for s in q.specialties])
+    return out
+
+
+def embedding_annotations(probs: np.ndarray, questions: Sequence[Question]) -> list[Annotation]:
+    """``EmbeddingAnnotator.predict_proba`` rows as Annotations (one 'vote': the most probable label)."""
+    from clinqa.specialties.annotate import SPECIALTY_IDS
+
+    probs = np.asarray(probs, dtype=float)
+    if probs.shape != (len(questions), len(SPECIALTY_IDS)):
+        raise ClinqaError(f"expected probabilities of shape ({len(questions)}, {len(SPECIALTY_IDS)}), got {probs.shape}")
+    out = []
+    for q, row in zip(questions, probs):
+        top = SPECIALTY_IDS[int(np.argmax(row))]
+        out.append(Annotation(question_id=q.id, votes={top: 1}, label=top, probs=[float(p) for p in row], per_prompt=[top]))
+    return out
+
+
+def conformal_sets(cal_probs: Any, cal_gold: Sequence[Iterable[str]], probs: Any, alpha: float,
+                   mode: str = "any") -> tuple[list[list[str]], conformal.ConformalCalibration]:
+    """Calibrate on one labelled set, return the label sets of another (most probable label first)."""
+    cal = conformal.calibrate(np.asarray(cal_probs, dtype=float), list(cal_gold), alpha, mode=mode)
+    return conformal.sets_to_labels(conformal.prediction_sets(np.asarray(probs, dtype=float), cal)), cal
+
+
+def labelled_questions(questions: Sequence[Question], annotations: Sequence[Annotation],
+                       sets: Sequence[Sequence[str]] | None = None) -> list[Question]:
+    """``questions`` with ``specialties`` replaced by the conformal set (if given) or the kept majority label."""
+    by_id = {a.question_id: a for a in annotations}
+    if sets is not None and len(sets) != len(questions):
+        raise ClinqaError(f"got {len(sets)} label sets for {len(questions)} questions")
+    out = []
+    for i, q in enumerate(questions):
+        a = by_id.get(q.id)
+        if a is None:
+            raise ClinqaError(f"question {q.id!r} has no annotation")
+        labels = list(sets[i]) if sets is not None else ([a.label] if a.label else [])
+        info = {"votes": dict(a.votes), "label": a.label, "labels_from": "conformal set" if sets is not None else "majority vote"}
+        if q.specialties:
+            info["original_specialties"] = list(q.specialties)
+        out.append(q.model_copy(update={"specialties": labels, "meta": {**q.meta, "specialty_annotation": info}}))
+    return out
+
+
+def write_questions(path: str | Path, questions: Iterable[Question]) -> Path:
+    """Questions as clinqa native JSONL (what ``load_questions`` reads back), replaced atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for q in questions:
+            fh.write(json.dumps(q.model_dump(), ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
