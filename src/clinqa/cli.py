@@ -317,10 +317,10 @@ def annotate_cmd(
     """Label questions with specialties by majority vote over prompts (labels scored, never parsed) or with
     the MiniLM classifier (--train), report the accuracy/coverage trade-off and split-conformal
     multi-label sets where gold labels exist, and optionally write the labelled questions (--labelled)."""
-    from clinqa.data.loaders import load_questions
+    from clinqa.data.loaders import load_questions, write_questions
     from clinqa.specialties import conformal
     from clinqa.specialties.annotate import annotate_to_file, conformal_from_probs, tradeoff_table, write_annotations
-    from clinqa.specialties.label import conformal_sets, embedding_annotations, gold_labels, labelled_questions, write_questions
+    from clinqa.specialties.label import conformal_sets, embedding_annotations, gold_labels, labelled_questions
 
     questions = load_questions(data, limit=limit).questions
     cal_qs = load_questions(calibration).questions if calibration else []

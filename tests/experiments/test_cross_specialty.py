@@ -40,6 +40,10 @@ def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
     assert "| control |" in (tmp_path / "xs" / "summary.md").read_text()
     assert set(s["pooled"]) == {"own_vs_other", "medical_vs_base", "control_vs_base", "medical_vs_control"}
     assert s["pooled"]["own_vs_other"]["n"] == 4  # two test questions in each of two specialties
+    from clinqa.data.loaders import load_questions
+
+    held_out = load_questions(str(tmp_path / "xs" / "test_questions.jsonl")).questions
+    assert len(held_out) == 4 and all(q.specialties for q in held_out)
     assert "own-specialty adapter − other" in (tmp_path / "xs" / "summary.md").read_text()
     runs = sorted(p.name for p in (tmp_path / "xs" / "runs").iterdir())
     assert len(runs) == 8

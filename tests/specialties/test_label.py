@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from clinqa.data.loaders import load_questions
+from clinqa.data.loaders import load_questions, write_questions
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.specialties.annotate import SPECIALTY_IDS, Annotation
-from clinqa.specialties.label import conformal_sets, embedding_annotations, gold_labels, labelled_questions, write_questions
+from clinqa.specialties.label import conformal_sets, embedding_annotations, gold_labels, labelled_questions
 
 CARD, NEURO = SPECIALTY_IDS.index("cardiology"), SPECIALTY_IDS.index("neurology")
 

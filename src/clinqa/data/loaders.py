@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import ValidationError
 
@@ -57,6 +58,7 @@ __all__ = [
     "detect_format",
     "load_questions",
     "mmlu_subject",
+    "write_questions",
 ]
 
 
@@ -798,3 +800,17 @@ def load_questions(
                 break
 
     return LoadResult(questions=questions, skipped=skipped, format="+".join(dict.fromkeys(fmt for _, fmt in files)))
+
+
+def write_questions(path: str | Path, questions: Iterable[Question]) -> Path:
+    """Questions as clinqa native JSONL (what ``load_questions`` reads back), replaced atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for q in questions:
+            fh.write(json.dumps(q.model_dump(), ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path

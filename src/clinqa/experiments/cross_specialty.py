@@ -8,7 +8,8 @@ train x test accuracy matrix with CIs, deltas over base, a heatmap, paired tests
 off-diagonal cell beats the diagonal, the clinical-term overlap between splits, and pooled paired
 tests over all test questions (``pooled_effects``): single cells are small, the pooled questions
 are where the power is.
-Everything is a folder of adapters and runs: a killed experiment redoes nothing already finished.
+Everything is a folder of adapters and runs (plus test_questions.jsonl, the held-out questions): a
+killed experiment redoes nothing already finished.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from clinqa.data.loaders import write_questions
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate import metrics as M
@@ -100,6 +102,8 @@ def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question],
     cfg_file.write_text(json.dumps(cfg, indent=2))
 
     train, test = split_by_specialty(questions, specs, config.test_fraction, config.seed)
+    # The held-out questions, for analyses that must not see an adapter's training data (token-shift).
+    write_questions(out / "test_questions.jsonl", [q for s in specs for q in test[s]])
     if config.balance:
         n = min(len(v) for v in train.values())
         train = {s: sorted(random.Random(f"{config.seed}|bal|{s}").sample(v, n), key=lambda q: q.id) for s, v in train.items()}

@@ -12,9 +12,6 @@ labels is kept in ``meta["specialty_annotation"]``.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -25,7 +22,7 @@ from clinqa.specialties import conformal
 from clinqa.specialties.annotate import Annotation
 from clinqa.specialties.taxonomy import resolve_specialty
 
-__all__ = ["conformal_sets", "embedding_annotations", "gold_labels", "labelled_questions", "write_questions"]
+__all__ = ["conformal_sets", "embedding_annotations", "gold_labels", "labelled_questions"]
 
 
 def gold_labels(questions: Sequence[Question], where: str) -> list[list[str]]:
@@ -76,17 +73,3 @@ def labelled_questions(questions: Sequence[Question], annotations: Sequence[Anno
             info["original_specialties"] = list(q.specialties)
         out.append(q.model_copy(update={"specialties": labels, "meta": {**q.meta, "specialty_annotation": info}}))
     return out
-
-
-def write_questions(path: str | Path, questions: Iterable[Question]) -> Path:
-    """Questions as clinqa native JSONL (what ``load_questions`` reads back), replaced atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for q in questions:
-            fh.write(json.dumps(q.model_dump(), ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
