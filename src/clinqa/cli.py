@@ -209,7 +209,8 @@ def token_shift_cmd(
         result = token_shift(predictor, views, questions, terms, progress=update)
     out.mkdir(parents=True, exist_ok=True)
     (out / "token_shift.md").write_text(result.markdown())
-    (out / "token_shift.json").write_text(_json.dumps({"rows": [r.__dict__ for r in result.rows], "terms": result.terms}, indent=2))
+    (out / "token_shift.json").write_text(_json.dumps({"rows": [r.__dict__ for r in result.rows], "terms": result.terms,
+                                                        "contrasts": [c.__dict__ for c in result.contrasts]}, indent=2))
     plot_shift(result, out / "token_shift.png")
     console.print(result.markdown(), markup=False, highlight=False)
 

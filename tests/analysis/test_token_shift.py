@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from clinqa.analysis.token_shift import clinical_terms, occurrence_logprobs, term_occurrences, token_shift
+from clinqa.analysis.token_shift import clinical_terms, contrasts, occurrence_logprobs, term_occurrences, token_shift
 from clinqa.data.schema import Question
 
 
@@ -62,3 +62,18 @@ def test_shift_is_zero_for_same_model_and_nonzero_for_an_adapter(tiny_predictor,
 
 def test_term_occurrences_whole_words_only():
     assert term_occurrences("Warfarin and warfarinised", ["warfarin"]) == [("warfarin", 0, 8)]
+
+
+def test_contrasts_pair_own_against_other_adapters_and_medical_against_control():
+    specs = ["cardiology", "neurology"]
+    values = {  # log p of each term occurrence; two cardiology and one neurology occurrence
+        "base": {"cardiology": [-5.0, -6.0], "neurology": [-4.0]},
+        "cardiology": {"cardiology": [-4.0, -5.0], "neurology": [-3.5]},  # +1 on its own terms, +0.5 on the other's
+        "cardio_dup": {"cardiology": [-4.0, -5.0], "neurology": [-3.5]},  # not a specialty name: ignored
+        "neuro": {"cardiology": [-4.5, -5.5], "neurology": [-3.0]},  # alias of neurology: +1 own, +0.5 other
+        "control": {"cardiology": [-5.0, -6.0], "neurology": [-4.0]},
+    }
+    by_name = {c.name: c for c in contrasts(values, specs, ["cardiology", "cardio_dup", "neuro", "control"])}
+    assert by_name["own_vs_other"].n == 3 and by_name["own_vs_other"].diff == pytest.approx(0.5)
+    assert by_name["medical_vs_control"].diff == pytest.approx(0.75)
+    assert contrasts(values, specs, ["cardiology", "control"])[0].name == "medical_vs_control"  # one specialty: no own/other

@@ -2,8 +2,11 @@
 
 If medical adapters raise clinical-term log-probability in every specialty (not only their own) and
 a non-medical control adapter does not, the gain from specialty fine-tuning is a general shift
-toward medical language rather than specialty knowledge (the S-MedQA hypothesis). One model
-object serves all adapters (switched, never copied); each text is read in one forward pass.
+toward medical language rather than specialty knowledge (the S-MedQA hypothesis). Both are tested
+directly as paired contrasts over the same term occurrences: an adapter named after a specialty on its
+own specialty's terms vs the other specialty adapters on the same terms, and the specialty adapters vs
+the control adapter. One model object serves all adapters (switched, never copied); each text is read
+in one forward pass.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate.metrics import bootstrap_ci
+from clinqa.specialties.taxonomy import resolve_specialty
 
 
 def question_text(q: Question) -> str:
@@ -86,15 +90,68 @@ class ShiftRow:
 
 
 @dataclass
+class Contrast:
+    """A paired difference in log-probability (nats) over term occurrences, pooled across specialties."""
+
+    name: str  # own_vs_other | medical_vs_control
+    description: str
+    n: int
+    diff: float
+    ci_low: float
+    ci_high: float
+
+
+@dataclass
 class TokenShiftResult:
     rows: list[ShiftRow] = field(default_factory=list)
     terms: dict[str, list[str]] = field(default_factory=dict)
+    contrasts: list[Contrast] = field(default_factory=list)
 
     def markdown(self) -> str:
         lines = ["| specialty | model | occurrences | base mean log p | adapted | shift | 95% CI |", "|---|---|---:|---:|---:|---:|---:|"]
         for r in self.rows:
             lines.append(f"| {r.specialty} | {r.model} | {r.n} | {r.base:.3f} | {r.adapted:.3f} | {r.shift:+.3f} | {r.ci_low:+.3f} to {r.ci_high:+.3f} |")
+        if self.contrasts:
+            lines += ["", "| contrast (same term occurrences, nats) | occurrences | difference | 95% CI |", "|---|---:|---:|---:|"]
+            for c in self.contrasts:
+                lines.append(f"| {c.description} | {c.n} | {c.diff:+.3f} | {c.ci_low:+.3f} to {c.ci_high:+.3f} |")
         return "\n".join(lines) + "\n"
+
+
+def _specialty_of(name: str, specs: Sequence[str]) -> str | None:
+    """The specialty an adapter is named after (its folder name: an id or alias), if it is one of ``specs``."""
+    try:
+        sid = resolve_specialty(name)
+    except ClinqaError:
+        return None
+    return sid if sid in specs else None
+
+
+def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], adapted: Sequence[str], *,
+              control: str = "control", seed: int = 0) -> list[Contrast]:
+    """own_vs_other: on each specialty's terms, its own adapter minus the mean of the other specialty
+    adapters (knowledge injection predicts > 0); medical_vs_control: the mean of the specialty adapters
+    minus the control adapter (a shift toward medical language predicts > 0)."""
+    medical = {name: s for name in adapted if (s := _specialty_of(name, specs))}
+    out = []
+    own: list[float] = []
+    for name, s in medical.items():
+        others = [values[o][s] for o in medical if o != name]
+        if others and all(len(v) == len(values[name][s]) for v in others):
+            own += list(np.array(values[name][s]) - np.mean(others, axis=0))
+    if own:
+        lo, hi = bootstrap_ci(own, seed=seed)
+        out.append(Contrast("own_vs_other", "own-specialty adapter − other specialty adapters", len(own), float(np.mean(own)), lo, hi))
+    if control in adapted and medical:
+        med: list[float] = []
+        for s in specs:
+            rows = [values[m][s] for m in medical]
+            if all(len(r) == len(values[control][s]) for r in rows):
+                med += list(np.mean(rows, axis=0) - np.array(values[control][s]))
+        if med:
+            lo, hi = bootstrap_ci(med, seed=seed)
+            out.append(Contrast("medical_vs_control", "specialty adapters (mean) − control adapter", len(med), float(np.mean(med)), lo, hi))
+    return out
 
 
 def token_shift(base, adapted: dict[str, object], questions: Sequence[Question], terms: dict[str, list[str]], *,
@@ -126,6 +183,7 @@ def token_shift(base, adapted: dict[str, object], questions: Sequence[Question],
                 continue
             lo, hi = bootstrap_ci(a - b, seed=seed)
             result.rows.append(ShiftRow(s, name, len(b), float(b.mean()), float(a.mean()), float((a - b).mean()), lo, hi))
+    result.contrasts = contrasts(values, specs, list(adapted), seed=seed)
     return result
 
 
