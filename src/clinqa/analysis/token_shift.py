@@ -202,7 +202,8 @@ def plot_shift(result: TokenShiftResult, path: Path) -> Path:
         xs = [i + j * width for i, s in enumerate(specs) if s in rows]
         ys = [rows[s].shift for s in specs if s in rows]
         err = [[rows[s].shift - rows[s].ci_low for s in specs if s in rows], [rows[s].ci_high - rows[s].shift for s in specs if s in rows]]
-        ax.bar(xs, ys, width, yerr=err, capsize=3, label=m)
+        style = {"color": "0.6", "hatch": "//"} if m == "control" else {}  # the control adapter stands out
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=m, **style)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(specs))], [s.replace("_", " ") for s in specs], rotation=30, ha="right")
     ax.set_ylabel("shift in mean log p(term) vs base")
