@@ -325,6 +325,7 @@ def annotate_cmd(
 
     questions = load_questions(data, limit=limit).questions
     cal_qs = load_questions(calibration).questions if calibration else []
+    cal_gold = gold_labels(cal_qs, calibration) if calibration else []  # fail before any annotating
     if train:
         from clinqa.specialties.embed import EmbeddingAnnotator
 
@@ -362,7 +363,7 @@ def annotate_cmd(
     gold = [q.specialties for q in questions]
     sets = None
     if cal_qs:
-        sets, cal = conformal_sets([a.probs for a in cal_anns], gold_labels(cal_qs, calibration), [a.probs for a in anns], alpha)
+        sets, cal = conformal_sets([a.probs for a in cal_anns], cal_gold, [a.probs for a in anns], alpha)
         line = f"conformal sets (alpha={alpha}, calibrated on {cal.n} questions of {calibration}): mean set size {sum(map(len, sets)) / len(sets):.2f}"
         if all(gold):
             m = conformal.evaluate_sets(sets, gold)

@@ -155,6 +155,8 @@ def test_annotate_with_minilm_calibrated_sets_and_labelled_output(tmp_path):
     assert load_questions(str(tmp_path / "labelled.jsonl"), specialties=["cardiology"]).questions
     r = runner.invoke(app, ["annotate", new, "--train", train, "--calibration", train, "--out", str(tmp_path / "b.jsonl")])
     assert r.exit_code != 0 and "shares question ids with --train" in str(r.exception)
+    r = runner.invoke(app, ["annotate", new, "--calibration", new, "--out", str(tmp_path / "c.jsonl")])
+    assert r.exit_code != 0 and "has no specialties" in str(r.exception) and not (tmp_path / "c.jsonl").exists()
 
 
 @pytest.mark.embedded
