@@ -16,6 +16,7 @@ from clinqa.evaluate.metrics import (
     brier,
     calibration,
     cluster_bootstrap_ci,
+    grouped_bootstrap_ci,
     ece,
     grouped_accuracy,
     harmful_choice_rate,
@@ -382,3 +383,19 @@ def test_harmful_choice_rate():
         make("q4", "B"),  # no field: ignored
     ]
     assert harmful_choice_rate(samples) == pytest.approx(1 / 3)
+
+
+def test_grouped_bootstrap_keeps_a_groups_values_together():
+    rng = np.random.default_rng(0)
+    per_group = rng.normal(size=20)
+    values = np.repeat(per_group, 10)  # ten identical values per group: really 20 observations, not 200
+    groups = np.repeat(np.arange(20), 10).tolist()
+    lo_g, hi_g = grouped_bootstrap_ci(values, groups)
+    lo_i, hi_i = grouped_bootstrap_ci(values, list(range(200)))  # every value its own group
+    assert lo_g < values.mean() < hi_g
+    assert (hi_g - lo_g) > 2.5 * (hi_i - lo_i)  # about sqrt(10) wider
+    assert (hi_i - lo_i) == pytest.approx(np.subtract(*bootstrap_ci(values)[::-1]), rel=0.15)
+    # unequal group sizes: the statistic is the pooled mean, so a constant stays constant
+    assert grouped_bootstrap_ci([2.0, 2.0, 2.0], ["a", "a", "b"]) == (2.0, 2.0)
+    with pytest.raises(ValueError, match="3 values but 2 group labels"):
+        grouped_bootstrap_ci([1.0, 2.0, 3.0], ["a", "b"])

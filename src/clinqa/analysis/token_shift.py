@@ -21,7 +21,7 @@ import numpy as np
 
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
-from clinqa.evaluate.metrics import bootstrap_ci
+from clinqa.evaluate.metrics import grouped_bootstrap_ci
 from clinqa.specialties.taxonomy import resolve_specialty
 
 
@@ -127,29 +127,38 @@ def _specialty_of(name: str, specs: Sequence[str]) -> str | None:
     return sid if sid in specs else None
 
 
+def _group_labels(values: dict[str, list[float]], groups: dict[str, list] | None, s: str) -> list:
+    return [(s, g) for g in groups[s]] if groups else [(s, k) for k in range(len(values[s]))]
+
+
 def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], adapted: Sequence[str], *,
-              control: str = "control", seed: int = 0) -> list[Contrast]:
+              groups: dict[str, list] | None = None, control: str = "control", seed: int = 0) -> list[Contrast]:
     """own_vs_other: on each specialty's terms, its own adapter minus the mean of the other specialty
     adapters (knowledge injection predicts > 0); medical_vs_control: the mean of the specialty adapters
-    minus the control adapter (a shift toward medical language predicts > 0)."""
+    minus the control adapter (a shift toward medical language predicts > 0). ``groups[s]`` names the
+    question of each occurrence; the intervals resample questions (each occurrence alone without it)."""
     medical = {name: s for name in adapted if (s := _specialty_of(name, specs))}
     out = []
     own: list[float] = []
+    own_groups: list = []
     for name, s in medical.items():
         others = [values[o][s] for o in medical if o != name]
         if others and all(len(v) == len(values[name][s]) for v in others):
             own += list(np.array(values[name][s]) - np.mean(others, axis=0))
+            own_groups += _group_labels(values[name], groups, s)
     if own:
-        lo, hi = bootstrap_ci(own, seed=seed)
+        lo, hi = grouped_bootstrap_ci(own, own_groups, seed=seed)
         out.append(Contrast("own_vs_other", "own-specialty adapter − other specialty adapters", len(own), float(np.mean(own)), lo, hi))
     if control in adapted and medical:
         med: list[float] = []
+        med_groups: list = []
         for s in specs:
             rows = [values[m][s] for m in medical]
             if all(len(r) == len(values[control][s]) for r in rows):
                 med += list(np.mean(rows, axis=0) - np.array(values[control][s]))
+                med_groups += _group_labels(values[control], groups, s)
         if med:
-            lo, hi = bootstrap_ci(med, seed=seed)
+            lo, hi = grouped_bootstrap_ci(med, med_groups, seed=seed)
             out.append(Contrast("medical_vs_control", "specialty adapters (mean) − control adapter", len(med), float(np.mean(med)), lo, hi))
     return out
 
@@ -157,33 +166,40 @@ def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], a
 def token_shift(base, adapted: dict[str, object], questions: Sequence[Question], terms: dict[str, list[str]], *,
                 seed: int = 0, progress: Callable[[int, int], None] | None = None) -> TokenShiftResult:
     """Mean clinical-term log-probability per specialty under base and each adapted predictor, with
-    the paired shift and a bootstrap CI over term occurrences; plus a pooled row per model."""
+    the paired shift and a bootstrap CI that resamples questions (a question's term occurrences stay
+    together); plus a pooled row per model and the paired contrasts."""
     specs = [s for s in terms if terms[s]]
     texts = {s: [question_text(q) for q in questions if q.specialties and q.specialties[0] == s] for s in specs}
     models = {"base": base, **adapted}
     values: dict[str, dict[str, list[float]]] = {}
+    groups: dict[str, list[int]] = {}  # per specialty, the text (question) index of each occurrence
     for i, (name, pred) in enumerate(models.items()):
         values[name] = {}
         for s in specs:
             occ = occurrence_logprobs(pred, texts[s], terms[s])
             values[name][s] = [lp for per_text in occ for _, lp in per_text]
+            which = [t for t, per_text in enumerate(occ) for _ in per_text]
+            if groups.setdefault(s, which) != which:
+                raise ClinqaError(f"{name} read a different set of {s} term occurrences than the base model; "
+                                  "adapters must share the base model's tokenizer")
         if progress:
             progress(i + 1, len(models))
     result = TokenShiftResult(terms={s: terms[s] for s in specs})
     for name in adapted:
-        pooled_b, pooled_a = [], []
+        pooled_b, pooled_a, pooled_g = [], [], []
         for s in specs + ["pooled"]:
             if s == "pooled":
-                b, a = np.array(pooled_b), np.array(pooled_a)
+                b, a, g = np.array(pooled_b), np.array(pooled_a), pooled_g
             else:
-                b, a = np.array(values["base"][s]), np.array(values[name][s])
+                b, a, g = np.array(values["base"][s]), np.array(values[name][s]), [(s, t) for t in groups[s]]
                 pooled_b += list(b)
                 pooled_a += list(a)
+                pooled_g += g
             if len(b) == 0:
                 continue
-            lo, hi = bootstrap_ci(a - b, seed=seed)
+            lo, hi = grouped_bootstrap_ci(a - b, g, seed=seed)
             result.rows.append(ShiftRow(s, name, len(b), float(b.mean()), float(a.mean()), float((a - b).mean()), lo, hi))
-    result.contrasts = contrasts(values, specs, list(adapted), seed=seed)
+    result.contrasts = contrasts(values, specs, list(adapted), groups=groups, seed=seed)
     return result
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,7 @@ __all__ = [
     "brier",
     "calibration",
     "cluster_bootstrap_ci",
+    "grouped_bootstrap_ci",
     "ece",
     "grouped_accuracy",
     "harmful_choice_rate",
@@ -135,6 +136,35 @@ def per_question(samples: Iterable[Sample]) -> dict[str, float]:
     for s in samples:
         hits[s.question_id].append(s.correct)
     return {qid: float(np.mean(flags)) for qid, flags in hits.items()}
+
+
+def grouped_bootstrap_ci(
+    values: npt.ArrayLike,
+    groups: Sequence[Any],
+    *,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Interval for the mean of ``values`` resampling whole groups (e.g. every term occurrence of one
+    question together), so correlated values within a group never count as independent evidence.
+    The statistic is the pooled mean (sum over chosen groups / their count), as for the point estimate."""
+    arr = np.asarray(values, dtype=float).ravel()
+    if arr.size != len(groups):
+        raise ValueError(f"got {arr.size} values but {len(groups)} group labels")
+    if arr.size == 0:
+        return (_NAN, _NAN)
+    index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    gid = np.array([index[g] for g in groups])
+    sums = np.bincount(gid, weights=arr, minlength=len(index))
+    counts = np.bincount(gid, minlength=len(index)).astype(float)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    chunk = max(1, _CHUNK_CELLS // len(index))
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, len(index), size=(min(n_boot, start + chunk) - start, len(index)))
+        stats[start:start + len(idx)] = sums[idx].sum(1) / counts[idx].sum(1)
+    return _percentile_interval(stats, confidence)
 
 
 def cluster_bootstrap_ci(
