@@ -215,6 +215,9 @@ def token_shift_cmd(
     console.print(result.markdown(), markup=False, highlight=False)
 
 
+CHECKPOINTING_HELP = "recompute activations in the backward pass: several-fold less memory for long examples, ~1/3 more time, same weights"
+
+
 @app.command("finetune")
 def finetune_cmd(
     model: str = typer.Argument(..., help="base model spec (a local model)"),
@@ -234,6 +237,7 @@ def finetune_cmd(
     part: Optional[str] = typer.Option(None, "--part", help="train on part K/N of the questions only (every N-th per specialty): "
                                        "train on 0/2, compare on 1/2"),
     seed: int = typer.Option(0),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
 ) -> None:
     """LoRA fine-tuning (loss on the answer only) on one specialty, several, or the control set."""
     from clinqa.adapt.lora import LoraTrainConfig, finetune
@@ -242,7 +246,8 @@ def finetune_cmd(
     from clinqa.specialties.taxonomy import resolve_specialty
 
     cfg = LoraTrainConfig(rank=rank, alpha=alpha, dropout=dropout, epochs=epochs, patience=patience, learning_rate=learning_rate,
-                          batch_size=batch_size, prompt_format=prompt_format, seed=seed, balance=balance)
+                          batch_size=batch_size, prompt_format=prompt_format, seed=seed, balance=balance,
+                          gradient_checkpointing=gradient_checkpointing)
     if control:
         questions = load_questions("bundled:control" if data == "bundled" else data).questions
     elif specialty:
@@ -281,6 +286,7 @@ def cross_specialty_cmd(
     shuffles: int = typer.Option(1),
     balance: bool = typer.Option(True, help="equal training sizes across specialties"),
     seed: int = typer.Option(0),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
 ) -> None:
     """Train one adapter per specialty (+ control), evaluate every adapter on every specialty's test split."""
     from clinqa.data.loaders import load_questions
@@ -288,7 +294,8 @@ def cross_specialty_cmd(
 
     cfg = CrossSpecialtyConfig(model=model, data=data, specialties=tuple(s.strip() for s in specialties.split(",") if s.strip()),
                                control_data=control or None, test_fraction=test_fraction, balance=balance, method=method,
-                               shuffles=shuffles, seed=seed, lora={"epochs": epochs})
+                               shuffles=shuffles, seed=seed,
+                               lora={"epochs": epochs, **({"gradient_checkpointing": True} if gradient_checkpointing else {})})
     questions = load_questions(data).questions
     control_qs = load_questions(control).questions if control else []
     base = load_predictor(model)
@@ -724,12 +731,12 @@ def records_judge(
 
 
 def _stages_config(mode: str, epochs: int, learning_rate: float, rank: int, batch_size: int, max_length: int, seed: int,
-                   tune_questions: int = 8):
+                   tune_questions: int = 8, gradient_checkpointing: bool = False):
     from clinqa.adapt.lora import LoraTrainConfig
     from clinqa.records.train import StagesConfig
 
     lora = LoraTrainConfig(rank=rank, alpha=16, epochs=epochs, patience=1, learning_rate=learning_rate, batch_size=batch_size,
-                           max_length=max_length, seed=seed)
+                           max_length=max_length, seed=seed, gradient_checkpointing=gradient_checkpointing)
     return StagesConfig(mode=mode, lora=lora, seed=seed, max_tune=tune_questions, tune_fraction=0.1 if tune_questions else 0.0)
 
 
@@ -761,6 +768,7 @@ def records_finetune(
     rank: int = typer.Option(16),
     batch_size: int = typer.Option(4),
     max_length: int = typer.Option(768, help="tokens per training example (a stage-2 prompt holds several record lines)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
     tune_questions: int = typer.Option(8, help="training questions held out to tune the stage-1 threshold (0: use 0.5)"),
     seed: int = typer.Option(0),
 ) -> None:
@@ -769,7 +777,7 @@ def records_finetune(
 
     mode = "sequential" if sequential else mode
     recs, questions = _records_and_questions(qa, records, limit)
-    cfg = _stages_config(mode, epochs, learning_rate, rank, batch_size, max_length, seed, tune_questions)
+    cfg = _stages_config(mode, epochs, learning_rate, rank, batch_size, max_length, seed, tune_questions, gradient_checkpointing)
     base = load_predictor(model)
     with progress_bar("records finetune") as update:
         stages = finetune_stages(base, recs, questions, out, cfg, progress=_stage_progress(update))
@@ -801,6 +809,7 @@ def records_sweep(
     rank: int = typer.Option(16),
     batch_size: int = typer.Option(4),
     max_length: int = typer.Option(768),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
     max_new_tokens: int = typer.Option(64),
     seed: int = typer.Option(0),
 ) -> None:
@@ -815,7 +824,7 @@ def records_sweep(
         raise ClinqaError(f"--sizes {sizes!r}: give at least one positive size")
     recs, train_q = _records_and_questions(train, records)
     trecs, test_q = _records_and_questions(test, test_records or records)
-    cfg = _stages_config("separate", epochs, learning_rate, rank, batch_size, max_length, seed)
+    cfg = _stages_config("separate", epochs, learning_rate, rank, batch_size, max_length, seed, gradient_checkpointing=gradient_checkpointing)
     base = load_predictor(model)
     with progress_bar("records sweep") as update:
         rows = size_sweep(base, recs, train_q, trecs, test_q, size_list, out, cfg, progress=_stage_progress(update),

@@ -245,6 +245,22 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_predictor, tmp_path):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_gives_the_same_weights_and_is_not_identity(tiny_predictor, tmp_path):
+    cfg = LoraTrainConfig(epochs=1, patience=None, **FAST)  # dropout on: its masks must be replayed
+    qs = make_questions()
+    plain = finetune(tiny_predictor, qs, cfg, tmp_path / "plain")
+    ckpt_cfg = LoraTrainConfig(epochs=1, patience=None, gradient_checkpointing=True, **FAST)
+    ckpt = finetune(tiny_predictor, qs, ckpt_cfg, tmp_path / "ckpt")
+    assert ckpt.metadata["config"]["gradient_checkpointing"] is True
+    assert not getattr(tiny_predictor.model, "is_gradient_checkpointing", False)  # the shared base is left as it was
+    w1 = load_file(str(plain.path / "adapter_model.safetensors"))
+    w2 = load_file(str(ckpt.path / "adapter_model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
+    # a memory knob: the finished plain adapter is returned as is when asked with checkpointing on
+    assert finetune(tiny_predictor, qs, ckpt_cfg, tmp_path / "plain").cached
+
+
 # -- the +lora: modifier --------------------------------------------------------------------------
 def test_apply_modifier_loads_the_adapter(adapters, tiny_predictor):
     base = logprobs(tiny_predictor)

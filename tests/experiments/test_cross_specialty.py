@@ -51,6 +51,13 @@ def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
     again = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL)
     assert json.dumps(again["cells"]) == json.dumps(s["cells"])
     assert all((p / "samples.jsonl").read_text() == t for p, t in before.items())
+    # gradient checkpointing is a memory knob: switching it on resumes the same experiment, nothing retrained
+    cfg.lora["gradient_checkpointing"] = True
+    third = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL)
+    assert json.dumps(third["cells"]) == json.dumps(s["cells"])
+    cfg.lora["rank"] = 2
+    with pytest.raises(Exception, match="different config"):
+        cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL)
 
 
 def _samples(correct_by_qid):

@@ -87,6 +87,14 @@ def term_overlap(train: dict[str, list[Question]], test: dict[str, list[Question
     return out
 
 
+def _comparable(cfg: dict) -> dict:
+    """An experiment's config without LoRA's memory/speed knobs, which do not change the adapters."""
+    from clinqa.adapt.lora import LoraTrainConfig
+
+    knobs = set(LoraTrainConfig().to_dict()) - set(LoraTrainConfig().identity())
+    return {**cfg, "lora": {k: v for k, v in (cfg.get("lora") or {}).items() if k not in knobs}}
+
+
 def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: str | Path, *, base,
                     control_questions: Sequence[Question] = (), progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run (or resume) the whole experiment in `out`; `base` is a LocalModel (adapters are loaded into it)."""
@@ -97,7 +105,7 @@ def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question],
     specs = [resolve_specialty(s) for s in config.specialties]
     cfg_file = out / "experiment.json"
     cfg = json.loads(json.dumps(asdict(config)))
-    if cfg_file.exists() and json.loads(cfg_file.read_text()) != cfg:
+    if cfg_file.exists() and _comparable(json.loads(cfg_file.read_text())) != _comparable(cfg):
         raise ClinqaError(f"{out} holds a cross-specialty experiment with a different config: choose another --out")
     cfg_file.write_text(json.dumps(cfg, indent=2))
 
