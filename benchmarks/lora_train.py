@@ -2,11 +2,17 @@
 questions, on this machine's CPU, and report what it costs.
 
     python benchmarks/lora_train.py [--epochs 1] [--out DIR] [--rank 32] [--batch-size 8] [--threads N] [--from-spec]
+                                    [--data SPEC --limit N] [--gradient-checkpointing | --compare-checkpointing]
 
 Prints tokens/second (real tokens through forward+backward per second of optimizer-step time),
 wall seconds, peak resident memory, trainable parameters, and the validation loss (mean per answer
 token, S-MedQA defaults otherwise) before and after training. Without --out the adapter goes to a
 temporary folder that is removed at the end; with --out it stays (re-running resumes or returns it).
+
+--data trains on other questions (e.g. PubMedQA, whose abstracts make 300-500-token examples)
+instead of the bundled cardiology ones. --compare-checkpointing trains the same adapter twice, in two
+child processes (peak memory is per process), without and with gradient checkpointing, and prints
+the ratios of peak memory and training time and whether the weights agree.
 """
 
 from __future__ import annotations
@@ -39,7 +45,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is much faster when other processes share the cores)")
     ap.add_argument("--from-spec", action="store_true",
                     help="pass the spec string 'default' (weights loaded from its folder) instead of the loaded model (deep-copied)")
+    ap.add_argument("--data", help="training questions (a data spec or file); default: the bundled cardiology questions")
+    ap.add_argument("--limit", type=int, help="with --data: the first N questions")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--compare-checkpointing", action="store_true", help="train twice (plain, checkpointed) and print ratios")
     args = ap.parse_args()
+    if args.compare_checkpointing:
+        return compare_checkpointing(args)
 
     import torch
 
@@ -53,8 +65,12 @@ def main() -> None:
     t0 = time.perf_counter()
     # the shared, cached predictor other commands use; finetune trains a deep copy and leaves it alone
     base = load_base_model("default")
-    questions = load_questions("bundled", specialties=["cardiology"]).questions
-    config = LoraTrainConfig(epochs=args.epochs, rank=args.rank, batch_size=args.batch_size, max_length=args.max_length)
+    if args.data:
+        questions = load_questions(args.data, limit=args.limit).questions
+    else:
+        questions = load_questions("bundled", specialties=["cardiology"]).questions
+    config = LoraTrainConfig(epochs=args.epochs, rank=args.rank, batch_size=args.batch_size, max_length=args.max_length,
+                             gradient_checkpointing=args.gradient_checkpointing)
     out = args.out or Path(tempfile.mkdtemp(prefix="clinqa-lora-bench-")) / "adapter"
 
     def progress(step: int, total: int, loss: float | None) -> None:
@@ -62,7 +78,8 @@ def main() -> None:
             print(f"  step {step}/{total}  loss {loss:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     print(f"{machine()}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}; base {base.info.name} ({base.info.n_params / 1e6:.0f}M params); "
-          f"{len(questions)} cardiology questions; {args.epochs} epoch(s)", flush=True)
+          f"{len(questions)} {'questions of ' + args.data if args.data else 'cardiology questions'}; {args.epochs} epoch(s)"
+          f"{'; gradient checkpointing' if args.gradient_checkpointing else ''}", flush=True)
     t1 = time.perf_counter()
     result = finetune("default" if args.from_spec else base, questions, config, out, progress=progress)
     wall = time.perf_counter() - t1
@@ -97,6 +114,32 @@ def main() -> None:
         args.json.write_text(json.dumps(numbers, indent=2))
     if args.out is None:
         shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def compare_checkpointing(args) -> None:
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="clinqa-lora-ckpt-"))
+    passed = [a for a in sys.argv[1:] if a != "--compare-checkpointing"]
+    passed = [a for i, a in enumerate(passed) if a != "--out" and (i == 0 or passed[i - 1] != "--out")]
+    results = {}
+    try:
+        for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+            print(f"--- {name}", flush=True)
+            subprocess.run([sys.executable, __file__, *passed, *extra, "--out", str(tmp / name), "--json", str(tmp / f"{name}.json")],
+                           check=True)
+            results[name] = json.loads((tmp / f"{name}.json").read_text())
+        w1 = load_file(str(tmp / "plain" / "adapter_model.safetensors"))
+        w2 = load_file(str(tmp / "checkpointed" / "adapter_model.safetensors"))
+        max_diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    a, b = results["plain"], results["checkpointed"]
+    print(f"gradient checkpointing: peak memory {a['peak_memory_mb']:.0f} -> {b['peak_memory_mb']:.0f} MB "
+          f"({a['peak_memory_mb'] / b['peak_memory_mb']:.2f}x less), training time {a['train_seconds']:.0f} -> "
+          f"{b['train_seconds']:.0f} s ({b['train_seconds'] / a['train_seconds']:.2f}x), largest weight difference {max_diff:.1e}")
 
 
 if __name__ == "__main__":

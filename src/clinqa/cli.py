@@ -215,7 +215,7 @@ def token_shift_cmd(
     console.print(result.markdown(), markup=False, highlight=False)
 
 
-CHECKPOINTING_HELP = "recompute activations in the backward pass: several-fold less memory for long examples, ~1/3 more time, same weights"
+CHECKPOINTING_HELP = "recompute activations in the backward pass: about half the peak memory for long examples, same weights"
 
 
 @app.command("finetune")

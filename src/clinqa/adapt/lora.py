@@ -116,8 +116,9 @@ class LoraTrainConfig:
         available and plain LoRA otherwise; "none" and "4bit" force one. Metadata records which ran.
     balance: subsample every specialty to the size of the smallest (`balance_by_specialty`).
     gradient_checkpointing: recompute each decoder block's activations during the backward pass
-        instead of keeping them: for long examples (PubMedQA abstracts, patient records) this cuts
-        peak memory several-fold for roughly a third more compute. The weights come out the same
+        instead of keeping them: for long examples (PubMedQA abstracts, patient records) this halved
+        peak memory (15.3 -> 7.9 GB, batch 8 x 512 tokens, embedded model) at no measurable cost in
+        time on this CPU (benchmarks/lora_train.py --compare-checkpointing). The weights come out the same
         (dropout masks are replayed), so it is not part of an adapter's identity and may be switched
         on when resuming.
     """
