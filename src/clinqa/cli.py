@@ -215,7 +215,7 @@ def token_shift_cmd(
     console.print(result.markdown(), markup=False, highlight=False)
 
 
-CHECKPOINTING_HELP = "recompute activations in the backward pass: about half the peak memory for long examples, same weights"
+CHECKPOINTING_HELP = "recompute activations in the backward pass: ~7x less peak memory for long examples, ~1.35x the time, same weights"
 
 
 @app.command("finetune")
