@@ -361,12 +361,17 @@ def annotate_cmd(
                 cal_anns = annotate_to_file(predictor, cal_qs, out.with_name(out.stem + ".calibration.jsonl"), n_prompts=prompts,
                                             min_votes=min_votes, calibrate=calibrate, progress=update)
         n_votes = prompts
-    table = Table(title="accuracy / coverage by vote threshold")
-    for col in ("min votes", "coverage", "accuracy (any gold label)"):
-        table.add_column(col, justify="right")
-    for row in tradeoff_table(anns, questions, n_prompts=n_votes):
-        table.add_row(str(row["min_votes"]), f"{row['coverage']:.3f}", "—" if row["accuracy"] is None else f"{row['accuracy']:.3f}")
-    console.print(table)
+    rows = tradeoff_table(anns, questions, n_prompts=n_votes)
+    if train:  # one classifier, no votes: only its accuracy, where DATA has gold labels
+        if rows[0]["accuracy"] is not None:
+            console.print(f"MiniLM annotator: top label is a gold label for {rows[0]['accuracy']:.3f} of {rows[0]['n_gold']} questions")
+    else:
+        table = Table(title="accuracy / coverage by vote threshold")
+        for col in ("min votes", "coverage", "accuracy (any gold label)"):
+            table.add_column(col, justify="right")
+        for row in rows:
+            table.add_row(str(row["min_votes"]), f"{row['coverage']:.3f}", "—" if row["accuracy"] is None else f"{row['accuracy']:.3f}")
+        console.print(table)
     gold = [q.specialties for q in questions]
     sets = None
     if cal_qs:
@@ -386,10 +391,10 @@ def annotate_cmd(
             err.print(f"[yellow]conformal sets skipped:[/yellow] {exc}")
     console.print(f"annotations in [bold]{out}[/bold]")
     if labelled:
-        rows = labelled_questions(questions, anns, sets)
-        write_questions(labelled, rows)
-        n_lab = sum(bool(q.specialties) for q in rows)
-        console.print(f"labelled questions in [bold]{labelled}[/bold] ({n_lab} of {len(rows)} with a specialty, from "
+        out_qs = labelled_questions(questions, anns, sets)
+        write_questions(labelled, out_qs)
+        n_lab = sum(bool(q.specialties) for q in out_qs)
+        console.print(f"labelled questions in [bold]{labelled}[/bold] ({n_lab} of {len(out_qs)} with a specialty, from "
                       f"{'conformal sets' if sets is not None else 'the majority vote'}); use it as DATA in eval, finetune "
                       "and experiment cross-specialty")
 

@@ -148,6 +148,9 @@ def test_annotate_with_minilm_calibrated_sets_and_labelled_output(tmp_path):
                             "--out", str(tmp_path / "a.jsonl"), "--labelled", str(tmp_path / "labelled.jsonl")])
     assert r.exit_code == 0, r.output
     assert "calibrated on 51 questions" in r.output and "51 of 51 with a specialty" in r.output
+    assert "vote threshold" not in r.output  # one classifier: no vote table
+    r = runner.invoke(app, ["annotate", cal, "--train", train, "--out", str(tmp_path / "d.jsonl")])
+    assert r.exit_code == 0 and "top label is a gold label for" in r.output
     labelled = load_questions(str(tmp_path / "labelled.jsonl")).questions
     gold = {q.id: set(q.specialties) for q in qs}
     hits = sum(bool(set(q.specialties) & gold[q.id]) for q in labelled)
