@@ -109,6 +109,19 @@ class Result:
     error: str = ""
 
 
+def server_memory_mb(pid: int) -> dict[str, float]:
+    """The server process's resident memory now (VmRSS) and at its peak (VmHWM), from /proc (Linux)."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -273,15 +286,19 @@ def main() -> int:
     proc = start_server(args, config_path, server_log)
     try:
         report["startup_s"] = round(wait_ready(proc, url, timeout=900), 1)
+        memory_ready = server_memory_mb(proc.pid)
         print(f"server ready in {report['startup_s']} s ({args.model}); {args.clients} clients for {args.duration:.0f} s ...",
               flush=True)
         t0 = time.perf_counter()
         results = asyncio.run(load(url, key, patients, args.clients, args.duration, client_timeout, "load"))
         wall = time.perf_counter() - t0
+        memory_after = server_memory_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     report["load"] = summarise(results, wall)
+    report["load"]["server_memory_mb"] = {"rss_ready": memory_ready.get("VmRSS"), "rss_after": memory_after.get("VmRSS"),
+                                          "peak": memory_after.get("VmHWM")}
     report["load"]["audit"] = audit_check(Path(config["audit_db"]), results, acknowledged_only=False)
     a = report["load"]["audit"]
     if report["load"]["errors"]:
@@ -354,6 +371,9 @@ def print_report(r: dict) -> None:
     print(f"  requests {load['requests']}  ok {load['ok']}  errors {load['errors']}  "
           f"{load['requests_per_s']} req/s over {load['wall_s']} s")
     print(f"  latency p50 {load['latency_p50_s']} s  p95 {load['latency_p95_s']} s  p99 {load['latency_p99_s']} s")
+    m = load.get("server_memory_mb") or {}
+    if m.get("peak"):
+        print(f"  server memory: {m['rss_ready']} MB resident when ready, {m['rss_after']} MB after the load, peak {m['peak']} MB")
     a = load["audit"]
     print(f"  audit: {a['ask_entries']} ask entries for {a['checked_requests']} requests, missing {len(a['missing'])}, "
           f"duplicated {len(a['duplicates'])}; chain: {a['chain_message']}")
