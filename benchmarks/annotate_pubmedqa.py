@@ -112,11 +112,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     questions = []
-    for q in load_questions(str(args.data)).questions:
+    everything = load_questions(str(args.data)).questions
+    for q in everything:
         labels = mesh_specialties(q.meta.get("meshes", []))
         if labels:
             questions.append(q.model_copy(update={"specialties": labels}))
-    n_all = len(load_questions(str(args.data)).questions)
+    n_all = len(everything)
     questions = questions[: args.limit] if args.limit else questions
     write_questions(args.out / "pubmedqa_mesh_labelled.jsonl", questions)
     gold = [q.specialties for q in questions]

@@ -190,10 +190,16 @@ class LoraTrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the trained weights (memory/speed knobs left out)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        return identity_config(self.to_dict())
 
 
 _NOT_IDENTITY = ("gradient_checkpointing",)
+
+
+def identity_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A LoRA config dict (``LoraTrainConfig.to_dict()`` or part of one) without the memory/speed
+    knobs, which do not change the trained weights: what two trainings must agree on."""
+    return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
 
 
 def fix_mmap_threshold(nbytes: int = 1 << 16) -> bool:
@@ -700,7 +706,7 @@ def _versions() -> dict[str, str]:
 def _check_identity(out_dir: Path, found: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
     """Refuse to mix two trainings in one folder, naming what differs."""
     diffs = []
-    old_cfg = {k: v for k, v in (found.get("config") or {}).items() if k not in _NOT_IDENTITY}
+    old_cfg = identity_config(found.get("config") or {})
     new_cfg = wanted["config"]
     for k in sorted(set(old_cfg) | set(new_cfg)):
         if old_cfg.get(k) != new_cfg.get(k):

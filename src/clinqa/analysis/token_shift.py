@@ -127,8 +127,9 @@ def _specialty_of(name: str, specs: Sequence[str]) -> str | None:
     return sid if sid in specs else None
 
 
-def _group_labels(values: dict[str, list[float]], groups: dict[str, list] | None, s: str) -> list:
-    return [(s, g) for g in groups[s]] if groups else [(s, k) for k in range(len(values[s]))]
+def _group_labels(groups: dict[str, list] | None, s: str, n: int) -> list:
+    """The question of each of specialty ``s``'s ``n`` occurrences; without ``groups`` each stands alone."""
+    return [(s, g) for g in groups[s]] if groups else [(s, k) for k in range(n)]
 
 
 def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], adapted: Sequence[str], *,
@@ -145,7 +146,7 @@ def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], a
         others = [values[o][s] for o in medical if o != name]
         if others and all(len(v) == len(values[name][s]) for v in others):
             own += list(np.array(values[name][s]) - np.mean(others, axis=0))
-            own_groups += _group_labels(values[name], groups, s)
+            own_groups += _group_labels(groups, s, len(values[name][s]))
     if own:
         lo, hi = grouped_bootstrap_ci(own, own_groups, seed=seed)
         out.append(Contrast("own_vs_other", "own-specialty adapter − other specialty adapters", len(own), float(np.mean(own)), lo, hi))
@@ -156,7 +157,7 @@ def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], a
             rows = [values[m][s] for m in medical]
             if all(len(r) == len(values[control][s]) for r in rows):
                 med += list(np.mean(rows, axis=0) - np.array(values[control][s]))
-                med_groups += _group_labels(values[control], groups, s)
+                med_groups += _group_labels(groups, s, len(values[control][s]))
         if med:
             lo, hi = grouped_bootstrap_ci(med, med_groups, seed=seed)
             out.append(Contrast("medical_vs_control", "specialty adapters (mean) − control adapter", len(med), float(np.mean(med)), lo, hi))

@@ -89,10 +89,9 @@ def term_overlap(train: dict[str, list[Question]], test: dict[str, list[Question
 
 def _comparable(cfg: dict) -> dict:
     """An experiment's config without LoRA's memory/speed knobs, which do not change the adapters."""
-    from clinqa.adapt.lora import LoraTrainConfig
+    from clinqa.adapt.lora import identity_config
 
-    knobs = set(LoraTrainConfig().to_dict()) - set(LoraTrainConfig().identity())
-    return {**cfg, "lora": {k: v for k, v in (cfg.get("lora") or {}).items() if k not in knobs}}
+    return {**cfg, "lora": identity_config(cfg.get("lora") or {})}
 
 
 def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: str | Path, *, base,

@@ -19,7 +19,7 @@ import numpy as np
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.specialties import conformal
-from clinqa.specialties.annotate import Annotation
+from clinqa.specialties.annotate import SPECIALTY_IDS, Annotation
 from clinqa.specialties.taxonomy import resolve_specialty
 
 __all__ = ["conformal_sets", "embedding_annotations", "gold_labels", "labelled_questions"]
@@ -37,8 +37,6 @@ def gold_labels(questions: Sequence[Question], where: str) -> list[list[str]]:
 
 def embedding_annotations(probs: np.ndarray, questions: Sequence[Question]) -> list[Annotation]:
     """``EmbeddingAnnotator.predict_proba`` rows as Annotations (one 'vote': the most probable label)."""
-    from clinqa.specialties.annotate import SPECIALTY_IDS
-
     probs = np.asarray(probs, dtype=float)
     if probs.shape != (len(questions), len(SPECIALTY_IDS)):
         raise ClinqaError(f"expected probabilities of shape ({len(questions)}, {len(SPECIALTY_IDS)}), got {probs.shape}")
