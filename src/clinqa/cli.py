@@ -23,8 +23,19 @@ from clinqa.errors import ClinqaError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="clinqa: clinical question answering with language models, run privately.")
-console = Console()
-err = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's wrapping; a file or pipe gets whole lines (no wrap at 80 columns), so
+    what a script greps for never depends on the terminal's width or the length of a path."""
+    c = Console(stderr=stderr)
+    if c.is_terminal:
+        return c
+    return Console(stderr=stderr, soft_wrap=True, width=max(c.width, 240))
+
+
+console = _console()
+err = _console(stderr=True)
 
 
 @contextmanager
