@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from clinqa.data.bundled import bundled_files, bundled_format, is_bundled_spec, parse_bundled_spec
 from clinqa.data.schema import LETTERS, Question
 from clinqa.errors import ClinqaError
-from clinqa.specialties.taxonomy import resolve_specialty
+from clinqa.data.taxonomy import resolve_specialty
 
 __all__ = [
     "FORMATS",
