@@ -20,7 +20,9 @@ from clinqa.records import (
     record_from_bundle,
     write_questions,
 )
-from clinqa.records.questions import _months_ago, clean_name, drug_name, measurement_series, trend_label
+from dateutil.relativedelta import relativedelta
+
+from clinqa.records.questions import clean_name, drug_name, measurement_series, trend_label
 
 NOW = date(2025, 1, 1)
 LOINC, SNOMED, RXNORM = "http://loinc.org", "http://snomed.info/sct", "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -135,7 +137,7 @@ def test_hand_checked_counts_windows_existence_and_unanswerable(hand):
     years = {q.question: q for q in _by(qs, "count_encounters")}
     assert {re.search(r"\d{4}", k).group(): q.answer_value for k, q in years.items()} == {"2022": 1, "2023": 1, "2024": 2}
     for q in _by(qs, "window", measurement="hemoglobin A1c"):
-        start = _months_ago(NOW, q.meta["window_months"])
+        start = NOW - relativedelta(months=q.meta["window_months"])
         expected = [o for o in ("a1", "a2", "a3", "a4", "a5", "a6") if date.fromisoformat(record.resources[o]["effectiveDateTime"][:10]) > start]
         assert q.relevant_ids == expected
     exists = _by(qs, "exists_condition")

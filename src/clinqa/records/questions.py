@@ -36,6 +36,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from dateutil.relativedelta import relativedelta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clinqa.errors import ClinqaError
@@ -407,14 +408,8 @@ def record_end(record: PatientRecord) -> date | None:
 
 
 def _months_ago(now: date, months: int) -> date:
-    y, m = divmod(now.month - 1 - months, 12)
-    year, month = now.year + y, m + 1
-    for day in (now.day, 30, 29, 28):
-        try:
-            return date(year, month, day)
-        except ValueError:
-            continue
-    raise AssertionError("unreachable")
+    """The same day `months` calendar months earlier, clamped to the end of a shorter month."""
+    return now - relativedelta(months=months)
 
 
 def _period_words(months: int) -> str:

@@ -252,17 +252,6 @@ def _round(value: float, decimals: int) -> float | int:
     return int(round(value)) if decimals == 0 else round(value, decimals)
 
 
-def _add_months(d: date, months: int) -> date:
-    y, m = divmod(d.month - 1 + months, 12)
-    year, month = d.year + y, m + 1
-    for day in (d.day, 30, 29, 28):
-        try:
-            return date(year, month, day)
-        except ValueError:
-            continue
-    raise AssertionError("unreachable")
-
-
 def _years_between(d0: date, d1: date) -> int:
     return d1.year - d0.year - ((d1.month, d1.day) < (d0.month, d0.day))
 

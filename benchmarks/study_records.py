@@ -1,0 +1,132 @@
+"""Patient-record QA on real Synthea: fine-tune both stages on generated patients only, test on the
+eight real Synthea R4 bundles in ../shared/data/fhir/synthea-r4 that training never saw.
+
+    python benchmarks/study_records.py [--out exp/study-records] [--model default] [--train-patients 20]
+                                       [--epochs 2] [--limit N] [--small] [--shared DIR]
+
+Steps (each a clinqa command writing a resumable folder; run the same command again to resume):
+1. `records questions` on the real bundles (at least 200 questions with ground truth) and on
+   `records synth` training patients;
+2. `records finetune --sequential --test`: a stage-1 adapter, stage 2 continued from it, with stage-1
+   F1 on the real questions before and after stage-2 training (the forgetting measurement);
+3. `records eval` on the real questions with every stage-1 method: BM25, MiniLM embeddings, the base
+   LLM selector, the fine-tuned LLM selector with the fine-tuned stage 2, and the full record;
+4. `records judge` over the runs (blind vs named).
+OUT/results.md collects stage-1 precision/recall/F1, METEOR, ROUGE-L, exact match, citation
+precision and abstention per method, the forgetting figures and the judge table; OUT/steps.jsonl
+holds the wall time of every step. Needs ../shared/data (not part of a clone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED, machine  # noqa: E402
+
+
+def step(name: str, args: list[str], out: Path, done: Path | None = None) -> None:
+    """Run one clinqa command (each resumes by itself); skip it when its `done` file exists."""
+    if done is not None and done.exists():
+        print(f"[{name}] done already ({done})", flush=True)
+        return
+    print(f"[{name}] clinqa {' '.join(args)}", flush=True)
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "clinqa.cli", *args])
+    with open(out / "steps.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": name, "seconds": round(time.time() - t, 1), "rc": r.returncode,
+                             "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    if r.returncode != 0:
+        raise SystemExit(f"[{name}] failed (exit {r.returncode}); fix and run the study again: it resumes")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("exp/study-records"))
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--train-patients", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N real questions in every evaluation")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--small", action="store_true", help="2 training patients, 1 epoch, 6 questions: an end-to-end check")
+    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("CLINQA_SHARED_DATA", SHARED)))
+    a = ap.parse_args()
+    real = a.shared / "fhir" / "synthea-r4"
+    if not real.is_dir():
+        raise SystemExit(f"needs {real} (the shared data folder; --shared DIR)")
+    out, m = a.out, a.model
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"study: record QA on real Synthea, {machine()}, model {m}, out {out}", flush=True)
+    n_train, epochs = (2, 1) if a.small else (a.train_patients, a.epochs)
+    limit = ["--limit", str(6 if a.small else a.limit)] if (a.small or a.limit) else []
+    real_qa, train_qa, train_pts = out / "real-qa.jsonl", out / "train-qa.jsonl", out / "train-patients"
+    step("real questions", ["records", "questions", str(real), "--out", str(real_qa)], out, done=real_qa)
+    step("training patients", ["records", "synth", "--patients", str(n_train), "--seed", "101", "--out", str(train_pts)],
+         out, done=train_pts / ".done")
+    (train_pts / ".done").touch()
+    step("training questions", ["records", "questions", str(train_pts), "--out", str(train_qa)], out, done=train_qa)
+    adapters = out / "adapters"
+    step("finetune (sequential, forgetting on the real questions)",
+         ["records", "finetune", m, str(train_qa), "--records", str(train_pts), "--sequential", "--test", str(real_qa),
+          "--test-records", str(real), "--epochs", str(epochs), "--out", str(adapters)]
+         + (["--limit", "20", "--tune-questions", "4"] if a.small else []), out)
+    gen = ["--max-new-tokens", str(a.max_new_tokens)]
+    runs = {
+        "bm25": ["--selector", "bm25"],
+        "minilm": ["--selector", "embedding"],
+        "llm-base": ["--selector", "llm", "--tune", str(train_qa), "--tune-records", str(train_pts)],
+        "fine-tuned": ["--adapters", str(adapters)],
+        "full-record": ["--selector", "full"],
+    }
+    for name, extra in runs.items():
+        step(f"eval {name}", ["records", "eval", m, str(real_qa), "--records", str(real), "--out", str(out / "runs" / name),
+                              *extra, *gen, *limit], out)
+    judge_args = ["records", "judge", str(real_qa), "--judge", m, "--out", str(out / "judge.json")]
+    for name in runs:
+        judge_args += ["--run", f"{name}={out / 'runs' / name}"]
+    step("judge", judge_args, out, done=out / "judge.json")
+    write_results(out, list(runs))
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    return "—" if x is None else str(x)
+
+
+def write_results(out: Path, names: list[str]) -> None:
+    lines = ["# Record QA on real Synthea", "", f"Machine: {machine()}.", ""]
+    qa = out / "real-qa.jsonl"
+    lines.append(f"Real questions: {sum(1 for _ in open(qa))} from the eight shared Synthea bundles.")
+    lines += ["", "## Per method (stage-1 selection, stage-2 answer)", ""]
+    for name in names:
+        run = out / "runs" / name / "summary.json"
+        if not run.exists():
+            continue
+        summary = json.loads(run.read_text())
+        lines += [f"### {name}", "", "```json", json.dumps(summary, indent=1, default=str)[:4000], "```", ""]
+    stages = out / "adapters" / "stages.json"
+    if stages.exists():
+        lines += ["## Fine-tuning and forgetting", "", "```json", stages.read_text()[:3000], "```", ""]
+    judge = out / "judge.json"
+    if judge.exists():
+        data = json.loads(judge.read_text())
+        lines += ["## Judge", "", "```json", json.dumps(data.get("summary", data), indent=1, default=str)[:4000], "```", ""]
+    steps = [json.loads(line) for line in open(out / "steps.jsonl")]
+    seconds: dict[str, float] = {}
+    for s in steps:
+        seconds[s["step"]] = seconds.get(s["step"], 0.0) + s["seconds"]
+    lines += ["## Wall time per step (s)", "", "| step | s |", "|---|---:|"]
+    lines += [f"| {k} | {v:,.0f} |" for k, v in seconds.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'results.md'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
