@@ -56,7 +56,9 @@ def prepare(shared: Path, out: Path, medmcqa: int, small: bool, seed: int = 0) -
     files["corpus"] = data / "pubmedqa_abstracts.jsonl"
     if all(p.exists() for p in files.values()):
         return files
-    questions = load_questions(shared / "mirage" / "benchmark.json").questions
+    # skip_invalid: 21 MIRAGE rows repeat an option text (a tie no scorer can break); they are counted, not used
+    loaded = load_questions(shared / "mirage" / "benchmark.json", skip_invalid=True)
+    questions = loaded.questions
     by_source: dict[str, list] = {}
     for q in questions:
         by_source.setdefault(q.source.split(":", 1)[-1], []).append(q)
