@@ -443,7 +443,7 @@ class KeyStore:
                 "UPDATE api_keys SET revoked = COALESCE(revoked, ?) WHERE key_id = ?", (_iso(_utcnow()), key_id)
             )
             if cur.rowcount == 0:
-                raise ClinqaError(f"no API key with id {key_id!r}; `list()` shows the key ids")
+                raise ClinqaError(f"no API key with id {key_id!r}; `clinqa keys list` shows the key ids")
             row = db.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
         return self._record(row)
 
