@@ -630,12 +630,18 @@ def records_ask(
     threshold: float = typer.Option(0.5, help="P(yes) threshold of the llm selector"),
     patient: Optional[str] = typer.Option(None, help="patient id when the source holds several"),
     max_new_tokens: int = typer.Option(128),
+    max_question_chars: int = typer.Option(2000, help="refuse longer questions (the service's default limit)"),
 ) -> None:
     """Answer a question from one patient's record: the answer, its cited resources, and stage 1's selection."""
     from clinqa.records.fhir import load_records
     from clinqa.records.pipeline import answer_question
     from clinqa.records.render import render_record
 
+    if not question.strip():
+        raise ClinqaError("the question is empty: ask something about the patient")
+    if len(question) > max_question_chars:
+        raise ClinqaError(f"the question is {len(question):,} characters, over the limit of {max_question_chars:,} "
+                          "(raise it with --max-question-chars)")
     records = load_records(source)
     if patient:
         records = [r for r in records if r.patient_id == patient]
@@ -652,6 +658,8 @@ def records_ask(
         console.print(plain(f"  cites {lines.get(rid, rid)}"), highlight=False, markup=False)
     if res.invalid_citations:
         console.print(f"[yellow]removed citations to resources outside this record:[/yellow] {safe(', '.join(res.invalid_citations))}")
+    if not res.supported:
+        err.print("[bold yellow]unsupported:[/bold yellow] the answer cites nothing in this patient's record; do not trust it")
     console.print(f"stage 1 ({selector}) selected {len(res.selected)} of {len(lines)} resources:")
     for sel in res.selected[:12]:
         console.print(plain(f"  {sel.score:.3f} {lines.get(sel.id, sel.id)}"), highlight=False, markup=False)
@@ -874,10 +882,10 @@ def serve_cmd(
     serve(ServeConfig.load(config, **overrides))
 
 
-def _keystore(path: Path):
+def _keystore(path: Path, create: bool = False):
     from clinqa.serve.auth import KeyStore
 
-    return KeyStore(path)
+    return KeyStore(path, create=create)
 
 
 KEYS_DB = typer.Option(Path(os.environ.get("CLINQA_KEYS_DB", "clinqa-keys.db")), "--db", help="key store file (env CLINQA_KEYS_DB)")
@@ -894,8 +902,10 @@ def keys_create(
     """Create a key; the plain key is printed once and never stored."""
     import datetime as dt
 
-    rec, plain = _keystore(db).create(name, [p for p in patients.split(",") if p], [o for o in operations.split(",") if o],
-                                      expires=dt.timedelta(days=days) if days else None)
+    if days is not None and days < 1:
+        raise ClinqaError(f"--days {days}: a key must live at least 1 day (leave --days out for a key that never expires)")
+    rec, plain = _keystore(db, create=True).create(name, [p for p in patients.split(",") if p], [o for o in operations.split(",") if o],
+                                      expires=dt.timedelta(days=days) if days is not None else None)
     console.print(f"key id {safe(rec.key_id)} · scopes: {safe(rec.scope_text)}")
     console.print(plain, highlight=False, markup=False)
 
@@ -919,16 +929,21 @@ def keys_revoke(key_id: str = typer.Argument(...), db: Path = KEYS_DB) -> None:
 
 
 @audit_app.command("verify")
-def audit_verify(db: Path = typer.Option(Path(os.environ.get("CLINQA_AUDIT_DB", "clinqa-audit.db")), "--db", help="audit log file (env CLINQA_AUDIT_DB)")) -> None:
-    """Recompute the audit log's hash chain; exit 1 if it was tampered with."""
-    from clinqa.serve.audit import AuditLog
+def audit_verify(
+    db: Path = typer.Option(Path(os.environ.get("CLINQA_AUDIT_DB", "clinqa-audit.db")), "--db", help="audit log file (env CLINQA_AUDIT_DB)"),
+    anchor: Optional[Path] = typer.Option(None, "--anchor", help="anchor file the service wrote (default: DB.anchor beside "
+                                          "the log, if there): every anchored entry must still be there, unchanged"),
+) -> None:
+    """Recompute the audit log's hash chain (opened read-only); exit 1 if it was tampered with."""
+    from clinqa.serve.audit import default_anchor_path, read_anchors, verify_file
 
-    if not db.exists():
-        raise ClinqaError(f"no audit log at {db}")
-    with AuditLog(db) as log:
-        result = log.verify()
+    if anchor is None and default_anchor_path(db).is_file():
+        anchor = default_anchor_path(db)
+    anchors = read_anchors(anchor) if anchor is not None else None
+    result = verify_file(db, anchors)
     if result.ok:
-        console.print(f"[green]ok[/green]: {result.n} entries, chain intact")
+        checked = f"; {len(anchors)} anchors from {safe(anchor)} match" if anchors is not None else "; no anchor file checked"
+        console.print(f"[green]ok[/green]: {result.n} entries, chain intact{checked}")
     else:
         err.print(f"[bold red]TAMPERED[/bold red]: {safe(result.message)} (first bad entry {result.first_bad_seq})")
         raise typer.Exit(1)
