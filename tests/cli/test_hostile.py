@@ -62,6 +62,9 @@ def test_markup_in_a_data_answer_gives_the_file_line_error(tmp_path):
 
 
 def test_markup_in_an_id_is_printed_not_swallowed(tmp_path):
+    from clinqa.serve.auth import KeyStore
+
+    KeyStore(tmp_path / "k.db")
     one_line_error(clinqa("keys", "revoke", "[bold]abc", "--db", str(tmp_path / "k.db")), "'[bold]abc'", "clinqa keys list")
 
 
@@ -88,3 +91,31 @@ def test_problems_with_markup_and_escapes_are_printed_safely(tmp_path):
     r = clinqa("records", "show", str(tmp_path / "b.json"), "--lenient")
     assert r.returncode == 0, r.stderr
     assert "problem:" in r.stderr and "[/]" in r.stderr and "\x1b" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------- bounded inputs
+
+
+@pytest.mark.parametrize("question,message", [
+    ("", "the question is empty"),
+    ("   ", "the question is empty"),
+    ("x" * 2001, "the question is 2,001 characters, over the limit of 2,000 (raise it with --max-question-chars)"),
+])
+def test_records_ask_refuses_empty_and_oversized_questions(tmp_path, question, message):
+    (tmp_path / "b.json").write_text(json.dumps(bundle("Ann")))
+    one_line_error(clinqa("records", "ask", str(tmp_path / "b.json"), question), message)
+
+
+def test_eval_refuses_an_oversized_question_with_file_line(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"id": "a", "question": "x" * 100_000, "options": {"A": "x", "B": "y"}, "answer": "A"}) + "\n")
+    r = clinqa("eval", "default", str(f), "--out", str(tmp_path / "out"))
+    one_line_error(r, f"{f}:1: field 'question'", "over the limit of 20,000", "CLINQA_MAX_QUESTION_CHARS")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_duplicate_options_with_file_line(tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"id": "a", "question": "Q?", "options": {k: "same" for k in "ABCD"}, "answer": "A"}) + "\n")
+    one_line_error(clinqa("eval", "default", str(f), "--out", str(tmp_path / "out")),
+                   f"{f}:1: field 'options': options A and B have the same text 'same'")

@@ -483,7 +483,7 @@ def _table_options(rec: dict[str, Any], spec: str | None) -> tuple[dict[str, Any
         else:
             present = [l for l in LETTERS if l in rec]
             if len(present) < 2:
-                raise RowError("options", "missing (no options column and no columns A, B, ...: map them with mapping={'options': 'col1,col2,...'})")
+                raise RowError("options", "missing (no options column and no columns A, B, ...: name the option columns A, B, C, ... or put them in one 'options' column)")
             spec = ",".join(present)
     columns = [c.strip() for c in spec.split(",") if c.strip()]
     if len(columns) > 1:
