@@ -95,6 +95,8 @@ def print_summary(summary: dict, title: str) -> None:
     c = summary["calibration"]
     notes.append(f"ECE {c['ece']:.3f} · Brier {c['brier']:.3f} · mean confidence {_pct(c['mean_confidence'])}%")
     notes.append(f"unparseable {summary['unparseable']}")
+    if summary.get("truncated"):
+        notes.append(f"[yellow]truncated {summary['truncated']}[/yellow] (prompts cut to fit the context window)")
     if summary.get("harmful_choice_rate") is not None:
         notes.append(f"unsafe-option choices {_pct(summary['harmful_choice_rate'])}%")
     console.print(" · ".join(notes))
