@@ -181,3 +181,14 @@ def test_page_shows_the_unsupported_warning():
     html, js = (static / "index.html").read_text(), (static / "app.js").read_text()
     assert 'id="unsupported"' in html and "hidden" in html.split('id="unsupported"')[1].split(">")[0]
     assert '$("unsupported").hidden = body.supported !== false;' in js
+
+
+def test_mcq_with_identical_options_is_a_422(one_patient, tmp_path):
+    _, records = one_patient
+    _, key = KeyStore(tmp_path / "keys.db").create("all", scopes="patient/*.read patient/*.ask")
+    app = create_app(ServeConfig(keys_db=tmp_path / "keys.db", audit_db=tmp_path / "audit.db"),
+                     predictor=NoCitations(), records=records)
+    with TestClient(app) as client:
+        r = client.post("/api/mcq", json={"question": "Which?", "options": {k: "same" for k in "ABCD"}},
+                        headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 422 and "options A and B have the same text 'same'" in r.text
