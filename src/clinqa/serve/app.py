@@ -596,8 +596,10 @@ class Service:
 
     def close(self) -> None:
         self.runner.close()
-        self.audit.write_anchor("shutdown")
-        self.audit.close()
+        try:
+            self.audit.write_anchor("shutdown")
+        finally:
+            self.audit.close()
 
     def authenticate(self, plain: str) -> Optional[KeyRecord]:
         with self._auth_slots:
