@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clinqa.errors import ClinqaError
+from clinqa.textsafe import plain, safe
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="clinqa: clinical question answering with language models, run privately.")
@@ -43,10 +44,10 @@ def progress_bar(description: str) -> Iterator:
     """A rich progress bar; yields a callback(done, total) for long jobs."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[extra]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False) as prog:
-        task = prog.add_task(description, total=None, extra="")
+        task = prog.add_task(safe(description), total=None, extra="")
 
         def update(done: int, total: int, extra: str = "") -> None:
-            prog.update(task, completed=done, total=total, extra=extra)
+            prog.update(task, completed=done, total=total, extra=safe(extra))
 
         yield update
 
@@ -66,7 +67,7 @@ def load_predictor(spec: str):
     _quiet_transformers()
     from clinqa.adapt import load_predictor as _load
 
-    with err.status(f"loading model {spec} ..."):
+    with err.status(f"loading model {safe(spec)} ..."):
         return _load(spec)
 
 
@@ -77,11 +78,11 @@ def _pct(x) -> str:
 
 
 def print_summary(summary: dict, title: str) -> None:
-    table = Table(title=title)
+    table = Table(title=safe(title))
     for col, just in (("specialty", "left"), ("n", "right"), ("accuracy %", "right"), ("95% CI", "right"), ("chance %", "right")):
         table.add_column(col, justify=just)
     for g, a in summary["by_specialty"].items():
-        table.add_row(g, str(a["n"]), _pct(a["acc"]), f"{_pct(a['ci_low'])}–{_pct(a['ci_high'])}", _pct(a["chance"]))
+        table.add_row(safe(g), str(a["n"]), _pct(a["acc"]), f"{_pct(a['ci_low'])}–{_pct(a['ci_high'])}", _pct(a["chance"]))
     o = summary["overall"]
     table.add_row("[bold]all", str(o["n"]), f"[bold]{_pct(o['acc'])}", f"{_pct(o['ci_low'])}–{_pct(o['ci_high'])}", _pct(o["chance"]))
     console.print(table)
@@ -94,6 +95,8 @@ def print_summary(summary: dict, title: str) -> None:
     c = summary["calibration"]
     notes.append(f"ECE {c['ece']:.3f} · Brier {c['brier']:.3f} · mean confidence {_pct(c['mean_confidence'])}%")
     notes.append(f"unparseable {summary['unparseable']}")
+    if summary.get("truncated"):
+        notes.append(f"[yellow]truncated {summary['truncated']}[/yellow] (prompts cut to fit the context window)")
     if summary.get("harmful_choice_rate") is not None:
         notes.append(f"unsafe-option choices {_pct(summary['harmful_choice_rate'])}%")
     console.print(" · ".join(notes))
@@ -132,7 +135,7 @@ def eval_cmd(
         run = evaluate(predictor, questions, config, out, batch_size=batch_size, progress=update, skipped=skipped)
     summary = summarize(run.samples(), seed=seed)
     print_summary(summary, f"{model} · {data} · method={method} · shuffles={shuffles}")
-    console.print(f"run saved in [bold]{out}[/bold] · `clinqa report {out}` writes report.md and plots")
+    console.print(f"run saved in [bold]{safe(out)}[/bold] · `clinqa report {safe(out)}` writes report.md and plots")
 
 
 def _with_alpha(model: str, alpha: float) -> str:
@@ -157,9 +160,9 @@ def report_cmd(
     print_summary(result["summary"], f"{run}")
     if "paired" in result:
         p = result["paired"]
-        console.print(f"paired vs {other}: B−A {_pct(p.diff)} points (95% CI {_pct(p.ci_low)} to {_pct(p.ci_high)}), "
+        console.print(f"paired vs {safe(other)}: B−A {_pct(p.diff)} points (95% CI {_pct(p.ci_low)} to {_pct(p.ci_high)}), "
                       f"bootstrap p={p.p_bootstrap:.4f}, McNemar p={p.p_mcnemar:.4f}")
-    console.print(f"wrote {result['report']}")
+    console.print(f"wrote {safe(result['report'])}")
 
 
 @app.command("compare")
@@ -187,8 +190,8 @@ def compare_cmd(
     questions, _ = load_data(EvalConfig(model=model, data=data, limit=limit, specialties=tuple(specialty)))
     with progress_bar("compare") as update:
         summary = compare(cfg, questions, out, load=load_predictor, progress=lambda m, d, t: update(d, t, m))
-    console.print((out / "summary.md").read_text(), markup=False, highlight=False)
-    console.print(f"wrote {out}/summary.md, summary.json and compare.png")
+    console.print(plain((out / "summary.md").read_text()), markup=False, highlight=False)
+    console.print(f"wrote {safe(out)}/summary.md, summary.json and compare.png")
 
 
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of what adaptation changed.")
@@ -223,7 +226,7 @@ def token_shift_cmd(
     (out / "token_shift.json").write_text(_json.dumps({"rows": [r.__dict__ for r in result.rows], "terms": result.terms,
                                                         "contrasts": [c.__dict__ for c in result.contrasts]}, indent=2))
     plot_shift(result, out / "token_shift.png")
-    console.print(result.markdown(), markup=False, highlight=False)
+    console.print(plain(result.markdown()), markup=False, highlight=False)
 
 
 CHECKPOINTING_HELP = "recompute activations in the backward pass: ~7x less peak memory for long examples, ~1.35x the time, same weights"
@@ -275,8 +278,8 @@ def finetune_cmd(
         result = finetune(base, questions, cfg, out, metadata={"control": control, "data": data, "part": part},
                           progress=lambda step, total, loss: update(step, total, f"loss {loss:.3f}" if loss is not None else ""))
     md = result.metadata
-    console.print(f"adapter in [bold]{result.path}[/bold] ({'already trained' if result.cached else 'trained'}) · best epoch "
-                  f"{md.get('best_epoch')} · {md.get('train_seconds', 0):.0f} s · use it as [bold]{model}{result.spec_modifier}[/bold]")
+    console.print(f"adapter in [bold]{safe(result.path)}[/bold] ({'already trained' if result.cached else 'trained'}) · best epoch "
+                  f"{md.get('best_epoch')} · {md.get('train_seconds', 0):.0f} s · use it as [bold]{safe(model)}{safe(result.spec_modifier)}[/bold]")
 
 
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments: folders of runs plus one summary table.")
@@ -315,8 +318,8 @@ def cross_specialty_cmd(
     with progress_bar("cross-specialty") as update:
         summary = cross_specialty(cfg, questions, out, base=base, control_questions=control_qs,
                                   progress=lambda what, d, t: update(d, t, what))
-    console.print((out / "summary.md").read_text(), markup=False, highlight=False)
-    console.print(f"wrote {out}/summary.md, summary.json and matrix.png")
+    console.print(plain((out / "summary.md").read_text()), markup=False, highlight=False)
+    console.print(f"wrote {safe(out)}/summary.md, summary.json and matrix.png")
 
 
 @app.command("annotate")
@@ -353,8 +356,8 @@ def annotate_cmd(
             raise ClinqaError(f"--calibration {calibration} shares question ids with --train {train}: a classifier is "
                               "over-confident on its own training questions, so the sets would under-cover; use disjoint sets")
         if train_ids & {q.id for q in questions}:
-            err.print(f"[yellow]warning:[/yellow] {len(train_ids & {q.id for q in questions})} questions of {data} are "
-                      f"also in --train {train}: their accuracy below is not held out")
+            err.print(f"[yellow]warning:[/yellow] {len(train_ids & {q.id for q in questions})} questions of {safe(data)} are "
+                      f"also in --train {safe(train)}: their accuracy below is not held out")
         with console.status("MiniLM annotator: embedding and fitting"):
             annotator = EmbeddingAnnotator().fit(train_qs)
             anns = embedding_annotations(annotator.predict_proba(questions), questions)
@@ -387,10 +390,10 @@ def annotate_cmd(
     sets = None
     if cal_qs:
         sets, cal = conformal_sets([a.probs for a in cal_anns], cal_gold, [a.probs for a in anns], alpha)
-        line = f"conformal sets (alpha={alpha}, calibrated on {cal.n} questions of {calibration}): mean set size {sum(map(len, sets)) / len(sets):.2f}"
+        line = f"conformal sets (alpha={alpha}, calibrated on {cal.n} questions of {safe(calibration)}): mean set size {sum(map(len, sets)) / len(sets):.2f}"
         if all(gold):
             m = conformal.evaluate_sets(sets, gold)
-            line += f"; on {data}: coverage {m.coverage_any:.3f} (target {1 - alpha:.2f}), precision {m.precision:.2f}, recall {m.recall:.2f}"
+            line += f"; on {safe(data)}: coverage {m.coverage_any:.3f} (target {1 - alpha:.2f}), precision {m.precision:.2f}, recall {m.recall:.2f}"
         console.print(line)
     elif all(gold) and len(questions) >= 20:
         try:
@@ -399,13 +402,13 @@ def annotate_cmd(
                           f"{c['coverage']:.3f} (target {c['target']:.2f}), mean set size {c['mean_set_size']:.2f}, "
                           f"precision {c['precision']:.2f}, recall {c['recall']:.2f}")
         except ClinqaError as exc:
-            err.print(f"[yellow]conformal sets skipped:[/yellow] {exc}")
-    console.print(f"annotations in [bold]{out}[/bold]")
+            err.print(f"[yellow]conformal sets skipped:[/yellow] {safe(exc)}")
+    console.print(f"annotations in [bold]{safe(out)}[/bold]")
     if labelled:
         out_qs = labelled_questions(questions, anns, sets)
         write_questions(labelled, out_qs)
         n_lab = sum(bool(q.specialties) for q in out_qs)
-        console.print(f"labelled questions in [bold]{labelled}[/bold] ({n_lab} of {len(out_qs)} with a specialty, from "
+        console.print(f"labelled questions in [bold]{safe(labelled)}[/bold] ({n_lab} of {len(out_qs)} with a specialty, from "
                       f"{'conformal sets' if sets is not None else 'the majority vote'}); use it as DATA in eval, finetune "
                       "and experiment cross-specialty")
 
@@ -458,7 +461,7 @@ def steer_build(
     vector.save(out)
     if gguf:
         vector.export_gguf(out / "control_vector.gguf")
-    console.print(f"vector in [bold]{out}[/bold]; use {model}+steer:{out}@alpha=1")
+    console.print(f"vector in [bold]{safe(out)}[/bold]; use {safe(model)}+steer:{safe(out)}@alpha=1")
 
 
 @steer_app.command("sweep")
@@ -486,7 +489,7 @@ def steer_sweep(
     with progress_bar("steer sweep") as update:
         result = sweep(predictor, questions, vec, _int_list(layers) or list(vec.layers),
                        [float(a) for a in alphas.split(",")], method=method, shuffles=shuffles, seed=seed, out=out, progress=update)
-    console.print(result.markdown(), markup=False, highlight=False)
+    console.print(plain(result.markdown()), markup=False, highlight=False)
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Retrieval indexes (BM25 + dense MiniLM + fusion) over your documents.")
@@ -507,7 +510,7 @@ def index_build(
     with progress_bar("index") as update:
         index = build_index_cmd(docs, out, dense=dense, max_words=max_words, overlap=overlap,
                                 progress=lambda stage, d, t: update(d, t, stage))
-    console.print(describe(index), highlight=False)
+    console.print(safe(describe(index)), highlight=False)
 
 
 @index_app.command("query")
@@ -520,7 +523,7 @@ def index_query(
     """The top passages for a query."""
     from clinqa.adapt.retrieval import format_hits, query
 
-    console.print(format_hits(query(index, text, k=k, mode=mode)), markup=False, highlight=False)
+    console.print(plain(format_hits(query(index, text, k=k, mode=mode))), markup=False, highlight=False)
 
 
 records_app = typer.Typer(no_args_is_help=True, help="Patient records over FHIR R4: load, render, synthesise, question generation.")
@@ -549,7 +552,7 @@ def records_synth(
         raise ClinqaError(f"--now {now!r} is not a date (YYYY-MM-DD)") from exc
     with err.status(f"synthesising {patients} patients ..."):
         paths = write_patients(out, synthesize_patients(patients, seed=seed, now=today))
-    console.print(f"wrote {len(paths)} patient bundles to [bold]{out}[/bold]")
+    console.print(f"wrote {len(paths)} patient bundles to [bold]{safe(out)}[/bold]")
 
 
 @records_app.command("show")
@@ -566,11 +569,11 @@ def records_show(
     records = load_records(source, lenient=lenient, include_billing=include_billing)
     for rec in records:
         lines = render_record(rec)
-        console.print(f"[bold]{rec.name}[/bold] ({rec.patient_id}) · {len(rec.resources)} resources · {len(rec.problems)} problems")
+        console.print(f"[bold]{safe(rec.name)}[/bold] ({safe(rec.patient_id)}) · {len(rec.resources)} resources · {len(rec.problems)} problems")
         for problem in rec.problems:
-            err.print(f"[yellow]problem:[/yellow] {problem}")
+            err.print(f"[yellow]problem:[/yellow] {safe(problem)}")
         for rid, line in lines[: limit or None]:
-            console.print(line, highlight=False, markup=False)
+            console.print(plain(line), highlight=False, markup=False)
         if limit and len(lines) > limit:
             console.print(f"... {len(lines) - limit} more")
 
@@ -599,8 +602,8 @@ def records_questions(
             update(i + 1, len(records))
     write_questions(out, qs)
     counts = Counter(q.qtype for q in qs)
-    console.print(f"wrote {len(qs)} questions for {len(records)} patients to [bold]{out}[/bold]: "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    console.print(f"wrote {len(qs)} questions for {len(records)} patients to [bold]{safe(out)}[/bold]: "
+                  + ", ".join(f"{safe(k)} {v}" for k, v in sorted(counts.items())))
 
 
 def _selector(selector: str, model_predictor, top_k: int, threshold: float | None):
@@ -629,12 +632,18 @@ def records_ask(
     threshold: float = typer.Option(0.5, help="P(yes) threshold of the llm selector"),
     patient: Optional[str] = typer.Option(None, help="patient id when the source holds several"),
     max_new_tokens: int = typer.Option(128),
+    max_question_chars: int = typer.Option(2000, help="refuse longer questions (the service's default limit)"),
 ) -> None:
     """Answer a question from one patient's record: the answer, its cited resources, and stage 1's selection."""
     from clinqa.records.fhir import load_records
     from clinqa.records.pipeline import answer_question
     from clinqa.records.render import render_record
 
+    if not question.strip():
+        raise ClinqaError("the question is empty: ask something about the patient")
+    if len(question) > max_question_chars:
+        raise ClinqaError(f"the question is {len(question):,} characters, over the limit of {max_question_chars:,} "
+                          "(raise it with --max-question-chars)")
     records = load_records(source)
     if patient:
         records = [r for r in records if r.patient_id == patient]
@@ -646,14 +655,16 @@ def records_ask(
         res = answer_question(predictor, record, question, selector=_selector(selector, predictor, top_k, threshold),
                               max_new_tokens=max_new_tokens)
     lines = dict(render_record(record))
-    console.print(f"[bold]answer:[/bold] {res.answer}", highlight=False)
+    console.print(f"[bold]answer:[/bold] {safe(res.answer)}", highlight=False)
     for rid in res.citations:
-        console.print(f"  cites {lines.get(rid, rid)}", highlight=False, markup=False)
+        console.print(plain(f"  cites {lines.get(rid, rid)}"), highlight=False, markup=False)
     if res.invalid_citations:
-        console.print(f"[yellow]removed citations to resources outside this record:[/yellow] {', '.join(res.invalid_citations)}")
+        console.print(f"[yellow]removed citations to resources outside this record:[/yellow] {safe(', '.join(res.invalid_citations))}")
+    if not res.supported:
+        err.print("[bold yellow]unsupported:[/bold yellow] the answer cites nothing in this patient's record; do not trust it")
     console.print(f"stage 1 ({selector}) selected {len(res.selected)} of {len(lines)} resources:")
     for sel in res.selected[:12]:
-        console.print(f"  {sel.score:.3f} {lines.get(sel.id, sel.id)}", highlight=False, markup=False)
+        console.print(plain(f"  {sel.score:.3f} {lines.get(sel.id, sel.id)}"), highlight=False, markup=False)
     console.print(f"{res.tokens} tokens · " + " · ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
 
 
@@ -704,7 +715,7 @@ def records_eval(
         summary = evaluate_records(predictor, recs, questions, selector=chosen, out=out,
                                    progress=update, max_new_tokens=max_new_tokens, with_meteor=meteor)
     console.print_json(_json.dumps(summary, default=str))
-    console.print(f"run saved in [bold]{out}[/bold]")
+    console.print(f"run saved in [bold]{safe(out)}[/bold]")
 
 
 @records_app.command("judge")
@@ -736,14 +747,14 @@ def records_judge(
     table = Table("system", "n", "blind grade", "non-blind grade", "non-blind − blind", "correct (blind)", "κ vs exact match (blind)")
     fmt = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
     for name, r in result["systems"].items():
-        table.add_row(name, str(r["blind"]["n"]), fmt(r["blind"]["mean_expected"]), fmt(r["non_blind"]["mean_expected"]),
+        table.add_row(safe(name), str(r["blind"]["n"]), fmt(r["blind"]["mean_expected"]), fmt(r["non_blind"]["mean_expected"]),
                       fmt(r["difference"], 3), fmt(r["blind"]["correct_rate"]), fmt(r["kappa_blind"]["kappa"]))
     console.print(table)
     console.print("grades 0-4 (expected grade under the judge's distribution); correct = grade >= 3")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(_json.dumps({"judge": judge, **result}, indent=2, default=str))
-        console.print(f"grades in [bold]{out}[/bold]")
+        console.print(f"grades in [bold]{safe(out)}[/bold]")
 
 
 def _stages_config(mode: str, epochs: int, learning_rate: float, rank: int, batch_size: int, max_length: int, seed: int,
@@ -797,10 +808,10 @@ def records_finetune(
     base = load_predictor(model)
     with progress_bar("records finetune") as update:
         stages = finetune_stages(base, recs, questions, out, cfg, progress=_stage_progress(update))
-    console.print(f"{mode} stages in [bold]{out}[/bold]: stage 1 {stages['stage1']} ({stages['n_examples']['stage1']} pairs), "
-                  f"stage 2 {stages['stage2']} ({stages['n_examples']['stage2']} answers); stage-1 threshold "
+    console.print(f"{safe(mode)} stages in [bold]{safe(out)}[/bold]: stage 1 {safe(stages['stage1'])} ({stages['n_examples']['stage1']} pairs), "
+                  f"stage 2 {safe(stages['stage2'])} ({stages['n_examples']['stage2']} answers); stage-1 threshold "
                   f"{stages['threshold']:.3f} (F1 {stages['tuning'].get('f1', float('nan')):.3f} on {stages['n_tune_questions']} held-out questions)")
-    console.print(f"evaluate: clinqa records eval {model} TEST_QA --records TEST_RECORDS --adapters {out} --out runs/NAME")
+    console.print(f"evaluate: clinqa records eval {safe(model)} TEST_QA --records TEST_RECORDS --adapters {safe(out)} --out runs/NAME")
     if test is not None:
         if mode != "sequential":
             raise ClinqaError("--test measures forgetting, which needs --sequential")
@@ -808,7 +819,7 @@ def records_finetune(
         with progress_bar("stage-1 F1 before/after") as update:
             result = forgetting(base, trecs, tq, out, progress=_stage_progress(update))
         console.print(f"stage-1 micro F1 on {len(tq)} test questions: before stage 2 {result['before']['micro']['f1']:.3f}, "
-                      f"after {result['after']['micro']['f1']:.3f} (drop {result['f1_drop']:+.3f}); saved in {out}/forgetting.json")
+                      f"after {result['after']['micro']['f1']:.3f} (drop {result['f1_drop']:+.3f}); saved in {safe(out)}/forgetting.json")
 
 
 @records_app.command("sweep")
@@ -851,7 +862,7 @@ def records_sweep(
         table.add_row(str(r["n_questions"]), fmt(r["stage1_f1"]), fmt(r["stage2"].get("meteor")), fmt(r["stage2"].get("rouge_l")),
                       fmt(r["stage2"].get("exact_match")), fmt(r["stage2"].get("abstention_rate")))
     console.print(table)
-    console.print(f"curves in [bold]{out}/sweep.json[/bold] and {out}/sweep.png")
+    console.print(f"curves in [bold]{safe(out)}/sweep.json[/bold] and {safe(out)}/sweep.png")
 
 
 @app.command("serve")
@@ -873,10 +884,10 @@ def serve_cmd(
     serve(ServeConfig.load(config, **overrides))
 
 
-def _keystore(path: Path):
+def _keystore(path: Path, create: bool = False):
     from clinqa.serve.auth import KeyStore
 
-    return KeyStore(path)
+    return KeyStore(path, create=create)
 
 
 KEYS_DB = typer.Option(Path(os.environ.get("CLINQA_KEYS_DB", "clinqa-keys.db")), "--db", help="key store file (env CLINQA_KEYS_DB)")
@@ -893,9 +904,11 @@ def keys_create(
     """Create a key; the plain key is printed once and never stored."""
     import datetime as dt
 
-    rec, plain = _keystore(db).create(name, [p for p in patients.split(",") if p], [o for o in operations.split(",") if o],
-                                      expires=dt.timedelta(days=days) if days else None)
-    console.print(f"key id {rec.key_id} · scopes: {rec.scope_text}")
+    if days is not None and days < 1:
+        raise ClinqaError(f"--days {days}: a key must live at least 1 day (leave --days out for a key that never expires)")
+    rec, plain = _keystore(db, create=True).create(name, [p for p in patients.split(",") if p], [o for o in operations.split(",") if o],
+                                      expires=dt.timedelta(days=days) if days is not None else None)
+    console.print(f"key id {safe(rec.key_id)} · scopes: {safe(rec.scope_text)}")
     console.print(plain, highlight=False, markup=False)
 
 
@@ -906,7 +919,7 @@ def keys_list(db: Path = KEYS_DB) -> None:
     for col in ("key id", "name", "scopes", "created", "expires", "status"):
         table.add_column(col)
     for k in _keystore(db).list():
-        table.add_row(k.key_id, k.name, k.scope_text, str(k.created)[:19], str(k.expires or "")[:19], k.status())
+        table.add_row(*(safe(v) for v in (k.key_id, k.name, k.scope_text, str(k.created)[:19], str(k.expires or "")[:19], k.status())))
     console.print(table)
 
 
@@ -914,22 +927,27 @@ def keys_list(db: Path = KEYS_DB) -> None:
 def keys_revoke(key_id: str = typer.Argument(...), db: Path = KEYS_DB) -> None:
     """Revoke a key at once."""
     rec = _keystore(db).revoke(key_id)
-    console.print(f"revoked {rec.key_id} ({rec.name})")
+    console.print(f"revoked {safe(rec.key_id)} ({safe(rec.name)})")
 
 
 @audit_app.command("verify")
-def audit_verify(db: Path = typer.Option(Path(os.environ.get("CLINQA_AUDIT_DB", "clinqa-audit.db")), "--db", help="audit log file (env CLINQA_AUDIT_DB)")) -> None:
-    """Recompute the audit log's hash chain; exit 1 if it was tampered with."""
-    from clinqa.serve.audit import AuditLog
+def audit_verify(
+    db: Path = typer.Option(Path(os.environ.get("CLINQA_AUDIT_DB", "clinqa-audit.db")), "--db", help="audit log file (env CLINQA_AUDIT_DB)"),
+    anchor: Optional[Path] = typer.Option(None, "--anchor", help="anchor file the service wrote (default: DB.anchor beside "
+                                          "the log, if there): every anchored entry must still be there, unchanged"),
+) -> None:
+    """Recompute the audit log's hash chain (opened read-only); exit 1 if it was tampered with."""
+    from clinqa.serve.audit import default_anchor_path, read_anchors, verify_file
 
-    if not db.exists():
-        raise ClinqaError(f"no audit log at {db}")
-    with AuditLog(db) as log:
-        result = log.verify()
+    if anchor is None and default_anchor_path(db).is_file():
+        anchor = default_anchor_path(db)
+    anchors = read_anchors(anchor) if anchor is not None else None
+    result = verify_file(db, anchors)
     if result.ok:
-        console.print(f"[green]ok[/green]: {result.n} entries, chain intact")
+        checked = f"; {len(anchors)} anchors from {safe(anchor)} match" if anchors is not None else "; no anchor file checked"
+        console.print(f"[green]ok[/green]: {result.n} entries, chain intact{checked}")
     else:
-        err.print(f"[bold red]TAMPERED[/bold red]: {result.message} (first bad entry {result.first_bad_seq})")
+        err.print(f"[bold red]TAMPERED[/bold red]: {safe(result.message)} (first bad entry {result.first_bad_seq})")
         raise typer.Exit(1)
 
 
@@ -938,7 +956,7 @@ def main() -> None:
     try:
         app()
     except ClinqaError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {safe(exc)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted: finished batches are saved; re-run the same command to resume")

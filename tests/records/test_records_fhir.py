@@ -173,7 +173,7 @@ def test_invalid_resource_strict_names_file_entry_resource_and_field(tmp_path):
         load_bundle(path)
     assert str(err.value) == (
         f"{path}: entry[2], Observation/o1: field 'valueQuantity.value': Decimal value string does not match spec regex "
-        "(pass lenient=True to keep invalid resources)"
+        "(use --lenient (serve: records_lenient) to keep invalid resources)"
     )
 
 
@@ -325,7 +325,7 @@ def test_ndjson_bad_line_strict_and_lenient(tmp_path):
         load_ndjson_folder(tmp_path)
     assert str(err.value) == (
         f"{tmp_path / 'Observation.ndjson'}: line 2: not JSON (Expecting property name enclosed in double quotes, column 2) "
-        "(pass lenient=True to load the rest)"
+        "(use --lenient (serve: records_lenient) to load the rest and list the problems)"
     )
     (record,) = load_ndjson_folder(tmp_path, lenient=True)
     assert set(record.resources) == {"p1", "o1"}

@@ -392,7 +392,7 @@ def _prepare_questions(questions, config: LoraTrainConfig) -> tuple[list[Questio
         groups = {}
         for q in questions:
             if not q.specialties:
-                raise ClinqaError(f"balance=True needs a specialty label on every question; {q.id} has none")
+                raise ClinqaError(f"--balance needs a specialty label on every question; {q.id} has none")
             groups.setdefault(q.specialties[0], []).append(q)
     if config.balance:
         groups = balance_by_specialty(groups, config.seed)

@@ -381,7 +381,7 @@ class Index:
         if mode not in SEARCH_MODES:
             raise ClinqaError(f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}")
         if mode != "bm25" and not self.has_dense:
-            raise ClinqaError(f"the index {self.path} has no dense vectors (built with dense=False): use mode=bm25 or rebuild it")
+            raise ClinqaError(f"the index {self.path} has no dense vectors (built with --no-dense): search with --mode bm25 (or +rag:INDEX@mode=bm25), or rebuild it with dense vectors")
 
     def bm25_scores(self, queries: Sequence[str]) -> np.ndarray:
         """[len(queries), len(passages)] BM25 scores (0 where no query term occurs)."""

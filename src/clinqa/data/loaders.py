@@ -483,7 +483,7 @@ def _table_options(rec: dict[str, Any], spec: str | None) -> tuple[dict[str, Any
         else:
             present = [l for l in LETTERS if l in rec]
             if len(present) < 2:
-                raise RowError("options", "missing (no options column and no columns A, B, ...: map them with mapping={'options': 'col1,col2,...'})")
+                raise RowError("options", "missing (no options column and no columns A, B, ...: name the option columns A, B, C, ... or put them in one 'options' column)")
             spec = ",".join(present)
     columns = [c.strip() for c in spec.split(",") if c.strip()]
     if len(columns) > 1:
@@ -747,6 +747,35 @@ def _questions_in(path: Path, fmt: str, mapping: dict[str, str] | None) -> Itera
         raise ClinqaError(f"{path}: not a UTF-8 text file") from None
 
 
+DEFAULT_MAX_QUESTION_CHARS = 20_000
+MAX_QUESTION_ENV = "CLINQA_MAX_QUESTION_CHARS"
+
+
+def max_question_chars(value: int | None = None) -> int:
+    """The size cap of one question (its text plus its options), in characters: ``value``, else
+    $CLINQA_MAX_QUESTION_CHARS, else 20,000 (generous: the longest bundled or benchmark question is far
+    shorter; a 100 KB question would only be left-truncated to the model's context window)."""
+    if value is None:
+        text = os.environ.get(MAX_QUESTION_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_QUESTION_CHARS
+        try:
+            value = int(text)
+        except ValueError:
+            raise ClinqaError(f"{MAX_QUESTION_ENV}={text!r}: give a whole number of characters") from None
+    if value < 1:
+        raise ClinqaError(f"the question size limit must be at least 1 character, got {value}")
+    return value
+
+
+def _oversized(q: Question, cap: int) -> str | None:
+    size = len(q.question) + sum(len(t) for t in q.options.values())
+    if size <= cap:
+        return None
+    return (f"question and options are {size:,} characters, over the limit of {cap:,} "
+            f"(set {MAX_QUESTION_ENV} to raise it)")
+
+
 def load_questions(
     spec: str | Path,
     *,
@@ -755,6 +784,7 @@ def load_questions(
     skip_invalid: bool = False,
     limit: int | None = None,
     specialties: list[str] | None = None,
+    max_chars: int | None = None,
 ) -> LoadResult:
     """Load questions from a file, a folder, or a bundled set (`bundled`, `bundled:control`, ...).
 
@@ -763,7 +793,9 @@ def load_questions(
     skip_invalid: list bad records in `skipped` instead of raising a ClinqaError on the first one.
     specialties: keep questions having any of these (ids, aliases or names); limit: keep the first N after
     filtering -- reading stops there, so problems further down are not reported.
+    max_chars: a question whose text plus options is longer is a bad row (see `max_question_chars`).
     """
+    cap = max_question_chars(max_chars)
     if format is not None and format not in FORMATS:
         raise ClinqaError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     if limit is not None and limit < 0:
@@ -788,6 +820,10 @@ def load_questions(
         for item, raw in _questions_in(path, fmt, mapping):
             if isinstance(item, Problem):
                 problem(item)
+                continue
+            too_big = _oversized(item, cap)
+            if too_big:
+                problem(Problem(str(path), raw.line, "question", too_big, raw.key))
                 continue
             if item.id in seen:
                 problem(Problem(str(path), raw.line, "id", f"duplicate question id {item.id!r} (first seen at {seen[item.id]})", raw.key))

@@ -49,9 +49,14 @@ class Question(BaseModel):
         expected = letters(len(v))
         if list(v) != expected:
             raise ValueError(f"option keys must be {', '.join(expected)} in order, got {', '.join(v)}")
+        seen: dict[str, str] = {}
         for k, text in v.items():
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"option {k} is empty")
+            norm = " ".join(text.split()).casefold()
+            if norm in seen:  # identical options make a tie the scorer would break towards A
+                raise ValueError(f"options {seen[norm]} and {k} have the same text {text.strip()[:60]!r}")
+            seen[norm] = k
         return v
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from clinqa.evaluate import prompts, shuffle
 from clinqa.evaluate.extract import extract_answer
 from clinqa.evaluate.sample import Sample
 from clinqa.models.base import GenerationConfig, Predictor
+from clinqa.models.truncation import truncated_flags, watch_truncation
 
 METHODS = ("letter", "option", "generate")
 
@@ -62,7 +63,8 @@ def annotations(predictor: Predictor, prompt: str) -> dict:
     return dict(fn(prompt)) if fn is not None else {}
 
 
-def _sample(item: Item, method: str, pred: str | None, scores: dict, probs: dict, extras: dict, latency: float) -> Sample:
+def _sample(item: Item, method: str, pred: str | None, scores: dict, probs: dict, extras: dict, latency: float,
+            truncated: bool = False) -> Sample:
     q = item.question
     harmful = q.meta.get("harmful_options")
     if harmful:
@@ -71,7 +73,7 @@ def _sample(item: Item, method: str, pred: str | None, scores: dict, probs: dict
     return Sample(
         question_id=q.id, shuffle=item.shuffle, permutation=item.permutation, options=item.options,
         gold=item.gold, pred=pred, correct=pred == item.gold, method=method, scores=scores, probs=probs,
-        specialties=list(q.specialties), source=q.source, extras=extras, latency_s=latency,
+        specialties=list(q.specialties), source=q.source, extras=extras, latency_s=latency, truncated=truncated,
     )
 
 
@@ -86,13 +88,15 @@ def score_letter(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
     for n, idx in by_n.items():
         letters = list(items[idx[0]].options)
         texts = [prompts.letter_prompt(items[i].question, items[i].options) for i in idx]
-        lp = predictor.next_token_logprobs(texts, [f" {l}" for l in letters])
+        with watch_truncation() as notes:
+            lp = predictor.next_token_logprobs(texts, [f" {l}" for l in letters])
+        cut = truncated_flags(notes, texts)
         per = (time.perf_counter() - t0) / max(len(items), 1)
         for row, i in enumerate(idx):
             scores = dict(zip(letters, map(float, lp[row])))
             pred = max(scores, key=scores.get) if any(math.isfinite(v) for v in scores.values()) else None
             results[i] = _sample(items[i], "letter", pred, scores, dict(zip(letters, _softmax(lp[row]))),
-                                 annotations(predictor, texts[row]), per)
+                                 annotations(predictor, texts[row]), per, cut[row])
     out = [results[i] for i in range(len(items))]
     return out
 
@@ -100,10 +104,12 @@ def score_letter(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
 def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sample]:
     t0 = time.perf_counter()
     groups = [(prompts.cloze_prompt(it.question), [" " + v for v in it.options.values()]) for it in items]
-    scored = predictor.score_continuations(groups)
+    with watch_truncation() as notes:
+        scored = predictor.score_continuations(groups)
+    cut = truncated_flags(notes, [ctx for ctx, _ in groups])
     per = (time.perf_counter() - t0) / max(len(items), 1)
     out = []
-    for it, (ctx, _), conts in zip(items, groups, scored):
+    for it, (ctx, _), conts, was_cut in zip(items, groups, scored, cut):
         letters = list(it.options)
         sums = [c.logprob for c in conts]
         # lm-eval's acc_norm divides by the character length of the choice text (without the space)
@@ -118,19 +124,23 @@ def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
             **annotations(predictor, ctx),
         }
         # probs: the model's relative probability of each option text (softmax of the sums)
-        out.append(_sample(it, "option", pred_norm, dict(zip(letters, norms)), dict(zip(letters, _softmax(sums))), extras, per))
+        out.append(_sample(it, "option", pred_norm, dict(zip(letters, norms)), dict(zip(letters, _softmax(sums))), extras, per,
+                           was_cut))
     return out
 
 
 def score_generate(predictor: Predictor, items: Sequence[Item], *, max_new_tokens: int = 128, seed: int = 0, **_) -> list[Sample]:
     t0 = time.perf_counter()
     prompt_texts = [prompts.generate_prompt(it.question, it.options) for it in items]
-    texts = predictor.generate(prompt_texts, GenerationConfig(max_new_tokens=max_new_tokens, seed=seed))
+    with watch_truncation() as notes:
+        texts = predictor.generate(prompt_texts, GenerationConfig(max_new_tokens=max_new_tokens, seed=seed))
+    cut = truncated_flags(notes, prompt_texts)
     per = (time.perf_counter() - t0) / max(len(items), 1)
     out = []
-    for it, prompt, text in zip(items, prompt_texts, texts):
+    for it, prompt, text, was_cut in zip(items, prompt_texts, texts, cut):
         pred, how = extract_answer(text, it.options)
-        out.append(_sample(it, "generate", pred, {}, {}, {"generated": text, "parse": how, **annotations(predictor, prompt)}, per))
+        out.append(_sample(it, "generate", pred, {}, {}, {"generated": text, "parse": how, **annotations(predictor, prompt)}, per,
+                           was_cut))
     return out
 
 

@@ -43,6 +43,7 @@ def summarize(samples: Sequence[Sample], seed: int = 0) -> dict:
         "macro_specialty": macro,
         "micro_specialty": micro,
         "unparseable": M.unparseable_count(samples),
+        "truncated": sum(s.truncated for s in samples),  # prompts cut to fit the context window
         "harmful_choice_rate": M.harmful_choice_rate(samples),
     }
     if len({s.shuffle for s in samples}) > 1:
@@ -85,6 +86,8 @@ def markdown(run: Run, summary: dict) -> str:
     lines.append(f"Calibration: ECE {c['ece']:.3f}, Brier {c['brier']:.3f}, mean confidence {_pct(c['mean_confidence'])} "
                  f"vs accuracy {_pct(c['accuracy'])} (overconfidence {_pct(c['overconfidence'])} points; n={c['n']}).")
     lines.append(f"Unparseable answers: {summary['unparseable']}.")
+    if summary.get("truncated"):
+        lines.append(f"Prompts truncated to fit the context window: {summary['truncated']} (their scores saw only the end of the question).")
     if summary["harmful_choice_rate"] is not None:
         lines.append(f"Unsafe-option choice rate (questions with a harmful option): {_pct(summary['harmful_choice_rate'])}%.")
     if len(summary["by_source"]) > 1:

@@ -29,6 +29,7 @@ class Sample(BaseModel):
     source: str = ""
     extras: dict[str, Any] = Field(default_factory=dict)  # method-specific: generated text, parse status, ...
     latency_s: float = 0.0
+    truncated: bool = False  # the prompt did not fit the model's context window and was cut (see models.truncation)
 
     @property
     def key(self) -> tuple[str, int]:

@@ -24,6 +24,7 @@ import torch
 
 from clinqa.errors import ClinqaError
 from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
+from clinqa.models.truncation import note_truncated
 
 # A batch holds at most this many (padded) tokens; keeps attention and activations cache-friendly.
 MAX_BATCH_TOKENS = int(os.environ.get("CLINQA_MAX_BATCH_TOKENS", "1024"))
@@ -242,7 +243,11 @@ class LocalModel:
         if not contexts:
             return np.zeros((0, len(candidates)), dtype=np.float64)
         cand_ids = self.candidate_token_ids(contexts[0], candidates)
-        encoded = [self.encode(c)[-self.max_length:] for c in contexts]
+        encoded = [self.encode(c) for c in contexts]
+        for i, e in enumerate(encoded):
+            if len(e) > self.max_length:
+                note_truncated(i, contexts[i])
+        encoded = [e[-self.max_length:] for e in encoded]
         out = np.zeros((len(contexts), len(candidates)), dtype=np.float64)
         for batch in length_batches([len(e) for e in encoded]):
             ids, last = self._right_padded([encoded[i] for i in batch])
@@ -288,6 +293,9 @@ class LocalModel:
     @torch.inference_mode()
     def _score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
         packed = [self._pack(ctx, conts) for ctx, conts in groups]
+        for i, (p, (ctx, _)) in enumerate(zip(packed, groups)):
+            if p["truncated"]:
+                note_truncated(i, ctx)
         results: list[list[ContinuationScore]] = [[] for _ in groups]
         for batch in length_batches([len(p["ids"]) for p in packed]):
             width = len(packed[batch[0]]["ids"])
@@ -350,6 +358,7 @@ class LocalModel:
         budget = self.max_length - max(len(c) for c in conts)
         if budget < 1:
             raise ClinqaError("a continuation is longer than the model's context window")
+        truncated = len(ctx) > budget
         ctx = ctx[-budget:]  # left-truncate like lm-eval
         c = len(ctx)
         ids, pos = list(ctx), list(range(c))
@@ -368,7 +377,7 @@ class LocalModel:
                 mask[start:end, :c] = True
                 mask[start:end, start:end] = torch.tril(torch.ones((end - start, end - start), dtype=torch.bool))
             targets.append(([c - 1, *range(start, end)], list(cont)))
-        return {"ids": ids, "pos": pos, "mask": mask, "targets": targets, "conts": list(continuations)}
+        return {"ids": ids, "pos": pos, "mask": mask, "targets": targets, "conts": list(continuations), "truncated": truncated}
 
     # -- generation ---------------------------------------------------------------------------
     def format_prompt(self, prompt: str, config: GenerationConfig) -> str:
@@ -383,6 +392,9 @@ class LocalModel:
         texts = [self.format_prompt(p, config) for p in prompts]
         outputs: list[str] = [""] * len(texts)
         encoded = [self.encode(t) for t in texts]
+        for i, e in enumerate(encoded):
+            if len(e) + config.max_new_tokens > self.max_length:  # the prompt and answer overflow the window
+                note_truncated(i, prompts[i])
         gen = torch.Generator().manual_seed(config.seed)
         for batch in length_batches([len(e) + config.max_new_tokens for e in encoded], max_size=16):
             width = max(len(encoded[i]) for i in batch)

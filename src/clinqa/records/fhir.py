@@ -59,6 +59,14 @@ _RELATIVE_REF = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_histor
 _ABSOLUTE_REF = re.compile(r"^(https?://.+?)/([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
 _CONDITIONAL_REF = re.compile(r"^[A-Z][A-Za-z]+\?")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# What a user can do about a strict-mode error: the CLI's flag and the service's setting (lenient=True in Python).
+LENIENT_HINT = "use --lenient (serve: records_lenient) to load the rest and list the problems"
+KEEP_INVALID_HINT = "use --lenient (serve: records_lenient) to keep invalid resources"
+
+
+def _json_kind(value: Any) -> str:
+    return {type(None): "null", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            list: "a list"}.get(type(value), f"a {type(value).__name__}")
 
 
 @dataclass
@@ -254,7 +262,7 @@ class _Assembly:
         else:
             self.problems.setdefault(key, []).append(text)
 
-    def fail_or_note(self, text: str, *, hint: str = "pass lenient=True to load the rest") -> None:
+    def fail_or_note(self, text: str, *, hint: str = LENIENT_HINT) -> None:
         if not self.lenient:
             raise ClinqaError(f"{text} ({hint})")
         self.loose_problems.append(text)
@@ -263,7 +271,7 @@ class _Assembly:
     def add(self, item: _Item) -> None:
         res = item.resource
         if not isinstance(res, dict):
-            self.fail_or_note(f"{item.where}: not a FHIR resource (a JSON {type(res).__name__}, not an object)")
+            self.fail_or_note(f"{item.where}: not a FHIR resource ({_json_kind(res)}, not an object)")
             return
         rtype = res.get("resourceType")
         if not isinstance(rtype, str) or not rtype:
@@ -293,7 +301,7 @@ class _Assembly:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             text = f"{item.where}, {rtype}/{rid}: field '{fld}': {msg}{more}"
             if not self.lenient:
-                raise ClinqaError(f"{text} (pass lenient=True to keep invalid resources)")
+                raise ClinqaError(f"{text} ({KEEP_INVALID_HINT})")
             note = f"{text}; kept unvalidated"
 
         if (rtype, rid) in self.by_type_id:
@@ -381,6 +389,39 @@ class _Assembly:
         keys = {self.by_type_id.get(("Patient", pid)) for pid in found} - {None}
         return keys.pop() if len(keys) == 1 else None
 
+    def _foreign_patient(self, res: dict) -> str | None:
+        """The reference, if ``res`` names in a patient field (subject, patient, ...) a Patient that is not
+        in this load: such a resource is about someone else and belongs in no record here."""
+        if res.get("resourceType") == "Patient":
+            return None
+        for fld in _PATIENT_FIELDS:
+            node = res.get(fld)
+            ref = node.get("reference") if isinstance(node, dict) else None
+            if not isinstance(ref, str) or ref.startswith("#"):
+                continue
+            m = _RELATIVE_REF.match(ref) or _ABSOLUTE_REF.match(ref)
+            rtype, rid = (m.groups()[-2:] if m else (None, None))
+            if rtype is not None and rtype != "Patient":
+                continue  # e.g. a Group: not a patient
+            if rtype == "Patient" and ("Patient", rid) in self.by_type_id and (m.re is _RELATIVE_REF):
+                return None
+            return ref  # a Patient/x, absolute or urn: reference that resolved to no patient of this load
+        return None
+
+    def _leave_out_foreign(self, keys: list[str]) -> list[str]:
+        """``keys`` without the resources about a patient who is not in this load (each reported once)."""
+        kept = []
+        for k in keys:
+            ref = self._foreign_patient(self.resources[k])
+            if ref is None:
+                kept.append(k)
+                continue
+            text = (f"{self.where[k]}, {_describe(self.resources[k])}: about {ref!r}, a patient not in {self.scope}; "
+                    "left out of every record")
+            if text not in self.loose_problems:
+                self.loose_problems.append(text)
+        return kept
+
     def _record(self, patient_key: str, keys: list[str]) -> PatientRecord:
         problems = list(self.loose_problems)
         for k in keys:
@@ -414,7 +455,10 @@ class _Assembly:
             )
         else:
             chosen = patients[0]
-        return self._record(chosen, list(self.resources))
+        # a resource about another patient (of this response, or one not in it) is not this patient's
+        owner = {k: self._patient_of(r) for k, r in self.resources.items()}
+        keys = self._leave_out_foreign([k for k in self.resources if owner[k] in (None, chosen)])
+        return self._record(chosen, keys)
 
     def split(self) -> list[PatientRecord]:
         """One record per Patient: the resources about that patient, plus the shared resources they
@@ -423,6 +467,7 @@ class _Assembly:
         if not patients:
             raise ClinqaError(f"{self.source}: no Patient resource; nothing to build a record from")
         owner = {k: self._patient_of(r) for k, r in self.resources.items()}
+        foreign = set(self.resources) - set(self._leave_out_foreign(list(self.resources)))
         members: dict[str, list[str]] = {p: [] for p in patients}
         for k, p in owner.items():
             if p is not None:
@@ -439,12 +484,13 @@ class _Assembly:
                     if not m:
                         continue
                     t = self.by_type_id.get((m.group(1), m.group(2)))
-                    if t is not None and t not in keep and owner.get(t) is None:
+                    if t is not None and t not in keep and owner.get(t) is None and t not in foreign:
                         keep.add(t)
                         frontier.append(t)
             ordered = [k for k in self.resources if k in keep]
             records.append(self._record(p, ordered))
-        clinical_orphans = [k for k in unowned if self.resources[k].get("resourceType") not in DIRECTORY_TYPES]
+        clinical_orphans = [k for k in unowned if self.resources[k].get("resourceType") not in DIRECTORY_TYPES
+                            and k not in foreign]  # fmt: skip
         used = set().union(*(r.resources for r in records)) if records else set()
         orphans = [k for k in clinical_orphans if k not in used]
         if orphans:
@@ -482,7 +528,10 @@ def _bundle_items(bundle: Any, where: str) -> list[_Item]:
         raise ClinqaError(f"{where}: Bundle.entry is not a list")
     items = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "resource" not in entry:
+        if not isinstance(entry, dict):  # null, a number, a string: reported by _Assembly.add, never dropped silently
+            items.append(_Item(f"{where}: entry[{i}]", entry))
+            continue
+        if "resource" not in entry:
             continue  # e.g. a DELETE in a transaction: nothing to load
         full_url = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
         items.append(_Item(f"{where}: entry[{i}]", entry["resource"], full_url))

@@ -108,7 +108,9 @@ class RecordAnswer:
     RecordQuestion.relevant_ids) in order of citation; `invalid_citations` are the [Type/id] handles the
     answer cited that are not in this record. `selected` is stage 1's output, `context_ids` the lines
     that went into the stage-2 prompt (after fitting the window). `timings` in seconds ("select",
-    "answer", "total"); `tokens` = LLM tokens processed (stage-1 prompts, stage-2 prompt, generated)."""
+    "answer", "total"); `tokens` = LLM tokens processed (stage-1 prompts, stage-2 prompt, generated).
+    `supported` is False when the answer makes a claim without citing any resource of this record
+    (an abstention needs no citation): such an answer may be about someone else and must not be trusted."""
 
     answer: str
     citations: list[str]
@@ -117,6 +119,10 @@ class RecordAnswer:
     timings: dict[str, float]
     tokens: int
     context_ids: list[str] = field(default_factory=list)
+    supported: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.supported = bool(self.citations) or self.answer.strip() == NOT_IN_RECORD_ANSWER
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -102,7 +102,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clinqa import __version__
 from clinqa.errors import ClinqaError
-from clinqa.serve.audit import AuditLog, hash_question
+from clinqa.serve.audit import AuditLog, default_anchor_path, hash_question
 from clinqa.serve.auth import KeyRecord, KeyStore
 from clinqa.serve.config import ServeConfig
 
@@ -474,6 +474,8 @@ class AskResponse(BaseModel):
     answer: str
     citations: list[TimelineEntry] = Field(description="cited resources of this patient, with their rendered lines")
     invalid_citations: list[str] = Field(description="cited ids that are not this patient's resources: removed")
+    supported: bool = Field(True, description="false when the answer claims something without citing any resource of "
+                                              "this patient's record: it may be about someone else; do not trust it")
     selected: list[SelectedResource] = Field(description="stage 1: the resources shown to the model, best first")
     timings: dict[str, float]
     tokens: int
@@ -547,7 +549,9 @@ class Service:
 
         self.config = config
         self.keys = KeyStore(config.keys_db)
-        self.audit = AuditLog(config.audit_db)
+        self.audit = AuditLog(config.audit_db, anchor=config.audit_anchor or default_anchor_path(config.audit_db),
+                              anchor_every=config.audit_anchor_every)
+        self.audit.write_anchor("start")
         if records is None:
             records = load_patient_records(config)
         self.patients: dict[str, _Patient] = {}
@@ -592,7 +596,10 @@ class Service:
 
     def close(self) -> None:
         self.runner.close()
-        self.audit.close()
+        try:
+            self.audit.write_anchor("shutdown")
+        finally:
+            self.audit.close()
 
     def authenticate(self, plain: str) -> Optional[KeyRecord]:
         with self._auth_slots:
@@ -949,6 +956,7 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
             answer=answer,
             citations=[TimelineEntry(id=k, type=p.types[k], date=p.dates[k], text=p.text[k]) for k in cited],
             invalid_citations=invalid,
+            supported=bool(cited) or (result.supported and not result.citations),  # an abstention needs no citation
             selected=selected,
             timings={**{k: float(v) for k, v in result.timings.items()}, "model_call_s": elapsed,
                      "total_s": time.perf_counter() - ctx.started},

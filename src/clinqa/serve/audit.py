@@ -17,8 +17,15 @@ Triggers refuse UPDATE and DELETE; an attacker with write access to the file can
 :meth:`AuditLog.verify` reports, as it reports the broken chain.
 
 Limits: a hash chain cannot tell a log whose *last* rows were cut off, or one rewritten from the
-edit point onwards with recomputed hashes, from an honest one. Record :meth:`AuditLog.head`
-somewhere else now and then (a ticket, an email, a second machine) and pass it to ``verify``.
+edit point onwards with recomputed hashes, from an honest one. Anchors close that gap: with
+``anchor=FILE`` the log appends its head (seq and row hash) to a separate append-only JSON-lines file
+every ``anchor_every`` entries, and the service also at start and at shutdown;
+:func:`verify_file` with ``anchors=read_anchors(FILE)`` fails when an anchored row is missing or
+differs. Rows written after the last anchor can still be cut unseen, and an attacker who can also
+rewrite the anchor file defeats it: keep that file elsewhere (another disk, machine or log shipper).
+
+:func:`verify_file` opens the database read-only (SQLite ``mode=ro``): it never creates a file or a
+table, and refuses a database that is not an audit log.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import os
 import re
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
@@ -40,7 +48,8 @@ from pydantic import BaseModel, ConfigDict
 from clinqa.errors import ClinqaError
 from clinqa.serve.auth import private_file  # one owner-only file creator for both stores
 
-__all__ = ["GENESIS_HASH", "MAX_DETAIL", "OUTCOMES", "AuditEntry", "AuditLog", "VerifyResult", "hash_question"]
+__all__ = ["GENESIS_HASH", "MAX_DETAIL", "OUTCOMES", "AuditEntry", "AuditLog", "VerifyResult", "default_anchor_path",
+           "hash_question", "read_anchors", "verify_file"]
 
 GENESIS_HASH = "0" * 64
 MAX_DETAIL = 200
@@ -139,9 +148,14 @@ class AuditLog:
     One instance may be shared by threads; other processes open their own instance on the same file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 60.0):
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 60.0,
+                 anchor: str | os.PathLike[str] | None = None, anchor_every: int = 100):
         self.path = Path(path)
         self.timeout = timeout
+        self.anchor = None if anchor is None else Path(anchor)
+        if anchor_every < 1:
+            raise ClinqaError(f"anchor_every must be at least 1 entry, got {anchor_every}")
+        self.anchor_every = anchor_every
         if self.path.is_dir():
             raise ClinqaError(f"audit log path {self.path} is a directory; give a file name such as audit.sqlite")
         self._lock = threading.Lock()
@@ -277,7 +291,27 @@ class AuditLog:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+        if self.anchor is not None and entry.seq % self.anchor_every == 0:
+            self._write_anchor(entry.seq, entry.row_hash, "every")
         return entry
+
+    def write_anchor(self, event: str = "anchor") -> tuple[int, str]:
+        """Append the chain head to the anchor file (no-op without one); returns the head."""
+        seq, row_hash = self.head()
+        if self.anchor is not None:
+            self._write_anchor(seq, row_hash, event)
+        return seq, row_hash
+
+    def _write_anchor(self, seq: int, row_hash: str, event: str) -> None:
+        line = json.dumps({"seq": seq, "hash": row_hash, "event": event,
+                           "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n"
+        self.anchor.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- reading
 
@@ -339,68 +373,146 @@ class AuditLog:
             row = db.execute("SELECT seq, row_hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         return (0, GENESIS_HASH) if row is None else (row["seq"], row["row_hash"])
 
-    def verify(self, anchor: Optional[tuple[int, str]] = None) -> VerifyResult:
-        """Recompute the whole chain. ``anchor`` is an earlier :meth:`head`; if given, the row at that seq
-        must still exist with that hash (catches a cut-off tail or a rewrite from an earlier row on)."""
-        n = 0
-        prev_hash, expected_seq = GENESIS_HASH, 1
-        anchor_seen = anchor is None or anchor[0] == 0
+    def verify(self, anchor: tuple[int, str] | Iterable[tuple[int, str]] | None = None) -> VerifyResult:
+        """Recompute the whole chain. ``anchor`` is an earlier :meth:`head` (or a list of them, e.g. from
+        :func:`read_anchors`); each anchored row must still exist with that hash (catches a cut-off tail or a
+        rewrite from an earlier row on)."""
         with self._reader() as db:
-            db.execute("BEGIN")  # one consistent snapshot even while others append
+            return _verify(db, anchor)
+
+
+def _anchor_list(anchor: tuple[int, str] | Iterable[tuple[int, str]] | None) -> list[tuple[int, str]]:
+    if anchor is None:
+        return []
+    if isinstance(anchor, tuple) and len(anchor) == 2 and isinstance(anchor[0], int):
+        return [anchor]
+    return [(int(s), str(h)) for s, h in anchor]
+
+
+def _verify(db: sqlite3.Connection, anchor: tuple[int, str] | Iterable[tuple[int, str]] | None) -> VerifyResult:
+    anchors: dict[int, str] = {}
+    for seq, row_hash in _anchor_list(anchor):
+        if seq > 0 and anchors.setdefault(seq, row_hash) != row_hash:
+            return VerifyResult(ok=False, n=0, first_bad_seq=seq,
+                                message=f"the anchors name two different hashes for row {seq}: the anchor file was edited")
+    n = 0
+    prev_hash, expected_seq = GENESIS_HASH, 1
+    db.execute("BEGIN")  # one consistent snapshot even while others append
+    try:
+        triggers = {
+            r[0]
+            for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'"
+            )
+        }
+        for row in db.execute("SELECT * FROM audit ORDER BY seq"):
+            n += 1
+            seq = row["seq"]
             try:
-                triggers = {
-                    r[0]
-                    for r in db.execute(
-                        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'"
-                    )
-                }
-                for row in db.execute("SELECT * FROM audit ORDER BY seq"):
-                    n += 1
-                    seq = row["seq"]
-                    try:
-                        entry = self._entry(row)
-                    except (ValueError, TypeError) as e:
-                        return VerifyResult(ok=False, n=n, first_bad_seq=seq, message=f"row {seq} is unreadable: {e}")
-                    if seq != expected_seq:
-                        return VerifyResult(
-                            ok=False, n=n, first_bad_seq=seq,
-                            message=f"row {seq} follows row {expected_seq - 1}: "
-                            f"rows {expected_seq}..{seq - 1} are missing",
-                        )
-                    if entry.prev_hash != prev_hash:
-                        return VerifyResult(
-                            ok=False, n=n, first_bad_seq=seq,
-                            message=f"row {seq}'s prev_hash does not match row {seq - 1}'s hash: a row before it was "
-                            "changed, removed or moved",
-                        )
-                    if entry.compute_hash() != entry.row_hash:
-                        return VerifyResult(
-                            ok=False, n=n, first_bad_seq=seq,
-                            message=f"row {seq}'s contents do not match its row_hash: the row was edited",
-                        )
-                    if anchor is not None and seq == anchor[0]:
-                        if entry.row_hash != anchor[1]:
-                            return VerifyResult(
-                                ok=False, n=n, first_bad_seq=seq,
-                                message=f"row {seq}'s hash differs from the anchor: the log was rewritten up to here",
-                            )
-                        anchor_seen = True
-                    prev_hash, expected_seq = entry.row_hash, seq + 1
-            finally:
-                db.execute("ROLLBACK")
-        if not anchor_seen:
-            return VerifyResult(
-                ok=False, n=n, first_bad_seq=None,
-                message=f"the log ends at row {n} but the anchor names row {anchor[0]}: rows were cut off the end",
-            )
-        missing = [t for t in _TRIGGERS if t not in triggers]
-        if missing:
-            return VerifyResult(
-                ok=False, n=n, first_bad_seq=None,
-                message=f"the chain of {n} rows is intact but the append-only trigger(s) {', '.join(missing)} "
-                "were removed: someone changed the database outside clinqa",
-            )
-        return VerifyResult(ok=True, n=n, message=f"{n} rows, hash chain intact")
+                entry = AuditLog._entry(row)
+            except (ValueError, TypeError) as e:
+                return VerifyResult(ok=False, n=n, first_bad_seq=seq, message=f"row {seq} is unreadable: {e}")
+            if seq != expected_seq:
+                return VerifyResult(
+                    ok=False, n=n, first_bad_seq=seq,
+                    message=f"row {seq} follows row {expected_seq - 1}: "
+                    f"rows {expected_seq}..{seq - 1} are missing",
+                )
+            if entry.prev_hash != prev_hash:
+                return VerifyResult(
+                    ok=False, n=n, first_bad_seq=seq,
+                    message=f"row {seq}'s prev_hash does not match row {seq - 1}'s hash: a row before it was "
+                    "changed, removed or moved",
+                )
+            if entry.compute_hash() != entry.row_hash:
+                return VerifyResult(
+                    ok=False, n=n, first_bad_seq=seq,
+                    message=f"row {seq}'s contents do not match its row_hash: the row was edited",
+                )
+            if seq in anchors and entry.row_hash != anchors[seq]:
+                return VerifyResult(
+                    ok=False, n=n, first_bad_seq=seq,
+                    message=f"row {seq}'s hash differs from the anchor: the log was rewritten up to here",
+                )
+            prev_hash, expected_seq = entry.row_hash, seq + 1
+    finally:
+        db.execute("ROLLBACK")
+    beyond = [s for s in anchors if s > n]
+    if beyond:
+        return VerifyResult(
+            ok=False, n=n, first_bad_seq=None,
+            message=f"the log ends at row {n} but an anchor names row {max(beyond)}: rows were cut off the end",
+        )
+    missing = [t for t in _TRIGGERS if t not in triggers]
+    if missing:
+        return VerifyResult(
+            ok=False, n=n, first_bad_seq=None,
+            message=f"the chain of {n} rows is intact but the append-only trigger(s) {', '.join(missing)} "
+            "were removed: someone changed the database outside clinqa",
+        )
+    checked = f", {len(anchors)} anchors match" if anchors else ""
+    return VerifyResult(ok=True, n=n, message=f"{n} rows, hash chain intact{checked}")
+
+
+def default_anchor_path(audit_db: str | os.PathLike[str]) -> Path:
+    """Where the service writes anchors unless told otherwise: beside the audit log, ``<name>.anchor``."""
+    p = Path(audit_db)
+    return p.with_name(p.name + ".anchor")
+
+
+def read_anchors(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """The (seq, row hash) heads in an anchor file; a line that is not one is a ClinqaError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClinqaError(f"{path}: no such anchor file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClinqaError(f"{path}: cannot read the anchor file ({e})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            seq, row_hash = rec["seq"], rec["hash"]
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or not re.fullmatch(r"[0-9a-f]{64}", row_hash):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise ClinqaError(f"{path}:{n}: not an anchor line (expected {{\"seq\": N, \"hash\": \"<64 hex>\", ...}})") from None
+        out.append((seq, row_hash))
+    return out
+
+
+_COLUMNS = {"seq", "time", "key_id", "patient_id", "action", "question_hash", "resource_ids", "outcome", "detail",
+            "prev_hash", "row_hash"}
+
+
+def verify_file(path: str | os.PathLike[str], anchors: Iterable[tuple[int, str]] | None = None) -> VerifyResult:
+    """Verify the audit log at ``path`` opened read-only: nothing is created or changed, not even a
+    missing file; a database without clinqa's ``audit`` table is a ClinqaError, not an empty log."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClinqaError(f"no audit log at {path}" if not path.exists() else f"{path} is not a file")
+    # mode=ro never writes the database; but on a WAL database SQLite would still create empty -wal and
+    # -shm files. No -wal file means no connection has the log open and everything is in the main file,
+    # so then open it immutable (no locks, no side files); while the service runs, share its -shm.
+    wal = path.with_name(path.name + "-wal")
+    uri = "file:" + urllib.parse.quote(str(path.resolve())) + ("?mode=ro" if wal.exists() else "?mode=ro&immutable=1")
+    try:
+        with closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
+            db.row_factory = sqlite3.Row
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(audit)")}
+            if not columns:
+                tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+                raise ClinqaError(f"{path} is not a clinqa audit log: it has no audit table "
+                                  f"({'tables: ' + ', '.join(tables[:5]) if tables else 'no tables'})")
+            if not _COLUMNS <= columns:
+                raise ClinqaError(f"{path} is not a clinqa audit log: its audit table lacks "
+                                  f"{', '.join(sorted(_COLUMNS - columns))}")
+            return _verify(db, anchors)
+    except sqlite3.DatabaseError as e:
+        raise ClinqaError(f"{path} is not a clinqa audit log ({e})") from None
 
 
 def _split_sql(script: str) -> list[str]:

@@ -165,6 +165,10 @@ def scopes_for(patients: str | Iterable[str], operations: str | Iterable[str]) -
     if "admin" in ops:
         out.add(Scope(operation="admin"))
     patient_ops = [op for op in ops if op in PATIENT_OPERATIONS]
+    if ALL_PATIENTS in pats and any(p != ALL_PATIENTS for p in pats):
+        others = ", ".join(repr(p) for p in pats if p != ALL_PATIENTS)
+        raise ClinqaError(f"patients '*' (all patients) and {others} given together: '*' already covers every "
+                          "patient; give '*' alone or only the patient ids")
     if patient_ops and not pats:
         raise ClinqaError(
             f"operations {', '.join(patient_ops)} need patients: give patient ids or '*' for all patients"
@@ -344,10 +348,14 @@ class KeyStore:
     """API keys in a SQLite file (created 0600). Safe to share between threads and processes:
     every call opens its own short connection."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True):
+        """``create=False`` (listing, revoking) refuses a missing file instead of creating an empty store."""
         self.path = Path(path)
         if self.path.is_dir():
             raise ClinqaError(f"key store path {self.path} is a directory; give a file name such as keys.sqlite")
+        if not create and not self.path.exists():
+            raise ClinqaError(f"no key store at {self.path}: give --db (or CLINQA_KEYS_DB), or create a key first "
+                              "with `clinqa keys create`")
         private_file(self.path)
         try:
             with closing(self._connect()) as db:
@@ -443,7 +451,7 @@ class KeyStore:
                 "UPDATE api_keys SET revoked = COALESCE(revoked, ?) WHERE key_id = ?", (_iso(_utcnow()), key_id)
             )
             if cur.rowcount == 0:
-                raise ClinqaError(f"no API key with id {key_id!r}; `list()` shows the key ids")
+                raise ClinqaError(f"no API key with id {key_id!r}; `clinqa keys list` shows the key ids")
             row = db.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
         return self._record(row)
 

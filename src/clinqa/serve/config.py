@@ -37,7 +37,7 @@ __all__ = ["ENV_PREFIX", "ServeConfig"]
 
 ENV_PREFIX = "CLINQA_"
 _ID = re.compile(r"[A-Za-z0-9.\-]{1,64}")
-_PATH_FIELDS = ("keys_db", "audit_db")
+_PATH_FIELDS = ("keys_db", "audit_db", "audit_anchor")
 
 
 class ServeConfig(BaseModel):
@@ -57,6 +57,10 @@ class ServeConfig(BaseModel):
     records_lenient: bool = Field(False, description="keep invalid resources (noted as problems) instead of refusing")
     keys_db: Path = Field(Path("clinqa-keys.sqlite"), description="the API key store (SQLite, see clinqa.serve.auth)")
     audit_db: Path = Field(Path("clinqa-audit.sqlite"), description="the audit log (SQLite, see clinqa.serve.audit)")
+    audit_anchor: Optional[Path] = Field(None, description="append-only file the chain head is written to at start, every "
+                                         "audit_anchor_every entries and at shutdown (default: <audit_db>.anchor); "
+                                         "check with `clinqa audit verify --anchor`")
+    audit_anchor_every: int = Field(100, ge=1, le=1_000_000, description="entries between two anchors")
     host: str = Field("127.0.0.1", description="interface to listen on; keep loopback unless TLS is in front")
     port: int = Field(8470, ge=0, le=65535)
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="time budget of one model call, queue wait included")

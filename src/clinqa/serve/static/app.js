@@ -185,6 +185,7 @@
     $("citations-heading").hidden = true;
     $("invalid").hidden = true;
     $("invalid").textContent = "";
+    $("unsupported").hidden = true;
     $("selected").replaceChildren();
     $("selection").hidden = true;
     $("timings").textContent = "";
@@ -205,6 +206,7 @@
     $("citations").replaceChildren();
     $("citations-heading").hidden = true;
     $("invalid").hidden = true;
+    $("unsupported").hidden = true;
     $("selection").hidden = true;
     $("timings").textContent = "";
     try {
@@ -262,6 +264,7 @@
         `${n === 1 ? "was" : "were"} removed from the answer: ${body.invalid_citations.join(", ")}`;
       $("invalid").hidden = false;
     }
+    $("unsupported").hidden = body.supported !== false;
     const sel = $("selected");
     for (const s of body.selected) {
       const li = el("li");
