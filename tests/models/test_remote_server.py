@@ -73,7 +73,7 @@ def test_list_prompts_batch_requests():
         m = model_for(server, batch=4)
         lp = m.next_token_logprobs(contexts, [" A", " B"])
         sent = completions(server)
-        assert [len(b["prompt"]) if isinstance(b["prompt"], list) else 1 for b in sent] == [4, 4, 2]
+        assert sorted(len(b["prompt"]) if isinstance(b["prompt"], list) else 1 for b in sent) == [2, 4, 4]
     assert lp[7, 1] == pytest.approx(fake.letter_top(contexts[7])[" B"])
 
 
@@ -200,3 +200,52 @@ def test_eval_run_resumes_after_a_crash(tmp_path):
         fast._completions = original
         got = {s.question_id: s.pred for s in evaluate(fast, questions, config, tmp_path / "fast", batch_size=8).samples()}
     assert got == want and len(got) == 40 and not any(p is None for p in got.values())
+
+
+# ----------------------------------------------------------------------------------- chat-only: judge and annotator
+
+
+def test_chat_only_judge_call_through_generation():
+    """The judge's prompt through a chat-only server: `logprobs_available` tells the judge to generate the
+    grade (its log-probability path cannot work there), and the generated grade comes back."""
+    from clinqa.records.judge import JUDGE_SYSTEM, judge_prompt
+
+    prompt = judge_prompt("Last potassium?", "4.1 mmol/L", "4.1 mmol/L [Observation/k1]")
+    with fake.FakeOpenAI(chat_only=True) as server:
+        m = OpenAIModel(server.url, "fake")
+        assert not m.logprobs_available
+        [reply] = m.generate([prompt], GenerationConfig(system=JUDGE_SYSTEM, max_new_tokens=4))
+        path, body = server.requests[-1]
+    assert path.endswith("/chat/completions") and body["messages"][0] == {"role": "system", "content": JUDGE_SYSTEM}
+    assert reply == fake.chat_reply([{"content": prompt}]) and reply in "01234"
+
+
+def test_chat_only_annotator_votes_by_parsed_labels():
+    from clinqa.specialties.annotate import PROMPTS, annotate
+    from clinqa.specialties.annotate_generate import count_unparsed
+
+    def reply(messages):  # question 1: cardiology x3, unparseable x2; question 2: two ways, one unparseable
+        text = messages[-1]["content"]
+        k = next(i for i, t in enumerate(PROMPTS) if text.startswith(t.split("{q}")[0]))
+        if "chest" in text:
+            return ["Cardiology.", "Specialty: cardiology", "I cannot tell", "Cardiology or neurology", "cardio"][k]
+        return ["Neurology", "Dermatology", "Neurology", "neuro", "**Pediatrics**"][k]
+
+    with fake.FakeOpenAI(chat_only=True, reply=reply) as server:
+        m = OpenAIModel(server.url, "fake")
+        a1, a2 = annotate(m, [("q1", "crushing chest pain"), ("q2", "a seizure at home")], min_votes=3)
+    assert a1.votes == {"cardiology": 3} and a1.label == "cardiology"
+    assert a1.per_prompt == ["cardiology", "cardiology", "", "", "cardiology"]
+    assert a2.votes == {"neurology": 3, "dermatology": 1, "pediatrics": 1} and a2.label == "neurology"
+    assert a1.probs[0] == pytest.approx(3 / 5) and sum(a1.probs) == pytest.approx(3 / 5)
+    assert count_unparsed([a1, a2]) == 2
+
+
+def test_parse_label():
+    from clinqa.specialties.annotate_generate import parse_label
+
+    assert parse_label("Obstetrics & gynecology") == "obstetrics_gynecology"
+    assert parse_label("The specialty is Hematology/oncology.") == "hematology_oncology"
+    assert parse_label("Emergency medicine (toxicology)") == "emergency_medicine"
+    assert parse_label("either surgery or dermatology") is None
+    assert parse_label("") is None and parse_label("no idea") is None
