@@ -134,7 +134,7 @@ def main() -> int:
     report: dict = {"machine": machine(), "load_average_before": os.getloadavg(), "latency_s": args.latency}
     failures = []
     with fake.FakeOpenAI(latency=args.latency) as server:
-        print(f"fake OpenAI-compatible server at {server.url}, {args.latency * 1000:.0f} ms per request", flush=True)
+        print(f"fake OpenAI-compatible server at {server.url}", flush=True)
         if not args.skip_eval:
             report["eval"] = eval_part(server, args, workdir)
         if not args.skip_serve:
