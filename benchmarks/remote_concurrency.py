@@ -90,11 +90,9 @@ def serve_part(server, args, workdir: Path) -> dict:
         sub = workdir / f"serve-{name}"
         sub.mkdir()
         sargs = SimpleNamespace(model=f"openai:{server.url}#fake", patients=4, timeout=120.0, max_new_tokens=32,
-                                clients=args.clients, fake_latency=0.0)
+                                clients=args.clients, fake_latency=0.0, model_concurrency=conc)
         config_path, key, patients = sl.setup(sub, sargs)
         config = json.loads(config_path.read_text())
-        config["model_concurrency"] = conc
-        config_path.write_text(json.dumps(config))
         url = f"http://127.0.0.1:{config['port']}"
         proc = sl.start_server(sargs, config_path, sub / "server.log")
         try:

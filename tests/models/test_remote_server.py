@@ -249,3 +249,12 @@ def test_parse_label():
     assert parse_label("Emergency medicine (toxicology)") == "emergency_medicine"
     assert parse_label("either surgery or dermatology") is None
     assert parse_label("") is None and parse_label("no idea") is None
+
+
+def test_a_server_failing_on_lists_gets_one_prompt_per_request():
+    """A server that answers 500 to a list of prompts (not a transient error) is probed without lists."""
+    with fake.FakeOpenAI() as server:
+        server.fail = [500, 500]  # the probe's list request, twice
+        m = OpenAIModel(server.url, "fake", config=RemoteConfig(backoff=0.001))
+        caps = m.capabilities()
+    assert caps.completions and caps.echo and not caps.list_prompts

@@ -119,11 +119,13 @@ class OpenAIModel:
     # ------------------------------------------------------------------ transport
 
     def _post(self, path: str, payload: dict, *, probe: bool = False) -> dict:
-        """POST with retries; a probe returns {"_status": code} for a 4xx instead of raising."""
+        """POST with retries; a probe (2 tries) returns {"_status": code} for an HTTP error instead of raising."""
         url = f"{self.base_url}{path}"
         cancel = CANCEL.get()
         last = ""
-        for attempt in range(self.config.tries):
+        tries = min(self.config.tries, 2) if probe else self.config.tries
+        status = 0
+        for attempt in range(tries):
             if cancel is not None and cancel.is_set():
                 raise RemoteCancelled(f"{url}: the call was cancelled")
             retry_after = None
@@ -144,12 +146,13 @@ class OpenAIModel:
                         raise ClinqaError(f"{url} answered HTTP {r.status_code} with JSON that is not an object")
                     return data
                 last = f"HTTP {r.status_code}: {_one_line(r.text)[:200]}"
+                status = r.status_code
                 retry_after = r.headers.get("retry-after")
                 if r.status_code not in RETRY_STATUS:
                     if probe:
                         return {"_status": r.status_code}
                     raise ClinqaError(f"{url} answered {last}")
-            if attempt + 1 < self.config.tries:
+            if attempt + 1 < tries:
                 delay = min(30.0, self.config.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
                 if retry_after and retry_after.replace(".", "", 1).isdigit():
                     delay = max(delay, min(float(retry_after), 60.0))
@@ -158,7 +161,9 @@ class OpenAIModel:
                         raise RemoteCancelled(f"{url}: the call was cancelled")
                 else:
                     time.sleep(delay)
-        raise ClinqaError(f"{url} failed after {self.config.tries} tries; last: {last}")
+        if probe and status:  # e.g. a server that fails with 500 on a list of prompts: not supported
+            return {"_status": status}
+        raise ClinqaError(f"{url} failed after {tries} tries; last: {last}")
 
     def _map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
         """fn over items with at most `concurrency` in flight; results in input order; the first error wins."""
