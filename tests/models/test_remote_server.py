@@ -258,3 +258,23 @@ def test_a_server_failing_on_lists_gets_one_prompt_per_request():
         m = OpenAIModel(server.url, "fake", config=RemoteConfig(backoff=0.001))
         caps = m.capabilities()
     assert caps.completions and caps.echo and not caps.list_prompts
+
+
+def test_cancel_stops_further_requests():
+    """The service sets CANCEL when a request is abandoned: no new request starts and the call raises."""
+    import threading
+
+    from clinqa.models.remote import CANCEL, RemoteCancelled
+
+    with fake.FakeOpenAI(latency=0.2) as server:
+        m = model_for(server, concurrency=2, batch=1)
+        cancel = threading.Event()
+        token = CANCEL.set(cancel)
+        threading.Timer(0.3, cancel.set).start()
+        try:
+            with pytest.raises(RemoteCancelled):
+                m.next_token_logprobs([f"q{i}" for i in range(40)], [" A"])
+        finally:
+            CANCEL.reset(token)
+        sent = len(completions(server))
+    assert 0 < sent < 40
