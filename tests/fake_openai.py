@@ -57,11 +57,12 @@ def chat_reply(messages: list[dict]) -> str:
 
 class FakeOpenAI:
     def __init__(self, *, latency: float = 0.0, fail: Sequence[int | str] = (), chat_only: bool = False,
-                 list_prompts: bool = True, echo: bool = True, model: str = "fake",
+                 list_prompts: bool = True, echo: bool = True, prompt_logprobs: bool = False, model: str = "fake",
                  reply: Callable[[list[dict]], str] = chat_reply):
         self.latency = latency
         self.fail = list(fail)  # statuses (or "drop", "badjson") for the next requests, in order
         self.chat_only, self.list_prompts, self.echo, self.model, self.reply = chat_only, list_prompts, echo, model, reply
+        self.prompt_logprobs = prompt_logprobs  # vLLM's extension: per prompt token {id: {logprob, rank, decoded_token}}
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -116,7 +117,13 @@ class FakeOpenAI:
                 logprobs = {"tokens": [gen], "text_offset": [len(prompt)], "token_logprobs": [top[gen]],
                             "top_logprobs": [dict(sorted(top.items(), key=lambda kv: -kv[1])[:k])]} if k else None
                 text = gen if body.get("max_tokens", 16) <= 1 else f"{gen} is the answer"
-            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"})
+            choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"}
+            if self.prompt_logprobs and body.get("prompt_logprobs") is not None:
+                toks = tokens(prompt)
+                choice["prompt_logprobs"] = [None] + [
+                    {str(_h(t) % 50000): {"logprob": token_logprob("".join(toks[:j]), t), "rank": 1, "decoded_token": t}}
+                    for j, t in enumerate(toks) if j > 0]
+            choices.append(choice)
         return 200, {"id": "cmpl", "object": "text_completion", "model": self.model, "choices": choices}
 
     def chat(self, body: dict) -> tuple[int, dict]:

@@ -254,7 +254,7 @@ def test_parse_label():
 def test_a_server_failing_on_lists_gets_one_prompt_per_request():
     """A server that answers 500 to a list of prompts (not a transient error) is probed without lists."""
     with fake.FakeOpenAI() as server:
-        server.fail = [500, 500]  # the probe's list request, twice
+        server.fail = [500] * 4  # the probe's list requests (with and without echo), twice each
         m = OpenAIModel(server.url, "fake", config=RemoteConfig(backoff=0.001))
         caps = m.capabilities()
     assert caps.completions and caps.echo and not caps.list_prompts
@@ -278,3 +278,30 @@ def test_cancel_stops_further_requests():
             CANCEL.reset(token)
         sent = len(completions(server))
     assert 0 < sent < 40
+
+
+def test_spec_parameters_reach_the_backend(monkeypatch):
+    from clinqa.models import load_base_model
+
+    with fake.FakeOpenAI(latency=0.05) as server:
+        m = load_base_model(f"openai:{server.url}#fake@concurrency=3,batch=1,tries=2")
+        assert m.config == RemoteConfig(concurrency=3, batch=1, tries=2) and m.info.spec.endswith("#fake@concurrency=3,batch=1,tries=2")
+        m.capabilities()
+        server.reset_counters()
+        m.next_token_logprobs([f"q{i}" for i in range(12)], [" A"])
+        assert 1 < server.max_in_flight <= 3
+        monkeypatch.setenv("CLINQA_OPENAI_CONCURRENCY", "5")  # the flag that leaves the spec (a run's identity) alone
+        assert load_base_model(f"openai:{server.url}#fake@batch=2").config.concurrency == 5
+
+
+def test_option_scores_from_vllm_prompt_logprobs_when_echo_is_refused():
+    groups = [(f"Question {q}: which?\nAnswer:", [" alpha", " beta gamma"]) for q in range(3)]
+    with fake.FakeOpenAI(echo=False, prompt_logprobs=True) as server:
+        m = model_for(server, batch=2)
+        assert not m.capabilities().echo and m.capabilities().prompt_logprobs
+        scored = m.score_continuations(groups)
+        sent = completions(server)
+    assert len(sent) == 3 and all(b.get("prompt_logprobs") == 0 for b in sent)  # one request per question
+    for (ctx, conts), row in zip(groups, scored):
+        assert [s.logprob for s in row] == pytest.approx([_expected(ctx, c) for c in conts])
+        assert [s.n_tokens for s in row] == [1, 2]

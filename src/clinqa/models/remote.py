@@ -223,18 +223,23 @@ class OpenAIModel:
 
     def _probe(self) -> Capabilities:
         base = {"model": self.model, "max_tokens": 1, "temperature": 0, "logprobs": 1}
-        data = self._post("/completions", {**base, "prompt": ["Hello", "Hi"], "echo": True}, probe=True)
         caps = Capabilities()
-        if "_status" in data:  # maybe no lists, or no echo
+        data = self._post("/completions", {**base, "prompt": ["Hello", "Hi"], "echo": True}, probe=True)
+        if "_status" not in data:
+            caps.list_prompts, caps.echo = len(data.get("choices") or []) == 2, _echoed(data)
+        else:  # no lists, or no echo: find out which
+            plain = self._post("/completions", {**base, "prompt": ["Hello", "Hi"]}, probe=True)
+            caps.list_prompts = "_status" not in plain and len(plain.get("choices") or []) == 2
             data = self._post("/completions", {**base, "prompt": "Hello", "echo": True}, probe=True)
-        if "_status" in data:
-            data = self._post("/completions", {**base, "prompt": "Hello"}, probe=True)
-            if "_status" in data:
-                return Capabilities(completions=False)
-        else:
-            caps.echo = _echoed(data)
+            if "_status" not in data:
+                caps.echo = _echoed(data)
+            elif "_status" not in plain:
+                data = plain
+            else:
+                data = self._post("/completions", {**base, "prompt": "Hello"}, probe=True)
+                if "_status" in data:
+                    return Capabilities(completions=False)
         choices = data.get("choices") or []
-        caps.list_prompts = len(choices) == 2
         caps.next_token = any((c.get("logprobs") or {}).get("top_logprobs") or (c.get("logprobs") or {}).get("token_logprobs")
                               for c in choices)
         if not caps.echo:
@@ -321,16 +326,19 @@ class OpenAIModel:
             entries = choice.get("prompt_logprobs")
             if not isinstance(entries, list):
                 raise ClinqaError(f"{self.base_url} returned no prompt_logprobs: use --method generate with this server")
-            offsets, token_lps, top, pos = [], [], None, 0
-            for e in entries:
+            # offsets from the end of the prompt: the first token has no entry (None), so its length is unknown
+            offsets, token_lps, top, pos = [], [], None, len(context) + len(cont)
+            for e in reversed(entries):
                 if not e:
-                    offsets.append(pos)
+                    offsets.append(0)
                     token_lps.append(None)
                     continue
                 tok = next(iter(e.values()))
+                pos -= len(tok.get("decoded_token") or "")
                 offsets.append(pos)
                 token_lps.append(float(tok["logprob"]))
-                pos += len(tok.get("decoded_token") or "")
+            offsets.reverse()
+            token_lps.reverse()
         start, end = len(context), len(context) + len(cont)
         total, n, greedy = 0.0, 0, True
         for k, (off, tlp) in enumerate(zip(offsets, token_lps)):
