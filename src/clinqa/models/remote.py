@@ -269,7 +269,7 @@ class OpenAIModel:
         """One choice per prompt, `prompts` sent as a list when there are several."""
         data = self._post("/completions", {**payload, "prompt": prompts[0] if len(prompts) == 1 else list(prompts)})
         choices = data.get("choices")
-        if not isinstance(choices, list) or len(choices) != len(prompts):
+        if not isinstance(choices, list) or len(choices) != len(prompts) or not all(isinstance(c, dict) for c in choices):
             raise ClinqaError(f"{self.base_url}/completions answered {len(choices or [])} choices for {len(prompts)} prompts")
         if len(prompts) > 1:
             choices = sorted(choices, key=lambda c: c.get("index", 0))
@@ -358,8 +358,8 @@ class OpenAIModel:
         tops = echo.get("top_logprobs") or []
         offsets = echo.get("text_offset") or []
         k = next((i for i, off in enumerate(offsets) if off >= len(context)), len(tops))
-        payload = {"model": self.model, "prompt": context, "max_tokens": 1, "temperature": 0, "logprobs": TOP_LOGPROBS}
-        plain = ((self._post("/completions", payload)["choices"][0].get("logprobs") or {}).get("top_logprobs") or [None])[0]
+        payload = {"model": self.model, "max_tokens": 1, "temperature": 0, "logprobs": TOP_LOGPROBS}
+        plain = ((self._completions([context], payload)[0].get("logprobs") or {}).get("top_logprobs") or [None])[0]
         if k >= len(tops) or not tops[k] or not plain:
             return  # nothing to compare: trust the server
         tok, lp = echo["tokens"][k], echo["token_logprobs"][k]
