@@ -4,6 +4,7 @@ checked against what the clients saw.
     python benchmarks/serve_load.py                       # embedded model, 4 clients for 20 s, then the fault run
     python benchmarks/serve_load.py --model fake          # a 50 ms fake model: the service's own overhead
     python benchmarks/serve_load.py --no-fault --json out.json
+    python benchmarks/serve_load.py --model 'openai:http://lb:8080/v1#llama70b' --model-concurrency 32 --clients 64
 
 Load run: the server (`clinqa.serve.app.serve`, the production entry point) serves synthetic patients;
 N clients (httpx, asyncio) ask questions for --duration seconds (requests in flight at the end are
@@ -246,6 +247,8 @@ def setup(workdir: Path, args) -> tuple[Path, str, list[str]]:
         "max_pending": max(4 * args.clients, 8),
         "log_level": "warning",
     }
+    if getattr(args, "model_concurrency", None):
+        config["model_concurrency"] = args.model_concurrency
     path = workdir / "serve.json"
     path.write_text(json.dumps(config, indent=1))
     return path, key, [bundle_patient(b)["id"] for b in bundles]
@@ -260,6 +263,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--timeout", type=float, default=600.0, help="the server's request time budget (s)")
     ap.add_argument("--fake-latency", type=float, default=0.05)
+    ap.add_argument("--model-concurrency", type=int, default=None,
+                    help="the service's model calls at once with an openai: backend (default: the service's, 8)")
     ap.add_argument("--no-fault", action="store_true", help="skip the SIGKILL run")
     ap.add_argument("--kill-after-acks", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)

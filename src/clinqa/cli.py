@@ -874,13 +874,18 @@ def serve_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML/JSON settings file (else $CLINQA_CONFIG); CLINQA_* env vars also apply"),
     keys_db: Optional[Path] = typer.Option(None, "--keys-db"),
     audit_db: Optional[Path] = typer.Option(None, "--audit-db"),
+    adapters: Optional[Path] = typer.Option(None, "--adapters", help="fine-tuned stages from `records finetune`: MODEL is "
+                                            "their base; stage 1 is the llm selector with the stage-1 adapter and its threshold"),
+    model_concurrency: Optional[int] = typer.Option(None, "--model-concurrency", help="model calls at once with an openai: "
+                                                    "backend (default 8); a local model answers one at a time"),
 ) -> None:
     """The private HTTP service and web page: patient-scoped API keys, audit log, record QA and MCQ answering."""
     from clinqa.serve.app import serve
     from clinqa.serve.config import ServeConfig
 
     overrides = {k: v for k, v in {"model": model, "records": list(records) or None, "host": host, "port": port,
-                                   "keys_db": keys_db, "audit_db": audit_db}.items() if v is not None}
+                                   "keys_db": keys_db, "audit_db": audit_db, "adapters": adapters,
+                                   "model_concurrency": model_concurrency}.items() if v is not None}
     serve(ServeConfig.load(config, **overrides))
 
 

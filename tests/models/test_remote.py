@@ -13,12 +13,17 @@ from clinqa.models.remote import ABSENT_LOGPROB, OpenAIModel
 
 def handler(request: httpx.Request) -> httpx.Response:
     body = json.loads(request.content or b"{}")
+    if isinstance(body.get("prompt"), list):  # the capability probe's list of prompts: not accepted here
+        return httpx.Response(400, json={"error": "prompt must be a string"})
     if request.url.path.endswith("/models"):
         return httpx.Response(200, json={"data": [{"id": "smol"}]})
     if request.url.path.endswith("/chat/completions"):
         return httpx.Response(200, json={"choices": [{"message": {"content": " Answer: B "}}]})
     if body.get("echo"):
         # prompt "Ctx: yes" tokenised as ["Ctx", ":", " yes"] + one generated token
+        if body["prompt"] == "Hello":  # the capability probe
+            return httpx.Response(200, json={"choices": [{"text": "Hello!", "logprobs": {
+                "tokens": ["Hello", "!"], "text_offset": [0, 5], "token_logprobs": [None, -1.0], "top_logprobs": [None, {"!": -1.0}]}}]})
         return httpx.Response(200, json={"choices": [{"text": body["prompt"] + "!", "logprobs": {
             "tokens": ["Ctx", ":", " yes", "!"], "text_offset": [0, 3, 4, 8],
             "token_logprobs": [None, -1.0, -0.5, -2.0],
@@ -49,7 +54,7 @@ def test_shifted_echo_logprobs_are_refused():
     """llama-cpp-python without a BOS token reports each prompt token's log-prob one position late."""
     def shifted(request):
         body = json.loads(request.content or b"{}")
-        if body.get("echo"):
+        if body.get("echo") and body["prompt"] != "Hello":
             return httpx.Response(200, json={"choices": [{"text": body["prompt"], "logprobs": {
                 "tokens": ["Ctx", ":", " yes"], "text_offset": [0, 3, 4], "token_logprobs": [None, -7.0, -6.0],
                 "top_logprobs": [None, {" yes": -0.5, ":": -7.0}, {"\n": -0.1, " yes": -6.0}]}}]})
@@ -69,7 +74,8 @@ def test_next_token_candidates_from_top_logprobs(model):
 def test_next_token_retries_past_end_of_sequence():
     """llama-cpp-python returns no log-probs when the greedy token is EOS; min_tokens=1 gets them."""
     def eos_first(request):
-        if json.loads(request.content or b"{}").get("min_tokens"):
+        body = json.loads(request.content or b"{}")
+        if body.get("min_tokens") or body.get("echo") or isinstance(body.get("prompt"), list):
             return handler(request)
         return httpx.Response(200, json={"choices": [{"text": "", "finish_reason": "stop", "logprobs": {
             "tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}}]})
@@ -88,6 +94,6 @@ def test_hidden_states_not_supported(model):
 
 
 def test_http_error_is_clear():
-    client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500, text="boom")))
-    with pytest.raises(ClinqaError, match="answered HTTP 500"):
+    client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(401, text="bad key")))
+    with pytest.raises(ClinqaError, match="answered HTTP 401: bad key"):
         OpenAIModel("http://server/v1", "m", client=client).generate(["q"])

@@ -26,9 +26,10 @@ def _load_cached(ms: ModelSpec) -> Predictor:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if ms.kind == "openai":
-        from clinqa.models.remote import OpenAIModel
+        from clinqa.models.remote import OpenAIModel, RemoteConfig
 
-        return OpenAIModel(ms.target, ms.model_name, spec=str(ms), api_key=os.environ.get("CLINQA_OPENAI_API_KEY"))
+        config = RemoteConfig.from_params(dict(ms.params), str(ms))
+        return OpenAIModel(ms.target, ms.model_name, spec=str(ms), api_key=os.environ.get("CLINQA_OPENAI_API_KEY"), config=config)
 
     from clinqa.models.embedded import EMBEDDED_NAME, converted_gguf_dir, embedded_model_dir
     from clinqa.models.local import LocalModel

@@ -4,6 +4,7 @@
     HF_ID_OR_DIR                              a Hugging Face id (already in the local cache) or a folder
     path/model.gguf                           a GGUF file (dequantised by transformers, cached)
     openai:http://127.0.0.1:8000/v1#name      an OpenAI-compatible server (vLLM, llama.cpp server)
+    openai:URL#name@concurrency=8,batch=16    ... with throughput parameters (see models/remote.py)
 
 Modifiers are appended with '+': `default+lora:adapters/cardio`, `default+steer:vectors/triage@alpha=2`,
 `default+rag:indexes/textbook@k=5`. Parameters after '@' are comma-separated key=value pairs.
@@ -37,20 +38,22 @@ class ModelSpec:
     target: str  # '' for default, path/id, or base URL
     model_name: str = ""  # openai: the served model name
     modifiers: tuple[Modifier, ...] = ()
+    params: tuple[tuple[str, str], ...] = ()  # openai: @key=value after the model name
 
     @property
     def base(self) -> str:
         if self.kind == "default":
             return "default"
         if self.kind == "openai":
-            return f"openai:{self.target}" + (f"#{self.model_name}" if self.model_name else "")
+            p = ",".join(f"{k}={v}" for k, v in self.params)
+            return f"openai:{self.target}" + (f"#{self.model_name}" if self.model_name or p else "") + (f"@{p}" if p else "")
         return self.target
 
     def __str__(self) -> str:
         return "+".join([self.base, *map(str, self.modifiers)])
 
     def without_modifiers(self) -> "ModelSpec":
-        return ModelSpec(self.kind, self.target, self.model_name)
+        return ModelSpec(self.kind, self.target, self.model_name, params=self.params)
 
 
 def _parse_params(text: str, where: str) -> dict[str, str]:
@@ -86,7 +89,8 @@ def parse_spec(spec: str) -> ModelSpec:
         url, _, name = base[len("openai:"):].partition("#")
         if not url.startswith(("http://", "https://")):
             raise ClinqaError(f"bad endpoint in {base!r}: expected openai:http://HOST:PORT/v1#MODEL")
-        return ModelSpec("openai", url.rstrip("/"), name, modifiers)
+        name, _, params = name.partition("@")
+        return ModelSpec("openai", url.rstrip("/"), name, modifiers, tuple(_parse_params(params, base).items()))
     if base.lower().endswith(".gguf"):
         return ModelSpec("gguf", base, "", modifiers)
     return ModelSpec("hf", base, "", modifiers)

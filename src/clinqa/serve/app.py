@@ -40,17 +40,16 @@ Audit
     ``/openapi.json`` hold no patient data and are not audited.
 
 Model calls
-    The model is not thread-safe: every call runs on one dedicated worker thread, under a lock,
-    queued in arrival order; at most ``max_pending`` calls wait or run (more get 503 ``busy``).
-    Each request has ``request_timeout_s`` for its model call, queue wait included; past it the
-    client gets 504 ``timeout`` at once. The abandoned call is stopped as soon as possible so
-    it does not hold the worker for later requests: if it is still queued it never runs; if it
-    is running, a cancel flag is set, which (a) makes the next call the pipeline makes into the
-    model raise, and (b) for local transformers models aborts generation at the next token (a
-    forward pre-hook on the model checks the flag), so the worker is free again within one forward
-    pass. A backend that cannot be interrupted (a remote server mid-request) keeps the worker until
-    its own timeout; its result is discarded when it arrives. Later requests meanwhile wait in the
-    queue within their own budget, never longer.
+    See :mod:`clinqa.serve.runner`: a local model answers one call at a time, in arrival order; a
+    remote backend (``openai:``, e.g. a vLLM cluster) up to ``model_concurrency`` calls at once (default
+    8). At most ``max_pending`` calls wait or run (more get 503 ``busy``). Each request has
+    ``request_timeout_s`` for its model call, queue wait included; past it the client gets 504
+    ``timeout`` at once. A client that closes the connection while its call waits or runs has the
+    call cancelled, audited as ``cancelled``. An abandoned call is stopped as soon as possible: if it
+    is still queued it never runs; if it is running, a cancel flag makes the next call the pipeline
+    makes into the model raise, aborts a local model's generation at the next forward pass, and stops
+    a remote backend from sending further requests or retries (one already sent is left to finish
+    and its answer discarded).
 
 Hostile input
     Bodies over ``max_body_bytes`` get 413 (by Content-Length, and by counting a streamed body);
@@ -85,7 +84,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +104,7 @@ from clinqa.errors import ClinqaError
 from clinqa.serve.audit import AuditLog, default_anchor_path, hash_question
 from clinqa.serve.auth import KeyRecord, KeyStore
 from clinqa.serve.config import ServeConfig
+from clinqa.serve.runner import ModelRunner, RequestCancelled, RunnerRefused, load_models
 
 __all__ = [
     "FHIR_ID",
@@ -177,10 +177,6 @@ class ApiError(HTTPException):
         self.audit_detail = detail or error
 
 
-class RequestCancelled(Exception):
-    """Raised inside the model worker when the request's time budget ran out (see ModelRunner)."""
-
-
 def _error_body(status: int, error: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": error, "message": message, "status": status, **extra}
 
@@ -248,146 +244,6 @@ def install_log_redaction(logger_names: Sequence[str] = ("", "uvicorn", "uvicorn
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
                 handler.addFilter(_FILTER)
-
-
-# ============================================================================ the model worker
-
-_worker_state = threading.local()
-
-
-def _abort_if_cancelled(*_: Any) -> None:
-    """Forward pre-hook on torch models: raise in the model thread once the current request is abandoned."""
-    cancel = getattr(_worker_state, "cancel", None)
-    if cancel is not None and cancel.is_set():
-        raise RequestCancelled("the request's time budget ran out")
-
-
-def _torch_modules(obj: Any, depth: int = 0, seen: Optional[set[int]] = None) -> list[Any]:
-    """torch modules held by a predictor or by predictors it wraps (modifiers), up to 3 levels deep."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return []
-    seen = set() if seen is None else seen
-    if id(obj) in seen or depth > 3:
-        return []
-    seen.add(id(obj))
-    found = []
-    for value in list(getattr(obj, "__dict__", {}).values()):
-        if isinstance(value, torch.nn.Module):
-            if id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-        elif hasattr(value, "generate") and hasattr(value, "info"):
-            found.extend(_torch_modules(value, depth + 1, seen))
-    return found
-
-
-class _CancellablePredictor:
-    """The predictor as the pipeline sees it: every model call first checks the request's cancel flag."""
-
-    def __init__(self, inner: Any, cancel: threading.Event):
-        self._inner = inner
-        self._cancel = cancel
-        self.info = inner.info
-
-    def _check(self) -> None:
-        if self._cancel.is_set():
-            raise RequestCancelled("the request's time budget ran out")
-
-    def score_continuations(self, groups):
-        self._check()
-        return self._inner.score_continuations(groups)
-
-    def next_token_logprobs(self, contexts, candidates):
-        self._check()
-        return self._inner.next_token_logprobs(contexts, candidates)
-
-    def generate(self, prompts, config=None):
-        self._check()
-        return self._inner.generate(prompts, config)
-
-    def hidden_states(self, texts, layers):
-        self._check()
-        return self._inner.hidden_states(texts, layers)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class ModelRunner:
-    """Runs model calls one at a time on a dedicated thread with a time budget (see the module docstring)."""
-
-    def __init__(self, max_pending: int = 32):
-        self.max_pending = max_pending
-        self.predictor: Any = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clinqa-model")
-        self._lock = threading.Lock()  # the model is not thread-safe
-        self._count_lock = threading.Lock()
-        self._pending = 0
-        self._hooks: list[Any] = []
-
-    def set_predictor(self, predictor: Any) -> None:
-        self.predictor = predictor
-        for module in _torch_modules(predictor):
-            self._hooks.append(module.register_forward_pre_hook(_abort_if_cancelled))
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn()`` on the model thread (used to load the model there)."""
-        return self._executor.submit(fn)
-
-    def _done(self, _: Future) -> None:
-        with self._count_lock:
-            self._pending -= 1
-
-    async def run(self, fn: Callable[[Any], Any], budget: float) -> Any:
-        """``fn(predictor)`` on the model thread; ApiError 504 past ``budget`` seconds, 503 if too many wait."""
-        if self.predictor is None:
-            raise ApiError(503, "not_ready", "the model is still loading; try again shortly (see /ready)")
-        with self._count_lock:
-            if self._pending >= self.max_pending:
-                raise ApiError(503, "busy", f"{self._pending} model calls are already waiting; try again shortly",
-                               headers={"Retry-After": "5"}, outcome="busy")
-            self._pending += 1
-        cancel = threading.Event()
-        predictor = _CancellablePredictor(self.predictor, cancel)
-
-        def job() -> Any:
-            if cancel.is_set():
-                raise RequestCancelled("the request's time budget ran out while queued")
-            with self._lock:
-                _worker_state.cancel = cancel
-                try:
-                    return fn(predictor)
-                finally:
-                    _worker_state.cancel = None
-
-        fut = self._executor.submit(job)
-        fut.add_done_callback(self._done)
-        try:
-            if budget <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=budget)
-        except (asyncio.TimeoutError, TimeoutError):
-            raise ApiError(
-                504, "timeout",
-                f"the model did not answer within the {budget:.3g} s left of the request's time budget; "
-                "the call was abandoned. Ask again, or a shorter question",
-            ) from None
-        finally:
-            if not fut.done():  # timed out, or the client went away: stop the call, discard its result
-                cancel.set()
-                fut.cancel()
-
-    def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ============================================================================ records
@@ -544,7 +400,8 @@ def _outcome_for(status: int) -> str:
 class Service:
     """The state behind the app: config, key store, audit log, records, model runner."""
 
-    def __init__(self, config: ServeConfig, predictor: Any = None, records: Optional[Iterable[Any]] = None):
+    def __init__(self, config: ServeConfig, predictor: Any = None, records: Optional[Iterable[Any]] = None,
+                 selector: Any = None):
         from clinqa.records.pipeline import RetrievalSelector
 
         self.config = config
@@ -563,10 +420,12 @@ class Service:
 
         self.selector = RetrievalSelector(mode=config.selector_mode, top_k=config.selector_top_k)
         self.pass_lines = "lines" in inspect.signature(answer_question).parameters
-        self.runner = ModelRunner(config.max_pending)
+        self.runner = ModelRunner(config.max_pending, concurrency=config.model_concurrency)
         self.load_error: Optional[str] = None
         self._loading: Optional[Future] = None
         self._auth_slots = threading.BoundedSemaphore(4)  # scrypt takes 16 MB each: bound the concurrent checks
+        if selector is not None:
+            self.selector = selector  # the fine-tuned stage-1 selector (config.adapters)
         if predictor is not None:
             self.runner.set_predictor(predictor)
 
@@ -580,17 +439,18 @@ class Service:
             return
 
         def load() -> None:
-            from clinqa.adapt import load_predictor
-
             t0 = time.perf_counter()
             try:
-                predictor = load_predictor(self.config.model)
+                predictor, selector = load_models(self.config)
             except Exception as e:
                 self.load_error = f"{type(e).__name__}: {e}" if isinstance(e, ClinqaError) else type(e).__name__
                 log.error("loading model %r failed: %s", self.config.model, self.load_error)
                 return
+            if selector is not None:
+                self.selector = selector
             self.runner.set_predictor(predictor)
-            log.info("model %s loaded in %.1f s", self.config.model, time.perf_counter() - t0)
+            log.info("model %s loaded in %.1f s (%d model call(s) at once)", self.config.model,
+                     time.perf_counter() - t0, self.runner.parallel)
 
         self._loading = self.runner.submit(load)
 
@@ -623,7 +483,9 @@ class Service:
         token = id(ctx)
         RedactingFilter.register(token, secrets)
         try:
-            return await self.runner.run(call, budget=self.budget_left(ctx))
+            return await self.runner.run(call, budget=self.budget_left(ctx), receive=getattr(ctx, "receive", None))
+        except RunnerRefused as e:
+            raise ApiError(e.status, e.error, e.message, headers=e.headers, outcome=e.outcome, detail=e.detail) from None
         except ApiError:
             raise
         except Exception as e:
@@ -710,6 +572,8 @@ class _Guard:
                     raise BodyTooLarge(limit)
             return message
 
+        ctx.receive = limited_receive  # type: ignore[attr-defined]  # the model runner watches it for a disconnect
+
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception as e:
@@ -777,10 +641,11 @@ def _handle(p: _Patient, key: str) -> str:
     return f"{p.types.get(key, '?')}/{rid}" if rid else key
 
 
-def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[Iterable[Any]] = None) -> FastAPI:
+def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[Iterable[Any]] = None,
+               selector: Any = None) -> FastAPI:
     """The ASGI app. ``predictor`` (a Predictor) and ``records`` (PatientRecords) are loaded from ``config`` when
     not given: records now, the model at startup (in the background; ``/ready`` says when it is there)."""
-    service = Service(config, predictor=predictor, records=records)
+    service = Service(config, predictor=predictor, records=records, selector=selector)
     install_log_redaction()
     if not service.patients:
         log.warning("no patient records loaded (records=%s); the patient endpoints will have nothing to show", config.records)
@@ -1022,17 +887,16 @@ def serve(config: ServeConfig) -> None:
     """Load the model and records (failing fast with a ClinqaError), then run uvicorn until stopped."""
     import uvicorn
 
-    from clinqa.adapt import load_predictor
-
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     if config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: API keys travel in clear over HTTP; put TLS (a reverse proxy) in front", config.host)
     records = load_patient_records(config)
     t0 = time.perf_counter()
-    predictor = load_predictor(config.model)
-    log.info("model %s loaded in %.1f s; %d patients", config.model, time.perf_counter() - t0, len(records))
-    app = create_app(config, predictor=predictor, records=records)
+    predictor, selector = load_models(config)
+    log.info("model %s loaded in %.1f s; %d patients%s", config.model, time.perf_counter() - t0, len(records),
+             f"; fine-tuned stages from {config.adapters}" if selector is not None else "")
+    app = create_app(config, predictor=predictor, records=records, selector=selector)
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, access_log=config.access_log, log_level=config.log_level,
         server_header=False, timeout_graceful_shutdown=10,

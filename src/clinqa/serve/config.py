@@ -18,6 +18,8 @@ Example ``serve.toml``::
     audit_db = "state/audit.sqlite"
     port = 8470
     request_timeout_s = 60
+    model_concurrency = 8           # calls at once to a remote backend (openai:URL#MODEL)
+    # adapters = "stages/"          # serve the fine-tuned stages of `clinqa records finetune`
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ __all__ = ["ENV_PREFIX", "ServeConfig"]
 
 ENV_PREFIX = "CLINQA_"
 _ID = re.compile(r"[A-Za-z0-9.\-]{1,64}")
-_PATH_FIELDS = ("keys_db", "audit_db", "audit_anchor")
+_PATH_FIELDS = ("keys_db", "audit_db", "audit_anchor", "adapters")
 
 
 class ServeConfig(BaseModel):
@@ -66,6 +68,10 @@ class ServeConfig(BaseModel):
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="time budget of one model call, queue wait included")
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, description="larger request bodies get 413")
     max_pending: int = Field(32, ge=1, le=10_000, description="model calls waiting or running at once; more get 503")
+    model_concurrency: int = Field(8, ge=1, le=1024, description="model calls at once with a remote (openai:) backend, "
+                                   "e.g. a vLLM cluster; a local model always answers one call at a time")
+    adapters: Optional[Path] = Field(None, description="fine-tuned stages from `clinqa records finetune` (a folder with "
+                                     "stages.json): model is their base; stage 1 is the LLM selector with its tuned threshold")
     max_question_chars: int = Field(2000, ge=10, le=100_000)
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a browser (none by default)")
     selector_mode: str = Field("bm25", description="stage-1 selection of the resources shown to the model")

@@ -323,6 +323,11 @@ def annotate(
         progress(0, total)
     if not items:
         return []
+    from clinqa.specialties.annotate_generate import annotate_by_generation, scores_labels
+
+    if not scores_labels(predictor):  # a chat-only server: constrained generated answers vote instead
+        return annotate_by_generation(predictor, items, PROMPTS[:n_prompts], min_votes=min_votes,
+                                      batch_size=batch_size, progress=progress)
     cf = content_free_scores(predictor, n_prompts=n_prompts, norm=norm) if calibrate else None
     out: list[Annotation] = []
     for s in range(0, total, batch_size):

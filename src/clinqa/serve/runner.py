@@ -1,0 +1,233 @@
+"""The service's model calls: where they run, how many at once, and how they are stopped.
+
+- A local model is not thread-safe: its calls run one at a time (a lock) in arrival order.
+- A remote backend (``openai:``, e.g. a vLLM cluster) runs up to ``concurrency`` calls at once
+  (ServeConfig.model_concurrency, default 8), each of which may itself send several requests.
+- At most ``max_pending`` calls wait or run; more are refused (503 ``busy``).
+- A call is abandoned when the request's time budget runs out (504 ``timeout``) or the client closes
+  the connection (``cancelled``). An abandoned call that is still queued never runs; a running one
+  gets its cancel flag set, which makes the next model call it makes raise, aborts a local model's
+  generation at the next forward pass (a pre-hook), and stops a remote backend from starting
+  further requests or retries (clinqa.models.remote.CANCEL) -- a request already on the wire is
+  left to finish and its answer discarded.
+
+``load_models`` loads what a config names: the model, and with ``adapters`` (a ``records finetune``
+folder) the fine-tuned stages -- stage 2 answers, stage 1 is the LLM selector with its tuned threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Optional
+
+__all__ = ["ModelRunner", "RequestCancelled", "RunnerRefused", "is_remote", "load_models"]
+
+_worker_state = threading.local()
+
+
+class RequestCancelled(Exception):
+    """Raised inside the model worker when the request was abandoned (time budget, client gone)."""
+
+
+class RunnerRefused(Exception):
+    """The runner's answer instead of a result: the service turns it into an error response."""
+
+    def __init__(self, status: int, error: str, message: str, *, outcome: Optional[str] = None, detail: str = "",
+                 headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+        self.outcome, self.detail, self.headers = outcome, detail, headers
+
+
+def _abort_if_cancelled(*_: Any) -> None:
+    """Forward pre-hook on torch models: raise in the model thread once the current request is abandoned."""
+    cancel = getattr(_worker_state, "cancel", None)
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelled("the request was abandoned")
+
+
+def _torch_modules(obj: Any, depth: int = 0, seen: Optional[set[int]] = None) -> list[Any]:
+    """torch modules held by a predictor or by predictors it wraps (modifiers), up to 3 levels deep."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return []
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 3:
+        return []
+    seen.add(id(obj))
+    found = []
+    for value in list(getattr(obj, "__dict__", {}).values()):
+        if isinstance(value, torch.nn.Module):
+            if id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+        elif hasattr(value, "generate") and hasattr(value, "info"):
+            found.extend(_torch_modules(value, depth + 1, seen))
+    return found
+
+
+def is_remote(predictor: Any) -> bool:
+    """A predictor whose model runs elsewhere (an OpenAI-compatible server): safe to call from several threads."""
+    info = getattr(predictor, "info", None)
+    return getattr(info, "backend", None) == "openai"
+
+
+class _CancellablePredictor:
+    """The predictor as the pipeline sees it: every model call first checks the request's cancel flag."""
+
+    def __init__(self, inner: Any, cancel: threading.Event):
+        self._inner = inner
+        self._cancel = cancel
+        self.info = inner.info
+
+    def _check(self) -> None:
+        if self._cancel.is_set():
+            raise RequestCancelled("the request was abandoned")
+
+    def score_continuations(self, groups):
+        self._check()
+        return self._inner.score_continuations(groups)
+
+    def next_token_logprobs(self, contexts, candidates):
+        self._check()
+        return self._inner.next_token_logprobs(contexts, candidates)
+
+    def generate(self, prompts, config=None):
+        self._check()
+        return self._inner.generate(prompts, config)
+
+    def hidden_states(self, texts, layers):
+        self._check()
+        return self._inner.hidden_states(texts, layers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class ModelRunner:
+    """Runs model calls on worker threads with a time budget (see the module docstring)."""
+
+    def __init__(self, max_pending: int = 32, concurrency: int = 8):
+        self.max_pending = max_pending
+        self.concurrency = max(1, int(concurrency))
+        self.predictor: Any = None
+        self.parallel = 1  # calls at once: set by set_predictor (1 for a local model)
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="clinqa-model")
+        self._lock = threading.Lock()  # a local model is not thread-safe
+        self._count_lock = threading.Lock()
+        self._pending = 0
+        self._hooks: list[Any] = []
+
+    def set_predictor(self, predictor: Any) -> None:
+        self.predictor = predictor
+        self.parallel = self.concurrency if is_remote(predictor) else 1
+        for module in _torch_modules(predictor):
+            self._hooks.append(module.register_forward_pre_hook(_abort_if_cancelled))
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` on a model thread (used to load the model there)."""
+        return self._executor.submit(fn)
+
+    def _done(self, _: Future) -> None:
+        with self._count_lock:
+            self._pending -= 1
+
+    async def run(self, fn: Callable[[Any], Any], budget: float,
+                  receive: Optional[Callable[[], Awaitable[dict]]] = None) -> Any:
+        """``fn(predictor)`` on a model thread. RunnerRefused: 503 if not ready or too many wait, 504 past
+        ``budget`` seconds, 499 ``cancelled`` when ``receive`` (the ASGI channel) reports a disconnect."""
+        if self.predictor is None:
+            raise RunnerRefused(503, "not_ready", "the model is still loading; try again shortly (see /ready)")
+        with self._count_lock:
+            if self._pending >= self.max_pending:
+                raise RunnerRefused(503, "busy", f"{self._pending} model calls are already waiting; try again shortly",
+                                    headers={"Retry-After": "5"}, outcome="busy")
+            self._pending += 1
+        cancel = threading.Event()
+        predictor = _CancellablePredictor(self.predictor, cancel)
+        serial = self.parallel == 1
+
+        def job() -> Any:
+            from clinqa.models.remote import CANCEL
+
+            if cancel.is_set():
+                raise RequestCancelled("the request was abandoned while queued")
+            token = CANCEL.set(cancel)
+            if serial:
+                self._lock.acquire()
+            try:
+                _worker_state.cancel = cancel
+                return fn(predictor)
+            finally:
+                _worker_state.cancel = None
+                CANCEL.reset(token)
+                if serial:
+                    self._lock.release()
+
+        fut = self._executor.submit(job)
+        fut.add_done_callback(self._done)
+        result = asyncio.wrap_future(fut)
+        watcher = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
+        try:
+            if budget <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait([result] + ([watcher] if watcher else []), timeout=budget,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if result in done:
+                return result.result()
+            if watcher is not None and watcher in done:
+                raise RunnerRefused(499, "cancelled", "the client closed the connection; the model call was cancelled",
+                                    outcome="cancelled", detail="client disconnected")
+            raise TimeoutError
+        except (asyncio.TimeoutError, TimeoutError):
+            raise RunnerRefused(
+                504, "timeout",
+                f"the model did not answer within the {budget:.3g} s left of the request's time budget; "
+                "the call was abandoned. Ask again, or a shorter question",
+            ) from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not fut.done():  # timed out, or the client went away: stop the call, discard its result
+                cancel.set()
+                fut.cancel()
+                result.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" warning
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Return once the ASGI server reports that the client went away (the body was read already)."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+def load_models(config: Any) -> tuple[Any, Any]:
+    """(predictor, selector or None) for a ServeConfig: the model spec, and with ``config.adapters`` the
+    stages of ``records finetune`` on it (the same stages.json reading as ``records eval --adapters``)."""
+    from clinqa.adapt import load_predictor
+
+    adapters = getattr(config, "adapters", None)
+    if adapters is None:
+        return load_predictor(config.model), None
+    from clinqa.records.pipeline import LLMSelector
+    from clinqa.records.train import read_stages
+
+    stages = read_stages(adapters)
+    predictor = load_predictor(f"{config.model}+lora:{stages['stage2']}")
+    stage1 = load_predictor(f"{config.model}+lora:{stages['stage1']}")
+    return predictor, LLMSelector(stage1, threshold=float(stages["threshold"]))
