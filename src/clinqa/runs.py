@@ -144,6 +144,27 @@ def append_lines(path: str | Path, lines: Iterable[str]) -> int:
     return len(rows)
 
 
+def check_writable(path: str | Path, *, folder: bool = True, what: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is wanted (or
+    the reverse), a place inside a file, or a read-only folder. Creates nothing."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ClinqaError(f"{what} {path} is a file, not a folder: choose a folder")
+        if not folder and path.is_dir():
+            raise ClinqaError(f"{what} {path} is a folder, not a file: choose a file name")
+        place = path if path.is_dir() else path.parent
+    else:
+        place = path.parent
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        if not place.is_dir():
+            raise ClinqaError(f"{what} {path}: {place} is a file, so nothing can be written under it")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ClinqaError(f"{what} {path}: {place} is not writable: choose a writable place")
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ lock
 
 
@@ -361,7 +382,7 @@ def read_meta(path: str | Path) -> dict:
     path = Path(path)
     run_file = path / RUN_FILE
     if not path.exists():
-        raise ClinqaError(f"{path} does not exist")
+        raise ClinqaError(f"{path} is not a run folder (it does not exist)")
     if not path.is_dir():
         raise ClinqaError(f"{path} is not a run folder (it is a file)")
     if not run_file.is_file():
@@ -516,7 +537,7 @@ class RunFolder(Generic[S]):
 
 
 __all__ = [
-    "LOCK_FILE", "RUN_FILE", "SAMPLES_FILE", "STORE_VERSION", "Progress", "RunFolder", "append_lines", "atomic_write_text",
+    "LOCK_FILE", "RUN_FILE", "SAMPLES_FILE", "STORE_VERSION", "Progress", "RunFolder", "append_lines", "atomic_write_text", "check_writable",
     "data_change", "describe_config_change", "describe_data_change", "digest", "fingerprint", "git_hash", "lock_file_for", "lock_path",
     "now", "plain", "read_meta", "versions",
 ]
