@@ -148,9 +148,12 @@ def eval_cmd(
 
     if note := too_many_shuffles(questions, shuffles):
         err.print(f"[yellow]note:[/yellow] {note}", markup=True, highlight=False)
-    predictor = load_predictor(model)
-    with progress_bar(f"{method} · {len(questions)} questions × {shuffles}") as update:
-        run = evaluate(predictor, questions, config, out, batch_size=batch_size, progress=update, skipped=skipped)
+    from clinqa.runs import lock_path
+
+    with lock_path(out, folder=True):  # a second writer is refused before it loads a model
+        predictor = load_predictor(model)
+        with progress_bar(f"{method} · {len(questions)} questions × {shuffles}") as update:
+            run = evaluate(predictor, questions, config, out, batch_size=batch_size, progress=update, skipped=skipped)
     summary = summarize(run.samples(), seed=seed)
     print_summary(summary, f"{model} · {data} · method={method} · shuffles={shuffles}")
     console.print(f"run saved in [bold]{out}[/bold] · `clinqa report {out}` writes report.md and plots")
