@@ -5,11 +5,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from clinqa.evaluate import EvalConfig, Run, evaluate
 from clinqa.evaluate import shuffle
 from clinqa.evaluate.methods import make_items
 from clinqa.runs import (LOCK_FILE, RunFolder, check_writable, data_change, describe_config_change, fingerprint,
-                         lock_file_for, lock_path, read_meta)
+                         lock_path, read_meta)
 
 
 def questions(n=4, answer_of=None):
