@@ -417,12 +417,14 @@ class RunFolder(Generic[S]):
     @classmethod
     def open(cls, path: str | Path, config: Any, *, kind: str, sample_type: type[S], data: Mapping[str, Any] | None = None,
              identity_keys: Callable[[dict], dict] | None = None, legacy_identity: str | None = None,
-             samples_file: str = SAMPLES_FILE, what: str = "--out", lock: bool = True) -> "RunFolder[S]":
+             samples_file: str = SAMPLES_FILE, what: str = "--out", lock: bool = True,
+             data_may_grow: bool = True) -> "RunFolder[S]":
         """Create the folder, or resume it if it holds the same run; refuse anything else.
 
         config: what determines the results (plain data, a dataclass or a pydantic model), kept in run.json.
         data: ``fingerprint(...)`` of the items the run evaluates: a changed or missing item is refused,
-            added items are accepted (they are what a resume scores).
+            added items are accepted (they are what a resume scores) unless `data_may_grow` is False
+            (samples that summarise all items, like a sweep's accuracies, need exactly the same items).
         identity_keys: the part of the config that is the identity (default: all of it), e.g. without
             the data path, which `data` replaces.
         legacy_identity: the identity a folder written before store version 2 would hold for this
@@ -445,14 +447,14 @@ class RunFolder(Generic[S]):
             run._lock_cm = lock_path(path, folder=True, what=what)
             run._lock_cm.__enter__()
         try:
-            run.meta = run._open_meta(cfg, ident_cfg, identity, kind, data, legacy_identity, what)
+            run.meta = run._open_meta(cfg, ident_cfg, identity, kind, data, legacy_identity, what, data_may_grow)
             run.save_meta()
         except BaseException:
             run.close()
             raise
         return run
 
-    def _open_meta(self, cfg, ident_cfg, identity, kind, data, legacy_identity, what) -> dict:
+    def _open_meta(self, cfg, ident_cfg, identity, kind, data, legacy_identity, what, data_may_grow=True) -> dict:
         path = self.path
         if not (path / RUN_FILE).exists():
             if any(p.name != LOCK_FILE for p in path.iterdir()):  # someone wrote there before we took the lock
@@ -478,6 +480,8 @@ class RunFolder(Generic[S]):
                     diffs.insert(0, f"kind: {meta.get('kind')!r} -> {kind!r}")
                 problems.append(f"a different config ({'; '.join(diffs) or 'its identity differs'})")
             change = data_change(meta.get("data"), data)
+            if not change and not data_may_grow and data and (meta.get("data") or {}).get("sha256") != data.get("sha256"):
+                change = describe_data_change(meta.get("data") or {}, data)
             if change:
                 problems.append(f"other data ({change})")
             if problems:
