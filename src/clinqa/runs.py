@@ -399,6 +399,18 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object from a file the store wrote, or a one-line error naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClinqaError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}): move the folder aside and re-run") from None
+    if not isinstance(obj, dict):
+        raise ClinqaError(f"{path}: not a JSON object: move the folder aside and re-run")
+    return obj
+
+
 class RunFolder(Generic[S]):
     """A run folder of samples of type `S`. Create or resume with ``RunFolder.open``; read with ``load``.
 
@@ -543,5 +555,5 @@ class RunFolder(Generic[S]):
 __all__ = [
     "LOCK_FILE", "RUN_FILE", "SAMPLES_FILE", "STORE_VERSION", "Progress", "RunFolder", "append_lines", "atomic_write_text", "check_writable",
     "data_change", "describe_config_change", "describe_data_change", "digest", "fingerprint", "git_hash", "lock_file_for", "lock_path",
-    "now", "plain", "read_meta", "versions",
+    "now", "plain", "read_json_object", "read_meta", "versions",
 ]
