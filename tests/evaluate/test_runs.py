@@ -143,14 +143,14 @@ def test_lock_is_exclusive_reentrant_and_released_on_exceptions(tmp_path):
 HOLDER = textwrap.dedent("""
     import sys, time
     from clinqa.runs import lock_path
-    with lock_path(sys.argv[1], folder=True):
+    with lock_path(sys.argv[1], folder=sys.argv[2] == "folder"):
         print("locked", flush=True)
         time.sleep(60)
 """)
 
 
-def _holder(folder: Path) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True,
+def _holder(folder: Path, kind: str = "folder") -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), kind], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert p.stdout.readline().strip() == "locked"
     return p
@@ -256,3 +256,23 @@ def test_more_shuffles_than_orders_uses_each_order_once():
     assert note == ("--shuffles 10: 1 question with 2 options has only 2 distinct orders; 1 question with 3 options has "
                     "only 6 distinct orders: each of their orders is used once")
     assert shuffle.too_many_shuffles([q3], 6) is None
+
+
+def test_every_resumable_writer_takes_the_lock(tiny_predictor, tmp_path):
+    """annotate (a file), records eval, compare and steer sweep (folders) refuse a folder another process holds."""
+    from clinqa.experiments.compare import CompareConfig, compare
+    from clinqa.specialties.annotate import annotate_to_file
+
+    ann = tmp_path / "ann.jsonl"
+    exp = tmp_path / "exp"
+    holders = [_holder(ann, "file"), _holder(exp)]
+    try:
+        with pytest.raises(ClinqaError, match=f"ann.jsonl is in use by pid {holders[0].pid}"):
+            annotate_to_file(tiny_predictor, questions(2), ann)
+        with pytest.raises(ClinqaError, match=f"exp is in use by pid {holders[1].pid}"):
+            compare(CompareConfig(model="tiny", data="d"), questions(2), exp, load=lambda spec: tiny_predictor)
+    finally:
+        for p in holders:
+            p.terminate()
+            p.wait()
+    assert not ann.exists() and not (exp / "base").exists()
