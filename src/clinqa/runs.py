@@ -229,6 +229,11 @@ def lock_path(path: str | Path, *, folder: bool | None = None, what: str = "--ou
     if target.exists() and folder and not target.is_dir():
         raise ClinqaError(f"{what} {target} is a file, not a folder: choose a folder")
     lock = lock_file_for(target, folder)
+    created = []  # folders made for the lock: removed again on exit if nothing was written into them
+    d = lock.parent
+    while not d.exists() and d != d.parent:
+        created.append(d)
+        d = d.parent
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -299,6 +304,11 @@ def lock_path(path: str | Path, *, folder: bool | None = None, what: str = "--ou
             lock.unlink(missing_ok=True)  # removed while still locked: the next owner creates a fresh file
         finally:
             os.close(fd)
+        for d in created:  # a command that failed before writing anything leaves no empty folder behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 # ------------------------------------------------------------------------------------- data fingerprint

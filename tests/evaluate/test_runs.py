@@ -138,6 +138,11 @@ def test_lock_is_exclusive_reentrant_and_released_on_exceptions(tmp_path):
     assert not (tmp_path / "d" / LOCK_FILE).exists()
     with lock_path(tmp_path / "d", folder=True):  # taken again after the exception released it
         pass
+    # folders made only to hold the lock are removed if the command wrote nothing (a failed eval leaves no --out)
+    with pytest.raises(ClinqaError):
+        with lock_path(tmp_path / "new" / "run", folder=True):
+            raise ClinqaError("no such model")
+    assert not (tmp_path / "new").exists()
 
 
 HOLDER = textwrap.dedent("""
