@@ -52,6 +52,18 @@ def progress_bar(description: str) -> Iterator:
         yield update
 
 
+def _at_least(option: str, value: int | None, minimum: int = 1) -> None:
+    """Refuse a number below `minimum` up front, as a one-line error (None: not given)."""
+    if value is not None and value < minimum:
+        raise ClinqaError(f"{option} must be at least {minimum}, got {value}")
+
+
+def _writable_out(out: Path, folder: bool = True) -> None:
+    from clinqa.runs import check_writable
+
+    check_writable(out, folder=folder)
+
+
 def _quiet_transformers() -> None:
     try:
         from transformers.utils import logging as tlog
@@ -122,6 +134,11 @@ def eval_cmd(
     from clinqa.evaluate import EvalConfig, evaluate, load_data
     from clinqa.evaluate.report import summarize
 
+    _at_least("--batch-size", batch_size)
+    _at_least("--shuffles", shuffles)
+    _at_least("--limit", limit)
+    _at_least("--max-new-tokens", max_new_tokens)
+    _writable_out(out)
     if alpha is not None:
         model = _with_alpha(model, alpha)
     config = EvalConfig(model=model, data=data, method=method, shuffles=shuffles, seed=seed, limit=limit,
@@ -130,9 +147,16 @@ def eval_cmd(
     questions, skipped = load_data(config)
     if skipped:
         err.print(f"[yellow]skipped {skipped} invalid rows[/yellow]")
-    predictor = load_predictor(model)
-    with progress_bar(f"{method} · {len(questions)} questions × {shuffles}") as update:
-        run = evaluate(predictor, questions, config, out, batch_size=batch_size, progress=update, skipped=skipped)
+    from clinqa.evaluate.shuffle import too_many_shuffles
+
+    if note := too_many_shuffles(questions, shuffles):
+        err.print(f"[yellow]note:[/yellow] {note}", markup=True, highlight=False)
+    from clinqa.runs import lock_path
+
+    with lock_path(out, folder=True):  # a second writer is refused before it loads a model
+        predictor = load_predictor(model)
+        with progress_bar(f"{method} · {len(questions)} questions × {shuffles}") as update:
+            run = evaluate(predictor, questions, config, out, batch_size=batch_size, progress=update, skipped=skipped)
     summary = summarize(run.samples(), seed=seed)
     print_summary(summary, f"{model} · {data} · method={method} · shuffles={shuffles}")
     console.print(f"run saved in [bold]{safe(out)}[/bold] · `clinqa report {safe(out)}` writes report.md and plots")
@@ -184,6 +208,9 @@ def compare_cmd(
     from clinqa.experiments.compare import CompareConfig, compare
 
     # a method list may contain '@a=1,b=2' parameters: split on commas that start a new method
+    _at_least("--shuffles", shuffles)
+    _at_least("--limit", limit)
+    _writable_out(out)
     names = [m for m in re.split(r",(?=\s*(?:base|prompt:|lora:|steer:|rag:))", methods) if m.strip()]
     cfg = CompareConfig(model=model, data=data, methods=tuple(m.strip() for m in names), method=method, shuffles=shuffles,
                         seed=seed, limit=limit, specialties=tuple(specialty), part=part)
@@ -306,6 +333,9 @@ def cross_specialty_cmd(
     from clinqa.data.loaders import load_questions
     from clinqa.experiments.cross_specialty import CrossSpecialtyConfig, cross_specialty
 
+    _at_least("--shuffles", shuffles)
+    _at_least("--epochs", epochs)
+    _writable_out(out)
     cfg = CrossSpecialtyConfig(model=model, data=data, specialties=tuple(s.strip() for s in specialties.split(",") if s.strip()),
                                control_data=control or None, test_fraction=test_fraction, balance=balance, method=method,
                                shuffles=shuffles, seed=seed,
@@ -344,6 +374,9 @@ def annotate_cmd(
     from clinqa.specialties.annotate import annotate_to_file, conformal_from_probs, tradeoff_table, write_annotations
     from clinqa.specialties.label import conformal_sets, embedding_annotations, gold_labels, labelled_questions
 
+    _at_least("--limit", limit)
+    _at_least("--prompts", prompts)
+    _writable_out(out, folder=False)
     questions = load_questions(data, limit=limit).questions
     cal_qs = load_questions(calibration).questions if calibration else []
     cal_gold = gold_labels(cal_qs, calibration) if calibration else []  # fail before any annotating
@@ -483,6 +516,9 @@ def steer_sweep(
     from clinqa.data.loaders import load_questions
     from clinqa.experiments.compare import question_part
 
+    _at_least("--shuffles", shuffles)
+    _at_least("--limit", limit)
+    _writable_out(out)
     vec = SteeringVector.load(vector)
     questions = question_part(load_questions(data, limit=limit).questions, part)
     predictor = load_predictor(model)
@@ -692,6 +728,10 @@ def records_eval(
 
     from clinqa.records.pipeline import evaluate_records
 
+    _at_least("--limit", limit)
+    _at_least("--top-k", top_k)
+    _at_least("--max-new-tokens", max_new_tokens)
+    _writable_out(out)
     recs, questions = _records_and_questions(qa, records, limit)
     if adapters is not None:
         from clinqa.records.train import read_stages
@@ -851,9 +891,12 @@ def records_sweep(
         raise ClinqaError(f"--sizes {sizes!r}: give at least one positive size")
     recs, train_q = _records_and_questions(train, records)
     trecs, test_q = _records_and_questions(test, test_records or records)
+    _writable_out(out)
     cfg = _stages_config("separate", epochs, learning_rate, rank, batch_size, max_length, seed, gradient_checkpointing=gradient_checkpointing)
     base = load_predictor(model)
-    with progress_bar("records sweep") as update:
+    from clinqa.runs import lock_path
+
+    with lock_path(out, folder=True), progress_bar("records sweep") as update:
         rows = size_sweep(base, recs, train_q, trecs, test_q, size_list, out, cfg, progress=_stage_progress(update),
                           max_new_tokens=max_new_tokens)
     table = Table("training questions", "stage-1 F1", "METEOR", "ROUGE-L", "exact match", "abstention")
@@ -956,16 +999,36 @@ def audit_verify(
         raise typer.Exit(1)
 
 
+INTERRUPTED = "interrupted: finished batches are saved; re-run the same command to resume"
+
+
 def main() -> None:
-    """Console entry point: user errors print one line, no traceback."""
+    """Console entry point: user errors print one line, no traceback. Ctrl-C (SIGINT) and SIGTERM unwind
+    normally (run folders release their locks) and print one line; typer would turn Ctrl-C into a
+    silent exit 130, so the signal is noted here."""
+    import signal
+
+    signals: list[int] = []
+
+    def stop(signum, frame):
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         app()
     except ClinqaError as exc:
         err.print(f"[bold red]error:[/bold red] {safe(exc)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted: finished batches are saved; re-run the same command to resume")
+        err.print(INTERRUPTED, markup=False, highlight=False)
         sys.exit(130)
+    except SystemExit:
+        if signals:
+            err.print(INTERRUPTED, markup=False, highlight=False)
+            sys.exit(130 if signals[0] == signal.SIGINT else 143)
+        raise
 
 
 if __name__ == "__main__":

@@ -299,8 +299,16 @@ def test_sweep_grid_flips_files_and_resume(tmp_path, tiny_predictor, vector, que
     assert len(lines) == 5
     again = sweep(tiny_predictor, questions[:6], vector, [1, 2], [0, 3.0], out=out)  # resumes: nothing recomputed
     assert again.rows == res.rows and (out / "sweep.csv").read_text().splitlines() == lines
-    with pytest.raises(ClinqaError, match="another vector"):
+    with pytest.raises(ClinqaError, match=r"other data \(1 questions missing"):
         sweep(tiny_predictor, questions[:5], vector, [1], [1.0], out=out)
+    with pytest.raises(ClinqaError, match=r"different config \(method: 'option' -> 'letter'\)"):
+        sweep(tiny_predictor, questions[:6], vector, [1], [1.0], method="letter", out=out)
+    # a sweep folder from before the run store (sweep.json + sweep.csv, no run.json) is refused, saying what to do
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "sweep.json").write_text('{"key": {}, "base": []}')
+    with pytest.raises(ClinqaError, match="written by an older clinqa .* move it aside or delete it and re-run"):
+        sweep(tiny_predictor, questions[:6], vector, [1], [1.0], out=old)
 
 
 def test_sweep_markdown_gives_mcnemar_p():

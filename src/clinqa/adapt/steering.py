@@ -28,7 +28,6 @@ after the final norm; we always read (and steer) the block output itself.
 from __future__ import annotations
 
 import contextvars
-import csv
 import datetime as _dt
 import hashlib
 import json
@@ -42,18 +41,19 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate.prompts import cloze_prompt
 from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
 from clinqa.models.local import STEER_START, LocalModel, length_batches
+from clinqa.runs import Progress, atomic_write_text
 
 FORMAT = "clinqa.steering_vector"
 FORMAT_VERSION = 1
 POSITIONS = ("answer_last", "answer_mean")
 AGGREGATORS = ("mean_diff", "pca", "probe")
-Progress = Callable[[int, int], None]
 
 
 # --------------------------------------------------------------------------- extraction
@@ -623,8 +623,10 @@ def sweep(predictor: Any, questions: Sequence[Question], vector: SteeringVector,
           out: str | Path | None = None, progress: Progress | None = None) -> SweepResult:
     """Accuracy for every (layer, alpha) against the unsteered model, with per-sample flip rates.
 
-    With `out`, rows are appended to sweep.csv as they finish (a rerun skips them), and
-    sweep.md and sweep.png (heatmap) are written at the end.
+    With `out`, a run folder (clinqa.runs): the unsteered answers in run.json, each finished cell
+    appended to sweep.jsonl (a rerun skips them; another vector, model, method or question set is
+    refused, a second writer is locked out), and sweep.csv, sweep.json, sweep.md and sweep.png
+    (heatmap) written at the end.
     """
     from clinqa.evaluate.methods import SCORERS, make_items
 
@@ -634,54 +636,63 @@ def sweep(predictor: Any, questions: Sequence[Question], vector: SteeringVector,
     layers, alphas = [int(x) for x in layers], [float(a) for a in alphas]
     items = make_items(questions, shuffles, seed)
     score = lambda p: np.array([s.correct for s in SCORERS[method](p, items, seed=seed)])  # noqa: E731
-    done: dict[tuple[int, float], dict] = {}
-    base = csv_path = None
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        directions = b"".join(vector.directions[x].numpy().tobytes() for x in vector.layers)
-        key = {"vector": vector.name, "model_sha256": vector.model_hash, "method": method, "shuffles": shuffles,
-               "seed": seed, "questions_sha256": hashlib.sha256("\n".join(q.id for q in questions).encode()).hexdigest(),
-               "directions_sha256": hashlib.sha256(directions).hexdigest()}
-        meta_path, csv_path = out / "sweep.json", out / "sweep.csv"
-        if meta_path.is_file():
-            saved = json.loads(meta_path.read_text())
-            if saved.get("key") != key:
-                raise ClinqaError(f"{out} holds a sweep of another vector, model or question set: use a new folder")
-            base = np.array(saved["base"], dtype=bool)
-        if base is not None and csv_path.is_file():  # resume: keep the finished rows
-            with csv_path.open() as f:
-                for r in csv.DictReader(f):
-                    row = {k: (int(v) if k in ("layer", "n") else float(v)) for k, v in r.items()}
-                    done[(row["layer"], row["alpha"])] = row
-        else:
-            csv_path.write_text(",".join(_SWEEP_FIELDS) + "\n")
-    if base is None:
-        base = score(model)
-        if out is not None:
-            meta_path.write_text(json.dumps({"key": key, "base": base.tolist()}, indent=1) + "\n")
     grid = [(layer, a) for layer in layers for a in alphas]
+    if out is None:
+        return _sweep_grid(model, vector, grid, score(model), score, {}, None, progress, len(items))
+    from clinqa.evaluate.runs import questions_fingerprint
+    from clinqa.runs import RunFolder
+
+    out = Path(out)
+    if (out / "sweep.json").is_file() and not (out / "run.json").is_file():
+        raise ClinqaError(f"{out} holds a sweep written by an older clinqa (sweep.json, no run.json): move it aside or "
+                          "delete it and re-run to redo the sweep in the current format (its rows stay in sweep.csv)")
+    directions = b"".join(vector.directions[x].numpy().tobytes() for x in vector.layers)
+    key = {"vector": vector.name, "model_sha256": vector.model_hash, "method": method, "shuffles": shuffles,
+           "seed": seed, "directions_sha256": hashlib.sha256(directions).hexdigest()}
+    with RunFolder.open(out, key, kind="steer-sweep", sample_type=SweepRow, samples_file="sweep.jsonl",
+                        data=questions_fingerprint(questions), data_may_grow=False) as run:
+        if run.meta.get("base") is None:
+            run.meta["base"] = score(model).tolist()
+            run.save_meta()
+        base = np.array(run.meta["base"], dtype=bool)
+        done = {(r.layer, r.alpha): r.model_dump() for r in run.samples()}
+        result = _sweep_grid(model, vector, grid, base, score, done, run, progress, len(items))
+        atomic_write_text(out / "sweep.csv", ",".join(_SWEEP_FIELDS) + "\n"
+                          + "".join(",".join(str(r[c]) for c in _SWEEP_FIELDS) + "\n" for r in result.rows))
+        atomic_write_text(out / "sweep.json", json.dumps({"config": key, "base_accuracy": result.base_accuracy,
+                                                          "n": result.n, "rows": result.rows}, indent=1) + "\n")
+        (out / "sweep.md").write_text(result.markdown())
+        _heatmap(result, layers, alphas, out / "sweep.png")
+        run.finish(rows=len(result.rows))
+    return result
+
+
+class SweepRow(BaseModel):
+    """One finished (layer, alpha) cell of a sweep: a line of sweep.jsonl (sweep.csv is written from them)."""
+
+    layer: int
+    alpha: float
+    accuracy: float
+    wrong_to_right: float
+    right_to_wrong: float
+    n: int
+
+
+def _sweep_grid(model, vector, grid, base, score, done, run, progress, n) -> SweepResult:
     rows = []
     for k, (layer, alpha) in enumerate(grid):
         if (layer, alpha) not in done:
-            if alpha == 0:
-                hit = base  # alpha = 0 is exactly the unsteered model
-            else:
-                hit = score(SteeredPredictor(model, vector, alpha=alpha, layer=layer))
-            done[(layer, alpha)] = {"layer": layer, "alpha": alpha, "accuracy": float(hit.mean()),
-                                    "wrong_to_right": float((~base & hit).mean()),
-                                    "right_to_wrong": float((base & ~hit).mean()), "n": len(hit)}
-            if csv_path is not None:
-                with csv_path.open("a") as f:
-                    f.write(",".join(str(done[(layer, alpha)][c]) for c in _SWEEP_FIELDS) + "\n")
+            # alpha = 0 is exactly the unsteered model
+            hit = base if alpha == 0 else score(SteeredPredictor(model, vector, alpha=alpha, layer=layer))
+            row = SweepRow(layer=layer, alpha=alpha, accuracy=float(hit.mean()), wrong_to_right=float((~base & hit).mean()),
+                           right_to_wrong=float((base & ~hit).mean()), n=len(hit))
+            done[(layer, alpha)] = row.model_dump()
+            if run is not None:
+                run.append([row])
         rows.append(done[(layer, alpha)])
         if progress:
             progress(k + 1, len(grid))
-    result = SweepResult(base_accuracy=float(base.mean()), n=len(items), rows=rows)
-    if out is not None:
-        (out / "sweep.md").write_text(result.markdown())
-        _heatmap(result, layers, alphas, out / "sweep.png")
-    return result
+    return SweepResult(base_accuracy=float(base.mean()), n=n, rows=rows)
 
 
 __all__ = [

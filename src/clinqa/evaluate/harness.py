@@ -31,16 +31,20 @@ def evaluate(predictor: Predictor, questions: Sequence[Question], config: EvalCo
         raise ClinqaError(f"unknown method {config.method!r}: use one of {', '.join(METHODS)}")
     if config.shuffles < 1:
         raise ClinqaError("--shuffles must be at least 1")
-    run = Run.open(out, config)
+    if batch_size < 1:
+        raise ClinqaError(f"--batch-size must be at least 1, got {batch_size}")
+    if not questions:
+        raise ClinqaError(f"no questions to evaluate in {config.data}")
     items = make_items(questions, config.shuffles, config.seed)
     scorer = SCORERS[config.method]
 
     def score(batch):
         return scorer(predictor, batch, max_new_tokens=config.max_new_tokens, seed=config.seed)
 
-    samples: list[Sample] = run_items(run, items, key=lambda it: (it.question.id, it.shuffle), score_batch=score,
-                                      batch_size=batch_size, progress=progress)
-    run.finish(questions=len(questions), samples=len(samples), skipped_invalid=skipped,
-               unparseable=sum(s.pred is None for s in samples), model_info=getattr(predictor, "info", None).__dict__
-               if getattr(predictor, "info", None) is not None else {})
+    with Run.open(out, config, questions=questions) as run:  # holds the folder's lock until finished
+        samples: list[Sample] = run_items(run, items, key=lambda it: (it.question.id, it.shuffle), score_batch=score,
+                                          batch_size=batch_size, progress=progress)
+        run.finish(questions=len(questions), samples=len(samples), skipped_invalid=skipped,
+                   unparseable=sum(s.pred is None for s in samples), model_info=getattr(predictor, "info", None).__dict__
+                   if getattr(predictor, "info", None) is not None else {})
     return run

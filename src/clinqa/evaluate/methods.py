@@ -40,8 +40,7 @@ class Item:
 def make_items(questions: Sequence[Question], shuffles: int, seed: int) -> list[Item]:
     items = []
     for q in questions:
-        for k in range(shuffles):
-            perm = shuffle.permutation(q.id, k, len(q.options), seed)
+        for k, perm in enumerate(shuffle.permutations(q.id, shuffles, len(q.options), seed)):
             shown, gold, to_original = shuffle.apply(q, perm)
             items.append(Item(q, k, perm, shown, gold, to_original))
     return items

@@ -1,30 +1,26 @@
-"""Runs on disk: a folder with run.json (config, versions, git hash, timings) and samples.jsonl.
+"""Evaluation runs on disk: ``clinqa.runs.RunFolder`` of `Sample`s, identified by an `EvalConfig`
+and the content of the questions (never their path).
 
 Samples are appended and fsynced per finished batch, so a killed run loses at most one batch and
-re-running the same command resumes. A run is identified by its config: a different config pointed
-at the same folder is refused rather than mixed in.
+re-running the same command resumes. A different config or changed questions pointed at the same
+folder are refused, saying what changed; a second process writing the same folder is refused by
+the folder's lock. See docs/run-folders.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-from clinqa.errors import ClinqaError
-from clinqa.jsonl import read_appended
 from clinqa.evaluate.sample import Sample
-
-RUN_FILE = "run.json"
-SAMPLES_FILE = "samples.jsonl"
+from clinqa.runs import RUN_FILE, SAMPLES_FILE, Progress, RunFolder, fingerprint, git_hash  # noqa: F401  (re-exported)
+from clinqa.runs import now as _now  # noqa: F401  (kept for importers of the old name)
+from clinqa.runs import versions as _versions  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -44,116 +40,59 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> str:
-        """Hash of the fields that change results (batch size etc. are not part of a config)."""
+        """The identity a run folder held before store version 2 (a hash of every field, the data
+        path included); used to recognise and upgrade such folders."""
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("clinqa", "torch", "transformers", "peft", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+QUESTION_FIELDS = ("question", "options", "answer", "specialties", "source", "meta")
 
 
-def git_hash() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        if r.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
-        return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+def questions_fingerprint(questions: Sequence) -> dict[str, Any]:
+    """The content of the questions a run evaluates, per question and field (see clinqa.runs.fingerprint)."""
+    return fingerprint(((q.id, {f: getattr(q, f) for f in QUESTION_FIELDS}) for q in questions), noun="questions")
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def _without_data_path(cfg: dict) -> dict:
+    cfg.pop("data", None)
+    return cfg
 
 
-class Run:
-    """A run folder. Create or reopen with `Run.open(path, config)`; read with `Run.load(path)`."""
+class Run(RunFolder[Sample]):
+    """A run folder of `Sample`s. Create or resume with `Run.open(path, config, questions=...)` (it holds
+    the folder's lock until `close()` or the end of a `with` block); read with `Run.load(path)`."""
 
-    def __init__(self, path: Path, meta: dict):
-        self.path = Path(path)
-        self.meta = meta
-
-    @property
-    def config(self) -> dict:
-        return self.meta["config"]
+    def __init__(self, path: str | Path, meta: dict, sample_type: type = Sample, *, samples_file: str = SAMPLES_FILE):
+        super().__init__(path, meta, sample_type, samples_file=samples_file)
 
     @classmethod
-    def open(cls, path: str | Path, config: EvalConfig | dict, kind: str = "eval") -> "Run":
-        path = Path(path)
-        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        identity = config.identity() if isinstance(config, EvalConfig) else hashlib.sha256(
-            json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        run_file = path / RUN_FILE
-        if run_file.exists():
-            meta = json.loads(run_file.read_text())
-            if meta.get("identity") != identity:
-                diff = {k: (meta["config"].get(k), v) for k, v in json.loads(json.dumps(cfg, default=str)).items()
-                        if meta["config"].get(k) != v}
-                shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) or "config differs"
-                raise ClinqaError(f"{path} holds a run with a different config ({shown}): choose another --out folder")
-            meta["resumed_at"] = meta.get("resumed_at", []) + [_now()]
-        else:
-            if path.exists() and any(path.iterdir()):
-                raise ClinqaError(f"{path} exists and is not a clinqa run folder: choose another --out folder")
-            path.mkdir(parents=True, exist_ok=True)
-            meta = {"kind": kind, "identity": identity, "config": json.loads(json.dumps(cfg, default=str)),
-                    "versions": _versions(), "git": git_hash(), "host": platform.node(), "started_at": _now(),
-                    "finished_at": None, "counts": {}}
-        run = cls(path, meta)
-        run.save_meta()
-        return run
+    def open(cls, path: str | Path, config: EvalConfig | dict, kind: str = "eval", *,  # type: ignore[override]
+             questions: Sequence | None = None, lock: bool = True) -> "Run":
+        """With `questions`, the identity is the config without its data path plus the questions'
+        content; without, the whole config (the data path included)."""
+        legacy = config.identity() if isinstance(config, EvalConfig) else hashlib.sha256(
+            json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+                       sort_keys=True, default=str).encode()).hexdigest()[:16]
+        data = questions_fingerprint(questions) if questions is not None else None
+        return super().open(path, config, kind=kind, sample_type=Sample, data=data,
+                            identity_keys=_without_data_path if data is not None else None,
+                            legacy_identity=legacy, lock=lock)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Run":
-        path = Path(path)
-        if not (path / RUN_FILE).is_file():
-            raise ClinqaError(f"{path} is not a run folder (no {RUN_FILE})")
-        return cls(path, json.loads((path / RUN_FILE).read_text()))
-
-    def save_meta(self) -> None:
-        tmp = self.path / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.meta, indent=2, default=str))
-        os.replace(tmp, self.path / RUN_FILE)
-
-    # -- samples --------------------------------------------------------------------------------
-    def samples(self) -> list[Sample]:
-        """All complete samples; a half-written last line (a kill mid-write) is dropped and repaired."""
-        return read_appended(self.path / SAMPLES_FILE, Sample.model_validate_json,
-                             corrupt="corrupt sample line; move the run folder aside and re-run")
-
-    def append(self, samples: Iterable[Sample]) -> None:
-        data = "".join(s.model_dump_json() + "\n" for s in samples)
-        if not data:
-            return
-        with open(self.path / SAMPLES_FILE, "a", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def finish(self, **counts: Any) -> None:
-        self.meta["finished_at"] = _now()
-        self.meta["counts"].update(counts)
-        self.save_meta()
+    def load(cls, path: str | Path) -> "Run":  # type: ignore[override]
+        return super().load(path, Sample)
 
 
 def run_items(run: Run, items: Sequence, key: Callable[[Any], tuple], score_batch: Callable[[Sequence], list],
-              batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> list:
+              batch_size: int = 16, progress: Progress | None = None) -> list:
     """Score the items not already in the run, batch by batch, appending as each batch finishes.
 
     `progress(done, total)` is called after the resume check and after every batch.
     """
-    done = {s.key for s in run.samples()}
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    done = run.done_keys(lambda s: s.key)
     todo = [it for it in items if key(it) not in done]
     total, finished = len(items), len(items) - len(todo)
     if progress:
@@ -162,7 +101,7 @@ def run_items(run: Run, items: Sequence, key: Callable[[Any], tuple], score_batc
         batch = todo[start:start + batch_size]
         t0 = time.perf_counter()
         samples = score_batch(batch)
-        run.meta["compute_s"] = run.meta.get("compute_s", 0.0) + time.perf_counter() - t0
+        run.add_compute(time.perf_counter() - t0)
         run.append(samples)
         finished += len(batch)
         if progress:

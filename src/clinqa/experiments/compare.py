@@ -17,7 +17,8 @@ from clinqa.errors import ClinqaError
 from clinqa.evaluate import metrics as M
 from clinqa.evaluate.harness import evaluate
 from clinqa.evaluate.report import summarize
-from clinqa.evaluate.runs import EvalConfig, Run
+from clinqa.evaluate.runs import EvalConfig, Run  # noqa: F401  (Run: kept importable from here)
+from clinqa.runs import atomic_write_text
 
 
 @dataclass
@@ -77,8 +78,14 @@ def compare(config: CompareConfig, questions: Sequence[Question], out: str | Pat
     questions = question_part(questions, config.part)
     if not questions:
         raise ClinqaError(f"no questions in part {config.part} of {config.data}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from clinqa.runs import lock_path
+
+    with lock_path(out, folder=True):  # one writer per experiment folder (each run folder also locks itself)
+        return _compare(config, questions, Path(out), load=load, progress=progress)
+
+
+def _compare(config: CompareConfig, questions: Sequence[Question], out: Path, *, load: Callable[[str], object],
+             progress: Callable[[str, int, int], None] | None = None) -> dict:
     results: dict[str, dict] = {}
     samples_by_method = {}
     for method in config.methods:
@@ -100,8 +107,8 @@ def compare(config: CompareConfig, questions: Sequence[Question], out: str | Pat
         p = M.paired_comparison(samples_by_method["base"], samples_by_method[method], seed=config.seed)
         results[method]["vs_base"] = p.__dict__
     summary = {"config": config.__dict__, "methods": results}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "summary.md").write_text(markdown(summary))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.md", markdown(summary))
     plot(summary, out / "compare.png")
     return summary
 

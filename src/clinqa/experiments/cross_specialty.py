@@ -97,16 +97,34 @@ def _comparable(cfg: dict) -> dict:
 def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: str | Path, *, base,
                     control_questions: Sequence[Question] = (), progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run (or resume) the whole experiment in `out`; `base` is a LocalModel (adapters are loaded into it)."""
+    from clinqa.runs import lock_path
+
+    with lock_path(out, folder=True):  # one writer per experiment folder
+        return _cross_specialty(config, questions, Path(out), base=base, control_questions=control_questions,
+                                progress=progress)
+
+
+def _check_experiment(out: Path, cfg: dict) -> None:
+    """Refuse a folder holding an experiment with another config, naming what differs; record ours."""
+    from clinqa.runs import atomic_write_text, describe_config_change, read_json_object
+
+    cfg_file = out / "experiment.json"
+    if cfg_file.exists():
+        old = read_json_object(cfg_file)
+        if _comparable(old) != _comparable(cfg):
+            diff = "; ".join(describe_config_change(_comparable(old), _comparable(cfg)))
+            raise ClinqaError(f"{out} holds a cross-specialty experiment with a different config ({diff}): "
+                              f"choose another --out or delete {out}")
+    atomic_write_text(cfg_file, json.dumps(cfg, indent=2))
+
+
+def _cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: Path, *, base,
+                     control_questions: Sequence[Question] = (), progress: Callable[[str, int, int], None] | None = None) -> dict:
     from clinqa.adapt.lora import LoraTrainConfig, finetune
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     specs = [resolve_specialty(s) for s in config.specialties]
-    cfg_file = out / "experiment.json"
     cfg = json.loads(json.dumps(asdict(config)))
-    if cfg_file.exists() and _comparable(json.loads(cfg_file.read_text())) != _comparable(cfg):
-        raise ClinqaError(f"{out} holds a cross-specialty experiment with a different config: choose another --out")
-    cfg_file.write_text(json.dumps(cfg, indent=2))
+    _check_experiment(out, cfg)
 
     train, test = split_by_specialty(questions, specs, config.test_fraction, config.seed)
     # The held-out questions, for analyses that must not see an adapter's training data (token-shift).

@@ -44,4 +44,6 @@ def _load_cached(ms: ModelSpec) -> Predictor:
     path = Path(ms.target)
     if ms.target.startswith((".", "/", "~")) and not path.expanduser().exists():
         raise ClinqaError(f"no such model folder: {ms.target}")
+    if path.expanduser().is_dir() and not (path.expanduser() / "config.json").is_file():
+        raise ClinqaError(f"model folder {ms.target} has no config.json: give a Hugging Face model folder (config.json, weights, tokenizer)")
     return LocalModel.from_pretrained(path.expanduser() if path.expanduser().exists() else ms.target, spec=str(ms))

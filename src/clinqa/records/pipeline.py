@@ -33,8 +33,8 @@ for exactly "Not in the record." when the lines do not answer. When stage 1 sele
 pipeline answers "Not in the record." without calling the model.
 
 `answer_question` is what the HTTP service calls. `evaluate_records` runs a question set into a
-resumable run folder (run.json via `clinqa.evaluate.runs.Run`, one JSON line per question in
-records.jsonl, summary.json). `stage1_examples` / `stage2_examples` build (prompt, target) pairs for
+resumable run folder (`clinqa.runs.RunFolder` of `RecordSample`s: run.json, one JSON line per question
+in records.jsonl, summary.json). `stage1_examples` / `stage2_examples` build (prompt, target) pairs for
 fine-tuning either stage; `write_examples` saves them as JSON Lines.
 """
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import threading
@@ -55,9 +54,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from clinqa.errors import ClinqaError
-from clinqa.jsonl import read_appended
+from clinqa.runs import Progress, atomic_write_text
 from clinqa.models.base import GenerationConfig, Predictor
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.metrics import NOT_IN_RECORD_ANSWER, answer_metrics, parse_citations, prf, stage1_metrics, stage2_summary
@@ -667,27 +667,49 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def _append_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    data = "".join(json.dumps(dict(r), ensure_ascii=False, default=str) + "\n" for r in rows)
-    if not data:
-        return
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+class RecordSample(BaseModel):
+    """One answered record question: a line of a records run's records.jsonl (field names unchanged
+    since the first records runs, so old folders still read)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    key: str
+    question_id: str
+    patient_id: str
+    qtype: str
+    question: str
+    reference: str
+    relevant_ids: list[str] = Field(default_factory=list)
+    selected: list[dict[str, Any]] = Field(default_factory=list)  # [{"id", "score"}] in stage 1's order
+    types: dict[str, str] = Field(default_factory=dict)  # resource id -> resource type
+    context_ids: list[str] | None = None
+    answer: str = ""
+    citations: list[str] = Field(default_factory=list)
+    invalid_citations: list[str] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    tokens: int = 0
+    metrics: dict[str, Any] = Field(default_factory=dict)
 
 
 def read_records_run(path: str | Path) -> list[dict[str, Any]]:
-    """The samples of a records run folder (a torn last line, from a kill mid-write, is repaired away)."""
-    f = Path(path) / RECORDS_FILE
-    if not f.exists():
-        if not (Path(path) / "run.json").is_file():
-            raise ClinqaError(f"{path} is not a run folder (no run.json)")
-        return []
-    return read_appended(f, json.loads, corrupt="corrupt sample line; move the run folder aside and re-run")
+    """The samples of a records run folder as dicts (a torn last line, from a kill mid-write, is
+    repaired away)."""
+    from clinqa.runs import RunFolder, read_meta
+
+    read_meta(path)  # a one-line error for a folder that is not a run
+    return [s.model_dump() for s in RunFolder.load(path, RecordSample, samples_file=RECORDS_FILE).samples()]
+
+
+def records_fingerprint(questions: Sequence[RecordQuestion]) -> dict[str, Any]:
+    """The content of a records question set, per question and field (clinqa.runs.fingerprint)."""
+    from clinqa.runs import fingerprint
+
+    return fingerprint(((q.id, {"patient_id": q.patient_id, "question": q.question, "answer": q.answer,
+                                "qtype": q.qtype, "relevant_ids": list(q.relevant_ids)}) for q in questions), noun="questions")
 
 
 def _questions_digest(questions: Sequence[RecordQuestion]) -> str:
+    """How records runs before store version 2 identified their questions (kept to resume them)."""
     h = hashlib.sha256()
     for q in questions:
         h.update(f"{q.id}\t{q.patient_id}\t{q.question}\t{q.answer}\n".encode())
@@ -717,15 +739,13 @@ def summarize_records(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def evaluate_records(predictor: Predictor, records_by_patient: Mapping[str, PatientRecord] | Sequence[PatientRecord],
                      questions: Sequence[RecordQuestion], *, selector: Any, out: str | Path,
-                     progress: Callable[[int, int], None] | None = None, max_new_tokens: int = 128,
+                     progress: Progress | None = None, max_new_tokens: int = 128,
                      with_meteor: bool = True) -> dict[str, Any]:  # fmt: skip
     """Answer every question into the run folder `out` and return the summary (also written to
     out/summary.json). Resumable: questions already in out/records.jsonl are not recomputed; a folder
     holding a different config (model, selector, questions, max_new_tokens) is refused.
     `progress(done, total)` after the resume check and after each question. METEOR needs WordNet
     (`apt-get install wordnet-base`); `with_meteor=False` skips it."""
-    from clinqa.evaluate.runs import Run
-
     by_patient = _by_patient(records_by_patient)
     missing = sorted({q.patient_id for q in questions} - set(by_patient))
     if missing:
@@ -740,47 +760,49 @@ def evaluate_records(predictor: Predictor, records_by_patient: Mapping[str, Pati
         "questions": _questions_digest(questions), "n_questions": len(questions), "max_new_tokens": max_new_tokens,
         "meteor": with_meteor,
     }  # fmt: skip
-    run = Run.open(out, config, kind="records")
-    path = run.path / RECORDS_FILE
-    done = {s["key"] for s in read_records_run(run.path)}
-    todo = [q for q in questions if q.id not in done]
-    total, finished = len(questions), len(questions) - len(todo)
-    if progress:
-        progress(finished, total)
+    from clinqa.runs import RunFolder
+
+    legacy = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     lines = _LineCache(by_patient)
-    for q in todo:
-        record = by_patient[q.patient_id]
-        t0 = time.perf_counter()
-        res = answer_question(predictor, record, q, selector=selector, max_new_tokens=max_new_tokens, lines=lines[q.patient_id])
-        run.meta["compute_s"] = run.meta.get("compute_s", 0.0) + time.perf_counter() - t0
-        ids = {s.id for s in res.selected} | set(q.relevant_ids) | set(res.citations)
-        sample = {
-            "key": q.id, "question_id": q.id, "patient_id": q.patient_id, "qtype": q.qtype, "question": q.question,
-            "reference": q.answer, "relevant_ids": list(q.relevant_ids),
-            "selected": [{"id": s.id, "score": s.score} for s in res.selected],
-            "types": {rid: _resource_type(record, rid) for rid in sorted(ids)},
-            "context_ids": res.context_ids, "answer": res.answer, "citations": res.citations,
-            "invalid_citations": res.invalid_citations, "timings": res.timings, "tokens": res.tokens,
-            "metrics": answer_metrics(q, res.answer, res.citations, res.invalid_citations, with_meteor=with_meteor,
-                                      wordnet=wordnet),
-        }  # fmt: skip
-        _append_jsonl(path, [sample])
-        finished += 1
+    with RunFolder.open(out, config, kind="records", sample_type=RecordSample, samples_file=RECORDS_FILE,
+                        data=records_fingerprint(questions), legacy_identity=legacy,
+                        identity_keys=lambda c: {k: v for k, v in c.items() if k not in ("questions", "n_questions")}) as run:
+        done = run.done_keys(lambda s: s.key)
+        todo = [q for q in questions if q.id not in done]
+        total, finished = len(questions), len(questions) - len(todo)
         if progress:
             progress(finished, total)
-    wanted = {q.id for q in questions}
-    samples = [s for s in read_records_run(run.path) if s["key"] in wanted]
-    summary = {"model": config["model"], "selector": config["selector"], **summarize_records(samples)}
-    tmp = run.path / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, run.path / SUMMARY_FILE)
-    run.finish(n=len(samples))
+        for q in todo:
+            record = by_patient[q.patient_id]
+            t0 = time.perf_counter()
+            res = answer_question(predictor, record, q, selector=selector, max_new_tokens=max_new_tokens, lines=lines[q.patient_id])
+            run.add_compute(time.perf_counter() - t0)
+            ids = {s.id for s in res.selected} | set(q.relevant_ids) | set(res.citations)
+            sample = RecordSample(
+                key=q.id, question_id=q.id, patient_id=q.patient_id, qtype=q.qtype, question=q.question,
+                reference=q.answer, relevant_ids=list(q.relevant_ids),
+                selected=[{"id": s.id, "score": s.score} for s in res.selected],
+                types={rid: _resource_type(record, rid) for rid in sorted(ids)},
+                context_ids=res.context_ids, answer=res.answer, citations=res.citations,
+                invalid_citations=res.invalid_citations, timings=res.timings, tokens=res.tokens,
+                metrics=answer_metrics(q, res.answer, res.citations, res.invalid_citations, with_meteor=with_meteor,
+                                       wordnet=wordnet),
+            )  # fmt: skip
+            run.append([sample])
+            finished += 1
+            if progress:
+                progress(finished, total)
+        wanted = {q.id for q in questions}
+        samples = [s.model_dump() for s in run.samples() if s.key in wanted]
+        summary = {"model": config["model"], "selector": config["selector"], **summarize_records(samples)}
+        atomic_write_text(run.path / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
+        run.finish(n=len(samples))
     return summary
 
 
 __all__ = [
     "ANSWER_PROMPT", "ANSWER_SYSTEM", "NOT_IN_RECORD_ANSWER", "SELECT_PROMPT", "FullRecordBaseline", "LLMSelector",
-    "RecordAnswer", "RetrievalSelector", "Selected", "answer", "answer_prompt", "answer_question", "context_window",
+    "RecordAnswer", "RecordSample", "RetrievalSelector", "Selected", "answer", "answer_prompt", "answer_question", "context_window",
     "count_tokens", "evaluate_records", "fit_lines", "handle_map", "quote_line", "read_examples", "read_records_run",
     "reference_with_citations", "resolve_citations", "select_prompt", "selection_examples", "stage1_examples",
     "stage2_examples", "summarize_records", "tune_threshold", "write_examples",

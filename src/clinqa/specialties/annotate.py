@@ -412,7 +412,7 @@ def annotate_to_file(
     """``annotate``, appending each finished batch to the JSONL ``out_path`` (fsynced) and resuming.
 
     Questions whose id is already in the file are skipped, so re-running the same call after a kill
-    loses at most one batch. Every line records the settings (model, prompts, min_votes, calibrate,
+    loses at most one batch; the file is locked (``OUT.lock``, clinqa.runs.lock_path) while it is written. Every line records the settings (model, prompts, min_votes, calibrate,
     norm) as ``config``; a file written with other settings is refused rather than mixed. Returns the
     annotations of ``questions`` in their order (read back from the file).
     """
@@ -423,36 +423,39 @@ def annotate_to_file(
         if qid in seen:
             raise ClinqaError(f"question id {qid!r} appears twice: annotate_to_file resumes by id, so ids must be unique")
         seen.add(qid)
+    from clinqa.runs import append_lines, describe_config_change, lock_path
+
     out_path = Path(out_path)
     config = _config(predictor, n_prompts, min_votes, calibrate, norm)
-    done: dict[str, Annotation] = {}
-    for n, rec in enumerate(_read_records(out_path, repair=True), 1):
-        if rec.get("config") != config:
+    with lock_path(out_path, folder=False):  # a second annotator of the same file is refused
+        done: dict[str, Annotation] = {}
+        checked: set[str] = set()  # each distinct recorded config is compared once, not every line
+        for n, rec in enumerate(_read_records(out_path, repair=True), 1):
             theirs = rec.get("config") if isinstance(rec.get("config"), dict) else {}
-            diff = ", ".join(f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in config.items() if theirs.get(k) != v)
-            raise ClinqaError(
-                f"{out_path}:{n} was written with other settings ({diff or 'no recorded settings'}): "
-                "choose another output file or delete it to start over"
-            )
-        done[str(rec.get("question_id"))] = Annotation.from_dict(rec)
-    todo = [it for it in items if it[0] not in done]
-    total = len(items)
-    finished = total - len(todo)
-    if progress:
-        progress(finished, total)
-    if todo:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        cf = content_free_scores(predictor, n_prompts=n_prompts, norm=norm) if calibrate else None
-        for s in range(0, len(todo), batch_size):
-            batch = todo[s:s + batch_size]
-            scores = _score_texts(predictor, [t for _, t in batch], n_prompts, norm)
-            anns = annotations_from_scores([qid for qid, _ in batch], scores, min_votes=min_votes, content_free=cf)
-            with open(out_path, "a", encoding="utf-8") as fh:
-                _write_lines(fh, ({**a.to_dict(), "config": config} for a in anns))
-            done.update((a.question_id, a) for a in anns)
-            finished += len(batch)
-            if progress:
-                progress(finished, total)
+            blob = json.dumps(theirs, sort_keys=True)
+            if blob not in checked:
+                if theirs != config:
+                    diff = "; ".join(describe_config_change(theirs, config)) if theirs else "no recorded settings"
+                    raise ClinqaError(f"{out_path}:{n} was written with other settings ({diff}): "
+                                      "choose another output file or delete it to start over")
+                checked.add(blob)
+            done[str(rec.get("question_id"))] = Annotation.from_dict(rec)
+        todo = [it for it in items if it[0] not in done]
+        total = len(items)
+        finished = total - len(todo)
+        if progress:
+            progress(finished, total)
+        if todo:
+            cf = content_free_scores(predictor, n_prompts=n_prompts, norm=norm) if calibrate else None
+            for s in range(0, len(todo), batch_size):
+                batch = todo[s:s + batch_size]
+                scores = _score_texts(predictor, [t for _, t in batch], n_prompts, norm)
+                anns = annotations_from_scores([qid for qid, _ in batch], scores, min_votes=min_votes, content_free=cf)
+                append_lines(out_path, (json.dumps({**a.to_dict(), "config": config}, ensure_ascii=False) for a in anns))
+                done.update((a.question_id, a) for a in anns)
+                finished += len(batch)
+                if progress:
+                    progress(finished, total)
     return [done[qid] for qid, _ in items]
 
 

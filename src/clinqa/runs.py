@@ -1,0 +1,569 @@
+"""The one run store: a resumable folder that cannot be corrupted by two writers or go stale.
+
+A run folder holds
+
+- ``run.json``: kind, store version, the config, the identity (a hash of what determines the results),
+  the data fingerprint (a hash of every item's content, per item and field), package versions, git
+  hash, host, timestamps and counts; always replaced atomically (write, fsync, rename);
+- a samples file (``samples.jsonl`` unless told otherwise): one JSON line per finished sample of a
+  pydantic model (or dataclass) type, appended and fsynced per batch, so a killed run loses at most
+  one batch; a line torn by a kill is cut off on the next read (``clinqa.jsonl.read_appended``);
+- ``.clinqa.lock`` while a process writes it: the owner's pid, host and start time, held with
+  ``fcntl.flock``. A second writer gets a one-line ClinqaError; a lock file left by a process that
+  died (SIGKILL, power loss) is taken over with a message. ``lock_path`` locks any folder or file.
+
+Reopening a folder with the same config and data resumes it; anything else is refused with what
+changed, config keys and data items alike (``3 questions differ, first: card-007 answer``). The
+data fingerprint holds the items' content, never their path, so the same questions given by another
+path resume and an edited answer does not come back silently.
+
+    with RunFolder.open(out, config, kind="eval", sample_type=Sample, data=fingerprint(items)) as run:
+        done = run.done_keys(key)
+        for batch in ...:
+            run.append(score(batch))
+        run.finish(samples=len(run.samples()))
+
+Everything here depends only on the standard library, pydantic, ``clinqa.errors`` and ``clinqa.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import errno
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
+
+from pydantic import TypeAdapter
+
+from clinqa.errors import ClinqaError
+from clinqa.jsonl import read_appended
+
+RUN_FILE = "run.json"
+SAMPLES_FILE = "samples.jsonl"
+LOCK_FILE = ".clinqa.lock"
+STORE_VERSION = 2  # 1 (implicit): run.json without "store"/"data"; identity was a hash of the config with the data path
+
+S = TypeVar("S")
+
+
+class Progress(Protocol):
+    """The one progress callback: ``progress(done, total)`` or ``progress(done, total, note)``.
+
+    ``note`` says what is being done (a stage, a method, the last loss); callers that have nothing to
+    say leave it out, so a plain ``lambda done, total: ...`` works wherever no note is passed.
+    """
+
+    def __call__(self, done: int, total: int, note: str = "", /) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------ small parts
+
+
+def now() -> str:
+    """UTC, to the second, ISO 8601."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+VERSIONED_PACKAGES = ("clinqa", "torch", "transformers", "peft", "accelerate", "numpy", "pydantic")
+
+
+def versions(packages: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str]:
+    """Python's and the installed packages' versions (those not installed are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_hash() -> str | None:
+    """The source tree's commit (``-dirty`` with uncommitted changes), or None outside a checkout."""
+    try:
+        here = Path(__file__).resolve().parent
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if r.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True, timeout=5)
+        return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plain(obj: Any) -> Any:
+    """A config (dataclass, pydantic model, mapping) as plain JSON data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    elif hasattr(obj, "model_dump"):
+        obj = obj.model_dump(mode="json")
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def digest(obj: Any, n: int = 16) -> str:
+    """A short sha256 of canonical JSON."""
+    return hashlib.sha256(json.dumps(plain(obj), sort_keys=True).encode()).hexdigest()[:n]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` so a reader (or a kill) sees the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_lines(path: str | Path, lines: Iterable[str]) -> int:
+    """Append whole lines (newline added) in one write, then fsync; returns how many were written."""
+    rows = [line.rstrip("\n") + "\n" for line in lines]
+    if rows:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write("".join(rows))
+            fh.flush()
+            os.fsync(fh.fileno())
+    return len(rows)
+
+
+def check_writable(path: str | Path, *, folder: bool = True, what: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is wanted (or
+    the reverse), a place inside a file, or a read-only folder. Creates nothing."""
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ClinqaError(f"{what} {path} is a file, not a folder: choose a folder")
+        if not folder and path.is_dir():
+            raise ClinqaError(f"{what} {path} is a folder, not a file: choose a file name")
+        place = path if path.is_dir() else path.parent
+    else:
+        place = path.parent
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        if not place.is_dir():
+            raise ClinqaError(f"{what} {path}: {place} is a file, so nothing can be written under it")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ClinqaError(f"{what} {path}: {place} is not writable: choose a writable place")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ lock
+
+
+_held: dict[str, int] = {}  # lock files this process holds -> nesting depth (a lock is re-entrant per process)
+_held_guard = threading.Lock()
+
+
+def lock_file_for(path: str | Path, folder: bool | None = None) -> Path:
+    """Where the lock of a folder (``FOLDER/.clinqa.lock``) or a file (``FILE.lock`` beside it) lives;
+    `folder` None: a folder if `path` is one now."""
+    path = Path(path)
+    folder = path.is_dir() if folder is None else folder
+    return path / LOCK_FILE if folder else path.with_name(path.name + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_owner(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 4096)
+        owner = json.loads(raw) if raw.strip() else {}
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_owner(owner: Mapping) -> str:
+    if not owner:
+        return "another process"
+    return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
+
+
+def _notify(message: str) -> None:
+    sys.stderr.write(f"note: {message}\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def lock_path(path: str | Path, *, folder: bool | None = None, what: str = "--out",
+              notify: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on a folder or file while the block runs; yields the lock file.
+
+    The lock file holds the owner's pid, host and start time; it is removed on exit (also on an
+    exception or Ctrl-C). A second process gets a one-line ClinqaError naming the owner. A lock file
+    left behind by a dead process (a kill -9 does not run cleanups) is taken over with a message via
+    `notify` (default: a line on stderr). The kernel holds the actual lock (``fcntl.flock``), so a
+    crashed owner never blocks anyone. Re-entrant within one process. `folder`: lock `path` as a
+    folder (created if missing) or as a file (lock file beside it); None: a folder if it is one now.
+    """
+    import fcntl
+
+    target = Path(path)
+    if target.exists() and folder and not target.is_dir():
+        raise ClinqaError(f"{what} {target} is a file, not a folder: choose a folder")
+    lock = lock_file_for(target, folder)
+    created = []  # folders made for the lock: removed again on exit if nothing was written into them
+    d = lock.parent
+    while not d.exists() and d != d.parent:
+        created.append(d)
+        d = d.parent
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClinqaError(f"{what} {target}: cannot create {lock.parent} ({exc.strerror or exc})") from None
+    key = str(lock.resolve())
+    with _held_guard:
+        if key in _held:
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield lock
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+
+    notify = notify or _notify
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            reason = "not writable" if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) else (exc.strerror or str(exc))
+            raise ClinqaError(f"{what} {target}: cannot write there ({reason}): choose a writable place") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise ClinqaError(f"{what} {target} is in use by {_describe_owner(owner)}: wait for it to finish, "
+                              "or write to another place") from None
+        except OSError as exc:
+            os.close(fd)
+            raise ClinqaError(f"{what} {target}: cannot lock {lock} ({exc.strerror or exc})") from None
+        # the file we locked must still be the one at `lock` (its owner may have removed it meanwhile)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        previous = _read_owner(fd)
+        if previous:  # a lock file nobody holds: its owner died without removing it
+            alive = previous.get("host") == socket.gethostname() and isinstance(previous.get("pid"), int) \
+                and _pid_alive(previous["pid"]) and previous["pid"] != os.getpid()
+            state = "still running but not holding it" if alive else "no longer running"
+            notify(f"took over the stale lock on {target} left by {_describe_owner(previous)} ({state})")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now(), "argv": sys.argv[:8]}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(me).encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    with _held_guard:
+        _held[key] = 1
+    try:
+        yield lock
+    finally:
+        with _held_guard:
+            _held.pop(key, None)
+        try:
+            lock.unlink(missing_ok=True)  # removed while still locked: the next owner creates a fresh file
+        finally:
+            os.close(fd)
+        for d in created:  # a command that failed before writing anything leaves no empty folder behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+# ------------------------------------------------------------------------------------- data fingerprint
+
+
+def fingerprint(items: Iterable[tuple[str, Mapping[str, Any]]], *, noun: str = "questions") -> dict[str, Any]:
+    """A fingerprint of the data a run evaluates: ``[(item id, {field: value})]`` -> {"sha256", "n",
+    "noun", "fields", "items": {id: "h1 h2 ..."}} with an 8-hex hash per field, so a changed item can
+    be named with its field. Content only: the path the data came from is not part of it."""
+    fields: list[str] | None = None
+    per_item: dict[str, str] = {}
+    whole = hashlib.sha256()
+    for item_id, values in items:
+        values = plain(dict(values))
+        if fields is None:
+            fields = list(values)
+        hashes = " ".join(hashlib.sha256(json.dumps(values.get(f), sort_keys=True).encode()).hexdigest()[:8] for f in fields)
+        item_id = str(item_id)
+        per_item[item_id] = hashes
+        whole.update(f"{item_id}\t{hashes}\n".encode())
+    return {"sha256": whole.hexdigest()[:16], "n": len(per_item), "noun": noun, "fields": fields or [], "items": per_item}
+
+
+def describe_data_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between two fingerprints, in words: "3 questions differ, first: card-007 answer"."""
+    noun = new.get("noun") or old.get("noun") or "items"
+    a, b = old.get("items") or {}, new.get("items") or {}
+    parts = []
+    changed = [k for k in b if k in a and a[k] != b[k]]
+    if changed:
+        fields_a, fields_b = old.get("fields") or [], new.get("fields") or []
+        first = changed[0]
+        ha, hb = a[first].split(" "), b[first].split(" ")
+        which = [f for f, x, y in zip(fields_b, ha, hb) if x != y] if fields_a == fields_b else ["content"]
+        parts.append(f"{len(changed)} {noun} differ, first: {first} {', '.join(which) or 'content'}")
+    added = [k for k in b if k not in a]
+    removed = [k for k in a if k not in b]
+    if added:
+        parts.append(f"{len(added)} {noun} added, first: {added[0]}")
+    if removed:
+        parts.append(f"{len(removed)} {noun} missing, first: {removed[0]}")
+    if not parts and list(a) != list(b):
+        parts.append(f"the {noun} are in another order")
+    return "; ".join(parts) or f"the {noun} differ"
+
+
+def data_change(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> str | None:
+    """None if a run over `old` items may resume over `new` ones: every old item is still there with
+    the same content (new items may be added: they are scored on resume); else what changed."""
+    if not old or not new or old.get("sha256") == new.get("sha256"):
+        return None
+    a, b = old.get("items") or {}, new.get("items") or {}
+    if old.get("fields") == new.get("fields") and all(k in b and b[k] == h for k, h in a.items()):
+        return None
+    return describe_data_change(old, new)
+
+
+def describe_config_change(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every key (dotted into nested mappings) whose value differs."""
+    out = []
+    for k in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += describe_config_change(a, b, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the store
+
+
+def _fresh_run_hint(path: Path) -> str:
+    return f"to start a fresh run, choose another --out folder or delete {path}"
+
+
+def read_meta(path: str | Path) -> dict:
+    """run.json of a run folder, checked enough that a garbage or empty file is a one-line error."""
+    path = Path(path)
+    run_file = path / RUN_FILE
+    if not path.exists():
+        raise ClinqaError(f"{path} is not a run folder (it does not exist)")
+    if not path.is_dir():
+        raise ClinqaError(f"{path} is not a run folder (it is a file)")
+    if not run_file.is_file():
+        raise ClinqaError(f"{path} is not a run folder (no {RUN_FILE})")
+    try:
+        meta = json.loads(run_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClinqaError(f"{run_file}: not valid JSON ({str(exc).splitlines()[0]}): the file is damaged; "
+                          "re-run the command into a new folder") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "identity" not in meta:
+        raise ClinqaError(f"{run_file}: not a clinqa run description (no config/identity): "
+                          "re-run the command into a new folder")
+    meta.setdefault("counts", {})
+    return meta
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object from a file the store wrote, or a one-line error naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClinqaError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}): move the folder aside and re-run") from None
+    if not isinstance(obj, dict):
+        raise ClinqaError(f"{path}: not a JSON object: move the folder aside and re-run")
+    return obj
+
+
+class RunFolder(Generic[S]):
+    """A run folder of samples of type `S`. Create or resume with ``RunFolder.open``; read with ``load``.
+
+    ``open`` takes the folder's lock and holds it until ``close()`` (or the end of a ``with`` block).
+    """
+
+    def __init__(self, path: str | Path, meta: dict, sample_type: type[S], *, samples_file: str = SAMPLES_FILE):
+        self.path = Path(path)
+        self.meta = meta
+        self.sample_type = sample_type
+        self.samples_file = samples_file
+        self._adapter = TypeAdapter(sample_type)
+        self._lock_cm = None
+
+    # -- opening ---------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, config: Any, *, kind: str, sample_type: type[S], data: Mapping[str, Any] | None = None,
+             identity_keys: Callable[[dict], dict] | None = None, legacy_identity: str | None = None,
+             samples_file: str = SAMPLES_FILE, what: str = "--out", lock: bool = True,
+             data_may_grow: bool = True) -> "RunFolder[S]":
+        """Create the folder, or resume it if it holds the same run; refuse anything else.
+
+        config: what determines the results (plain data, a dataclass or a pydantic model), kept in run.json.
+        data: ``fingerprint(...)`` of the items the run evaluates: a changed or missing item is refused,
+            added items are accepted (they are what a resume scores) unless `data_may_grow` is False
+            (samples that summarise all items, like a sweep's accuracies, need exactly the same items).
+        identity_keys: the part of the config that is the identity (default: all of it), e.g. without
+            the data path, which `data` replaces.
+        legacy_identity: the identity a folder written before store version 2 would hold for this
+            run; such a folder resumes (and is upgraded) when it matches.
+        """
+        path = Path(path)
+        cfg = plain(config)
+        ident_cfg = identity_keys(dict(cfg)) if identity_keys else cfg
+        identity = digest({"config": ident_cfg, "kind": kind})
+        if path.exists() and not path.is_dir():
+            raise ClinqaError(f"{what} {path} is a file, not a folder: choose a folder")
+        if path.is_dir() and not (path / RUN_FILE).exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
+            raise ClinqaError(f"{what} {path} exists and is not a clinqa run folder: choose another {what} folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ClinqaError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None
+        run = cls(path, {}, sample_type, samples_file=samples_file)
+        if lock:
+            run._lock_cm = lock_path(path, folder=True, what=what)
+            run._lock_cm.__enter__()
+        try:
+            run.meta = run._open_meta(cfg, ident_cfg, identity, kind, data, legacy_identity, what, data_may_grow)
+            run.save_meta()
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    def _open_meta(self, cfg, ident_cfg, identity, kind, data, legacy_identity, what, data_may_grow=True) -> dict:
+        path = self.path
+        if not (path / RUN_FILE).exists():
+            if any(p.name != LOCK_FILE for p in path.iterdir()):  # someone wrote there before we took the lock
+                raise ClinqaError(f"{what} {path} exists and is not a clinqa run folder: choose another {what} folder")
+            return {"kind": kind, "store": STORE_VERSION, "identity": identity, "config": cfg, "data": data,
+                    "versions": versions(), "git": git_hash(), "host": platform.node(), "started_at": now(),
+                    "finished_at": None, "counts": {}}
+        meta = read_meta(path)
+        if meta.get("store") is None:  # written before the data fingerprint: identity was a hash of the config
+            if legacy_identity is None or meta.get("identity") != legacy_identity:
+                diffs = describe_config_change(meta.get("config") or {}, cfg)
+                raise ClinqaError(f"{path} holds a run written by an older clinqa with a different config "
+                                  f"({'; '.join(diffs) or 'its identity differs'}): {_fresh_run_hint(path)}")
+            meta.update(store=STORE_VERSION, identity=identity, data=data, kind=meta.get("kind", kind))
+            meta["migrated_at"] = now()
+        else:
+            problems = []
+            if meta.get("identity") != identity:
+                outside = set(cfg) - set(ident_cfg)  # e.g. the data path: its content is compared instead
+                old_cfg = {k: v for k, v in (meta.get("config") or {}).items() if k not in outside}
+                diffs = describe_config_change(old_cfg, ident_cfg)
+                if meta.get("kind") != kind:
+                    diffs.insert(0, f"kind: {meta.get('kind')!r} -> {kind!r}")
+                problems.append(f"a different config ({'; '.join(diffs) or 'its identity differs'})")
+            change = data_change(meta.get("data"), data)
+            if not change and not data_may_grow and data and (meta.get("data") or {}).get("sha256") != data.get("sha256"):
+                change = describe_data_change(meta.get("data") or {}, data)
+            if change:
+                problems.append(f"other data ({change})")
+            if problems:
+                raise ClinqaError(f"{path} holds a run with {' and '.join(problems)}: {_fresh_run_hint(path)}")
+            if data is not None:
+                meta["data"] = data  # the same items, maybe more of them
+        meta["resumed_at"] = meta.get("resumed_at", []) + [now()]
+        meta.setdefault("counts", {})
+        return meta
+
+    @classmethod
+    def load(cls, path: str | Path, sample_type: type[S], *, samples_file: str = SAMPLES_FILE) -> "RunFolder[S]":
+        """Read a run folder (no lock: reading never blocks a writer)."""
+        return cls(path, read_meta(path), sample_type, samples_file=samples_file)
+
+    def close(self) -> None:
+        """Release the lock (idempotent)."""
+        cm, self._lock_cm = self._lock_cm, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+    def __enter__(self) -> "RunFolder[S]":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- metadata --------------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return self.meta["config"]
+
+    def save_meta(self) -> None:
+        atomic_write_text(self.path / RUN_FILE, json.dumps(self.meta, indent=2, default=str))
+
+    def finish(self, **counts: Any) -> None:
+        self.meta["finished_at"] = now()
+        self.meta.setdefault("counts", {}).update(counts)
+        self.save_meta()
+
+    def add_compute(self, seconds: float) -> None:
+        self.meta["compute_s"] = self.meta.get("compute_s", 0.0) + seconds
+
+    # -- samples ---------------------------------------------------------------------------------------
+    def samples(self) -> list[S]:
+        """All complete samples; a half-written last line (a kill mid-write) is dropped and repaired."""
+        return read_appended(self.path / self.samples_file, self._adapter.validate_json,
+                             corrupt="corrupt sample line; move the run folder aside and re-run",
+                             repair=self._lock_cm is not None)
+
+    def done_keys(self, key: Callable[[S], Hashable]) -> set:
+        return {key(s) for s in self.samples()}
+
+    def append(self, samples: Iterable[S]) -> int:
+        """Append finished samples as one fsynced write; returns how many."""
+        return append_lines(self.path / self.samples_file, (self._adapter.dump_json(s).decode() for s in samples))
+
+
+__all__ = [
+    "LOCK_FILE", "RUN_FILE", "SAMPLES_FILE", "STORE_VERSION", "Progress", "RunFolder", "append_lines", "atomic_write_text", "check_writable",
+    "data_change", "describe_config_change", "describe_data_change", "digest", "fingerprint", "git_hash", "lock_file_for", "lock_path",
+    "now", "plain", "read_json_object", "read_meta", "versions",
+]
