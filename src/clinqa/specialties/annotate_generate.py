@@ -19,6 +19,7 @@ from typing import Any
 from clinqa.errors import ClinqaError
 from clinqa.models.base import GenerationConfig, Predictor
 from clinqa.specialties.taxonomy import SPECIALTIES, resolve_specialty
+from clinqa.specialties.votes import Annotation, _majority
 
 log = logging.getLogger("clinqa.specialties")
 UNPARSED = ""
@@ -65,8 +66,6 @@ def annotate_by_generation(predictor: Predictor, items: Sequence[tuple[str, str]
                            min_votes: int, batch_size: int = 8, max_new_tokens: int = 16,
                            progress: Callable[[int, int], None] | None = None) -> list[Any]:
     """Annotations of (id, text) items by majority vote over generated, parsed labels (see the module docstring)."""
-    from clinqa.specialties.annotate import Annotation, _majority
-
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     out: list[Annotation] = []
     unparsed = 0
