@@ -119,15 +119,74 @@ def test_target_modules_are_all_block_projections(tiny_predictor):
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-def test_early_stopping_bookkeeping():
-    state = {"best_val": None, "best_epoch": None, "bad_epochs": 0, "done": False, "stopped_early": False}
-    seen = []
-    for epoch, val in enumerate([5.0, 4.0, 4.5, 3.9, 4.2, 4.1, 3.0], start=1):
-        seen.append(lora._record_epoch(state, epoch, val, patience=2))
-        if state["done"]:
-            break
-    assert seen == [True, True, False, True, False, False]
-    assert state["best_epoch"] == 4 and state["best_val"] == 3.9 and state["stopped_early"]
+def test_early_stopping_stops_where_counted_by_hand(tiny_predictor, tmp_path, monkeypatch):
+    # the Trainer path with a scripted validation loss: the initial one, then one per epoch
+    from clinqa.adapt import lora_trainer
+
+    script = iter([6.0, 5.0, 4.0, 4.5, 3.9, 4.2, 4.1, 3.0, 2.0])
+    monkeypatch.setattr(lora_trainer, "mean_answer_loss", lambda *a, **k: next(script))
+    # by hand, patience 2: best 5.0 (1), 4.0 (2), 4.5 worse (1 bad), 3.9 best (4), 4.2 (1 bad), 4.1 (2 bad): stop after
+    # epoch 6 with epoch 4's adapter; 12 training questions in batches of 4 are 3 steps an epoch
+    cfg = LoraTrainConfig(epochs=9, patience=2, **FAST)
+    res = finetune(tiny_predictor, make_questions(), cfg, tmp_path / "es", keep_checkpoint=True)
+    m = res.metadata
+    assert [h["val_loss"] for h in m["history"]] == [5.0, 4.0, 4.5, 3.9, 4.2, 4.1]
+    assert m["initial_val_loss"] == 6.0 and m["stopped_early"] and m["epochs_run"] == 6
+    assert m["best_epoch"] == 4 and m["best_val_loss"] == 3.9 and m["steps"] == 18 and m["total_steps"] == 27
+    # the adapter written is the one checkpointed at the end of epoch 4 (step 12), not the last one (step 18)
+    final = load_file(str(res.path / "adapter_model.safetensors"))
+    at = {s: load_file(str(res.path / "checkpoint" / f"checkpoint-{s}" / "adapter_model.safetensors")) for s in (12, 18)}
+    assert all(torch.equal(final[k], at[12][k]) for k in final)
+    assert any(not torch.equal(final[k], at[18][k]) for k in final)
+
+
+def test_answer_loss_matches_a_computation_by_hand(tiny_predictor, tokenizer):
+    from clinqa.adapt.lora_data import AnswerCollator, answer_loss_sum
+
+    examples = build_examples(tokenizer, make_questions(3), LoraTrainConfig())
+    batch = AnswerCollator(tokenizer.pad_token_id)(examples)
+    model = tiny_predictor.model
+    with torch.no_grad():
+        got, n = answer_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        want, count = 0.0, 0
+        for ex in examples:  # one unpadded example at a time, full logits, the answer tokens picked out by hand
+            ids = torch.tensor([ex["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            for pos, label in enumerate(ex["labels"]):
+                if label != -100:
+                    want -= float(logp[pos - 1, label])
+                    count += 1
+    assert n == count == sum(len(ex["labels"]) - ex["labels"].count(-100) for ex in examples)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_first_step_loss_is_the_base_models_answer_loss_on_its_batches(tiny_predictor, tokenizer, tmp_path):
+    # what the Trainer trains on in step 1 (grad_accum 2: two batches of this seed's epoch order, answer
+    # tokens only, one mean over both) is what the untouched base model scores by hand on those examples
+    from clinqa.adapt.lora_data import epoch_batches
+
+    cfg = LoraTrainConfig(epochs=1, patience=None, grad_accum=2, **{**FAST, "dropout": 0.0, "batch_size": 3, "val_fraction": 0.0})
+    qs = make_questions()
+    losses = []
+    finetune(tiny_predictor, qs, cfg, tmp_path / "one", progress=lambda s, t, loss: losses.append(loss))
+    examples = build_examples(tokenizer, qs, cfg)
+    first = [examples[i] for b in epoch_batches([len(e["input_ids"]) for e in examples], 3, cfg.seed, 0)[:2] for i in b]
+    assert len(losses) == 1 + 3 and losses[0] is None
+    assert losses[1] == pytest.approx(lora.answer_loss(tiny_predictor, [q for q in qs if q.id in {e["id"] for e in first}], cfg), rel=1e-5)
+
+
+def test_epoch_order_is_seeded_grouped_by_length_and_covers_every_example():
+    from clinqa.adapt.lora_data import EpochSampler, epoch_batches
+
+    lengths = [(7 * i) % 13 + 1 for i in range(39)]
+    b0 = epoch_batches(lengths, 4, seed=1, epoch=0)  # 39 = 9 full batches of 4 and a short one of 3, which stays last
+    assert sorted(i for b in b0 for i in b) == list(range(39)) and [len(b) for b in b0] == [4] * 9 + [3]
+    assert all(lengths[b[j]] >= lengths[b[j + 1]] for b in b0 for j in range(len(b) - 1))  # sorted within a batch
+    assert b0 == epoch_batches(lengths, 4, seed=1, epoch=0) and b0 != epoch_batches(lengths, 4, seed=1, epoch=1)
+    assert b0 != epoch_batches(lengths, 4, seed=2, epoch=0)
+    sampler = EpochSampler(lengths, 4, seed=1)
+    sampler.set_epoch(1)
+    assert list(sampler) == [i for b in epoch_batches(lengths, 4, seed=1, epoch=1) for i in b] and len(sampler) == 39
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -225,7 +284,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_predictor, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_predictor, qs, cfg, tmp_path / "killed", checkpoint_every=2, progress=kill_at_5)
-    assert (tmp_path / "killed" / "checkpoint" / "state.pt").is_file()
+    assert (tmp_path / "killed" / "checkpoint" / "checkpoint-4" / "clinqa_state.json").is_file()  # the Trainer's checkpoint
     assert not (tmp_path / "killed" / "clinqa_adapter.json").exists()
     with pytest.raises(ClinqaError, match="learning_rate"):
         finetune(tiny_predictor, qs, LoraTrainConfig(epochs=2, patience=None, **{**FAST, "learning_rate": 1e-3}), tmp_path / "killed")
@@ -242,7 +301,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_predictor, tmp_path):
     w2 = load_file(str(resumed.path / "adapter_model.safetensors"))
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
 
 
 def test_gradient_checkpointing_gives_the_same_weights_and_is_not_identity(tiny_predictor, tmp_path):
