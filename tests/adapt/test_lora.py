@@ -457,3 +457,74 @@ def test_init_adapter_continues_from_its_weights(adapters, tiny_predictor, tmp_p
         finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq")
     with pytest.raises(ClinqaError, match="rank 8; this training uses rank 4"):
         finetune(tiny_predictor, yes_no_examples(8), LoraTrainConfig(**{**FAST, "rank": 4}), tmp_path / "r4", init_adapter=a.path)
+
+
+# -- precision and several processes --------------------------------------------------------------
+def test_bf16_mixed_precision_on_cpu_and_the_metadata_records_it(tiny_predictor, tmp_path):
+    # the dtype plumbing a GPU uses (autocast, fp32 LoRA weights and optimizer), exercised on the CPU
+    cfg = LoraTrainConfig(epochs=2, patience=None, dtype="bf16", device="cpu", **FAST)
+    assert cfg.dtype == "bfloat16" and "dtype" in cfg.identity() and "device" not in cfg.identity()
+    res = finetune(tiny_predictor, make_questions(), cfg, tmp_path / "bf16")
+    m = res.metadata
+    assert m["precision"] == "bfloat16" and m["device"] == "cpu" and m["world_size"] == 1 and m["trainer"] == "transformers.Trainer"
+    assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
+    weights = load_file(str(res.path / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    fp32 = finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=2, patience=None, device="cpu", **FAST), tmp_path / "fp32")
+    assert fp32.metadata["precision"] == "float32"
+    other = load_file(str(fp32.path / "adapter_model.safetensors"))
+    assert any(not torch.equal(weights[k], other[k]) for k in weights)  # bf16 arithmetic did run
+    # an explicit dtype is part of the identity: the bf16 folder is not handed out as an fp32 one
+    with pytest.raises(ClinqaError, match="dtype: 'bfloat16' -> 'float32'"):
+        finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=2, patience=None, dtype="float32", **FAST), tmp_path / "bf16")
+    # ... while the default (auto) matches a folder trained before the field existed
+    assert "dtype" not in LoraTrainConfig().identity()
+    with pytest.raises(ClinqaError, match="float16.*needs a CUDA GPU"):
+        finetune(tiny_predictor, make_questions(), LoraTrainConfig(dtype="float16", device="cpu", **FAST), tmp_path / "fp16")
+    with pytest.raises(ClinqaError, match="device"):
+        LoraTrainConfig(device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) variant; GPUs are covered by the gpu check")
+def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_predictor, tokenizer, tmp_path):
+    # `torchrun --nproc_per_node 2` on the CPU (gloo): each process takes every other batch of the same epoch
+    # order, and the loss is divided by the answer tokens of the whole step across processes, so without dropout
+    # the weights equal one process accumulating the same two batches per step. The folder is written once.
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "tiny-model"
+    tiny_predictor.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "sys.path.insert(0, sys.argv[3])\n"
+        "from test_lora import FAST, make_questions\n"
+        "from clinqa.adapt.lora import LoraTrainConfig, finetune\n"
+        "cfg = LoraTrainConfig(epochs=2, patience=None, grad_accum=int(sys.argv[4]), device='cpu', **{**FAST, 'dropout': 0.0, 'batch_size': 2})\n"
+        "res = finetune(sys.argv[1], make_questions(), cfg, sys.argv[2])\n"
+        "print('world', res.metadata['world_size'], 'steps', res.metadata['steps'], 'cached', res.cached)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(__import__("clinqa").__path__[0].rsplit("/clinqa", 1)[0]),
+                                                                   os.environ.get("PYTHONPATH", "")] if p),
+           "OMP_NUM_THREADS": "1"}
+    here = str(__import__("pathlib").Path(__file__).parent)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                          str(folder), str(tmp_path / "ddp"), here, "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("world 2 steps 6 cached False") == 2  # 12 questions, 2 per batch, 2 processes: 3 steps an epoch
+    m = lora.load_adapter_metadata(tmp_path / "ddp")
+    assert m["world_size"] == 2 and m["steps"] == 6 and sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "clinqa_adapter.json"]
+    single = finetune(str(folder), make_questions(), LoraTrainConfig(epochs=2, patience=None, grad_accum=2, device="cpu",
+                                                                     **{**FAST, "dropout": 0.0, "batch_size": 2}), tmp_path / "one")
+    assert [h["val_loss"] for h in single.history] == pytest.approx([h["val_loss"] for h in m["history"]], rel=1e-5)
+    w1 = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    w2 = load_file(str(single.path / "adapter_model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-7)
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                            str(folder), str(tmp_path / "ddp"), here, "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("cached True") == 2, again.stderr[-3000:]
