@@ -124,7 +124,7 @@ def test_early_stopping_stops_where_counted_by_hand(tiny_predictor, tmp_path, mo
     from clinqa.adapt import lora_trainer
 
     script = iter([6.0, 5.0, 4.0, 4.5, 3.9, 4.2, 4.1, 3.0, 2.0])
-    monkeypatch.setattr(lora_trainer, "mean_answer_loss", lambda *a, **k: next(script))
+    monkeypatch.setattr(lora_trainer, "mean_answer_loss", lambda *a, **k: next(script))  # reads `script` when called
     # by hand, patience 2: best 5.0 (1), 4.0 (2), 4.5 worse (1 bad), 3.9 best (4), 4.2 (1 bad), 4.1 (2 bad): stop after
     # epoch 6 with epoch 4's adapter; 12 training questions in batches of 4 are 3 steps an epoch
     cfg = LoraTrainConfig(epochs=9, patience=2, **FAST)
@@ -138,6 +138,23 @@ def test_early_stopping_stops_where_counted_by_hand(tiny_predictor, tmp_path, mo
     at = {s: load_file(str(res.path / "checkpoint" / f"checkpoint-{s}" / "adapter_model.safetensors")) for s in (12, 18)}
     assert all(torch.equal(final[k], at[12][k]) for k in final)
     assert any(not torch.equal(final[k], at[18][k]) for k in final)
+
+    # killed in epoch 6 (one bad epoch counted so far), resumed from the end of epoch 5: the restored patience
+    # counter stops it after epoch 6 again (a fresh counter would train on to epoch 7's 3.0), with the same adapter
+    script = iter([6.0, 5.0, 4.0, 4.5, 3.9, 4.2, 4.1, 3.0, 2.0])
+
+    def kill_at_16(step, total, loss):
+        if step == 16:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_predictor, make_questions(), cfg, tmp_path / "killed", progress=kill_at_16)
+    script = iter([4.1, 3.0, 2.0])
+    resumed = finetune(tiny_predictor, make_questions(), cfg, tmp_path / "killed")
+    assert resumed.resumed_from == 15 and resumed.metadata["resumes"] == 1
+    assert resumed.history == m["history"] and resumed.metadata["best_epoch"] == 4 and resumed.metadata["steps"] == 18
+    again = load_file(str(resumed.path / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k], again[k]) for k in final)
 
 
 def test_answer_loss_matches_a_computation_by_hand(tiny_predictor, tokenizer):
