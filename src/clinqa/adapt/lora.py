@@ -45,34 +45,66 @@ import random
 import resource
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from clinqa.adapt.lora_adapter import (CHECKPOINT_DIR, METADATA_FILE, TRAIN_FILE, apply_modifier, atomic_write_text,
-                                       check_identity, claim_folder, is_finished, load_adapter_metadata, now,
-                                       read_init_adapter, versions)
-from clinqa.adapt.lora_config import AdapterResult, LoraTrainConfig, ProgressFn, identity_config
-from clinqa.adapt.lora_data import (Example, TextExample, balance_by_specialty, build_examples, fingerprint,
-                                    mean_answer_loss, prepare_questions, split_train_val)
-from clinqa.adapt.lora_model import (attach_lora, find_target_modules, fix_mmap_threshold, fresh_model, resolve_device,
-                                     resolve_precision, resolve_quantization)
+from clinqa.adapt.lora_adapter import (
+    CHECKPOINT_DIR,
+    METADATA_FILE,
+    TRAIN_FILE,
+    apply_modifier,
+    atomic_write_text,
+    check_identity,
+    claim_folder,
+    is_finished,
+    load_adapter_metadata,
+    now,
+    read_init_adapter,
+    versions,
+)
+from clinqa.adapt.lora_config import (
+    AdapterResult,
+    LoraTrainConfig,
+    ProgressFn,
+    identity_config,
+)
+from clinqa.adapt.lora_data import (
+    Example,
+    TextExample,
+    balance_by_specialty,
+    build_examples,
+    fingerprint,
+    mean_answer_loss,
+    prepare_questions,
+    split_train_val,
+)
+from clinqa.adapt.lora_model import (
+    attach_lora,
+    find_target_modules,
+    fix_mmap_threshold,
+    fresh_model,
+    resolve_device,
+    resolve_precision,
+    resolve_quantization,
+)
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 
 __all__ = [
+    "METADATA_FILE",
     "AdapterResult",
     "LoraTrainConfig",
     "TextExample",
-    "METADATA_FILE",
     "answer_loss",
     "apply_modifier",
     "balance_by_specialty",
     "build_examples",
-    "finetune",
     "find_target_modules",
+    "finetune",
     "fix_mmap_threshold",
     "identity_config",
     "load_adapter_metadata",

@@ -8,8 +8,9 @@ import datetime as dt
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from clinqa.adapt.lora_config import LoraTrainConfig, identity_config
 from clinqa.errors import ClinqaError

@@ -7,8 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -141,7 +141,11 @@ def _spec_folder(spec: str) -> tuple[str, str]:
         raise ClinqaError(f"train a LoRA adapter on a base model, not on {spec!r}: drop the +{ms.modifiers[0].kind}: part")
     if ms.kind == "openai":
         raise ClinqaError("LoRA training needs local weights; an openai: endpoint has none (use a model folder, a .gguf file or 'default')")
-    from clinqa.models.embedded import EMBEDDED_NAME, converted_gguf_dir, embedded_model_dir
+    from clinqa.models.embedded import (
+        EMBEDDED_NAME,
+        converted_gguf_dir,
+        embedded_model_dir,
+    )
 
     if ms.kind == "default":
         return str(embedded_model_dir()), EMBEDDED_NAME

@@ -25,13 +25,19 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from clinqa.adapt.lora_config import LoraTrainConfig, ProgressFn
-from clinqa.adapt.lora_data import AnswerCollator, EpochSampler, answer_loss_sum, mean_answer_loss
+from clinqa.adapt.lora_data import (
+    AnswerCollator,
+    EpochSampler,
+    answer_loss_sum,
+    mean_answer_loss,
+)
 from clinqa.errors import ClinqaError
 
 BOOK_FILE = "clinqa_state.json"
@@ -84,7 +90,7 @@ class Book:
         return json.dumps({k: getattr(self, k) for k in self.SAVED}, indent=2)
 
     @classmethod
-    def load(cls, path: Path) -> "Book":
+    def load(cls, path: Path) -> Book:
         book = cls()
         for k, v in json.loads(path.read_text()).items():
             if k in cls.SAVED:
@@ -183,7 +189,7 @@ def _callback_class():
                 self.progress(state.global_step, state.max_steps, loss)
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            self.book.end_epoch(int(round(state.epoch)), state.global_step)
+            self.book.end_epoch(round(state.epoch), state.global_step)
 
         def on_save(self, args, state, control, **kwargs):
             self.book.train_seconds = self.seconds_before + time.perf_counter() - self.t_run
