@@ -530,15 +530,19 @@ def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_pred
         "from clinqa.adapt.lora import LoraTrainConfig, finetune\n"
         "cfg = LoraTrainConfig(epochs=2, patience=None, grad_accum=int(sys.argv[4]), device='cpu', **{**FAST, 'dropout': 0.0, 'batch_size': 2})\n"
         "res = finetune(sys.argv[1], make_questions(), cfg, sys.argv[2])\n"
-        "print('world', res.metadata['world_size'], 'steps', res.metadata['steps'], 'cached', res.cached)\n")
+        "import json, os\n"  # one file per process: two processes printing to one pipe can interleave their lines
+        "open(sys.argv[2] + '.rank' + os.environ['RANK'], 'a').write(json.dumps([res.metadata['world_size'], res.metadata['steps'], res.cached]) + '\\n')\n")
+
+    def reports(run: str) -> list[list]:
+        return sorted(json.loads(line) for r in (0, 1) for line in (tmp_path / f"{run}.rank{r}").read_text().splitlines())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(__import__("clinqa").__path__[0].rsplit("/clinqa", 1)[0]),
                                                                    os.environ.get("PYTHONPATH", "")] if p),
            "OMP_NUM_THREADS": "1"}
     here = str(__import__("pathlib").Path(__file__).parent)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                           str(folder), str(tmp_path / "ddp"), here, "1"], env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert ddp.stdout.count("world 2 steps 6 cached False") == 2  # 12 questions, 2 per batch, 2 processes: 3 steps an epoch
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
+    assert reports("ddp") == [[2, 6, False]] * 2  # 12 questions, 2 per batch, 2 processes: 3 steps an epoch
     m = lora.load_adapter_metadata(tmp_path / "ddp")
     assert m["world_size"] == 2 and m["steps"] == 6 and sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "clinqa_adapter.json"]
@@ -551,4 +555,5 @@ def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_pred
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-7)
     again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                             str(folder), str(tmp_path / "ddp"), here, "1"], env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert again.returncode == 0 and again.stdout.count("cached True") == 2, again.stderr[-3000:]
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert reports("ddp") == [[2, 6, False]] * 2 + [[2, 6, True]] * 2  # the finished folder, returned on both processes
