@@ -513,7 +513,8 @@ def test_bf16_mixed_precision_on_cpu_and_the_metadata_records_it(tiny_predictor,
 def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_predictor, tokenizer, tmp_path):
     # `torchrun --nproc_per_node 2` on the CPU (gloo): each process takes every other batch of the same epoch
     # order, and the loss is divided by the answer tokens of the whole step across processes, so without dropout
-    # the weights equal one process accumulating the same two batches per step. The folder is written once.
+    # the weights equal one process accumulating the same two batches per step, also after a kill and resume
+    # mid-epoch. The folder is written once.
     import os
     import subprocess
     import sys
@@ -529,7 +530,10 @@ def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_pred
         "from test_lora import FAST, make_questions\n"
         "from clinqa.adapt.lora import LoraTrainConfig, finetune\n"
         "cfg = LoraTrainConfig(epochs=2, patience=None, grad_accum=int(sys.argv[4]), device='cpu', **{**FAST, 'dropout': 0.0, 'batch_size': 2})\n"
-        "res = finetune(sys.argv[1], make_questions(), cfg, sys.argv[2])\n"
+        "def kill(step, total, loss):\n"
+        "    if step == int(sys.argv[5]):\n"
+        "        raise KeyboardInterrupt\n"
+        "res = finetune(sys.argv[1], make_questions(), cfg, sys.argv[2], progress=kill, checkpoint_every=2)\n"
         "import json, os\n"  # one file per process: two processes printing to one pipe can interleave their lines
         "open(sys.argv[2] + '.rank' + os.environ['RANK'], 'a').write(json.dumps([res.metadata['world_size'], res.metadata['steps'], res.cached]) + '\\n')\n")
 
@@ -539,8 +543,14 @@ def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_pred
                                                                    os.environ.get("PYTHONPATH", "")] if p),
            "OMP_NUM_THREADS": "1"}
     here = str(__import__("pathlib").Path(__file__).parent)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                          str(folder), str(tmp_path / "ddp"), here, "1"], env=env, capture_output=True, text=True, timeout=600, check=False)
+    def launch(kill_at: int):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                               str(folder), str(tmp_path / "ddp"), here, "1", str(kill_at)],
+                              env=env, capture_output=True, text=True, timeout=600, check=False)
+
+    killed = launch(5)  # the main process stops at step 5, torchrun ends the other; the checkpoint of step 4 stays
+    assert killed.returncode != 0 and (tmp_path / "ddp" / "checkpoint" / "checkpoint-4" / "clinqa_state.json").is_file()
+    ddp = launch(-1)  # resumes mid-epoch 2 on both processes
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
     assert reports("ddp") == [[2, 6, False]] * 2  # 12 questions, 2 per batch, 2 processes: 3 steps an epoch
     m = lora.load_adapter_metadata(tmp_path / "ddp")
@@ -553,7 +563,7 @@ def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_pred
     w2 = load_file(str(single.path / "adapter_model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-7)
-    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                            str(folder), str(tmp_path / "ddp"), here, "1"], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert m["resumes"] == 1
+    again = launch(-1)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert reports("ddp") == [[2, 6, False]] * 2 + [[2, 6, True]] * 2  # the finished folder, returned on both processes

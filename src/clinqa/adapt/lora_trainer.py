@@ -86,8 +86,15 @@ class Book:
         if self.history and self.history[-1]["step"] == step:
             self.history[-1]["val_loss"] = val_loss
 
-    def to_json(self) -> str:
-        return json.dumps({k: getattr(self, k) for k in self.SAVED}, indent=2)
+    def to_json(self, **overrides) -> str:
+        return json.dumps({k: getattr(self, k) for k in self.SAVED} | overrides, indent=2)
+
+    ADDITIVE = ("epoch_loss_sum", "epoch_tokens", "train_tokens")  # per process in memory, summed in a checkpoint
+
+    def totals(self) -> dict[str, float]:
+        """The additive counters summed over all processes (a collective: every process calls it)."""
+        loss, tokens, real = _sum_over_processes([self.epoch_loss_sum, float(self.epoch_tokens), float(self.train_tokens)])
+        return {"epoch_loss_sum": loss, "epoch_tokens": int(tokens), "train_tokens": int(real)}
 
     @classmethod
     def load(cls, path: Path) -> Book:
@@ -121,17 +128,16 @@ def _trainer_class():
     class AnswerOnlyTrainer(Trainer):
         """transformers' Trainer with clinqa's loss, epoch order and validation loss (module docstring)."""
 
-        def __init__(self, *args, book: Book, val_examples: list[dict], pad_id: int, **kwargs):
+        def __init__(self, *args, book: Book, val_examples: list[dict], pad_id: int, sampler: EpochSampler, **kwargs):
             super().__init__(*args, **kwargs)
-            self.book, self.val_examples, self.pad_id = book, val_examples, pad_id
+            self.book, self.val_examples, self.pad_id, self.epoch_sampler = book, val_examples, pad_id, sampler
             # the Trainer then counts the answer tokens of a whole optimizer step (num_items_in_batch),
             # and our loss, already divided by that count, is not divided again by the accumulation steps
             self.model_accepts_loss_kwargs = True
             self.loss_is_scaled_for_ga = True
 
         def _get_train_sampler(self, train_dataset=None):
-            ds = train_dataset if train_dataset is not None else self.train_dataset
-            return EpochSampler([len(e["input_ids"]) for e in ds], self.args.per_device_train_batch_size, self.args.seed)
+            return self.epoch_sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss_sum, n = answer_loss_sum(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
@@ -166,8 +172,8 @@ def _callback_class():
     class ClinqaCallback(TrainerCallback):
         """Progress, mid-epoch checkpoints every `checkpoint_every` steps, history and counters."""
 
-        def __init__(self, book: Book, progress: ProgressFn | None, checkpoint_every: int, steps_per_epoch: int):
-            self.book, self.progress, self.every, self.per_epoch = book, progress, checkpoint_every, steps_per_epoch
+        def __init__(self, book: Book, progress: ProgressFn | None, checkpoint_every: int, sampler: EpochSampler):
+            self.book, self.progress, self.every, self.sampler = book, progress, checkpoint_every, sampler
             self.t_run = self.t_step = time.perf_counter()
             self.seconds_before = book.train_seconds
 
@@ -177,13 +183,18 @@ def _callback_class():
             if self.progress and state.is_world_process_zero:
                 self.progress(state.global_step, state.max_steps, None)
 
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            # The Trainer's set_epoch does not reach a sampler under both a data-parallel shard and the
+            # resumed run's batch skipper; the epoch a step count falls in is what the order depends on.
+            self.sampler.set_epoch(state.global_step // _steps_per_epoch(args, state))
+
         def on_step_begin(self, args, state, control, **kwargs):
             self.t_step = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.book.step_seconds += time.perf_counter() - self.t_step
             loss = self.book.end_step()
-            if state.global_step % self.every == 0 and state.global_step % self.per_epoch != 0:
+            if state.global_step % self.every == 0 and state.global_step % _steps_per_epoch(args, state) != 0:
                 control.should_save = True  # epoch ends are saved anyway (save_strategy="epoch")
             if self.progress and state.is_world_process_zero:
                 self.progress(state.global_step, state.max_steps, loss)
@@ -193,14 +204,19 @@ def _callback_class():
 
         def on_save(self, args, state, control, **kwargs):
             self.book.train_seconds = self.seconds_before + time.perf_counter() - self.t_run
+            totals = self.book.totals()  # every process saves (on_save runs on all), so the collective is safe
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                (folder / BOOK_FILE).write_text(self.book.to_json())  # last: marks the checkpoint complete
+                (folder / BOOK_FILE).write_text(self.book.to_json(**totals))  # last: marks the checkpoint complete
 
         def on_train_end(self, args, state, control, **kwargs):
             self.book.train_seconds = self.seconds_before + time.perf_counter() - self.t_run
 
     return ClinqaCallback
+
+
+def _steps_per_epoch(args, state) -> int:
+    return max(1, state.max_steps // max(1, int(args.num_train_epochs)))
 
 
 def training_arguments(config: LoraTrainConfig, output_dir: Path, *, device: str, precision: str, has_val: bool,
@@ -271,16 +287,20 @@ def train(peft_model, tokenizer, train_ex: list[dict], val_ex: list[dict], confi
     args = training_arguments(config, ckpt_dir, device=device, precision=precision, has_val=bool(val_ex), warmup_steps=warmup)
     resume = latest_checkpoint(ckpt_dir)
     book = Book.load(resume / BOOK_FILE) if resume else Book(world_size)
+    if resume and int(os.environ.get("RANK", "0")) != 0:
+        for k in Book.ADDITIVE:  # the checkpoint holds the totals over all processes: count them once, on the main one
+            setattr(book, k, 0.0 if k == "epoch_loss_sum" else 0)
     if resume and book.world_size != world_size:
         raise ClinqaError(f"{ckpt_dir} holds a checkpoint of a training on {book.world_size} process(es); this run has {world_size}: "
                           f"resume it with {book.world_size}, or delete {ckpt_dir.parent} to start again")
-    callbacks = [_callback_class()(book, progress, checkpoint_every, per_epoch)]
+    sampler = EpochSampler([len(e["input_ids"]) for e in train_ex], config.batch_size, config.seed)
+    callbacks = [_callback_class()(book, progress, checkpoint_every, sampler)]
     if val_ex and config.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(config.patience)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = _trainer_class()(model=peft_model, args=args, train_dataset=train_ex, eval_dataset=val_ex or None,
                                data_collator=AnswerCollator(pad_id), callbacks=callbacks,
-                               book=book, val_examples=val_ex, pad_id=pad_id)
+                               book=book, val_examples=val_ex, pad_id=pad_id, sampler=sampler)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; progress goes through `progress`
