@@ -111,8 +111,6 @@ __all__ = [
     "split_train_val",
 ]
 
-_ = (CHECKPOINT_DIR, TRAIN_FILE)  # re-exported for callers that name the folder's files
-
 
 def _seed_all(seed: int) -> None:
     random.seed(seed)
