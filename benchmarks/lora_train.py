@@ -2,7 +2,8 @@
 questions, on this machine's CPU, and report what it costs.
 
     python benchmarks/lora_train.py [--epochs 1] [--out DIR] [--rank 32] [--batch-size 8] [--threads N] [--from-spec]
-                                    [--data SPEC --limit N] [--gradient-checkpointing | --compare-checkpointing]
+                                    [--data SPEC --limit N] [--device D] [--dtype T]
+                                    [--gradient-checkpointing | --compare-checkpointing | --compare-old [--old-rev REV]]
 
 Prints tokens/second (real tokens through forward+backward per second of optimizer-step time),
 wall seconds, peak resident memory, trainable parameters, and the validation loss (mean per answer
@@ -12,7 +13,13 @@ temporary folder that is removed at the end; with --out it stays (re-running res
 --data trains on other questions (e.g. PubMedQA, whose abstracts make 300-500-token examples)
 instead of the bundled cardiology ones. --compare-checkpointing trains the same adapter twice, in two
 child processes (peak memory is per process), without and with gradient checkpointing, and prints
-the ratios of peak memory and training time and whether the weights agree.
+the ratios of peak memory and training time and whether the weights agree. --compare-old trains the
+same adapter twice, in two child processes, with the hand-written torch loop clinqa used before it
+moved to transformers' Trainer (read from git: `git show REV:src/clinqa/adapt/lora.py`, default REV
+9746f29) and with the Trainer, and prints the ratios of tokens/second, training time and peak memory
+and both validation losses (the two differ in schedule details and data order, so their weights are
+not expected to agree). --device/--dtype set LoraTrainConfig.device/dtype (default auto: a CUDA GPU in
+bf16 when present).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, peak_rss_mb  # noqa: E402
+from _common import machine, peak_rss_mb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,13 +56,23 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="with --data: the first N questions")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--compare-checkpointing", action="store_true", help="train twice (plain, checkpointed) and print ratios")
+    ap.add_argument("--device", help="LoraTrainConfig.device (default: auto)")
+    ap.add_argument("--dtype", help="LoraTrainConfig.dtype (default: auto)")
+    ap.add_argument("--compare-old", action="store_true", help="train twice (the old hand-written loop, the Trainer) and print ratios")
+    ap.add_argument("--old-rev", default=OLD_REV, help="git revision holding the old loop (with --compare-old)")
+    ap.add_argument("--impl", choices=("trainer", "old"), default="trainer", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compare_checkpointing:
         return compare_checkpointing(args)
+    if args.compare_old:
+        return compare_old(args)
 
     import torch
 
-    from clinqa.adapt.lora import LoraTrainConfig, finetune
+    if args.impl == "old":
+        LoraTrainConfig, finetune = old_loop(args.old_rev)
+    else:
+        from clinqa.adapt.lora import LoraTrainConfig, finetune
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,7 +87,8 @@ def main() -> None:
     else:
         questions = load_questions("bundled", specialties=["cardiology"]).questions
     config = LoraTrainConfig(epochs=args.epochs, rank=args.rank, batch_size=args.batch_size, max_length=args.max_length,
-                             gradient_checkpointing=args.gradient_checkpointing)
+                             gradient_checkpointing=args.gradient_checkpointing,
+                             **({} if args.impl == "old" else {"device": args.device, "dtype": args.dtype}))
     out = args.out or Path(tempfile.mkdtemp(prefix="clinqa-lora-bench-")) / "adapter"
 
     def progress(step: int, total: int, loss: float | None) -> None:
@@ -96,6 +114,10 @@ def main() -> None:
         "rank": m["config"]["rank"],
         "trainable_params": m["trainable_params"],
         "quantization": m["quantization"],
+        "implementation": args.impl,
+        "device": m.get("device"),
+        "precision": m.get("precision", "float32"),
+        "peak_gpu_memory_mb": m.get("peak_gpu_memory_mb"),
         "train_tokens": m["train_tokens"],
         "tokens_per_second": m["tokens_per_second"],
         "train_seconds": m["train_seconds"],
@@ -109,11 +131,70 @@ def main() -> None:
     print(f"tokens/second {numbers['tokens_per_second']}  train seconds {numbers['train_seconds']}  "
           f"(whole finetune call {numbers['finetune_call_seconds']} s)  peak memory {numbers['peak_memory_mb']} MB")
     print(f"trainable params {numbers['trainable_params']:,}  quantization {numbers['quantization']}  "
+          f"device {numbers['device']} {numbers['precision']}  "
           f"val loss {numbers['val_loss_before']:.4f} -> {numbers['val_loss_after']:.4f}")
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2))
     if args.out is None:
         shutil.rmtree(out.parent, ignore_errors=True)
+
+
+OLD_REV = "9746f29"  # the last commit whose src/clinqa/adapt/lora.py had the hand-written training loop
+
+
+def old_loop(rev: str):
+    """(LoraTrainConfig, finetune) of the old hand-written loop, imported from git history."""
+    import importlib.util
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        source = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:src/clinqa/adapt/lora.py"], check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"--impl old needs git and revision {rev} of this repository: {exc}") from exc
+    path = Path(tempfile.mkdtemp(prefix="clinqa-old-lora-")) / "clinqa_old_lora.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("clinqa_old_lora", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["clinqa_old_lora"] = module
+    spec.loader.exec_module(module)
+    return module.LoraTrainConfig, module.finetune
+
+
+def _passed_args(drop: tuple[str, ...], drop_with_value: tuple[str, ...]) -> list[str]:
+    passed, out, skip = sys.argv[1:], [], False
+    for a in passed:
+        if skip:
+            skip = False
+        elif a in drop_with_value:
+            skip = True
+        elif a not in drop:
+            out.append(a)
+    return out
+
+
+def compare_old(args) -> None:
+    import subprocess
+
+    tmp = Path(tempfile.mkdtemp(prefix="clinqa-lora-old-"))
+    passed = _passed_args(("--compare-old",), ("--out", "--json", "--device", "--dtype"))
+    results = {}
+    try:
+        for name, extra in (("old", ["--impl", "old"]), ("trainer", [])):
+            print(f"--- {name}", flush=True)
+            subprocess.run([sys.executable, __file__, *passed, *extra, "--out", str(tmp / name), "--json", str(tmp / f"{name}.json")],
+                           check=True)
+            results[name] = json.loads((tmp / f"{name}.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    a, b = results["old"], results["trainer"]
+    print(f"Trainer vs the old loop (same questions, config and machine; {a['steps']} vs {b['steps']} steps): "
+          f"tokens/second {a['tokens_per_second']} -> {b['tokens_per_second']} ({b['tokens_per_second'] / a['tokens_per_second']:.2f}x), "
+          f"training time {a['train_seconds']:.1f} -> {b['train_seconds']:.1f} s ({b['train_seconds'] / a['train_seconds']:.2f}x), "
+          f"peak memory {a['peak_memory_mb']:.0f} -> {b['peak_memory_mb']:.0f} MB ({b['peak_memory_mb'] / a['peak_memory_mb']:.2f}x); "
+          f"validation loss after: {a['val_loss_after']:.4f} (old) vs {b['val_loss_after']:.4f} (Trainer), "
+          f"before {a['val_loss_before']:.4f}")
 
 
 def compare_checkpointing(args) -> None:

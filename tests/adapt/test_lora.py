@@ -11,7 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from clinqa.adapt import lora
-from clinqa.adapt.lora import LoraTrainConfig, apply_modifier, balance_by_specialty, build_examples, finetune, split_train_val
+from clinqa.adapt.lora import (
+    LoraTrainConfig,
+    apply_modifier,
+    balance_by_specialty,
+    build_examples,
+    finetune,
+    split_train_val,
+)
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate.prompts import cloze_prompt, letter_prompt
@@ -119,15 +126,91 @@ def test_target_modules_are_all_block_projections(tiny_predictor):
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-def test_early_stopping_bookkeeping():
-    state = {"best_val": None, "best_epoch": None, "bad_epochs": 0, "done": False, "stopped_early": False}
-    seen = []
-    for epoch, val in enumerate([5.0, 4.0, 4.5, 3.9, 4.2, 4.1, 3.0], start=1):
-        seen.append(lora._record_epoch(state, epoch, val, patience=2))
-        if state["done"]:
-            break
-    assert seen == [True, True, False, True, False, False]
-    assert state["best_epoch"] == 4 and state["best_val"] == 3.9 and state["stopped_early"]
+def test_early_stopping_stops_where_counted_by_hand(tiny_predictor, tmp_path, monkeypatch):
+    # the Trainer path with a scripted validation loss: the initial one, then one per epoch
+    from clinqa.adapt import lora_trainer
+
+    script = iter([6.0, 5.0, 4.0, 4.5, 3.9, 4.2, 4.1, 3.0, 2.0])
+    monkeypatch.setattr(lora_trainer, "mean_answer_loss", lambda *a, **k: next(script))  # reads `script` when called
+    # by hand, patience 2: best 5.0 (1), 4.0 (2), 4.5 worse (1 bad), 3.9 best (4), 4.2 (1 bad), 4.1 (2 bad): stop after
+    # epoch 6 with epoch 4's adapter; 12 training questions in batches of 4 are 3 steps an epoch
+    cfg = LoraTrainConfig(epochs=9, patience=2, **FAST)
+    res = finetune(tiny_predictor, make_questions(), cfg, tmp_path / "es", keep_checkpoint=True)
+    m = res.metadata
+    assert [h["val_loss"] for h in m["history"]] == [5.0, 4.0, 4.5, 3.9, 4.2, 4.1]
+    assert m["initial_val_loss"] == 6.0 and m["stopped_early"] and m["epochs_run"] == 6
+    assert m["best_epoch"] == 4 and m["best_val_loss"] == 3.9 and m["steps"] == 18 and m["total_steps"] == 27
+    # the adapter written is the one checkpointed at the end of epoch 4 (step 12), not the last one (step 18)
+    final = load_file(str(res.path / "adapter_model.safetensors"))
+    at = {s: load_file(str(res.path / "checkpoint" / f"checkpoint-{s}" / "adapter_model.safetensors")) for s in (12, 18)}
+    assert all(torch.equal(final[k], at[12][k]) for k in final)
+    assert any(not torch.equal(final[k], at[18][k]) for k in final)
+
+    # killed in epoch 6 (one bad epoch counted so far), resumed from the end of epoch 5: the restored patience
+    # counter stops it after epoch 6 again (a fresh counter would train on to epoch 7's 3.0), with the same adapter
+    script = iter([6.0, 5.0, 4.0, 4.5, 3.9, 4.2, 4.1, 3.0, 2.0])
+
+    def kill_at_16(step, total, loss):
+        if step == 16:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_predictor, make_questions(), cfg, tmp_path / "killed", progress=kill_at_16)
+    script = iter([4.1, 3.0, 2.0])
+    resumed = finetune(tiny_predictor, make_questions(), cfg, tmp_path / "killed")
+    assert resumed.resumed_from == 15 and resumed.metadata["resumes"] == 1
+    assert resumed.history == m["history"] and resumed.metadata["best_epoch"] == 4 and resumed.metadata["steps"] == 18
+    again = load_file(str(resumed.path / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_answer_loss_matches_a_computation_by_hand(tiny_predictor, tokenizer):
+    from clinqa.adapt.lora_data import AnswerCollator, answer_loss_sum
+
+    examples = build_examples(tokenizer, make_questions(3), LoraTrainConfig())
+    batch = AnswerCollator(tokenizer.pad_token_id)(examples)
+    model = tiny_predictor.model
+    with torch.no_grad():
+        got, n = answer_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        want, count = 0.0, 0
+        for ex in examples:  # one unpadded example at a time, full logits, the answer tokens picked out by hand
+            ids = torch.tensor([ex["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            for pos, label in enumerate(ex["labels"]):
+                if label != -100:
+                    want -= float(logp[pos - 1, label])
+                    count += 1
+    assert n == count == sum(len(ex["labels"]) - ex["labels"].count(-100) for ex in examples)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_first_step_loss_is_the_base_models_answer_loss_on_its_batches(tiny_predictor, tokenizer, tmp_path):
+    # what the Trainer trains on in step 1 (grad_accum 2: two batches of this seed's epoch order, answer
+    # tokens only, one mean over both) is what the untouched base model scores by hand on those examples
+    from clinqa.adapt.lora_data import epoch_batches
+
+    cfg = LoraTrainConfig(epochs=1, patience=None, grad_accum=2, **{**FAST, "dropout": 0.0, "batch_size": 3, "val_fraction": 0.0})
+    qs = make_questions()
+    losses = []
+    finetune(tiny_predictor, qs, cfg, tmp_path / "one", progress=lambda s, t, loss: losses.append(loss))
+    examples = build_examples(tokenizer, qs, cfg)
+    first = [examples[i] for b in epoch_batches([len(e["input_ids"]) for e in examples], 3, cfg.seed, 0)[:2] for i in b]
+    assert len(losses) == 1 + 3 and losses[0] is None
+    assert losses[1] == pytest.approx(lora.answer_loss(tiny_predictor, [q for q in qs if q.id in {e["id"] for e in first}], cfg), rel=1e-5)
+
+
+def test_epoch_order_is_seeded_grouped_by_length_and_covers_every_example():
+    from clinqa.adapt.lora_data import EpochSampler, epoch_batches
+
+    lengths = [(7 * i) % 13 + 1 for i in range(39)]
+    b0 = epoch_batches(lengths, 4, seed=1, epoch=0)  # 39 = 9 full batches of 4 and a short one of 3, which stays last
+    assert sorted(i for b in b0 for i in b) == list(range(39)) and [len(b) for b in b0] == [4] * 9 + [3]
+    assert all(lengths[b[j]] >= lengths[b[j + 1]] for b in b0 for j in range(len(b) - 1))  # sorted within a batch
+    assert b0 == epoch_batches(lengths, 4, seed=1, epoch=0) and b0 != epoch_batches(lengths, 4, seed=1, epoch=1)
+    assert b0 != epoch_batches(lengths, 4, seed=2, epoch=0)
+    sampler = EpochSampler(lengths, 4, seed=1)
+    sampler.set_epoch(1)
+    assert list(sampler) == [i for b in epoch_batches(lengths, 4, seed=1, epoch=1) for i in b] and len(sampler) == 39
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -225,7 +308,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_predictor, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_predictor, qs, cfg, tmp_path / "killed", checkpoint_every=2, progress=kill_at_5)
-    assert (tmp_path / "killed" / "checkpoint" / "state.pt").is_file()
+    assert (tmp_path / "killed" / "checkpoint" / "checkpoint-4" / "clinqa_state.json").is_file()  # the Trainer's checkpoint
     assert not (tmp_path / "killed" / "clinqa_adapter.json").exists()
     with pytest.raises(ClinqaError, match="learning_rate"):
         finetune(tiny_predictor, qs, LoraTrainConfig(epochs=2, patience=None, **{**FAST, "learning_rate": 1e-3}), tmp_path / "killed")
@@ -242,7 +325,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_predictor, tmp_path):
     w2 = load_file(str(resumed.path / "adapter_model.safetensors"))
     assert w1.keys() == w2.keys()
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
 
 
 def test_gradient_checkpointing_gives_the_same_weights_and_is_not_identity(tiny_predictor, tmp_path):
@@ -398,3 +481,89 @@ def test_init_adapter_continues_from_its_weights(adapters, tiny_predictor, tmp_p
         finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq")
     with pytest.raises(ClinqaError, match="rank 8; this training uses rank 4"):
         finetune(tiny_predictor, yes_no_examples(8), LoraTrainConfig(**{**FAST, "rank": 4}), tmp_path / "r4", init_adapter=a.path)
+
+
+# -- precision and several processes --------------------------------------------------------------
+def test_bf16_mixed_precision_on_cpu_and_the_metadata_records_it(tiny_predictor, tmp_path):
+    # the dtype plumbing a GPU uses (autocast, fp32 LoRA weights and optimizer), exercised on the CPU
+    cfg = LoraTrainConfig(epochs=2, patience=None, dtype="bf16", device="cpu", **FAST)
+    assert cfg.dtype == "bfloat16" and "dtype" in cfg.identity() and "device" not in cfg.identity()
+    res = finetune(tiny_predictor, make_questions(), cfg, tmp_path / "bf16")
+    m = res.metadata
+    assert m["precision"] == "bfloat16" and m["device"] == "cpu" and m["world_size"] == 1 and m["trainer"] == "transformers.Trainer"
+    assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
+    weights = load_file(str(res.path / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    fp32 = finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=2, patience=None, device="cpu", **FAST), tmp_path / "fp32")
+    assert fp32.metadata["precision"] == "float32"
+    other = load_file(str(fp32.path / "adapter_model.safetensors"))
+    assert any(not torch.equal(weights[k], other[k]) for k in weights)  # bf16 arithmetic did run
+    # an explicit dtype is part of the identity: the bf16 folder is not handed out as an fp32 one
+    with pytest.raises(ClinqaError, match="dtype: 'bfloat16' -> 'float32'"):
+        finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=2, patience=None, dtype="float32", **FAST), tmp_path / "bf16")
+    # ... while the default (auto) matches a folder trained before the field existed
+    assert "dtype" not in LoraTrainConfig().identity()
+    with pytest.raises(ClinqaError, match="float16.*needs a CUDA GPU"):
+        finetune(tiny_predictor, make_questions(), LoraTrainConfig(dtype="float16", device="cpu", **FAST), tmp_path / "fp16")
+    with pytest.raises(ClinqaError, match="device"):
+        LoraTrainConfig(device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) variant; GPUs are covered by the gpu check")
+def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_predictor, tokenizer, tmp_path):
+    # `torchrun --nproc_per_node 2` on the CPU (gloo): each process takes every other batch of the same epoch
+    # order, and the loss is divided by the answer tokens of the whole step across processes, so without dropout
+    # the weights equal one process accumulating the same two batches per step, also after a kill and resume
+    # mid-epoch. The folder is written once.
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "tiny-model"
+    tiny_predictor.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "sys.path.insert(0, sys.argv[3])\n"
+        "from test_lora import FAST, make_questions\n"
+        "from clinqa.adapt.lora import LoraTrainConfig, finetune\n"
+        "cfg = LoraTrainConfig(epochs=2, patience=None, grad_accum=int(sys.argv[4]), device='cpu', **{**FAST, 'dropout': 0.0, 'batch_size': 2})\n"
+        "def kill(step, total, loss):\n"
+        "    if step == int(sys.argv[5]):\n"
+        "        raise KeyboardInterrupt\n"
+        "res = finetune(sys.argv[1], make_questions(), cfg, sys.argv[2], progress=kill, checkpoint_every=2)\n"
+        "import json, os\n"  # one file per process: two processes printing to one pipe can interleave their lines
+        "open(sys.argv[2] + '.rank' + os.environ['RANK'], 'a').write(json.dumps([res.metadata['world_size'], res.metadata['steps'], res.cached]) + '\\n')\n")
+
+    def reports(run: str) -> list[list]:
+        return sorted(json.loads(line) for r in (0, 1) for line in (tmp_path / f"{run}.rank{r}").read_text().splitlines())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(__import__("clinqa").__path__[0].rsplit("/clinqa", 1)[0]),
+                                                                   os.environ.get("PYTHONPATH", "")] if p),
+           "OMP_NUM_THREADS": "1"}
+    here = str(__import__("pathlib").Path(__file__).parent)
+    def launch(kill_at: int):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                               str(folder), str(tmp_path / "ddp"), here, "1", str(kill_at)],
+                              env=env, capture_output=True, text=True, timeout=600, check=False)
+
+    killed = launch(5)  # the main process stops at step 5, torchrun ends the other; the checkpoint of step 4 stays
+    assert killed.returncode != 0 and (tmp_path / "ddp" / "checkpoint" / "checkpoint-4" / "clinqa_state.json").is_file()
+    ddp = launch(-1)  # resumes mid-epoch 2 on both processes
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
+    assert reports("ddp") == [[2, 6, False]] * 2  # 12 questions, 2 per batch, 2 processes: 3 steps an epoch
+    m = lora.load_adapter_metadata(tmp_path / "ddp")
+    assert m["world_size"] == 2 and m["steps"] == 6 and sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "clinqa_adapter.json"]
+    single = finetune(str(folder), make_questions(), LoraTrainConfig(epochs=2, patience=None, grad_accum=2, device="cpu",
+                                                                     **{**FAST, "dropout": 0.0, "batch_size": 2}), tmp_path / "one")
+    assert [h["val_loss"] for h in single.history] == pytest.approx([h["val_loss"] for h in m["history"]], rel=1e-5)
+    w1 = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    w2 = load_file(str(single.path / "adapter_model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-7)
+    assert m["resumes"] == 1
+    again = launch(-1)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert reports("ddp") == [[2, 6, False]] * 2 + [[2, 6, True]] * 2  # the finished folder, returned on both processes
