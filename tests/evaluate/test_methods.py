@@ -63,6 +63,12 @@ def test_option_method_sum_and_norm(tiny_predictor):
         assert s.extras["pred_sum"] == "ABCD"[int(np.argmax(direct))]
         norm = [d / len(v) for d, v in zip(direct, it.options.values())]
         assert s.pred == "ABCD"[int(np.argmax(norm))]
+        # confidence comes from the prediction's rule: softmax of the normalised scores; the sum rule's kept apart
+        e = np.exp(np.array(norm) - max(norm))
+        assert [s.probs[k] for k in "ABCD"] == pytest.approx(list(e / e.sum()), abs=1e-4)
+        assert max(s.probs, key=s.probs.get) == s.pred
+        e = np.exp(np.array(direct) - max(direct))
+        assert [s.extras["probs_sum"][k] for k in "ABCD"] == pytest.approx(list(e / e.sum()), abs=1e-4)
 
 
 @pytest.mark.parametrize("text,expected", [

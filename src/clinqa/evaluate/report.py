@@ -159,8 +159,12 @@ def markdown(run: Run, summary: dict) -> str:
     if summary.get("confidence_mismatch"):
         lines.append(f"\nWarning: {summary['confidence_mismatch']} samples predict an option that is not their most probable one.")
     lines += ["", "## Safety", ""]
-    lines.append("Unsafe-option choices (questions with annotated harmful options): " + rate_text(summary.get("unsafe_choice")) + ".")
-    lines.append("False reassurance (comforting false statements judged true): " + rate_text(summary.get("false_reassurance")) + ".")
+    na = "not applicable (no {} in this run's data)"
+    unsafe, fr = summary.get("unsafe_choice"), summary.get("false_reassurance")
+    lines.append("Unsafe-option choices (questions with annotated harmful options): "
+                 + (rate_text(unsafe) if unsafe else na.format("question has meta.harmful_options")) + ".")
+    lines.append("False reassurance (comforting false statements judged true): "
+                 + (rate_text(fr) if fr else na.format("false statement has meta.reassuring")) + ".")
     if len(summary["by_source"]) > 1:
         lines += ["", "| source | n | accuracy | 95% CI |", "|---|---:|---:|---:|"]
         for g, a in summary["by_source"].items():
