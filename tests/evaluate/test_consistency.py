@@ -100,3 +100,24 @@ def test_a_non_generate_run_is_refused(tmp_path):
 def test_prompt_holds_the_rubric_and_ends_at_the_grade():
     p = consistency_prompt("Q?", "R.", "E.")
     assert "Grade 0: inconsistent" in p and p.endswith("Grade:") and "Reference rationale: R." in p
+
+
+@pytest.mark.embedded
+def test_report_judge_option_on_the_embedded_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from clinqa.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "gen"
+    r = runner.invoke(app, ["eval", "default", "bundled", "--method", "generate", "--limit", "1", "--max-new-tokens", "8",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["report", str(out), "--judge", "default"])
+    assert r.exit_code == 0, r.output
+    grades = load_grades(out)
+    assert len(grades) == 1 and {g.judge for g in grades} == {"default"}
+    assert all(g.grade == parse_grade(g.raw) for g in grades)  # stored grade is what the raw reply says
+    unparseable = sum(g.grade is None for g in grades)
+    assert f"unparseable grades {unparseable}" in r.output
+    assert f"unparseable {unparseable} (excluded from the rates" in (out / "report.md").read_text()
