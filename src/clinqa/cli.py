@@ -106,6 +106,8 @@ def print_summary(summary: dict, title: str) -> None:
         notes.append(f"{sh['k']} shuffles: per-shuffle accuracy {_pct(sh['min_acc'])}–{_pct(sh['max_acc'])}, consistency {_pct(sh['consistency'])}%")
     rules = summary.get("calibration_by_rule") or {summary["calibration"].get("rule") or "prediction": summary["calibration"]}
     for name, c in rules.items():
+        if not c["n"]:  # no probabilities (generated answers): no calibration to show
+            continue
         acc = f"accuracy {_pct(c['accuracy'])}% · " if len(rules) > 1 else ""
         notes.append(f"{name} rule: {acc}ECE {c['ece']:.3f} · Brier {c['brier']:.3f} · mean confidence {_pct(c['mean_confidence'])}%")
     notes.append(f"unparseable {summary['unparseable']}")

@@ -121,6 +121,8 @@ CI_METHODS = {
 def calibration_lines(summary: dict) -> list[str]:
     """A markdown table of calibration for each reported scoring rule."""
     rules = summary.get("calibration_by_rule") or {summary["calibration"].get("rule") or "prediction": summary["calibration"]}
+    if not any(c["n"] for c in rules.values()):
+        return ["No sample has probabilities for its prediction (generated answers): calibration is not reported."]
     lines = ["| rule | n | accuracy % | mean confidence % | overconfidence (points) | ECE | Brier |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, c in rules.items():
