@@ -81,7 +81,8 @@ def print_summary(summary: dict, title: str) -> None:
     (report.md keeps every row), then one line per note, so no figure is split from its label."""
     from clinqa.evaluate.report import MIN_CONSOLE_QUESTIONS, OTHER_GROUP, rate_text
 
-    table = Table(title=title)
+    console.print(title, markup=False, highlight=False)  # a whole line: a table title wraps at the table's width
+    table = Table()
     for col, just in (("specialty", "left"), ("questions", "right"), ("n", "right"), ("accuracy %", "right"),
                       ("95% CI", "right"), ("chance %", "right")):
         table.add_column(col, justify=just)

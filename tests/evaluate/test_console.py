@@ -40,6 +40,7 @@ def test_piped_report_lines_are_whole_with_40_columns_and_a_long_path(tmp_path):
     assert all(re.search(r"ECE \d\.\d{3} · Brier \d\.\d{3} · mean confidence \d+\.\d%", line) for line in cal), r.stdout
     assert any(line.startswith("length-normalised rule:") for line in cal)
     assert any(f"wrote {out / 'report.md'}" in line for line in lines), r.stdout
+    assert lines[0] == str(out)  # the title: the run folder, on one line
     unsafe = [line for line in lines if line.startswith("unsafe-option choices")]
     assert len(unsafe) == 1 and "(3/9, 95% CI" in unsafe[0] and "9 questions)" in unsafe[0]
     # console: the two small specialties are one row; report.md keeps both
