@@ -216,7 +216,7 @@ def compare_cmd(
                         seed=seed, limit=limit, specialties=tuple(specialty), part=part)
     questions, _ = load_data(EvalConfig(model=model, data=data, limit=limit, specialties=tuple(specialty)))
     with progress_bar("compare") as update:
-        summary = compare(cfg, questions, out, load=load_predictor, progress=lambda m, d, t: update(d, t, m))
+        compare(cfg, questions, out, load=load_predictor, progress=lambda m, d, t: update(d, t, m))
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print(f"wrote {out}/summary.md, summary.json and compare.png")
 

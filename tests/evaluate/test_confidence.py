@@ -87,7 +87,7 @@ def old_style_line(q: str, texts: dict[str, str], gold: str) -> dict:
 
 
 def test_an_old_run_folder_loads_and_reports_consistently(tmp_path):
-    run = Run.open(tmp_path / "old", EvalConfig(model="m", data="d", method="option"))
+    Run.open(tmp_path / "old", EvalConfig(model="m", data="d", method="option"))
     lines = [old_style_line("q1", {"A": "ab", "B": "abcd"}, "B"), old_style_line("q2", {"A": "x", "B": "xy"}, "B")]
     (tmp_path / "old" / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     samples = Run.load(tmp_path / "old").samples()

@@ -17,7 +17,7 @@ from clinqa.errors import ClinqaError
 from clinqa.evaluate import metrics as M
 from clinqa.evaluate.harness import evaluate
 from clinqa.evaluate.report import summarize
-from clinqa.evaluate.runs import EvalConfig, Run
+from clinqa.evaluate.runs import EvalConfig
 
 
 @dataclass
