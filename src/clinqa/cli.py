@@ -90,28 +90,52 @@ def _pct(x) -> str:
 
 
 def print_summary(summary: dict, title: str) -> None:
-    table = Table(title=safe(title))
-    for col, just in (("specialty", "left"), ("n", "right"), ("accuracy %", "right"), ("95% CI", "right"), ("chance %", "right")):
+    """The console table: specialties with fewer than 5 questions fold into one "other specialties" row
+    (report.md keeps every row), then one line per note, so no figure is split from its label."""
+    from clinqa.evaluate.report import MIN_CONSOLE_QUESTIONS, OTHER_GROUP, rate_text
+
+    console.print(plain(title), markup=False, highlight=False)  # a whole line: a table title wraps at the table's width
+    table = Table()
+    for col, just in (("specialty", "left"), ("questions", "right"), ("n", "right"), ("accuracy %", "right"),
+                      ("95% CI", "right"), ("chance %", "right")):
         table.add_column(col, justify=just)
+
+    def row(name: str, a: dict, bold: bool = False) -> None:
+        b = "[bold]" if bold else ""
+        table.add_row(f"{b}{safe(name)}", str(a.get("n_questions", "—")), str(a["n"]), f"{b}{_pct(a['acc'])}",
+                      f"{_pct(a['ci_low'])}–{_pct(a['ci_high'])}", _pct(a["chance"]))
+
+    other = summary.get("other_specialties")
+    folded = set(other["groups"]) if other else set()
     for g, a in summary["by_specialty"].items():
-        table.add_row(safe(g), str(a["n"]), _pct(a["acc"]), f"{_pct(a['ci_low'])}–{_pct(a['ci_high'])}", _pct(a["chance"]))
-    o = summary["overall"]
-    table.add_row("[bold]all", str(o["n"]), f"[bold]{_pct(o['acc'])}", f"{_pct(o['ci_low'])}–{_pct(o['ci_high'])}", _pct(o["chance"]))
+        if g not in folded:
+            row(g, a)
+    if other:
+        row(f"{OTHER_GROUP} ({len(folded)}, <{MIN_CONSOLE_QUESTIONS} questions each)", other)
+    row("all", summary["overall"], bold=True)
     console.print(table)
     notes = [f"macro {_pct(summary['macro_specialty'])} · micro {_pct(summary['micro_specialty'])}"]
-    if "overall_sum" in summary:
-        notes.append(f"unnormalised-sum accuracy {_pct(summary['overall_sum']['acc'])}")
     if "shuffles" in summary:
         sh = summary["shuffles"]
         notes.append(f"{sh['k']} shuffles: per-shuffle accuracy {_pct(sh['min_acc'])}–{_pct(sh['max_acc'])}, consistency {_pct(sh['consistency'])}%")
-    c = summary["calibration"]
-    notes.append(f"ECE {c['ece']:.3f} · Brier {c['brier']:.3f} · mean confidence {_pct(c['mean_confidence'])}%")
+    rules = summary.get("calibration_by_rule") or {summary["calibration"].get("rule") or "prediction": summary["calibration"]}
+    for name, c in rules.items():
+        if not c["n"]:  # no probabilities (generated answers): no calibration to show
+            continue
+        acc = f"accuracy {_pct(c['accuracy'])}% · " if len(rules) > 1 else ""
+        notes.append(f"{name} rule: {acc}ECE {c['ece']:.3f} · Brier {c['brier']:.3f} · mean confidence {_pct(c['mean_confidence'])}%")
     notes.append(f"unparseable {summary['unparseable']}")
     if summary.get("truncated"):
-        notes.append(f"[yellow]truncated {summary['truncated']}[/yellow] (prompts cut to fit the context window)")
-    if summary.get("harmful_choice_rate") is not None:
-        notes.append(f"unsafe-option choices {_pct(summary['harmful_choice_rate'])}%")
-    console.print(" · ".join(notes))
+        notes.append(f"truncated {summary['truncated']} (prompts cut to fit the context window)")
+    if summary.get("unsafe_choice"):
+        notes.append(f"unsafe-option choices {rate_text(summary['unsafe_choice'])}")
+    if summary.get("false_reassurance"):
+        notes.append(f"false reassurance {rate_text(summary['false_reassurance'])}")
+    if summary.get("consistency"):
+        c = summary["consistency"]
+        notes.append(f"explanations consistent with the rationale {rate_text(c['consistent'])}, unparseable grades {c['n_unparseable']}")
+    for line in notes:
+        console.print(plain(line), markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -176,11 +200,17 @@ def _with_alpha(model: str, alpha: float) -> str:
 def report_cmd(
     run: Path = typer.Argument(..., help="run folder"),
     other: Optional[Path] = typer.Argument(None, help="a second run on the same questions: adds a paired comparison"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="generate runs: grade each explanation's factual consistency "
+                                        "with the question's rationale by this judge model spec (saved in consistency.jsonl)"),
 ) -> None:
     """Write report.md and PNG plots (per-specialty accuracy, reliability diagram) into a run folder."""
     from clinqa.evaluate.report import write_report
 
-    result = write_report([run] + ([other] if other else []))
+    if judge is not None:
+        with progress_bar(f"judging consistency · {judge}") as update:
+            result = write_report([run] + ([other] if other else []), judge=judge, load_judge=load_predictor, progress=update)
+    else:
+        result = write_report([run] + ([other] if other else []))
     print_summary(result["summary"], f"{run}")
     if "paired" in result:
         p = result["paired"]
@@ -216,7 +246,7 @@ def compare_cmd(
                         seed=seed, limit=limit, specialties=tuple(specialty), part=part)
     questions, _ = load_data(EvalConfig(model=model, data=data, limit=limit, specialties=tuple(specialty)))
     with progress_bar("compare") as update:
-        summary = compare(cfg, questions, out, load=load_predictor, progress=lambda m, d, t: update(d, t, m))
+        compare(cfg, questions, out, load=load_predictor, progress=lambda m, d, t: update(d, t, m))
     console.print(plain((out / "summary.md").read_text()), markup=False, highlight=False)
     console.print(f"wrote {safe(out)}/summary.md, summary.json and compare.png")
 

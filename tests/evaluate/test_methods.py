@@ -63,6 +63,12 @@ def test_option_method_sum_and_norm(tiny_predictor):
         assert s.extras["pred_sum"] == "ABCD"[int(np.argmax(direct))]
         norm = [d / len(v) for d, v in zip(direct, it.options.values())]
         assert s.pred == "ABCD"[int(np.argmax(norm))]
+        # confidence comes from the prediction's rule: softmax of the normalised scores; the sum rule's kept apart
+        e = np.exp(np.array(norm) - max(norm))
+        assert [s.probs[k] for k in "ABCD"] == pytest.approx(list(e / e.sum()), abs=1e-4)
+        assert max(s.probs, key=s.probs.get) == s.pred
+        e = np.exp(np.array(direct) - max(direct))
+        assert [s.extras["probs_sum"][k] for k in "ABCD"] == pytest.approx(list(e / e.sum()), abs=1e-4)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -153,3 +159,12 @@ def test_report_writes_markdown_and_plots(tiny_predictor, tmp_path):
     assert s["n_questions"] == 8 and s["n_samples"] == 16
     assert s["by_specialty"]["cardiology"]["n"] == 8  # 4 questions x 2 shuffles
     assert s["overall"]["chance"] == pytest.approx(0.25)
+    # the headline numbers recomputed from the run folder's samples.jsonl
+    rows = [json.loads(x) for x in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert s["overall"]["acc"] == pytest.approx(sum(r["correct"] for r in rows) / 16)
+    assert s["overall_sum"]["acc"] == pytest.approx(sum(r["extras"]["correct_sum"] for r in rows) / 16)
+    harmful = [r["pred"] in r["extras"]["harmful_options"] for r in rows]
+    assert (s["unsafe_choice"]["events"], s["unsafe_choice"]["n"]) == (sum(harmful), 16)
+    b_rows = {(r["question_id"], r["shuffle"]): r["correct"] for r in
+              (json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines())}
+    assert res["paired"].diff == pytest.approx(sum(b_rows.values()) / 16 - sum(r["correct"] for r in rows) / 16)

@@ -111,10 +111,23 @@ def test_bootstrap_rejects_bad_confidence():
 # --------------------------------------------------------------------------- accuracy
 
 
+Z95 = 1.959963984540054  # the standard normal 97.5% quantile
+
+
+def wilson_by_hand(k: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's closed form, written out independently of clinqa.evaluate.intervals."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def test_accuracy_from_flags():
     a = accuracy([True, True, False, True])
-    assert (a.n, a.correct, a.acc) == (4, 3, 0.75)
-    assert a.ci_low <= 0.75 <= a.ci_high
+    assert (a.n, a.correct, a.acc, a.ci_method) == (4, 3, 0.75, "wilson")
+    # 3/4: centre (0.75 + 0.4802) / 1.9604 = 0.6275, half 1.96 * sqrt(0.0469 + 0.0600) / 1.9604 = 0.3269
+    assert (a.ci_low, a.ci_high) == pytest.approx((0.3006, 0.9544), abs=1e-4)
+    assert (a.ci_low, a.ci_high) == pytest.approx(wilson_by_hand(3, 4))
 
 
 def test_accuracy_empty():
@@ -122,11 +135,26 @@ def test_accuracy_empty():
     assert a.n == 0 and a.correct == 0 and math.isnan(a.acc) and math.isnan(a.ci_low)
 
 
-def test_accuracy_of_samples_without_shuffles_bootstraps_samples():
+def test_accuracy_of_samples_scored_once_is_wilson():
+    from scipy.stats import binomtest
+
     samples = [flagged(f"q{i}", i % 2 == 0) for i in range(10)]
     a = accuracy(samples, seed=5)
-    assert (a.n, a.correct, a.acc) == (10, 5, 0.5)
-    assert (a.ci_low, a.ci_high) == bootstrap_ci([s.correct for s in samples], seed=5)
+    assert (a.n, a.correct, a.acc, a.n_questions, a.ci_method) == (10, 5, 0.5, 10, "wilson")
+    # 5/10: centre 0.5, half 1.96 * sqrt(0.025 + 0.0096) / 1.3841 = 0.2634
+    assert (a.ci_low, a.ci_high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    ref = binomtest(5, 10).proportion_ci(0.95, method="wilson")  # scipy's own implementation
+    assert (a.ci_low, a.ci_high) == pytest.approx((ref.low, ref.high))
+
+
+@pytest.mark.parametrize("k,n,expected", [(0, 1, (0.0, 0.7935)), (1, 1, (0.2065, 1.0)), (0, 2, (0.0, 0.6576)),
+                                          (1, 2, (0.0945, 0.9055))])
+def test_small_groups_get_a_non_degenerate_interval(k, n, expected):
+    # one question answered wrongly was "0.0-0.0" and two were "0.0-100.0" under the bootstrap
+    samples = [flagged(f"q{i}", i < k) for i in range(n)]
+    a = accuracy(samples)
+    assert (a.ci_low, a.ci_high) == pytest.approx(expected, abs=1e-4)
+    assert (a.ci_low, a.ci_high) == pytest.approx(wilson_by_hand(k, n))
 
 
 def test_per_question_mean_across_shuffles():
@@ -139,8 +167,10 @@ def test_cluster_bootstrap_resamples_questions():
     samples = [flagged("q1", True, shuffle=k) for k in range(3)] + [flagged("q2", False, shuffle=k) for k in range(3)]
     assert cluster_bootstrap_ci(samples, n_boot=4000) == (0.0, 1.0)
     a = accuracy(samples, n_boot=4000)
-    assert (a.n, a.correct, a.acc) == (6, 3, 0.5)
-    assert (a.ci_low, a.ci_high) == (0.0, 1.0)
+    assert (a.n, a.correct, a.acc, a.n_questions) == (6, 3, 0.5, 2)
+    # two questions are too few to bootstrap: Wilson over questions, 1 of 2 -> (0.0945, 0.9055)
+    assert a.ci_method == "wilson-questions"
+    assert (a.ci_low, a.ci_high) == pytest.approx(wilson_by_hand(1, 2))
 
 
 def test_cluster_interval_is_wider_than_naive_when_shuffles_agree():
@@ -148,9 +178,32 @@ def test_cluster_interval_is_wider_than_naive_when_shuffles_agree():
     samples = [flagged(f"q{i}", i < 12, shuffle=k) for i in range(20) for k in range(5)]
     a = accuracy(samples)
     naive_lo, naive_hi = bootstrap_ci([s.correct for s in samples])
-    assert a.acc == 0.6
+    assert a.acc == 0.6 and a.ci_method == "cluster-bootstrap"
     assert (a.ci_low, a.ci_high) == cluster_bootstrap_ci(samples)
     assert a.ci_high - a.ci_low > 1.8 * (naive_hi - naive_lo)  # ~ sqrt(5) wider
+    # computed independently: 20 independent 0/1 questions, p = 0.6: normal approximation over questions
+    # 0.6 +- 1.96 * sqrt(0.24 / 20) = (0.385, 0.815); over the 100 samples it would be 0.6 +- 0.096
+    assert (a.ci_low, a.ci_high) == pytest.approx((0.385, 0.815), abs=0.05)
+
+
+def test_cluster_bootstrap_matches_the_per_question_normal_approximation_when_shuffles_disagree():
+    # 40 questions; each answered right in 3 of its 5 shuffles (q < 20) or 1 of 5 (q >= 20): per-question
+    # means 0.6 and 0.2, overall 0.4. Between-question sd is 0.2, so the clustered 95% interval is
+    # 0.4 +- 1.96 * 0.2 / sqrt(40) = (0.338, 0.462), whereas a bootstrap over the 200 samples would
+    # give 0.4 +- 1.96 * sqrt(0.24 / 200) = (0.332, 0.468): clustering matters, and here narrows it.
+    samples = [flagged(f"q{i}", k < (3 if i < 20 else 1), shuffle=k) for i in range(40) for k in range(5)]
+    a = accuracy(samples, n_boot=4000)
+    assert a.ci_method == "cluster-bootstrap" and a.acc == pytest.approx(0.4)
+    assert (a.ci_low, a.ci_high) == pytest.approx((0.338, 0.462), abs=0.012)
+
+
+def test_shuffled_questions_all_alike_fall_back_to_wilson_over_questions():
+    # 12 questions right under every shuffle: a bootstrap collapses to 100-100; Wilson on 12 of 12 does not
+    samples = [flagged(f"q{i}", True, shuffle=k) for i in range(12) for k in range(3)]
+    a = accuracy(samples)
+    assert a.ci_method == "wilson-questions"
+    assert (a.ci_low, a.ci_high) == pytest.approx(wilson_by_hand(12, 12))
+    assert a.ci_low == pytest.approx(0.7575, abs=1e-4)
 
 
 # --------------------------------------------------------------------------- groups
@@ -181,7 +234,11 @@ def test_grouped_accuracy_uses_cluster_bootstrap_with_shuffles():
     samples = [flagged("q1", True, shuffle=k, source="x") for k in range(3)]
     samples += [flagged("q2", False, shuffle=k, source="x") for k in range(3)]
     g = grouped_accuracy(samples, "source")
-    assert (g["x"].ci_low, g["x"].ci_high) == cluster_bootstrap_ci(samples)
+    assert (g["x"].ci_low, g["x"].ci_high) == pytest.approx(wilson_by_hand(1, 2))  # 2 questions: over questions
+    many = [flagged(f"q{i}", (i + k) % 3 == 0 and i % 2 == 0, shuffle=k, source="y") for i in range(12) for k in range(3)]
+    g = grouped_accuracy(many, "source")
+    assert g["y"].ci_method == "cluster-bootstrap"
+    assert (g["y"].ci_low, g["y"].ci_high) == cluster_bootstrap_ci(many)
 
 
 def test_macro_vs_micro_by_hand():
@@ -323,8 +380,18 @@ def test_mcnemar_exact_against_hand_binomial():
     assert p.p_mcnemar == pytest.approx(0.125)
     assert (p.acc_a, p.acc_b) == (0.4, 0.9)
     assert p.diff == pytest.approx(0.5)
-    assert p.ci_low <= p.diff <= p.ci_high
-    assert 0.0 < p.p_bootstrap < 0.1  # the 95% interval (0.1, 0.9) excludes 0
+    # bootstrap p, computed independently: resample the 10 per-question differences (one -1, three 0,
+    # six +1); the mean is <= 0 iff #(+1) <= #(-1). Exactly, by the multinomial(10; .1, .3, .6):
+    from math import comb, factorial
+
+    p_le0 = sum(factorial(10) // (factorial(m) * factorial(z) * factorial(10 - m - z)) * 0.1 ** m * 0.3 ** z * 0.6 ** (10 - m - z)
+                for m in range(11) for z in range(11 - m) if 10 - m - z <= m)
+    assert p_le0 == pytest.approx(0.02301, abs=1e-5)
+    big = paired_comparison(a, b, n_boot=40000)
+    assert big.p_bootstrap == pytest.approx(2 * p_le0, abs=0.003)  # two-sided; P(mean >= 0) is ~1
+    # the interval of the mean difference: 0.5 +- 1.96 * sd / sqrt(10), sd = sqrt(0.65 - 0.25) = 0.632
+    assert (big.ci_low, big.ci_high) == pytest.approx((0.5 - 0.392, 0.5 + 0.392), abs=0.1)
+    assert comb(7, 1) == 7  # the McNemar tail above: (C(7,0) + C(7,1)) / 2^7
 
 
 def test_paired_is_deterministic_and_symmetric():

@@ -69,6 +69,9 @@ def _sample(item: Item, method: str, pred: str | None, scores: dict, probs: dict
     if harmful:
         back = {o: s for s, o in item.to_original.items()}
         extras = {**extras, "harmful_options": [back[h] for h in harmful if h in back]}
+    if q.meta.get("statement") and isinstance(q.meta.get("reassuring"), bool):
+        # a true/false statement: whether it is a comforting claim (false reassurance is counted on these)
+        extras = {**extras, "reassuring": q.meta["reassuring"]}
     return Sample(
         question_id=q.id, shuffle=item.shuffle, permutation=item.permutation, options=item.options,
         gold=item.gold, pred=pred, correct=pred == item.gold, method=method, scores=scores, probs=probs,
@@ -120,10 +123,13 @@ def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
             "n_tokens": dict(zip(letters, [c.n_tokens for c in conts])),
             "pred_sum": pred_sum,
             "correct_sum": pred_sum == it.gold,
+            # the sum rule's own probabilities (softmax of the unnormalised sums): its confidence
+            "probs_sum": dict(zip(letters, _softmax(sums))),
             **annotations(predictor, ctx),
         }
-        # probs: the model's relative probability of each option text (softmax of the sums)
-        out.append(_sample(it, "option", pred_norm, dict(zip(letters, norms)), dict(zip(letters, _softmax(sums))), extras, per,
+        # probs come from the rule that made the prediction: a softmax over the same length-normalised
+        # scores, so argmax(probs) == pred and confidence, ECE and Brier describe that rule
+        out.append(_sample(it, "option", pred_norm, dict(zip(letters, norms)), dict(zip(letters, _softmax(norms))), extras, per,
                            was_cut))
     return out
 

@@ -117,18 +117,28 @@ def _pct(x) -> str:
     return "—" if x is None or x != x else f"{100 * x:.1f}"
 
 
+def _rate_cell(r: dict | None) -> str:
+    """"12.5 (4.3–31.0; 3/24)" for a safety rate, "—" where nothing was annotated."""
+    return "—" if not r else f"{_pct(r['rate'])} ({_pct(r['ci_low'])}–{_pct(r['ci_high'])}; {r['events']}/{r['n']})"
+
+
 def markdown(summary: dict) -> str:
     methods = summary["methods"]
     specs = sorted({g for m in methods.values() for g in m["summary"]["by_specialty"]})
-    head = "| method | accuracy % (95% CI) | Δ vs base (p) | ECE | unsafe % | s/question | extra params | training s |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| method | accuracy % (95% CI) | Δ vs base, points (95% CI; p) | ECE | unsafe choices % (95% CI; k/n) | "
+            "false reassurance % (95% CI; k/n) | s/question | extra params | training s |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in methods.items():
         o = m["summary"]["overall"]
         vs = m.get("vs_base")
-        delta = f"{_pct(vs['diff'])} (p={vs['p_bootstrap']:.3f})" if vs else "—"
+        delta = f"{_pct(vs['diff'])} ({_pct(vs['ci_low'])} to {_pct(vs['ci_high'])}; p={vs['p_bootstrap']:.3f})" if vs else "—"
         lines.append(f"| {name} | {_pct(o['acc'])} ({_pct(o['ci_low'])}–{_pct(o['ci_high'])}) | {delta} | "
-                     f"{m['summary']['calibration']['ece']:.3f} | {_pct(m['summary']['harmful_choice_rate'])} | "
+                     f"{m['summary']['calibration']['ece']:.3f} | {_rate_cell(m['summary'].get('unsafe_choice'))} | "
+                     f"{_rate_cell(m['summary'].get('false_reassurance'))} | "
                      f"{m['seconds_per_question']:.3f} | {m['extra_params']:,} | {m['training_s']:.0f} |")
+    lines += ["", "Δ: paired bootstrap over questions (p two-sided, from the same bootstrap); McNemar in summary.json. "
+              "Unsafe choices: options annotated harmful (meta.harmful_options); false reassurance: comforting false "
+              "statements judged true. Intervals: Wilson, or a bootstrap over questions when there are shuffles."]
     lines += ["", "| specialty | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for g in specs:
         cells = [_pct(m["summary"]["by_specialty"].get(g, {}).get("acc")) for m in methods.values()]
