@@ -710,15 +710,19 @@ def records_eval(
 @records_app.command("judge")
 def records_judge(
     qa: Path = typer.Argument(..., help="the questions JSONL the runs answered"),
-    run: List[str] = typer.Option(..., "--run", help="NAME=RUN_FOLDER of a `records eval` run (repeatable); NAME is what a non-blind judge is told"),
+    run: List[str] = typer.Option(..., "--run", help="NAME=RUN_FOLDER of a `records eval` run (repeatable); NAME is what the named judge is told"),
     judge: str = typer.Option("default", help="judge model spec (any backend, e.g. openai:URL#MODEL)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write every grade and the summary as JSON here"),
-    seed: int = typer.Option(0, help="seed of the blind mode's answer order"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write every grade, verdict and the report as JSON here"),
+    seed: int = typer.Option(0, help="seed of the blind panel's answer order (and of the bootstrap)"),
+    reading: str = typer.Option("logprob", help="logprob: grades from the judge's next-token distribution; generate: the judge writes them (servers without log-probabilities)"),
+    pairwise: bool = typer.Option(True, "--pairwise/--no-pairwise", help="also ask every pair of answers in both orders (position bias)"),
+    self_name: List[str] = typer.Option([], "--self", help="system NAME that uses the judge's own model (repeatable; default: read from the run folders' model spec)"),
 ) -> None:
-    """LLM-as-judge of record answers against the references, blind (systems hidden and shuffled) and non-blind."""
+    """LLM-as-judge of record answers: blind (all systems' answers, anonymised, shuffled) vs named, self-preference, position bias."""
     import json as _json
 
-    from clinqa.records.judge import compare_blind
+    from clinqa.records.judge import Judge
+    from clinqa.records.judge_report import judge_report
     from clinqa.records.questions import read_questions
 
     systems = {}
@@ -729,20 +733,41 @@ def records_judge(
         if not (Path(folder) / "run.json").is_file():
             raise ClinqaError(f"--run {item!r}: {folder} is not a run folder (no run.json)")
         systems[name] = folder
+    unknown = [n for n in self_name if n not in systems]
+    if unknown:
+        raise ClinqaError(f"--self {unknown[0]!r} is not one of the --run names ({', '.join(systems)})")
     questions = read_questions(qa)
-    judge_model = load_predictor(judge)
-    with err.status(f"judging {len(systems)} systems x {len(questions)} questions, blind and non-blind ..."):
-        result = compare_blind(judge_model, questions, systems, seed=seed)
-    table = Table("system", "n", "blind grade", "non-blind grade", "non-blind − blind", "correct (blind)", "κ vs exact match (blind)")
+    judge_model = Judge(load_predictor(judge), reading=reading)
+    with err.status(f"judging {len(systems)} systems x {len(questions)} questions: blind, named{', pairwise' if pairwise else ''} ..."):
+        rep = judge_report(judge_model, questions, systems, seed=seed, pairwise=pairwise, self_names=self_name or None)
     fmt = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
-    for name, r in result["systems"].items():
-        table.add_row(name, str(r["blind"]["n"]), fmt(r["blind"]["mean_expected"]), fmt(r["non_blind"]["mean_expected"]),
-                      fmt(r["difference"], 3), fmt(r["blind"]["correct_rate"]), fmt(r["kappa_blind"]["kappa"]))
+    table = Table("system", "self", "n", "blind", "named", "named − blind [95% CI]", "p (Wilcoxon)", "κ vs EM (blind)",
+                  "unparseable b/n", title="judge grades 0-4 (expected grade), per system")  # fmt: skip
+    for name, r in rep["systems"].items():
+        d = r["named_minus_blind"]
+        table.add_row(name, "yes" if r["self"] else "", str(d["n"]), fmt(r["blind"]["mean_expected"]), fmt(r["named"]["mean_expected"]),
+                      f"{fmt(d['mean'], 3)} [{fmt(d['ci_low'], 3)}, {fmt(d['ci_high'], 3)}]", fmt(d["p_wilcoxon"], 3),
+                      fmt(r["kappa_blind"]["kappa"]), f"{r['blind']['unparseable']}/{r['named']['unparseable']}")  # fmt: skip
     console.print(table)
-    console.print("grades 0-4 (expected grade under the judge's distribution); correct = grade >= 3")
+    sp = rep["self_preference"]
+    if sp:
+        i, e = sp["named_inflation"], sp["blind_excess_over_exact_match"]
+        console.print(f"self-preference ({', '.join(sp['systems'])} use the judge's model): named inflation vs the others "
+                      f"{fmt(i['mean'], 3)} [{fmt(i['ci_low'], 3)}, {fmt(i['ci_high'], 3)}] p={fmt(i['p_wilcoxon'], 3)} (n={i['n']}); "
+                      f"blind correct minus exact match vs the others {fmt(e['mean'], 3)} [{fmt(e['ci_low'], 3)}, {fmt(e['ci_high'], 3)}] (n={e['n']})")  # fmt: skip
+    else:
+        console.print("self-preference: no judged system uses the judge's model (or all do); pass --self NAME to name one")
+    pb = rep.get("position_bias")
+    if pb:
+        console.print(f"position bias: {pb['follows_position']} of {pb['pairs']} pairs asked in both orders follow the position "
+                      f"({fmt(pb['rate'] and 100 * pb['rate'], 1)}% [{fmt(pb['ci_low'] and 100 * pb['ci_low'], 1)}, "
+                      f"{fmt(pb['ci_high'] and 100 * pb['ci_high'], 1)}]); A chosen {pb['first_wins']} of {pb['verdicts']} "
+                      f"(p vs 1/2 {fmt(pb['p_first_vs_half'], 3)}); unparseable verdicts {pb['unparseable']}")  # fmt: skip
+    kb, kn = rep["kappa_blind"], rep["kappa_named"]
+    console.print(f"κ with exact match (judge correct = grade >= 3): blind {fmt(kb['kappa'])}, named {fmt(kn['kappa'])} (n={kb['n']})")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(_json.dumps({"judge": judge, **result}, indent=2, default=str))
+        out.write_text(_json.dumps({"judge": judge, **rep}, indent=2, default=str))
         console.print(f"grades in [bold]{out}[/bold]")
 
 

@@ -189,9 +189,12 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
                             f"again={tmp_path / 'run'}", "--judge", str(model_dir), "--out", str(tmp_path / "judge.json")])
     assert r.exit_code == 0, r.output
     judged = json.loads((tmp_path / "judge.json").read_text())
-    assert set(judged["systems"]) == {"tuned", "again"} and len(judged["blind"]["grades"]) == 4
-    # the same answers judged blind get the same grades whichever name they carry
-    assert judged["systems"]["tuned"]["blind"]["mean_expected"] == pytest.approx(judged["systems"]["again"]["blind"]["mean_expected"])
+    assert set(judged["systems"]) == {"tuned", "again"} and len(judged["grades"]["blind"]) == 4
+    # the two systems gave the same answers: both orders of a pair are the same prompt, so each of the
+    # 2 pairs gets the same slot twice, which counts as following the position
+    pb = judged["position_bias"]
+    assert (pb["pairs"], pb["follows_position"], pb["unparseable"]) == (2, 2, 0)
+    assert "position bias: 2 of 2 pairs" in r.output and "self-preference" in r.output
     r = runner.invoke(app, ["records", "judge", str(tmp_path / "test.jsonl"), "--run", "nofolder", "--judge", str(model_dir)])
     assert isinstance(r.exception, ClinqaError) and "NAME=RUN_FOLDER" in str(r.exception)
     r = runner.invoke(app, ["records", "sweep", str(model_dir), str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"), *common,
