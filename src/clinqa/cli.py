@@ -114,6 +114,7 @@ def eval_cmd(
     batch_size: int = typer.Option(16, help="questions per batch; samples are saved after every batch"),
     max_new_tokens: int = typer.Option(128, help="generate method: token budget"),
     alpha: Optional[float] = typer.Option(None, help="steering strength for +steer: models (overrides the spec's @alpha)"),
+    matcher: str = typer.Option("regex", help="generate method: how an answer is mapped to an option: regex | minilm | loglik (docs/protocols.md)"),
 ) -> None:
     """Evaluate a model on multiple-choice questions; writes run.json + samples.jsonl to --out."""
     from clinqa.evaluate import EvalConfig, evaluate, load_data
@@ -123,7 +124,7 @@ def eval_cmd(
         model = _with_alpha(model, alpha)
     config = EvalConfig(model=model, data=data, method=method, shuffles=shuffles, seed=seed, limit=limit,
                         specialties=tuple(specialty), data_format=data_format, skip_invalid=skip_invalid,
-                        max_new_tokens=max_new_tokens)
+                        max_new_tokens=max_new_tokens, extra=_matcher_extra(matcher, method))
     questions, skipped = load_data(config)
     if skipped:
         err.print(f"[yellow]skipped {skipped} invalid rows[/yellow]")
@@ -133,6 +134,16 @@ def eval_cmd(
     summary = summarize(run.samples(), seed=seed)
     print_summary(summary, f"{model} · {data} · method={method} · shuffles={shuffles}")
     console.print(f"run saved in [bold]{out}[/bold] · `clinqa report {out}` writes report.md and plots")
+
+
+def _matcher_extra(matcher: str, method: str) -> dict:
+    """EvalConfig.extra for --matcher: empty for the default, so older runs keep their identity."""
+    from clinqa.evaluate.matcher import MatcherConfig
+
+    MatcherConfig(matcher)  # an unknown name is a one-line error
+    if matcher != "regex" and method != "generate":
+        raise ClinqaError(f"--matcher {matcher} maps generated answers: use it with --method generate")
+    return {} if matcher == "regex" else {"matcher": matcher}
 
 
 def _with_alpha(model: str, alpha: float) -> str:

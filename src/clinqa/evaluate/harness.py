@@ -36,7 +36,8 @@ def evaluate(predictor: Predictor, questions: Sequence[Question], config: EvalCo
     scorer = SCORERS[config.method]
 
     def score(batch):
-        return scorer(predictor, batch, max_new_tokens=config.max_new_tokens, seed=config.seed)
+        return scorer(predictor, batch, max_new_tokens=config.max_new_tokens, seed=config.seed,
+                      **({"matcher": config.extra["matcher"]} if config.extra.get("matcher") else {}))
 
     samples: list[Sample] = run_items(run, items, key=lambda it: (it.question.id, it.shuffle), score_batch=score,
                                       batch_size=batch_size, progress=progress)
