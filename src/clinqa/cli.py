@@ -248,25 +248,30 @@ def finetune_cmd(
     specialty: List[str] = typer.Option([], "--specialty", help="train on this specialty's questions (repeatable)"),
     control: bool = typer.Option(False, "--control", help="train on the non-medical control set instead (bundled:control)"),
     balance: bool = typer.Option(False, "--balance", help="subsample every specialty to the smallest one's size"),
-    epochs: int = typer.Option(10),
-    learning_rate: float = typer.Option(2e-4, "--lr"),
+    epochs: Optional[int] = typer.Option(None, help="at most this many epochs [default: 10]"),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", help="LoRA learning rate [default: 2e-4; s-medqa preset: 2e-5]"),
     rank: int = typer.Option(32),
     alpha: float = typer.Option(16),
     dropout: float = typer.Option(0.1),
     batch_size: int = typer.Option(8),
-    patience: int = typer.Option(2, help="early stopping: epochs without a lower validation loss"),
+    patience: Optional[int] = typer.Option(None, help="early stopping: epochs without a lower validation loss [default: 2]"),
     prompt_format: str = typer.Option("cloze", help="cloze (matches --method option) or letter"),
     part: Optional[str] = typer.Option(None, "--part", help="train on part K/N of the questions only (every N-th per specialty): "
                                        "train on 0/2, compare on 1/2"),
     seed: int = typer.Option(0),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help="s-medqa: the paper's lr 2e-5, up to 10 epochs, early stopping; explicit flags win"),
 ) -> None:
     """LoRA fine-tuning (loss on the answer only) on one specialty, several, or the control set."""
     from clinqa.adapt.lora import LoraTrainConfig, finetune
     from clinqa.data.loaders import load_questions
     from clinqa.experiments.compare import question_part
+    from clinqa.experiments.presets import apply_preset
     from clinqa.specialties.taxonomy import resolve_specialty
 
+    chosen = apply_preset(preset, {"epochs": epochs, "learning_rate": learning_rate, "patience": patience},
+                          {"epochs": 10, "learning_rate": 2e-4, "patience": 2})
+    epochs, learning_rate, patience = chosen["epochs"], chosen["learning_rate"], chosen["patience"]
     cfg = LoraTrainConfig(rank=rank, alpha=alpha, dropout=dropout, epochs=epochs, patience=patience, learning_rate=learning_rate,
                           batch_size=batch_size, prompt_format=prompt_format, seed=seed, balance=balance,
                           gradient_checkpointing=gradient_checkpointing)
@@ -283,9 +288,11 @@ def finetune_cmd(
                      else question_part(questions, part))
     base = load_predictor(model)
     with progress_bar("finetune") as update:
-        result = finetune(base, questions, cfg, out, metadata={"control": control, "data": data, "part": part},
+        result = finetune(base, questions, cfg, out, metadata={"control": control, "data": data, "part": part, "preset": preset},
                           progress=lambda step, total, loss: update(step, total, f"loss {loss:.3f}" if loss is not None else ""))
     md = result.metadata
+    if preset:
+        console.print(f"preset {preset}: lr {learning_rate:g}, up to {epochs} epochs, patience {patience}")
     console.print(f"adapter in [bold]{result.path}[/bold] ({'already trained' if result.cached else 'trained'}) · best epoch "
                   f"{md.get('best_epoch')} · {md.get('train_seconds', 0):.0f} s · use it as [bold]{model}{result.spec_modifier}[/bold]")
 
@@ -303,28 +310,46 @@ def cross_specialty_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="experiment folder (adapters/, runs/, summary.md, matrix.png)"),
     control: str = typer.Option("bundled:control", help="non-medical questions for the control adapter ('' for none)"),
     test_fraction: float = typer.Option(0.3),
-    epochs: int = typer.Option(3),
-    method: str = typer.Option("option"),
-    shuffles: int = typer.Option(1),
+    epochs: Optional[int] = typer.Option(None, help="LoRA epochs per adapter [default: 3; s-medqa preset: up to 10, early stopping]"),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", help="LoRA learning rate [default: LoraTrainConfig's 2e-4; s-medqa preset: 2e-5]"),
+    patience: Optional[int] = typer.Option(None, help="early stopping patience [default: LoraTrainConfig's 2]"),
+    method: Optional[str] = typer.Option(None, help="letter | option | generate [default: option; s-medqa preset: generate]"),
+    shuffles: Optional[int] = typer.Option(None, help="option shuffles per question [default: 1; s-medqa preset: 5]"),
+    matcher: Optional[str] = typer.Option(None, help="generate method: regex | minilm | loglik [default: regex; s-medqa preset: minilm]"),
+    control_data: str = typer.Option("bundled:control", "--control-data", help="non-medical questions every model is also tested on "
+                                     "(general ability; e.g. an MMLU CSV folder; '' for none)"),
     balance: bool = typer.Option(True, help="equal training sizes across specialties"),
     seed: int = typer.Option(0),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help="s-medqa: the paper's protocol (lr 2e-5, up to 10 epochs with early stopping, "
+                                         "5 shuffles, generate + MiniLM matcher); explicit flags win"),
 ) -> None:
-    """Train one adapter per specialty (+ control), evaluate every adapter on every specialty's test split."""
+    """Train one adapter per specialty (+ control), evaluate every adapter on every specialty's test split and the control set."""
     from clinqa.data.loaders import load_questions
+    from clinqa.evaluate.matcher import MatcherConfig
     from clinqa.experiments.cross_specialty import CrossSpecialtyConfig, cross_specialty
+    from clinqa.experiments.presets import apply_preset
 
+    chosen = apply_preset(preset, {"epochs": epochs, "learning_rate": learning_rate, "patience": patience, "method": method,
+                                   "shuffles": shuffles, "matcher": matcher},
+                          {"epochs": 3, "learning_rate": None, "patience": None, "method": "option", "shuffles": 1, "matcher": "regex"})
+    MatcherConfig(chosen["matcher"])
+    if chosen["matcher"] != "regex" and chosen["method"] != "generate":
+        raise ClinqaError(f"--matcher {chosen['matcher']} maps generated answers: use it with --method generate")
+    lora = {"epochs": chosen["epochs"], **({"gradient_checkpointing": True} if gradient_checkpointing else {})}
+    lora.update({k: chosen[k] for k in ("learning_rate", "patience") if chosen[k] is not None})
     cfg = CrossSpecialtyConfig(model=model, data=data, specialties=tuple(s.strip() for s in specialties.split(",") if s.strip()),
-                               control_data=control or None, test_fraction=test_fraction, balance=balance, method=method,
-                               shuffles=shuffles, seed=seed,
-                               lora={"epochs": epochs, **({"gradient_checkpointing": True} if gradient_checkpointing else {})})
+                               control_data=control or None, test_fraction=test_fraction, balance=balance, method=chosen["method"],
+                               shuffles=chosen["shuffles"], seed=seed, lora=lora, matcher=chosen["matcher"], preset=preset,
+                               control_eval=control_data or None)  # fmt: skip
     questions = load_questions(data).questions
     control_qs = load_questions(control).questions if control else []
+    general_qs = (control_qs if control_data == control else load_questions(control_data).questions) if control_data else []
     base = load_predictor(model)
     if not hasattr(base, "load_adapter"):
         raise ClinqaError("the cross-specialty experiment needs a local base model (it trains LoRA adapters)")
     with progress_bar("cross-specialty") as update:
-        summary = cross_specialty(cfg, questions, out, base=base, control_questions=control_qs,
+        summary = cross_specialty(cfg, questions, out, base=base, control_questions=control_qs, control_eval_questions=general_qs,
                                   progress=lambda what, d, t: update(d, t, what))
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print(f"wrote {out}/summary.md, summary.json and matrix.png")
