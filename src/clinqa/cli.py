@@ -870,6 +870,13 @@ def records_finetune(
             result = forgetting(base, trecs, tq, out, progress=_stage_progress(update))
         console.print(f"stage-1 micro F1 on {len(tq)} test questions: before stage 2 {result['before']['micro']['f1']:.3f}, "
                       f"after {result['after']['micro']['f1']:.3f} (drop {result['f1_drop']:+.3f}); saved in {out}/forgetting.json")
+        rev = result.get("reverse")
+        for key, label in (("meteor", "METEOR"), ("rouge_l", "ROUGE-L")):
+            c = rev and rev.get(f"{key}_change")
+            if c:
+                console.print(f"reverse order, stage-2 {label} on the gold lines: before stage 1 {rev['before'][key]:.3f}, after "
+                              f"{rev['after'][key]:.3f} (change {c['diff']:+.3f}, 95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, "
+                              f"p={c['p']:.3f}, n={c['n']})")
 
 
 @records_app.command("sweep")
