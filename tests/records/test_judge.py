@@ -131,7 +131,7 @@ def test_named_panel_keeps_the_blind_order_and_adds_the_authors():
 
 def test_report_named_minus_blind_self_preference_position_bias_and_kappa():
     judge = Judge(FakeJudge(spec="default"), chat=False)
-    specs = {"famous": "openai:http://x/v1#big", "plain": "some/model", "mine": "default+steer:v.npz@4x2"}
+    specs = {"famous": "openai:http://x/v1#big", "plain": "default+steer:v.npz@4x2", "mine": " default"}
     rep = judge_report(judge, ITEMS, systems(), system_specs=specs, n_boot=500)
     s = rep["systems"]
     # famous: wrong answers (odd questions) 1 -> 3, right ones stay 4: differences [0, 2] * 4
@@ -143,7 +143,7 @@ def test_report_named_minus_blind_self_preference_position_bias_and_kappa():
     assert s["plain"]["named_minus_blind"]["p_wilcoxon"] == 1.0
     # mine: right on q0-q2 (stay 4), wrong on q3-q7 (1 -> 2): 5/8
     assert s["mine"]["named_minus_blind"]["mean"] == pytest.approx(5 / 8)
-    # self: "mine" has the judge's base model ("default"); per question d_mine - mean(d_famous, d_plain):
+    # self: "mine" is the judge's model ("default"; a steered default is another model); per question d_mine - mean(d_famous, d_plain):
     # q0 0-0, q1 0-1, q2 0-0, q3 1-1, q4 1-0, q5 1-1, q6 1-0, q7 1-1 -> (0-1+0+0+1+0+1+0)/8
     assert [n for n in s if s[n]["self"]] == ["mine"]
     sp = rep["self_preference"]
@@ -178,7 +178,7 @@ def test_report_named_minus_blind_self_preference_position_bias_and_kappa():
 def test_self_systems_are_read_from_run_folders(tmp_path):
     sy = systems()
     folders = {}
-    for name, model in [("famous", "big/model"), ("mine", "default+lora:ad")]:
+    for name, model in [("famous", "default+lora:ad"), ("mine", "default")]:
         run = tmp_path / name
         run.mkdir()
         (run / "run.json").write_text(json.dumps({"kind": "records", "config": {"model": model}}))
@@ -187,7 +187,7 @@ def test_self_systems_are_read_from_run_folders(tmp_path):
         folders[name] = run
     rep = judge_report(Judge(FakeJudge(spec="default"), chat=False), ITEMS, folders, pairwise=False, n_boot=200)
     assert rep["systems"]["mine"]["self"] and not rep["systems"]["famous"]["self"]
-    assert rep["systems"]["mine"]["model"] == "default+lora:ad"
+    assert rep["systems"]["mine"]["model"] == "default" and rep["systems"]["famous"]["model"] == "default+lora:ad"
     # two systems: d_mine - d_famous per question: mine [0,0,0,1,1,1,1,1], famous [0,2]*4
     d = np.array([0, 0, 0, 1, 1, 1, 1, 1]) - np.array([0, 2] * 4)
     assert rep["self_preference"]["named_inflation"]["mean"] == pytest.approx(d.mean())

@@ -6,8 +6,9 @@
   panel's (same prompt, same answer order, only the authors' names added); the mean over questions
   with a percentile bootstrap interval over questions, a bootstrap p-value and a Wilcoxon signed-rank
   p-value (paired; questions where either grade is unparseable are left out and counted).
-- self-preference: a system whose model is the judge's own (the base of its run's model spec equals
-  the judge's; or named by the caller) is "self". Its inflation relative to the others: per question,
+- self-preference: a system whose model is the judge's own (its run's model spec equals the judge's,
+  adapters and steering included, since a fine-tuned model is another model; or named by the caller)
+  is "self". Its inflation relative to the others: per question,
   the self system's named-minus-blind difference minus the mean difference of the other systems, with
   the same interval and tests. Also, where exact match applies, how much more often the blind judge
   calls the self system's answers correct than exact match does, relative to the others.
@@ -143,16 +144,17 @@ def pairwise_wins(verdicts: Sequence[Verdict], systems: Sequence[str]) -> dict[s
     return {s: {"pairs": played[s], "win_rate": score[s] / played[s] if played[s] else None} for s in systems}
 
 
-def model_base(spec: str | None) -> str | None:
-    """The base model of a spec ("default+steer:..." -> "default"); None for an empty or unparsable one."""
+def model_identity(spec: str | None) -> str | None:
+    """A model spec in normal form (parse_spec), so "default" and " default " compare equal; None for
+    an empty one. Adapters and steering are part of it: a fine-tuned judge model is another model."""
     if not spec:
         return None
     from clinqa.models.spec import parse_spec
 
     try:
-        return parse_spec(spec).base
+        return str(parse_spec(spec))
     except Exception:  # noqa: BLE001 - a spec written by another version: compare it as text
-        return str(spec).split("+")[0].strip()
+        return str(spec).strip()
 
 
 def run_model_spec(folder: str | Path) -> str | None:
@@ -169,9 +171,9 @@ def run_model_spec(folder: str | Path) -> str | None:
 
 
 def self_systems(judge_spec: str | None, system_specs: Mapping[str, str | None]) -> list[str]:
-    """The systems whose model has the judge's base model."""
-    base = model_base(judge_spec)
-    return [name for name, spec in system_specs.items() if base is not None and model_base(spec) == base]
+    """The systems whose model is the judge's own: the same model spec, modifiers included."""
+    me = model_identity(judge_spec)
+    return [name for name, spec in system_specs.items() if me is not None and model_identity(spec) == me]
 
 
 def _per_question_diff(named: Sequence[Grade], blind: Sequence[Grade]) -> dict[str, dict[str, float]]:
@@ -259,5 +261,5 @@ def judge_report(judge: Judge, items: Sequence[RecordQuestion], systems: Mapping
     return out
 
 
-__all__ = ["judge_report", "kappa_with_exact_match", "model_base", "paired_mean", "pairwise_wins", "position_bias",
+__all__ = ["judge_report", "kappa_with_exact_match", "model_identity", "paired_mean", "pairwise_wins", "position_bias",
            "run_model_spec", "self_systems", "wilson"]  # fmt: skip
