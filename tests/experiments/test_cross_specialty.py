@@ -55,6 +55,13 @@ def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
 
         assert g["models"][m]["vs_base"]["p_mcnemar"] == pytest.approx(binomtest(b, b + c).pvalue if b + c else 1.0)
     assert "tested on | cardiology | neurology | control set |" in (tmp_path / "xs" / "summary.md").read_text()
+    # a cell against the diagonal: the cardiology adapter on neurology minus the neurology adapter there,
+    # from the runs' samples
+    neur = {m: {x.question_id: x.correct for x in Run.load(tmp_path / "xs/runs" / f"{m}__neurology").samples()}
+            for m in ("cardiology", "neurology")}  # fmt: skip
+    assert s["cells"]["cardiology"]["neurology"]["vs_diagonal"]["diff"] == pytest.approx(
+        (sum(neur["cardiology"].values()) - sum(neur["neurology"].values())) / len(neur["neurology"]))
+    assert s["cells"]["cardiology"]["neurology"]["acc"] == pytest.approx(sum(neur["cardiology"].values()) / 2)
     assert set(s["cells"]["cardiology"]) == {"cardiology", "neurology"}
     assert "vs_diagonal" in s["cells"]["cardiology"]["neurology"]
     assert s["cells"]["base"]["cardiology"]["delta_vs_base"] == 0
