@@ -285,3 +285,14 @@ def test_multi_token_grades_fall_back_to_continuations(tiny_predictor):
     p = np.exp(lp - lp.max()) / np.exp(lp - lp.max()).sum()
     pd = np.exp(direct - direct.max()) / np.exp(direct - direct.max()).sum()
     assert np.allclose(p, pd, atol=1e-3)
+
+
+def test_cli_refuses_an_unknown_self_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from clinqa.cli import app
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/run.json").write_text("{}")
+    r = CliRunner().invoke(app, ["records", "judge", "qa.jsonl", "--run", f"a={tmp_path / 'run'}", "--self", "b"])
+    assert isinstance(r.exception, ClinqaError) and "--self 'b' is not one of the --run names (a)" in str(r.exception)
