@@ -153,6 +153,7 @@ def eval_cmd(
     batch_size: int = typer.Option(16, help="questions per batch; samples are saved after every batch"),
     max_new_tokens: int = typer.Option(128, help="generate method: token budget"),
     alpha: Optional[float] = typer.Option(None, help="steering strength for +steer: models (overrides the spec's @alpha)"),
+    matcher: str = typer.Option("regex", help="generate method: how an answer is mapped to an option: regex | minilm | loglik (docs/protocols.md)"),
 ) -> None:
     """Evaluate a model on multiple-choice questions; writes run.json + samples.jsonl to --out."""
     from clinqa.evaluate import EvalConfig, evaluate, load_data
@@ -167,7 +168,7 @@ def eval_cmd(
         model = _with_alpha(model, alpha)
     config = EvalConfig(model=model, data=data, method=method, shuffles=shuffles, seed=seed, limit=limit,
                         specialties=tuple(specialty), data_format=data_format, skip_invalid=skip_invalid,
-                        max_new_tokens=max_new_tokens)
+                        max_new_tokens=max_new_tokens, extra=_matcher_extra(matcher, method))
     questions, skipped = load_data(config)
     if skipped:
         err.print(f"[yellow]skipped {skipped} invalid rows[/yellow]")
@@ -184,6 +185,16 @@ def eval_cmd(
     summary = summarize(run.samples(), seed=seed)
     print_summary(summary, f"{model} · {data} · method={method} · shuffles={shuffles}")
     console.print(f"run saved in [bold]{safe(out)}[/bold] · `clinqa report {safe(out)}` writes report.md and plots")
+
+
+def _matcher_extra(matcher: str, method: str) -> dict:
+    """EvalConfig.extra for --matcher: empty for the default, so older runs keep their identity."""
+    from clinqa.evaluate.matcher import MatcherConfig
+
+    MatcherConfig(matcher)  # an unknown name is a one-line error
+    if matcher != "regex" and method != "generate":
+        raise ClinqaError(f"--matcher {matcher} maps generated answers: use it with --method generate")
+    return {} if matcher == "regex" else {"matcher": matcher}
 
 
 def _with_alpha(model: str, alpha: float) -> str:
@@ -297,25 +308,30 @@ def finetune_cmd(
     specialty: List[str] = typer.Option([], "--specialty", help="train on this specialty's questions (repeatable)"),
     control: bool = typer.Option(False, "--control", help="train on the non-medical control set instead (bundled:control)"),
     balance: bool = typer.Option(False, "--balance", help="subsample every specialty to the smallest one's size"),
-    epochs: int = typer.Option(10),
-    learning_rate: float = typer.Option(2e-4, "--lr"),
+    epochs: Optional[int] = typer.Option(None, help="at most this many epochs [default: 10]"),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", help="LoRA learning rate [default: 2e-4; s-medqa preset: 2e-5]"),
     rank: int = typer.Option(32),
     alpha: float = typer.Option(16),
     dropout: float = typer.Option(0.1),
     batch_size: int = typer.Option(8),
-    patience: int = typer.Option(2, help="early stopping: epochs without a lower validation loss"),
+    patience: Optional[int] = typer.Option(None, help="early stopping: epochs without a lower validation loss [default: 2]"),
     prompt_format: str = typer.Option("cloze", help="cloze (matches --method option) or letter"),
     part: Optional[str] = typer.Option(None, "--part", help="train on part K/N of the questions only (every N-th per specialty): "
                                        "train on 0/2, compare on 1/2"),
     seed: int = typer.Option(0),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help="s-medqa: the paper's lr 2e-5, up to 10 epochs, early stopping; explicit flags win"),
 ) -> None:
     """LoRA fine-tuning (loss on the answer only) on one specialty, several, or the control set."""
     from clinqa.adapt.lora import LoraTrainConfig, finetune
     from clinqa.data.loaders import load_questions
     from clinqa.experiments.compare import question_part
+    from clinqa.experiments.presets import apply_preset
     from clinqa.specialties.taxonomy import resolve_specialty
 
+    chosen = apply_preset(preset, {"epochs": epochs, "learning_rate": learning_rate, "patience": patience},
+                          {"epochs": 10, "learning_rate": 2e-4, "patience": 2})
+    epochs, learning_rate, patience = chosen["epochs"], chosen["learning_rate"], chosen["patience"]
     cfg = LoraTrainConfig(rank=rank, alpha=alpha, dropout=dropout, epochs=epochs, patience=patience, learning_rate=learning_rate,
                           batch_size=batch_size, prompt_format=prompt_format, seed=seed, balance=balance,
                           gradient_checkpointing=gradient_checkpointing)
@@ -332,9 +348,11 @@ def finetune_cmd(
                      else question_part(questions, part))
     base = load_predictor(model)
     with progress_bar("finetune") as update:
-        result = finetune(base, questions, cfg, out, metadata={"control": control, "data": data, "part": part},
+        result = finetune(base, questions, cfg, out, metadata={"control": control, "data": data, "part": part, "preset": preset},
                           progress=lambda step, total, loss: update(step, total, f"loss {loss:.3f}" if loss is not None else ""))
     md = result.metadata
+    if preset:
+        console.print(f"preset {safe(preset)}: lr {learning_rate:g}, up to {epochs} epochs, patience {patience}")
     console.print(f"adapter in [bold]{safe(result.path)}[/bold] ({'already trained' if result.cached else 'trained'}) · best epoch "
                   f"{md.get('best_epoch')} · {md.get('train_seconds', 0):.0f} s · use it as [bold]{safe(model)}{safe(result.spec_modifier)}[/bold]")
 
@@ -352,31 +370,49 @@ def cross_specialty_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="experiment folder (adapters/, runs/, summary.md, matrix.png)"),
     control: str = typer.Option("bundled:control", help="non-medical questions for the control adapter ('' for none)"),
     test_fraction: float = typer.Option(0.3),
-    epochs: int = typer.Option(3),
-    method: str = typer.Option("option"),
-    shuffles: int = typer.Option(1),
+    epochs: Optional[int] = typer.Option(None, help="LoRA epochs per adapter [default: 3; s-medqa preset: up to 10, early stopping]"),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", help="LoRA learning rate [default: LoraTrainConfig's 2e-4; s-medqa preset: 2e-5]"),
+    patience: Optional[int] = typer.Option(None, help="early stopping patience [default: LoraTrainConfig's 2]"),
+    method: Optional[str] = typer.Option(None, help="letter | option | generate [default: option; s-medqa preset: generate]"),
+    shuffles: Optional[int] = typer.Option(None, help="option shuffles per question [default: 1; s-medqa preset: 5]"),
+    matcher: Optional[str] = typer.Option(None, help="generate method: regex | minilm | loglik [default: regex; s-medqa preset: minilm]"),
+    control_data: str = typer.Option("bundled:control", "--control-data", help="non-medical questions every model is also tested on "
+                                     "(general ability; e.g. an MMLU CSV folder; '' for none)"),
     balance: bool = typer.Option(True, help="equal training sizes across specialties"),
     seed: int = typer.Option(0),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
+    preset: Optional[str] = typer.Option(None, "--preset", help="s-medqa: the paper's protocol (lr 2e-5, up to 10 epochs with early stopping, "
+                                         "5 shuffles, generate + MiniLM matcher); explicit flags win"),
 ) -> None:
-    """Train one adapter per specialty (+ control), evaluate every adapter on every specialty's test split."""
+    """Train one adapter per specialty (+ control), evaluate every adapter on every specialty's test split and the control set."""
     from clinqa.data.loaders import load_questions
+    from clinqa.evaluate.matcher import MatcherConfig
     from clinqa.experiments.cross_specialty import CrossSpecialtyConfig, cross_specialty
+    from clinqa.experiments.presets import apply_preset
 
-    _at_least("--shuffles", shuffles)
-    _at_least("--epochs", epochs)
+    chosen = apply_preset(preset, {"epochs": epochs, "learning_rate": learning_rate, "patience": patience, "method": method,
+                                   "shuffles": shuffles, "matcher": matcher},
+                          {"epochs": 3, "learning_rate": None, "patience": None, "method": "option", "shuffles": 1, "matcher": "regex"})
+    MatcherConfig(chosen["matcher"])
+    if chosen["matcher"] != "regex" and chosen["method"] != "generate":
+        raise ClinqaError(f"--matcher {chosen['matcher']} maps generated answers: use it with --method generate")
+    lora = {"epochs": chosen["epochs"], **({"gradient_checkpointing": True} if gradient_checkpointing else {})}
+    lora.update({k: chosen[k] for k in ("learning_rate", "patience") if chosen[k] is not None})
+    _at_least("--shuffles", chosen["shuffles"])
+    _at_least("--epochs", chosen["epochs"])
     _writable_out(out)
     cfg = CrossSpecialtyConfig(model=model, data=data, specialties=tuple(s.strip() for s in specialties.split(",") if s.strip()),
-                               control_data=control or None, test_fraction=test_fraction, balance=balance, method=method,
-                               shuffles=shuffles, seed=seed,
-                               lora={"epochs": epochs, **({"gradient_checkpointing": True} if gradient_checkpointing else {})})
+                               control_data=control or None, test_fraction=test_fraction, balance=balance, method=chosen["method"],
+                               shuffles=chosen["shuffles"], seed=seed, lora=lora, matcher=chosen["matcher"], preset=preset,
+                               control_eval=control_data or None)  # fmt: skip
     questions = load_questions(data).questions
     control_qs = load_questions(control).questions if control else []
+    general_qs = (control_qs if control_data == control else load_questions(control_data).questions) if control_data else []
     base = load_predictor(model)
     if not hasattr(base, "load_adapter"):
         raise ClinqaError("the cross-specialty experiment needs a local base model (it trains LoRA adapters)")
     with progress_bar("cross-specialty") as update:
-        summary = cross_specialty(cfg, questions, out, base=base, control_questions=control_qs,
+        summary = cross_specialty(cfg, questions, out, base=base, control_questions=control_qs, control_eval_questions=general_qs,
                                   progress=lambda what, d, t: update(d, t, what))
     console.print(plain((out / "summary.md").read_text()), markup=False, highlight=False)
     console.print(f"wrote {safe(out)}/summary.md, summary.json and matrix.png")
@@ -791,15 +827,19 @@ def records_eval(
 @records_app.command("judge")
 def records_judge(
     qa: Path = typer.Argument(..., help="the questions JSONL the runs answered"),
-    run: List[str] = typer.Option(..., "--run", help="NAME=RUN_FOLDER of a `records eval` run (repeatable); NAME is what a non-blind judge is told"),
+    run: List[str] = typer.Option(..., "--run", help="NAME=RUN_FOLDER of a `records eval` run (repeatable); NAME is what the named judge is told"),
     judge: str = typer.Option("default", help="judge model spec (any backend, e.g. openai:URL#MODEL)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write every grade and the summary as JSON here"),
-    seed: int = typer.Option(0, help="seed of the blind mode's answer order"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write every grade, verdict and the report as JSON here"),
+    seed: int = typer.Option(0, help="seed of the blind panel's answer order (and of the bootstrap)"),
+    reading: str = typer.Option("logprob", help="logprob: grades from the judge's next-token distribution; generate: the judge writes them (servers without log-probabilities)"),
+    pairwise: bool = typer.Option(True, "--pairwise/--no-pairwise", help="also ask every pair of answers in both orders (position bias)"),
+    self_name: List[str] = typer.Option([], "--self", help="system NAME that uses the judge's own model (repeatable; default: read from the run folders' model spec)"),
 ) -> None:
-    """LLM-as-judge of record answers against the references, blind (systems hidden and shuffled) and non-blind."""
+    """LLM-as-judge of record answers: blind (all systems' answers, anonymised, shuffled) vs named, self-preference, position bias."""
     import json as _json
 
-    from clinqa.records.judge import compare_blind
+    from clinqa.records.judge import Judge
+    from clinqa.records.judge_report import judge_report
     from clinqa.records.questions import read_questions
 
     systems = {}
@@ -810,20 +850,41 @@ def records_judge(
         if not (Path(folder) / "run.json").is_file():
             raise ClinqaError(f"--run {item!r}: {folder} is not a run folder (no run.json)")
         systems[name] = folder
+    unknown = [n for n in self_name if n not in systems]
+    if unknown:
+        raise ClinqaError(f"--self {unknown[0]!r} is not one of the --run names ({', '.join(systems)})")
     questions = read_questions(qa)
-    judge_model = load_predictor(judge)
-    with err.status(f"judging {len(systems)} systems x {len(questions)} questions, blind and non-blind ..."):
-        result = compare_blind(judge_model, questions, systems, seed=seed)
-    table = Table("system", "n", "blind grade", "non-blind grade", "non-blind − blind", "correct (blind)", "κ vs exact match (blind)")
+    judge_model = Judge(load_predictor(judge), reading=reading)
+    with err.status(f"judging {len(systems)} systems x {len(questions)} questions: blind, named{', pairwise' if pairwise else ''} ..."):
+        rep = judge_report(judge_model, questions, systems, seed=seed, pairwise=pairwise, self_names=self_name or None)
     fmt = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
-    for name, r in result["systems"].items():
-        table.add_row(safe(name), str(r["blind"]["n"]), fmt(r["blind"]["mean_expected"]), fmt(r["non_blind"]["mean_expected"]),
-                      fmt(r["difference"], 3), fmt(r["blind"]["correct_rate"]), fmt(r["kappa_blind"]["kappa"]))
+    table = Table("system", "self", "n", "blind", "named", "named − blind [95% CI]", "p (Wilcoxon)", "κ vs EM (blind)",
+                  "unparseable b/n", title="judge grades 0-4 (expected grade), per system")  # fmt: skip
+    for name, r in rep["systems"].items():
+        d = r["named_minus_blind"]
+        table.add_row(safe(name), "yes" if r["self"] else "", str(d["n"]), fmt(r["blind"]["mean_expected"]), fmt(r["named"]["mean_expected"]),
+                      f"{fmt(d['mean'], 3)} [{fmt(d['ci_low'], 3)}, {fmt(d['ci_high'], 3)}]", fmt(d["p_wilcoxon"], 3),
+                      fmt(r["kappa_blind"]["kappa"]), f"{r['blind']['unparseable']}/{r['named']['unparseable']}")  # fmt: skip
     console.print(table)
-    console.print("grades 0-4 (expected grade under the judge's distribution); correct = grade >= 3")
+    sp = rep["self_preference"]
+    if sp:
+        i, e = sp["named_inflation"], sp["blind_excess_over_exact_match"]
+        console.print(f"self-preference ({', '.join(sp['systems'])} use the judge's model): named inflation vs the others "
+                      f"{fmt(i['mean'], 3)} [{fmt(i['ci_low'], 3)}, {fmt(i['ci_high'], 3)}] p={fmt(i['p_wilcoxon'], 3)} (n={i['n']}); "
+                      f"blind correct minus exact match vs the others {fmt(e['mean'], 3)} [{fmt(e['ci_low'], 3)}, {fmt(e['ci_high'], 3)}] (n={e['n']})")  # fmt: skip
+    else:
+        console.print("self-preference: no judged system uses the judge's model (or all do); pass --self NAME to name one")
+    pb = rep.get("position_bias")
+    if pb:
+        console.print(f"position bias: {pb['follows_position']} of {pb['pairs']} pairs asked in both orders follow the position "
+                      f"({fmt(pb['rate'] and 100 * pb['rate'], 1)}% [{fmt(pb['ci_low'] and 100 * pb['ci_low'], 1)}, "
+                      f"{fmt(pb['ci_high'] and 100 * pb['ci_high'], 1)}]); A chosen {pb['first_wins']} of {pb['verdicts']} "
+                      f"(p vs 1/2 {fmt(pb['p_first_vs_half'], 3)}); unparseable verdicts {pb['unparseable']}")  # fmt: skip
+    kb, kn = rep["kappa_blind"], rep["kappa_named"]
+    console.print(f"κ with exact match (judge correct = grade >= 3): blind {fmt(kb['kappa'])}, named {fmt(kn['kappa'])} (n={kb['n']})")
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(_json.dumps({"judge": judge, **result}, indent=2, default=str))
+        out.write_text(_json.dumps({"judge": judge, **rep}, indent=2, default=str))
         console.print(f"grades in [bold]{safe(out)}[/bold]")
 
 
@@ -890,6 +951,13 @@ def records_finetune(
             result = forgetting(base, trecs, tq, out, progress=_stage_progress(update))
         console.print(f"stage-1 micro F1 on {len(tq)} test questions: before stage 2 {result['before']['micro']['f1']:.3f}, "
                       f"after {result['after']['micro']['f1']:.3f} (drop {result['f1_drop']:+.3f}); saved in {safe(out)}/forgetting.json")
+        rev = result.get("reverse")
+        for key, label in (("meteor", "METEOR"), ("rouge_l", "ROUGE-L")):
+            c = rev and rev.get(f"{key}_change")
+            if c:
+                console.print(f"reverse order, stage-2 {label} on the gold lines: before stage 1 {rev['before'][key]:.3f}, after "
+                              f"{rev['after'][key]:.3f} (change {c['diff']:+.3f}, 95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, "
+                              f"p={c['p']:.3f}, n={c['n']})")
 
 
 @records_app.command("sweep")

@@ -57,6 +57,20 @@ def test_shift_is_zero_for_same_model_and_nonzero_for_an_adapter(tiny_predictor,
     res = token_shift(tiny_predictor, {"lora": adapted}, QUESTIONS, terms)
     pooled = [r for r in res.rows if r.specialty == "pooled"][0]
     assert pooled.shift != 0 and pooled.ci_low <= pooled.shift <= pooled.ci_high
+    # each row's shift is the mean, over that specialty's term occurrences, of log p under the adapter
+    # minus log p under the base model; computed here occurrence by occurrence
+    from clinqa.analysis.token_shift import question_text
+
+    diffs = {}
+    for spec in ("cardiology", "neurology"):
+        texts = [question_text(x) for x in QUESTIONS if x.specialties[0] == spec]
+        b = [lp for per in occurrence_logprobs(tiny_predictor, texts, terms[spec]) for _, lp in per]
+        a = [lp for per in occurrence_logprobs(adapted, texts, terms[spec]) for _, lp in per]
+        diffs[spec] = [y - x for x, y in zip(b, a)]
+        row = next(r for r in res.rows if r.specialty == spec)
+        assert row.n == len(b) and row.shift == pytest.approx(float(np.mean(diffs[spec])), abs=1e-6)
+    assert pooled.n == len(diffs["cardiology"]) + len(diffs["neurology"])
+    assert pooled.shift == pytest.approx(float(np.mean(diffs["cardiology"] + diffs["neurology"])), abs=1e-6)
     assert "| pooled | lora |" in res.markdown()
 
 

@@ -17,7 +17,7 @@ def qs():
     return out
 
 
-CONTROL = [Question(id=f"c{i}", question=f"Which city is number {i}?", options={"A": "Paris", "B": "Rome"}, answer="A") for i in range(6)]
+CONTROL = [Question(id=f"c{i}", question=f"Which city is number {i}?", options={"A": "Paris", "B": "Rome"}, answer="A") for i in range(10)]
 
 
 def test_split_is_seeded_disjoint_and_per_specialty():
@@ -30,8 +30,38 @@ def test_split_is_seeded_disjoint_and_per_specialty():
 def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
     cfg = CrossSpecialtyConfig(model="tiny", data="test", specialties=("cardiology", "neurology"), test_fraction=0.25,
                                lora={"epochs": 1, "rank": 4, "alpha": 8, "batch_size": 4, "val_fraction": 0.0})
-    s = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL)
+    s = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL, control_eval_questions=CONTROL)
     assert s["models"] == ["base", "cardiology", "neurology", "control"]
+    # general ability: the control adapter trained on 6 of the 10 control questions (the specialties'
+    # train size); every model is tested on the other 4, each adapter paired against base
+    import random
+
+    trained = {q.id for q in random.Random("0|control").sample(CONTROL, 6)}  # the control adapter's seeded draw
+    g = s["control_set"]
+    assert g["n_questions"] == 4 and set(g["models"]) == {"base", "cardiology", "neurology", "control"}
+    from clinqa.evaluate.runs import Run
+
+    ctrl_runs = {m: Run.load(tmp_path / "xs/runs" / f"{m}__control-set").samples() for m in g["models"]}
+    tested = {x.question_id for x in ctrl_runs["base"]}
+    assert tested == {q.id for q in CONTROL} - trained
+    for m in ("cardiology", "neurology", "control"):
+        base_hit = {x.question_id: x.correct for x in ctrl_runs["base"]}
+        hit = {x.question_id: x.correct for x in ctrl_runs[m]}
+        assert g["models"][m]["acc"] == pytest.approx(sum(hit.values()) / 4)
+        assert g["models"][m]["vs_base"]["diff"] == pytest.approx((sum(hit.values()) - sum(base_hit.values())) / 4)
+        b = sum(base_hit[q] and not hit[q] for q in tested)
+        c = sum(hit[q] and not base_hit[q] for q in tested)
+        from scipy.stats import binomtest
+
+        assert g["models"][m]["vs_base"]["p_mcnemar"] == pytest.approx(binomtest(b, b + c).pvalue if b + c else 1.0)
+    assert "tested on | cardiology | neurology | control set |" in (tmp_path / "xs" / "summary.md").read_text()
+    # a cell against the diagonal: the cardiology adapter on neurology minus the neurology adapter there,
+    # from the runs' samples
+    neur = {m: {x.question_id: x.correct for x in Run.load(tmp_path / "xs/runs" / f"{m}__neurology").samples()}
+            for m in ("cardiology", "neurology")}  # fmt: skip
+    assert s["cells"]["cardiology"]["neurology"]["vs_diagonal"]["diff"] == pytest.approx(
+        (sum(neur["cardiology"].values()) - sum(neur["neurology"].values())) / len(neur["neurology"]))
+    assert s["cells"]["cardiology"]["neurology"]["acc"] == pytest.approx(sum(neur["cardiology"].values()) / 2)
     assert set(s["cells"]["cardiology"]) == {"cardiology", "neurology"}
     assert "vs_diagonal" in s["cells"]["cardiology"]["neurology"]
     assert s["cells"]["base"]["cardiology"]["delta_vs_base"] == 0
@@ -46,11 +76,21 @@ def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
     assert len(held_out) == 4 and all(q.specialties for q in held_out)
     assert "own-specialty adapter − other" in (tmp_path / "xs" / "summary.md").read_text()
     runs = sorted(p.name for p in (tmp_path / "xs" / "runs").iterdir())
-    assert len(runs) == 8
+    assert len(runs) == 12  # 4 models x (2 specialties + the control set)
     before = {p: (p / "samples.jsonl").read_text() for p in (tmp_path / "xs" / "runs").iterdir()}
-    again = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL)
+    # a folder made before the matcher, preset and control-set fields existed resumes: nothing is redone
+    exp = json.loads((tmp_path / "xs/experiment.json").read_text())
+    for k in ("matcher", "preset", "control_eval"):
+        exp.pop(k)
+    (tmp_path / "xs/experiment.json").write_text(json.dumps(exp))
+    again = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL, control_eval_questions=CONTROL)
     assert json.dumps(again["cells"]) == json.dumps(s["cells"])
+    assert json.dumps(again["control_set"]) == json.dumps(s["control_set"])
     assert all((p / "samples.jsonl").read_text() == t for p, t in before.items())
+    cfg.matcher, cfg.method = "minilm", "generate"
+    with pytest.raises(Exception, match="different config .*matcher: 'regex' -> 'minilm'"):
+        cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL)
+    cfg.matcher, cfg.method = "regex", "option"
     # gradient checkpointing is a memory knob: switching it on resumes the same experiment, nothing retrained
     cfg.lora["gradient_checkpointing"] = True
     third = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL)

@@ -88,20 +88,62 @@ def test_separate_stages_train_tune_and_reuse(records, questions, tiny_predictor
     assert again["threshold"] == stages["threshold"] and again["tuning"] == stages["tuning"]
 
 
+def _micro_f1(selector, records, qs):
+    """Micro F1 of a selector, computed directly from its selections."""
+    lines = {r.patient_id: render_record(r) for r in records}
+    tp = fp = fn = 0
+    for q in qs:
+        picked = {s.id for s in selector.select(q.question, lines[q.patient_id])}
+        rel = set(q.relevant_ids)
+        tp, fp, fn = tp + len(picked & rel), fp + len(picked - rel), fn + len(rel - picked)
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
 def test_sequential_continues_stage1_and_measures_forgetting(records, questions, tiny_predictor, tmp_path):
+    from rouge_score import rouge_scorer
+
+    from clinqa.records.metrics import strip_citations
+    from clinqa.records.pipeline import answer
+    from clinqa.records.train import with_adapter
+
     stages = finetune_stages(tiny_predictor, records, questions, tmp_path / "seq", tiny_config("sequential"))
     meta2 = json.loads((tmp_path / "seq/stage2-after-stage1/clinqa_adapter.json").read_text())
     assert meta2["init_adapter"]["path"] == stages["stage1"]
+    # the reverse order: stage 1 continues a stage-2 adapter trained first
+    rev = stages["reverse"]
+    meta_r = json.loads((tmp_path / "seq/stage1-after-stage2/clinqa_adapter.json").read_text())
+    assert meta_r["init_adapter"]["path"] == rev["stage2"] and meta_r["specialties"] == ["stage1"]
+    assert json.loads((tmp_path / "seq/stage2/clinqa_adapter.json").read_text())["init_adapter"] is None
     test_q = questions[:3]
-    result = forgetting(tiny_predictor, records, test_q, tmp_path / "seq")
-    assert set(result) >= {"before", "after", "f1_drop", "threshold"}
-    assert result["f1_drop"] == pytest.approx(result["before"]["micro"]["f1"] - result["after"]["micro"]["f1"])
+    result = forgetting(tiny_predictor, records, test_q, tmp_path / "seq", max_new_tokens=8, with_meteor=False)
+    # forward: the F1 of each adapter, computed directly from its selector at the tuned threshold
+    f1 = {name: _micro_f1(LLMSelector(with_adapter(tiny_predictor, stages[key]), threshold=stages["threshold"]), records, test_q)
+          for name, key in (("before", "stage1"), ("after", "stage2"))}  # fmt: skip
+    assert result["before"]["micro"]["f1"] == pytest.approx(f1["before"]) and result["after"]["micro"]["f1"] == pytest.approx(f1["after"])
+    assert result["f1_drop"] == pytest.approx(f1["before"] - f1["after"])
     assert json.loads((tmp_path / "seq/forgetting.json").read_text())["f1_drop"] == pytest.approx(result["f1_drop"])
-    lines = (tmp_path / "seq/selection-before.jsonl").read_text().splitlines()
-    assert len(lines) == 3
-    # resumable: a second run reads the selections instead of scoring again
-    assert forgetting(tiny_predictor, records, test_q, tmp_path / "seq")["before"] == result["before"]
-    assert (tmp_path / "seq/selection-before.jsonl").read_text().splitlines() == lines
+    # reverse: stage-2 answers from the gold lines, ROUGE-L by rouge-score directly
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    lines = {r.patient_id: render_record(r) for r in records}
+    direct = {}
+    for name, key in (("before", "stage2"), ("after", "stage1_after_stage2")):
+        model = with_adapter(tiny_predictor, rev[key])
+        direct[name] = []
+        for q in test_q:
+            text = answer(model, q.question, [(i, t) for i, t in lines[q.patient_id] if i in q.relevant_ids], max_new_tokens=8)
+            assert result["reverse"][name]["per_question"][q.id]["answer"] == text
+            direct[name].append(scorer.score(q.answer, strip_citations(text))["rougeL"].fmeasure)
+        assert result["reverse"][name]["rouge_l"] == pytest.approx(sum(direct[name]) / 3)
+        assert result["reverse"][name]["meteor"] is None
+    change = result["reverse"]["rouge_l_change"]
+    assert change["n"] == 3 and change["diff"] == pytest.approx(sum(a - b for a, b in zip(direct["after"], direct["before"])) / 3)
+    assert result["reverse"]["meteor_change"] is None
+    lines_before = (tmp_path / "seq/selection-before.jsonl").read_text().splitlines()
+    assert len(lines_before) == 3 and len((tmp_path / "seq/answers-after.jsonl").read_text().splitlines()) == 3
+    # resumable: a second run reads the selections and answers instead of computing them again
+    again = forgetting(tiny_predictor, records, test_q, tmp_path / "seq", max_new_tokens=8, with_meteor=False)
+    assert again["before"] == result["before"] and again["reverse"] == json.loads(json.dumps(result["reverse"]))
+    assert (tmp_path / "seq/selection-before.jsonl").read_text().splitlines() == lines_before
     with pytest.raises(ClinqaError, match="needs --mode sequential"):
         sep = finetune_stages(tiny_predictor, records, questions, tmp_path / "sep1", tiny_config(tune_fraction=0.0))
         assert sep["threshold"] == 0.5
@@ -136,8 +178,14 @@ def test_size_sweep_writes_curves(records, questions, tiny_predictor, tmp_path):
                       tiny_config(tune_fraction=0.0), max_new_tokens=8)
     assert [r["n_questions"] for r in rows] == [4, len(train_q)]
     assert rows[0]["n_examples"]["stage2"] < rows[1]["n_examples"]["stage2"]
+    from clinqa.records.train import stage_models
+
     for r in rows:
-        assert 0.0 <= r["stage1_f1"] <= 1.0 and r["stage2"]["n"] == 2
+        # each row's stage-1 F1 is the one of its own adapters' selector, computed directly
+        stages = read_stages(tmp_path / f"sw/n{r['n_questions']}/adapters")
+        selector = LLMSelector(stage_models(stages, tiny_predictor)[0], threshold=stages["threshold"])
+        assert r["stage1_f1"] == pytest.approx(_micro_f1(selector, records, test_q)) and r["stage2"]["n"] == 2
+        assert r["threshold"] == stages["threshold"] == 0.5  # no tuning questions
     saved = json.loads((tmp_path / "sw/sweep.json").read_text())
     assert saved["sizes"] == [4, len(train_q)]
     assert (tmp_path / "sw/sweep.png").stat().st_size > 1000
@@ -189,9 +237,12 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
                             f"again={tmp_path / 'run'}", "--judge", str(model_dir), "--out", str(tmp_path / "judge.json")])
     assert r.exit_code == 0, r.output
     judged = json.loads((tmp_path / "judge.json").read_text())
-    assert set(judged["systems"]) == {"tuned", "again"} and len(judged["blind"]["grades"]) == 4
-    # the same answers judged blind get the same grades whichever name they carry
-    assert judged["systems"]["tuned"]["blind"]["mean_expected"] == pytest.approx(judged["systems"]["again"]["blind"]["mean_expected"])
+    assert set(judged["systems"]) == {"tuned", "again"} and len(judged["grades"]["blind"]) == 4
+    # the two systems gave the same answers: both orders of a pair are the same prompt, so each of the
+    # 2 pairs gets the same slot twice, which counts as following the position
+    pb = judged["position_bias"]
+    assert (pb["pairs"], pb["follows_position"], pb["unparseable"]) == (2, 2, 0)
+    assert "position bias: 2 of 2 pairs" in r.output and "self-preference" in r.output
     r = runner.invoke(app, ["records", "judge", str(tmp_path / "test.jsonl"), "--run", "nofolder", "--judge", str(model_dir)])
     assert isinstance(r.exception, ClinqaError) and "NAME=RUN_FOLDER" in str(r.exception)
     r = runner.invoke(app, ["records", "sweep", str(model_dir), str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"), *common,

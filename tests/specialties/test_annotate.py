@@ -72,6 +72,16 @@ def test_annotate_labels_in_taxonomy_and_votes_sum(tiny_predictor):
         assert {s: a.per_prompt.count(s) for s in a.votes} == a.votes
 
 
+def test_each_vote_is_the_argmax_of_the_label_scores_computed_directly(tiny_predictor):
+    """Uncalibrated, token-normalised: prompt k's vote is the label with the highest mean log-probability
+    per token after prompt k, scored here one prompt at a time."""
+    anns = annotate(tiny_predictor, QUESTIONS, n_prompts=5, min_votes=1, calibrate=False)
+    for q, a in zip(QUESTIONS, anns):
+        for p, vote in zip(PROMPTS, a.per_prompt):
+            scored = tiny_predictor.score_continuations([(p.format(q=q.question), label_continuations())])[0]
+            assert vote == SPECIALTY_IDS[int(np.argmax([c.logprob / c.n_tokens for c in scored]))]
+
+
 def test_min_votes_leaves_weak_majorities_unlabelled(tiny_predictor):
     loose = annotate(tiny_predictor, QUESTIONS, n_prompts=3, min_votes=1, calibrate=False)
     strict = annotate(tiny_predictor, QUESTIONS, n_prompts=3, min_votes=3, calibrate=False)

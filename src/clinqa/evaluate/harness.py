@@ -39,7 +39,8 @@ def evaluate(predictor: Predictor, questions: Sequence[Question], config: EvalCo
     scorer = SCORERS[config.method]
 
     def score(batch):
-        return scorer(predictor, batch, max_new_tokens=config.max_new_tokens, seed=config.seed)
+        return scorer(predictor, batch, max_new_tokens=config.max_new_tokens, seed=config.seed,
+                      **({"matcher": config.extra["matcher"]} if config.extra.get("matcher") else {}))
 
     with Run.open(out, config, questions=questions) as run:  # holds the folder's lock until finished
         samples: list[Sample] = run_items(run, items, key=lambda it: (it.question.id, it.shuffle), score_batch=score,

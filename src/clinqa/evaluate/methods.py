@@ -134,17 +134,23 @@ def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
     return out
 
 
-def score_generate(predictor: Predictor, items: Sequence[Item], *, max_new_tokens: int = 128, seed: int = 0, **_) -> list[Sample]:
+def score_generate(predictor: Predictor, items: Sequence[Item], *, max_new_tokens: int = 128, seed: int = 0,
+                   matcher: str = "regex", **_) -> list[Sample]:
+    """Generate, then map each answer to an option with `matcher` (clinqa.evaluate.matcher); the sample's
+    extras say which rule decided ("parse") and, past regex, which matcher; None stays unparseable."""
+    from clinqa.evaluate.matcher import match_answers
+
     t0 = time.perf_counter()
     prompt_texts = [prompts.generate_prompt(it.question, it.options) for it in items]
     with watch_truncation() as notes:
         texts = predictor.generate(prompt_texts, GenerationConfig(max_new_tokens=max_new_tokens, seed=seed))
     cut = truncated_flags(notes, prompt_texts)
+    matches = match_answers(texts, [it.options for it in items], matcher, predictor=predictor, prompts=prompt_texts)
     per = (time.perf_counter() - t0) / max(len(items), 1)
     out = []
-    for it, prompt, text, was_cut in zip(items, prompt_texts, texts, cut):
-        pred, how = extract_answer(text, it.options)
-        out.append(_sample(it, "generate", pred, {}, {}, {"generated": text, "parse": how, **annotations(predictor, prompt)}, per,
+    for it, prompt, text, m, was_cut in zip(items, prompt_texts, texts, matches, cut):
+        how = {"parse": m.rule} if matcher == "regex" else m.to_extras(matcher)
+        out.append(_sample(it, "generate", m.pred, {}, {}, {"generated": text, **how, **annotations(predictor, prompt)}, per,
                            was_cut))
     return out
 

@@ -8,8 +8,14 @@ train x test accuracy matrix with CIs, deltas over base, a heatmap, paired tests
 off-diagonal cell beats the diagonal, the clinical-term overlap between splits, and pooled paired
 tests over all test questions (``pooled_effects``): single cells are small, the pooled questions
 are where the power is.
+Loss of general ability (the generalist-vs-specialist question: does medical fine-tuning cost general
+ability?): every adapter and the base model are also evaluated on a non-medical control set
+(``control_eval``; the bundled control questions by default, any question file such as an MMLU CSV
+folder otherwise), minus the questions the control adapter was trained on, with a paired test of each
+adapter against the base model there (bootstrap over questions and McNemar, evaluate.metrics).
 Everything is a folder of adapters and runs (plus test_questions.jsonl, the held-out questions): a
-killed experiment redoes nothing already finished.
+killed experiment redoes nothing already finished. A folder made before a config field existed
+resumes with that field's old behaviour (NEW_FIELDS); one made with other settings is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ from clinqa.evaluate.runs import EvalConfig
 from clinqa.specialties.taxonomy import resolve_specialty
 
 CONTROL = "control"
+CONTROL_SET = "control set"  # the column of the general-ability evaluation
+# Fields added after the first release, with the value an experiment folder made before them had:
+# such a folder resumes (control_eval only adds runs, it changes none).
+NEW_FIELDS = {"matcher": "regex", "preset": None}
+ADDITIVE_FIELDS = ("control_eval",)
 
 
 @dataclass
@@ -44,6 +55,9 @@ class CrossSpecialtyConfig:
     shuffles: int = 1
     seed: int = 0
     lora: dict = field(default_factory=lambda: {"epochs": 3})
+    matcher: str = "regex"  # --method generate: how answers are mapped to options (evaluate.matcher)
+    preset: str | None = None  # the --preset the settings came from (experiments.presets)
+    control_eval: str | None = "bundled:control"  # general-ability set every model is also tested on
 
 
 def split_by_specialty(questions: Sequence[Question], specialties: Sequence[str], test_fraction: float, seed: int
@@ -91,17 +105,20 @@ def _comparable(cfg: dict) -> dict:
     """An experiment's config without LoRA's memory/speed knobs, which do not change the adapters."""
     from clinqa.adapt.lora import identity_config
 
-    return {**cfg, "lora": identity_config(cfg.get("lora") or {})}
+    full = {**NEW_FIELDS, **cfg, "lora": identity_config(cfg.get("lora") or {})}
+    return {k: v for k, v in full.items() if k not in ADDITIVE_FIELDS}
 
 
 def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: str | Path, *, base,
-                    control_questions: Sequence[Question] = (), progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Run (or resume) the whole experiment in `out`; `base` is a LocalModel (adapters are loaded into it)."""
+                    control_questions: Sequence[Question] = (), control_eval_questions: Sequence[Question] = (),
+                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run (or resume) the whole experiment in `out`; `base` is a LocalModel (adapters are loaded into it).
+    `control_eval_questions` (the `control_eval` set, loaded) adds the general-ability column."""
     from clinqa.runs import lock_path
 
     with lock_path(out, folder=True):  # one writer per experiment folder
         return _cross_specialty(config, questions, Path(out), base=base, control_questions=control_questions,
-                                progress=progress)
+                                control_eval_questions=control_eval_questions, progress=progress)
 
 
 def _check_experiment(out: Path, cfg: dict) -> None:
@@ -119,7 +136,8 @@ def _check_experiment(out: Path, cfg: dict) -> None:
 
 
 def _cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: Path, *, base,
-                     control_questions: Sequence[Question] = (), progress: Callable[[str, int, int], None] | None = None) -> dict:
+                     control_questions: Sequence[Question] = (), control_eval_questions: Sequence[Question] = (),
+                     progress: Callable[[str, int, int], None] | None = None) -> dict:
     from clinqa.adapt.lora import LoraTrainConfig, finetune
 
     specs = [resolve_specialty(s) for s in config.specialties]
@@ -148,11 +166,15 @@ def _cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question]
 
     cells: dict[str, dict[str, dict]] = {}
     samples: dict[tuple[str, str], list] = {}
+    trained_on = {q.id for q in adapters_to_train.get(CONTROL, [])}
+    general = [q for q in control_eval_questions if q.id not in trained_on]
+    extra = {} if config.matcher == "regex" else {"matcher": config.matcher}
     for model_name, pred in views.items():
         cells[model_name] = {}
         for spec in specs:
             ev = EvalConfig(model=f"{config.model}" + ("" if model_name == "base" else f"+lora:{out / 'adapters' / model_name}"),
-                            data=f"{config.data}#test:{spec}", method=config.method, shuffles=config.shuffles, seed=config.seed)
+                            data=f"{config.data}#test:{spec}", method=config.method, shuffles=config.shuffles, seed=config.seed,
+                            extra=extra)  # fmt: skip
             run = evaluate(pred, test[spec], ev, out / "runs" / f"{model_name}__{spec}",
                            progress=(lambda d, t, m=model_name, s=spec: progress(f"eval {m}→{s}", d, t)) if progress else None)
             ss = run.samples()
@@ -171,16 +193,40 @@ def _cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question]
             cells[a][b]["vs_diagonal"] = {"diff": p.diff, "p": p.p_bootstrap, "p_mcnemar": p.p_mcnemar}
             if p.diff > 0 and p.p_bootstrap < 0.05:
                 beats.append({"train": a, "test": b, "diff": p.diff, "p": p.p_bootstrap})
-    general = term_set(control_questions) if control_questions else set()
-    summary = {"config": cfg, "specialties": specs, "models": list(views), "cells": cells,
+    control_set = general_ability(views, general, config, out, extra, progress) if general else None
+    general_terms = term_set(control_questions) if control_questions else set()
+    summary = {"config": cfg, "specialties": specs, "models": list(views), "cells": cells, "control_set": control_set,
                "off_diagonal_beats_diagonal": beats,
                "pooled": pooled_effects(samples, specs, control=CONTROL in views, seed=config.seed),
                "train_sizes": {k: len(v) for k, v in adapters_to_train.items()}, "test_sizes": {k: len(v) for k, v in test.items()},
-               "term_overlap": term_overlap(train, test, general)}
+               "term_overlap": term_overlap(train, test, general_terms)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown(summary))
     heatmap(summary, out / "matrix.png")
     return summary
+
+
+def general_ability(views: dict, questions: Sequence[Question], config: CrossSpecialtyConfig, out: Path, extra: dict,
+                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Every model on the held-out control questions, and each adapter against the base model there
+    (paired: bootstrap over questions, McNemar)."""
+    runs = {}
+    for model_name, pred in views.items():
+        ev = EvalConfig(model=f"{config.model}" + ("" if model_name == "base" else f"+lora:{out / 'adapters' / model_name}"),
+                        data=f"{config.control_eval}#general", method=config.method, shuffles=config.shuffles, seed=config.seed,
+                        extra=extra)  # fmt: skip
+        runs[model_name] = evaluate(pred, questions, ev, out / "runs" / f"{model_name}__control-set",
+                                    progress=(lambda d, t, m=model_name: progress(f"eval {m}→control set", d, t)) if progress else None
+                                    ).samples()  # fmt: skip
+    table = {}
+    for model_name, ss in runs.items():
+        a = M.accuracy(ss, seed=config.seed)
+        table[model_name] = {"acc": a.acc, "ci_low": a.ci_low, "ci_high": a.ci_high, "n": a.n}
+        if model_name != "base":
+            p = M.paired_comparison(runs["base"], ss, seed=config.seed)
+            table[model_name]["vs_base"] = {"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high, "p": p.p_bootstrap,
+                                            "p_mcnemar": p.p_mcnemar, "n": p.n}  # fmt: skip
+    return {"data": config.control_eval, "n_questions": len(questions), "models": table}
 
 
 def pooled_effects(samples: dict[tuple[str, str], list], specs: Sequence[str], *, control: bool, seed: int = 0) -> dict:
@@ -227,12 +273,20 @@ POOLED_LABELS = {
 def markdown(summary: dict) -> str:
     specs = summary["specialties"]
     pct = lambda x: f"{100 * x:.1f}"
+    general = summary.get("control_set")
+    cols = specs + ([CONTROL_SET] if general else [])
     lines = ["Accuracy % on each specialty's test split (rows: adapter trained on; columns: tested on), 95% CI; "
-             "Δ = change vs the base model.", "",
-             "| trained on \\ tested on | " + " | ".join(specs) + " |", "|---|" + "---:|" * len(specs)]
+             "Δ = change vs the base model."
+             + (f" Control set: {general['n_questions']} non-medical questions ({general['data']}) none of the adapters "
+                "was trained on, Δ with its paired bootstrap p." if general else ""), "",
+             "| trained on \\ tested on | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for m in summary["models"]:
         row = [f"{pct(c['acc'])} ({pct(c['ci_low'])}–{pct(c['ci_high'])})" + ("" if m == "base" else f" Δ{100 * c['delta_vs_base']:+.1f}")
                for c in (summary["cells"][m][s] for s in specs)]
+        if general:
+            g = general["models"][m]
+            row.append(f"{pct(g['acc'])} ({pct(g['ci_low'])}–{pct(g['ci_high'])})"
+                       + ("" if m == "base" else f" Δ{100 * g['vs_base']['diff']:+.1f} p={g['vs_base']['p']:.3f}"))
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "Off-diagonal cells that beat the diagonal (paired bootstrap p < 0.05): "
               + (", ".join(f"{b['train']}→{b['test']} (+{100 * b['diff']:.1f}, p={b['p']:.3f})" for b in summary["off_diagonal_beats_diagonal"]) or "none"),

@@ -13,7 +13,10 @@ Decisions:
   checkpoints, resume and metadata are the LoRA trainer's.
 - Modes: "separate" (default: one adapter per stage, the paper's recommendation), "sequential"
   (stage 2 continues training the stage-1 adapter, the set-up in which the paper saw stage 1
-  forgotten) and "multitask" (one adapter on both example sets, shuffled together).
+  forgotten) and "multitask" (one adapter on both example sets, shuffled together). "sequential" also
+  trains the reverse order (stage 1 continues a stage-2 adapter trained first), so `forgetting`
+  measures both directions: stage-1 F1 before vs after stage 2, and stage-2 METEOR (and ROUGE-L) before
+  vs after stage 1, on the gold relevant lines so that stage 2 is measured alone.
 - The stage-1 threshold is tuned for micro F1 on held-out questions (`StagesConfig.tune_fraction` of
   the training questions, whose examples are never trained on): a classifier trained on 1:3
   positives to negatives is miscalibrated for a record where 1 line in 200 is relevant.
@@ -141,6 +144,9 @@ def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[P
         results["stage1"] = train("stage1", ex1)
         if config.mode == "sequential":
             results["stage2"] = train("stage2-after-stage1", ex2, init_adapter=results["stage1"].path)
+            # the reverse order: stage 2 first (from the base model), then stage 1 continues it
+            results["reverse_stage2"] = train("stage2", ex2)
+            results["reverse_stage1"] = train("stage1-after-stage2", ex1, init_adapter=results["reverse_stage2"].path)
         else:
             results["stage2"] = train("stage2", ex2)
 
@@ -163,6 +169,8 @@ def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[P
         "config": {**asdict(config), "lora": config.lora.to_dict()},
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
+    if "reverse_stage1" in results:
+        stages["reverse"] = {"stage2": str(results["reverse_stage2"].path), "stage1_after_stage2": str(results["reverse_stage1"].path)}
     _write_json(out / f"stages-{config.mode}.json", stages)
     _write_json(out / STAGES_FILE, stages)
     return stages
@@ -186,6 +194,8 @@ def read_stages(path: str | Path) -> dict[str, Any]:
         if key not in stages:
             raise ClinqaError(f"{f}: no {key!r} adapter named")
         stages[key] = str(f.parent / Path(stages[key]).name)
+    for key, folder in (stages.get("reverse") or {}).items():
+        stages["reverse"][key] = str(f.parent / Path(folder).name)
     return stages
 
 
@@ -234,10 +244,68 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
                           qtypes=[r["qtype"] for r in picked_rows], types=[r["types"] for r in picked_rows])
 
 
+def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord],
+                       questions: Sequence[RecordQuestion], *, out: str | Path | None = None, max_new_tokens: int = 64,
+                       with_meteor: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Stage 2 alone: each question answered from its gold relevant lines (an oracle stage 1), scored by
+    METEOR (None without WordNet or with `with_meteor=False`) and ROUGE-L against the reference. With
+    `out` (a JSONL file) each answer is appended as it is made and a re-run skips those there.
+    Returns {"n", "meteor", "rouge_l", "per_question": {id: {"meteor", "rouge_l", "answer"}}}."""
+    from clinqa.records.metrics import meteor as meteor_score
+    from clinqa.records.metrics import rouge_l
+    from clinqa.records.pipeline import answer
+
+    wordnet = None
+    if with_meteor:
+        from clinqa.records.wordnet import ensure_wordnet
+
+        wordnet = ensure_wordnet()
+    by_patient = _by_patient(records)
+    lines = _LineCache(by_patient)
+    path = Path(out) if out else None
+    rows = {r["question_id"]: r for r in read_appended(path, json.loads, corrupt="corrupt answer line; delete the file and re-run")} \
+        if path and path.exists() else {}  # fmt: skip
+    todo = [q for q in questions if q.id not in rows]
+    for i, q in enumerate(todo):
+        gold = [(rid, text) for rid, text in lines[q.patient_id] if rid in set(q.relevant_ids)]
+        text = answer(predictor, q.question, gold, max_new_tokens=max_new_tokens)
+        row = {"question_id": q.id, "answer": text, "rouge_l": rouge_l(q.answer, text),
+               "meteor": meteor_score(q.answer, text, wordnet=wordnet) if with_meteor else None}  # fmt: skip
+        rows[q.id] = row
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if progress:
+            progress(len(questions) - len(todo) + i + 1, len(questions))
+    per = {q.id: rows[q.id] for q in questions}
+    mean = lambda k: (sum(r[k] for r in per.values()) / len(per)) if per and all(r[k] is not None for r in per.values()) else None  # noqa: E731
+    return {"n": len(per), "meteor": mean("meteor"), "rouge_l": mean("rouge_l"), "per_question": per}
+
+
+def _paired(before: Mapping[str, Any], after: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    """after - before per question (a drop is negative), mean with a bootstrap interval and p (evaluate.metrics)."""
+    from clinqa.evaluate.metrics import bootstrap_mean_test
+
+    ids = [q for q in before if q in after and before[q][key] is not None and after[q][key] is not None]
+    if not ids:
+        return None
+    mean, lo, hi, p = bootstrap_mean_test([after[q][key] - before[q][key] for q in ids])
+    return {"n": len(ids), "diff": mean, "ci_low": lo, "ci_high": hi, "p": p}
+
+
 def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord], questions: Sequence[RecordQuestion],
-               stages_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Stage-1 F1 on `questions` of the stage-1 adapter before and after stage-2 training continued it
-    (a "sequential" stages folder), both at the tuned threshold; written to `stages_dir/forgetting.json`."""
+               stages_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None, max_new_tokens: int = 64,
+               with_meteor: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Both directions of forgetting in a "sequential" stages folder, on `questions`; written to
+    `stages_dir/forgetting.json`.
+
+    Forward: stage-1 F1 of the stage-1 adapter before and after stage-2 training continued it, both at
+    the tuned threshold (`before`, `after`, `f1_drop` = before - after).
+    Reverse (`reverse`, when the folder has the reverse adapters; re-run `records finetune --sequential`
+    on an older folder to train them): stage-2 METEOR and ROUGE-L of the stage-2 adapter before and after
+    stage-1 training continued it, each question answered from its gold lines, with the paired
+    per-question change (after - before), a bootstrap interval and p."""
     stages_dir = Path(stages_dir)
     stages = read_stages(stages_dir)
     if stages["mode"] != "sequential":
@@ -248,6 +316,16 @@ def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[Patien
         out[name] = evaluate_selection(selector, records, questions, out=stages_dir / f"selection-{name}.jsonl",
                                        progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
     out["f1_drop"] = out["before"]["micro"]["f1"] - out["after"]["micro"]["f1"]
+    reverse = stages.get("reverse")
+    if reverse:
+        rev: dict[str, Any] = {}
+        for name, adapter in (("before", reverse["stage2"]), ("after", reverse["stage1_after_stage2"])):
+            rev[name] = evaluate_answering(with_adapter(base, adapter), records, questions, out=stages_dir / f"answers-{name}.jsonl",
+                                           max_new_tokens=max_new_tokens, with_meteor=with_meteor,
+                                           progress=(lambda d, t, n=name: progress(f"stage 2 {n}", d, t)) if progress else None)  # fmt: skip
+        for key in ("meteor", "rouge_l"):
+            rev[f"{key}_change"] = _paired(rev["before"]["per_question"], rev["after"]["per_question"], key)
+        out["reverse"] = rev
     _write_json(stages_dir / "forgetting.json", out)
     return out
 
@@ -305,5 +383,5 @@ def _plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["MODES", "STAGES_FILE", "StagesConfig", "evaluate_selection", "finetune_stages", "forgetting", "read_stages",
+__all__ = ["MODES", "STAGES_FILE", "StagesConfig", "evaluate_answering", "evaluate_selection", "finetune_stages", "forgetting", "read_stages",
            "size_sweep", "stage_examples", "stage_models", "with_adapter"]  # fmt: skip
