@@ -72,14 +72,22 @@ class Timings:
         write_json(self.path, self.data)
 
 
-def annotate_dev(mirage: Path, out: Path, limit: int | None) -> Path:
-    """Step 1: MiniLM (bundled:all) labels on MedMCQA dev, appended in chunks so a kill loses one chunk."""
+def load_pool(spec: str) -> list:
+    """The questions to annotate: MedMCQA dev from MIRAGE's benchmark.json, or any question file/folder."""
     from clinqa.data.loaders import load_questions
+
+    qs = load_questions(spec).questions
+    medmcqa = [q for q in qs if q.source == "mirage:medmcqa"]
+    return medmcqa or qs
+
+
+def annotate_dev(mirage: Path | str, out: Path, limit: int | None) -> Path:
+    """Step 1: MiniLM (bundled:all) labels on MedMCQA dev, appended in chunks so a kill loses one chunk."""
     from clinqa.specialties.embed import SPECIALTY_IDS
     from clinqa.specialties.label import ALL_SPECIALTIES_SPEC, bundled_annotator
 
     path = out / "medmcqa_dev_labelled.jsonl"
-    dev = [q for q in load_questions(str(mirage)).questions if q.source == "mirage:medmcqa"]
+    dev = load_pool(str(mirage))
     dev = dev[:limit] if limit else dev
     done = len(read_jsonl(path)) if path.exists() else 0
     if done >= len(dev):
@@ -124,7 +132,8 @@ def select(labelled: Path, out: Path, specs: tuple[str, ...], per_specialty: int
         chosen += pick
     if short:
         n = min(v["selected"] for v in info["specialties"].values())
-        log(f"2 select: fewer than {per_specialty} questions for {', '.join(short)}: balancing at {n} per specialty")
+        log(f"2 select: fewer than {per_specialty} questions for {', '.join(short)}: balancing at {n} per specialty "
+            "(MedMCQA dev is too small for the asked size; --pool adds a larger labelled source such as MedMCQA's train split)")
         by = {s: [r for r in chosen if r["specialties"][0] == s] for s in specs}
         chosen = [r for s in specs for r in by[s][:n]]
         info["balanced_at"] = n
@@ -221,7 +230,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="study folder (resumable)")
     ap.add_argument("--model", default="default", help="base model spec (a local model: adapters are trained on it)")
-    ap.add_argument("--mirage", type=Path, default=MIRAGE, help="MIRAGE benchmark.json (MedMCQA dev)")
+    ap.add_argument("--mirage", "--pool", dest="mirage", type=Path, default=MIRAGE,
+                    help="the questions to annotate and select from: MIRAGE benchmark.json (its MedMCQA dev part) or any "
+                         "question file or folder clinqa reads (e.g. MedMCQA's train split, for >= 150 + 60 per specialty)")
     ap.add_argument("--mmlu", type=Path, default=MMLU_CONTROL, help="folder of MMLU non-medical CSVs (the control)")
     ap.add_argument("--per-specialty", type=int, default=220, help="questions per specialty (train + test)")
     ap.add_argument("--test-fraction", type=float, default=0.3)
@@ -238,7 +249,7 @@ def main() -> None:
     if args.small:
         args.per_specialty, args.epochs, args.shuffles, args.general_n, args.max_terms = 20, 1, 1, 40, 15
         dev_limit, n_train_ctrl = 800, 40
-    for path, what in ((args.mirage, "MIRAGE benchmark.json (../shared/data/mirage)"), (args.mmlu, "the MMLU control CSVs (../shared/data/mmlu_control)")):
+    for path, what in ((args.mirage, "MIRAGE benchmark.json (../shared/data/mirage) or another --pool"), (args.mmlu, "the MMLU control CSVs (../shared/data/mmlu_control)")):
         if not path.exists():
             sys.exit(f"{path} not found: this study needs {what}; pass its path")
 
@@ -311,7 +322,7 @@ def main() -> None:
             f"Model `{args.model}`; {machine()}; settings in study.json.", "",
             f"1. MiniLM annotator (trained on bundled:all, 15 specialties) on {len(rows)} MedMCQA dev questions: "
             f"{100 * in_six:.1f}% get one of the six experiment specialties.",
-            f"2. Selected per specialty (balanced): " + ", ".join(f"{s} {v['selected']} of {v['labelled']}" for s, v in sel["specialties"].items())
+            "2. Selected per specialty (balanced): " + ", ".join(f"{s} {v['selected']} of {v['labelled']}" for s, v in sel["specialties"].items())
             + f"; train sizes {summary['train_sizes']}, test sizes {summary['test_sizes']}.", "",
             "## Cross-specialty matrix and pooled tests", "", (xs_dir / "summary.md").read_text(), "",
             "## General ability (control set)", "", general_markdown(general), "",
