@@ -153,6 +153,11 @@ def main() -> None:
               f"coverage {conf['coverage']:.3f} (target {conf['target']:.2f}), {conf['mean_set_size']:.2f} labels, "
               f"precision {conf['precision']:.2f}, recall {conf['recall']:.2f}")
     results["minilm_seconds"] = time.perf_counter() - t
+    (top15, _), (top6, _) = annotators["MiniLM, 15 specialties (bundled:all)"], annotators["MiniLM, 6 specialties (bundled)"]
+    vs = paired_vs([float(t_ in g) for t_, g in zip(top15, gold)], [float(t_ in g) for t_, g in zip(top6, gold)])
+    results["MiniLM 15 minus MiniLM 6"] = vs
+    print(f"  MiniLM trained on 15 minus trained on 6: {vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], "
+          f"paired bootstrap p={vs['p']:.4f} (n={len(gold)})")
 
     if args.llm_limit:
         from rich.progress import Progress
