@@ -26,8 +26,9 @@ cross-specialty experiment resumes adapter by adapter and run by run):
    -> OUT/token_shift/;
 7. OUT/study.md: everything above in one page, with each step's time (OUT/timings.json).
 
---small is a quick end-to-end check: 20 questions per specialty, 1 epoch, 1 shuffle, 40 MMLU
-questions, the annotator on the first 800 dev questions; it writes to its own OUT (use another folder).
+--small is a quick end-to-end check: 10 questions per specialty (7 train, 3 test), 1 epoch (one
+optimizer step per adapter), 1 shuffle, 12 MMLU questions each for the control adapter and general
+ability, the annotator on the first 800 dev questions; use its own OUT.
 """
 
 from __future__ import annotations
@@ -247,8 +248,8 @@ def main() -> None:
     args = ap.parse_args()
     dev_limit, n_train_ctrl = None, None
     if args.small:
-        args.per_specialty, args.epochs, args.shuffles, args.general_n, args.max_terms = 20, 1, 1, 40, 15
-        dev_limit, n_train_ctrl = 800, 40
+        args.per_specialty, args.epochs, args.shuffles, args.general_n, args.max_terms = 10, 1, 1, 12, 10
+        dev_limit, n_train_ctrl = 800, 12
     for path, what in ((args.mirage, "MIRAGE benchmark.json (../shared/data/mirage) or another --pool"), (args.mmlu, "the MMLU control CSVs (../shared/data/mmlu_control)")):
         if not path.exists():
             sys.exit(f"{path} not found: this study needs {what}; pass its path")
@@ -288,7 +289,8 @@ def main() -> None:
         sys.exit("the study needs a local base model (it trains LoRA adapters)")
     cfg = xs.CrossSpecialtyConfig(model=args.model, data=str(selected), specialties=EXPERIMENT_SPECIALTIES,
                                   control_data=str(ctrl_train), test_fraction=args.test_fraction, balance=True,
-                                  method="option", shuffles=args.shuffles, seed=args.seed, lora={"epochs": args.epochs})
+                                  method="option", shuffles=args.shuffles, seed=args.seed,
+                                  lora={"epochs": args.epochs, **({"max_length": 256} if args.small else {})})
     # A control-set column inside the experiment (another change may add one): pass the held-out MMLU half if it exists.
     fields = set(getattr(xs.CrossSpecialtyConfig, "__dataclass_fields__", {}))
     general_field = next((f for f in ("general_data", "control_eval_data", "control_test_data", "control_eval") if f in fields), None)
