@@ -15,7 +15,8 @@ cross-specialty experiment resumes adapter by adapter and run by run):
    confident of the rest if too few (default 220 = 154 train + 66 test at --test-fraction 0.3)
    -> OUT/selected.jsonl, selection.json;
 3. control: the MMLU non-medical questions (../shared/data/mmlu_control), split in two halves (seeded):
-   one trains the control adapter, the other measures general ability -> OUT/mmlu_control_{train,test}.jsonl;
+   one trains the control adapter, the other (--general-n of it) measures general ability
+   -> OUT/mmlu_control_{train,test}.jsonl;
 4. cross-specialty: base, the six specialty adapters and the control adapter, every one tested on
    every specialty's held-out split with --shuffles option orders; the matrix, pooled paired tests
    (own vs other specialty, medical vs base, control vs base, medical vs control)
@@ -240,7 +241,8 @@ def main() -> None:
     ap.add_argument("--min-prob", type=float, default=0.5, help="prefer questions the annotator labels with at least this probability")
     ap.add_argument("--shuffles", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--general-n", type=int, default=500, help="held-out MMLU questions for general ability (0: all)")
+    ap.add_argument("--general-n", type=int, default=300, help="held-out MMLU questions for general ability (0: all)")
+    ap.add_argument("--general-shuffles", type=int, default=1, help="option orders for the general-ability column")
     ap.add_argument("--max-terms", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--small", action="store_true", help="quick end-to-end check: few questions, 1 epoch, 1 shuffle")
@@ -312,7 +314,7 @@ def main() -> None:
     names = [m for m in summary["models"] if m != "base"]
 
     t = time.perf_counter()
-    general = general_ability(base, args.model, xs_dir, names, ctrl_test, out / "general", args.shuffles, args.seed)
+    general = general_ability(base, args.model, xs_dir, names, ctrl_test, out / "general", args.general_shuffles, args.seed)
     timings.add("5 general ability", time.perf_counter() - t)
 
     t = time.perf_counter()
