@@ -426,7 +426,7 @@ def annotate_cmd(
     prompts: int = typer.Option(5, "--prompts", help="differently worded prompts that each vote"),
     min_votes: int = typer.Option(3, "--min-votes", help="votes the majority label needs to be kept"),
     calibrate: bool = typer.Option(True, help="contextual calibration against a content-free question"),
-    train: Optional[str] = typer.Option(None, "--train", help="labelled questions: annotate with the MiniLM classifier trained on them instead of prompting a model"),
+    train: Optional[str] = typer.Option(None, "--train", help="labelled questions: annotate with the MiniLM classifier trained on them instead of prompting a model (bundled = bundled:all, all fifteen specialties)"),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="labelled questions to calibrate conformal label sets on (else DATA itself is split, if labelled)"),
     alpha: float = typer.Option(0.1, help="error rate of the conformal multi-label sets"),
     labelled: Optional[Path] = typer.Option(None, "--labelled", help="write DATA as clinqa JSONL with these specialties (the conformal set with --calibration, else the kept majority label)"),
@@ -449,6 +449,12 @@ def annotate_cmd(
     if train:
         from clinqa.specialties.embed import EmbeddingAnnotator
 
+        from clinqa.specialties.label import annotator_training_spec
+
+        if annotator_training_spec(train) != train:
+            err.print(f"--train {train}: the MiniLM annotator trains on {annotator_training_spec(train)} (all fifteen "
+                      "specialties); --train bundled:clinical for the six experiment specialties only")
+            train = annotator_training_spec(train)
         train_qs = load_questions(train).questions
         train_ids = {q.id for q in train_qs}
         if train_ids & {q.id for q in cal_qs}:

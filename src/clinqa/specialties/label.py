@@ -22,7 +22,29 @@ from clinqa.specialties import conformal
 from clinqa.specialties.annotate import SPECIALTY_IDS, Annotation
 from clinqa.specialties.taxonomy import resolve_specialty
 
-__all__ = ["conformal_sets", "embedding_annotations", "gold_labels", "labelled_questions"]
+__all__ = ["ALL_SPECIALTIES_SPEC", "annotator_training_spec", "bundled_annotator", "conformal_sets",
+           "embedding_annotations", "gold_labels", "labelled_questions"]
+
+# The bundled questions of all fifteen taxonomy specialties (the 204 clinical ones + the taxonomy set).
+ALL_SPECIALTIES_SPEC = "bundled:all"
+
+
+def annotator_training_spec(spec: str) -> str:
+    """What the MiniLM annotator trains on for ``--train SPEC``: plain ``bundled`` means all fifteen specialties.
+
+    ``bundled`` elsewhere is the 204 questions of the six experiment specialties (what the demo
+    evaluates); an annotator trained on those alone puts nearly every question into the six, so for
+    training the annotator it widens to ``bundled:all``. ``bundled:clinical`` still picks the six.
+    """
+    return ALL_SPECIALTIES_SPEC if spec.strip() == "bundled" else spec
+
+
+def bundled_annotator(**kwargs: Any):
+    """An ``EmbeddingAnnotator`` (kwargs passed on) fitted on the bundled questions of all fifteen specialties."""
+    from clinqa.data.loaders import load_questions
+    from clinqa.specialties.embed import EmbeddingAnnotator
+
+    return EmbeddingAnnotator(**kwargs).fit(load_questions(ALL_SPECIALTIES_SPEC).questions)
 
 
 def gold_labels(questions: Sequence[Question], where: str) -> list[list[str]]:
