@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
+from typing import Annotated
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,6 +50,26 @@ def progress_bar(description: str) -> Iterator:
             prog.update(task, completed=done, total=total, extra=extra)
 
         yield update
+
+
+def _runtime_option(field: str):
+    """Callback of --device/--dtype/--device-map: sets the process-wide runtime model loading reads
+    (clinqa.models.runtime); the combination is checked before the first model loads."""
+    def callback(value: Optional[str]) -> Optional[str]:
+        from clinqa.models.runtime import update_runtime
+
+        update_runtime(**{field: value})
+        return value
+
+    return callback
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_runtime_option("device"), show_default=False,
+                      help="auto | cpu | cuda | cuda:N | mps (env CLINQA_DEVICE; auto: CUDA, then MPS, then CPU)")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", callback=_runtime_option("dtype"), show_default=False,
+                     help="auto | float32 | bfloat16 | float16 (env CLINQA_DTYPE; auto: bf16 on a GPU, fp32 on the CPU)")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", callback=_runtime_option("device_map"), show_default=False,
+                         help="auto: spread a model larger than one GPU over all GPUs (accelerate; env CLINQA_DEVICE_MAP)")]
 
 
 def _quiet_transformers() -> None:
@@ -114,6 +135,7 @@ def eval_cmd(
     batch_size: int = typer.Option(16, help="questions per batch; samples are saved after every batch"),
     max_new_tokens: int = typer.Option(128, help="generate method: token budget"),
     alpha: Optional[float] = typer.Option(None, help="steering strength for +steer: models (overrides the spec's @alpha)"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Evaluate a model on multiple-choice questions; writes run.json + samples.jsonl to --out."""
     from clinqa.evaluate import EvalConfig, evaluate, load_data
@@ -175,6 +197,7 @@ def compare_cmd(
     seed: int = typer.Option(0),
     part: Optional[str] = typer.Option(None, "--part", help="only part K/N of the questions (every N-th per specialty), e.g. 1/2 "
                                        "when vectors/adapters were built on 0/2"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Run every adaptation method on the same questions and shuffles: one table with CIs, paired tests and cost."""
     from clinqa.evaluate import EvalConfig, load_data
@@ -203,6 +226,7 @@ def token_shift_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="folder for token_shift.md/.json and the plot"),
     control: str = typer.Option("bundled:control", help="non-medical questions: their words are not clinical terms"),
     max_terms: int = typer.Option(40, help="clinical terms per specialty"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Mean log-probability of each specialty's clinical terms under the base model and each adapter."""
     import json as _json
@@ -249,6 +273,7 @@ def finetune_cmd(
                                        "train on 0/2, compare on 1/2"),
     seed: int = typer.Option(0),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """LoRA fine-tuning (loss on the answer only) on one specialty, several, or the control set."""
     from clinqa.adapt.lora import LoraTrainConfig, finetune
@@ -298,6 +323,7 @@ def cross_specialty_cmd(
     balance: bool = typer.Option(True, help="equal training sizes across specialties"),
     seed: int = typer.Option(0),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Train one adapter per specialty (+ control), evaluate every adapter on every specialty's test split."""
     from clinqa.data.loaders import load_questions
@@ -332,6 +358,7 @@ def annotate_cmd(
     alpha: float = typer.Option(0.1, help="error rate of the conformal multi-label sets"),
     labelled: Optional[Path] = typer.Option(None, "--labelled", help="write DATA as clinqa JSONL with these specialties (the conformal set with --calibration, else the kept majority label)"),
     limit: Optional[int] = typer.Option(None),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Label questions with specialties by majority vote over prompts (labels scored, never parsed) or with
     the MiniLM classifier (--train), report the accuracy/coverage trade-off and split-conformal
@@ -436,6 +463,7 @@ def steer_build(
     router_c: Optional[float] = typer.Option(None, "--router-c", help="router regularisation (default: chosen by 5-fold CV)"),
     coverage: float = typer.Option(0.9, help="router: route about this share of questions, the rest unsteered"),
     threshold: Optional[float] = typer.Option(None, help="router: a fixed top-probability cut instead of --coverage"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Build a steering vector (or one per category plus a router); use it as MODEL+steer:OUT@alpha=A."""
     from clinqa.adapt.steering import SteeringConfig, build_steering_vector
@@ -474,6 +502,7 @@ def steer_sweep(
     limit: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     part: Optional[str] = typer.Option(None, "--part", help="only part K/N of the questions, e.g. 1/2 when the vector was built on 0/2"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Accuracy for every (layer, alpha) with the per-question flip rates (wrong→right and right→wrong)."""
     from clinqa.adapt.steering import SteeringVector, sweep
@@ -629,6 +658,7 @@ def records_ask(
     threshold: float = typer.Option(0.5, help="P(yes) threshold of the llm selector"),
     patient: Optional[str] = typer.Option(None, help="patient id when the source holds several"),
     max_new_tokens: int = typer.Option(128),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Answer a question from one patient's record: the answer, its cited resources, and stage 1's selection."""
     from clinqa.records.fhir import load_records
@@ -675,6 +705,7 @@ def records_eval(
     tune: Optional[Path] = typer.Option(None, help="validation questions JSONL: set the llm selector's threshold for the best "
                                         "stage-1 F1 on them first"),
     tune_records: Optional[str] = typer.Option(None, help="records of --tune (default: --records)"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Stage-1 precision/recall/F1 and stage-2 METEOR, ROUGE-L, exact match, citation precision, abstention."""
     import json as _json
@@ -714,6 +745,7 @@ def records_judge(
     judge: str = typer.Option("default", help="judge model spec (any backend, e.g. openai:URL#MODEL)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write every grade and the summary as JSON here"),
     seed: int = typer.Option(0, help="seed of the blind mode's answer order"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """LLM-as-judge of record answers against the references, blind (systems hidden and shuffled) and non-blind."""
     import json as _json
@@ -787,6 +819,7 @@ def records_finetune(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
     tune_questions: int = typer.Option(8, help="training questions held out to tune the stage-1 threshold (0: use 0.5)"),
     seed: int = typer.Option(0),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """LoRA fine-tuning of both record stages (stage 1 relevant yes/no, stage 2 cited answers); tunes the stage-1 threshold."""
     from clinqa.records.train import finetune_stages, forgetting
@@ -828,6 +861,7 @@ def records_sweep(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
     max_new_tokens: int = typer.Option(64),
     seed: int = typer.Option(0),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Dataset-size sweep: fine-tune both stages on the first N training questions for each size, evaluate, plot F1 and METEOR."""
     from clinqa.records.train import size_sweep
@@ -863,6 +897,7 @@ def serve_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML/JSON settings file (else $CLINQA_CONFIG); CLINQA_* env vars also apply"),
     keys_db: Optional[Path] = typer.Option(None, "--keys-db"),
     audit_db: Optional[Path] = typer.Option(None, "--audit-db"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """The private HTTP service and web page: patient-scoped API keys, audit log, record QA and MCQ answering."""
     from clinqa.serve.app import serve
