@@ -312,3 +312,25 @@ def test_simulated_oom_halves_batches_without_losing_or_duplicating_samples(tiny
     before = pred.oom_retries
     assert pred.generate(contexts[:5], GenerationConfig(max_new_tokens=2, chat=False)) == want_gen
     assert pred.oom_retries > before
+
+
+# --------------------------------------------------------------------------- the GPU benchmark's smoke mode
+
+def test_gpu_speed_benchmark_smoke_mode_runs_on_the_cpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_speed.py"
+    out = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dtype", "float32", "--tiny", "--n", "6",
+                        "--models", "smollm2-135m", "--lora-n", "10", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    (row,) = res["scoring"]
+    assert row["questions"] == 6 and row["baseline_questions"] == 6
+    # clinqa's packed/last-token scoring and lm-eval's full forward per option give the same scores
+    assert row["agree_letter"] == 1.0 and row["agree_option"] == 1.0 and row["max_abs_diff_option_logprob"] < 1e-3
+    assert row["letter_speedup"] > 0 and row["option_speedup"] > 0 and 0 < row["option_mfu"]
+    assert res["lora"]["train_tokens"] > 0 and res["lora"]["tokens_per_s"] > 0
