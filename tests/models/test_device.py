@@ -334,3 +334,21 @@ def test_gpu_speed_benchmark_smoke_mode_runs_on_the_cpu(tmp_path):
     assert row["agree_letter"] == 1.0 and row["agree_option"] == 1.0 and row["max_abs_diff_option_logprob"] < 1e-3
     assert row["letter_speedup"] > 0 and row["option_speedup"] > 0 and 0 < row["option_mfu"]
     assert res["lora"]["train_tokens"] > 0 and res["lora"]["tokens_per_s"] > 0
+
+
+@pytest.mark.embedded
+def test_cli_eval_records_dtype_and_refuses_to_mix_precisions(tmp_path):
+    from typer.testing import CliRunner
+
+    from clinqa.cli import app
+
+    out = tmp_path / "run"
+    args = ["eval", "default", "bundled", "--method", "letter", "--limit", "2", "--out", str(out), "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--dtype", "bfloat16"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "run.json").read_text())["config"]
+    assert (cfg["device"], cfg["dtype"]) == ("cpu", "bfloat16")
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+    r = CliRunner().invoke(app, [*args, "--dtype", "float32"])  # fp32 results must not be mixed into a bf16 run
+    assert isinstance(r.exception, ClinqaError) and "dtype: 'bfloat16' -> 'float32'" in str(r.exception)
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
