@@ -296,6 +296,8 @@ def test_simulated_oom_halves_batches_without_losing_or_duplicating_samples(tiny
     want_option = pred.score_continuations(groups)
     want_tokens = pred.token_logprobs(contexts)
     want_gen = pred.generate(contexts[:5], GenerationConfig(max_new_tokens=2, chat=False))
+    suffixes = [f" line {i}: heart rate {60 + i} >>> Needed? Answer:" for i in range(7)]
+    want_shared = pred.next_token_logprobs_shared("Question: pulse?\nRecord:", suffixes, [" yes", " no"])
 
     rows = _oom_above(pred, monkeypatch, 2)
     got_letter = pred.next_token_logprobs(contexts, [" yes", " no"])
@@ -309,6 +311,10 @@ def test_simulated_oom_halves_batches_without_losing_or_duplicating_samples(tiny
     for a, b in zip(pred.token_logprobs(contexts), want_tokens):
         assert a["ids"] == b["ids"]
         np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-4)
+    before = pred.oom_retries
+    got_shared = pred.next_token_logprobs_shared("Question: pulse?\nRecord:", suffixes, [" yes", " no"])
+    np.testing.assert_allclose(got_shared, want_shared, atol=1e-5)
+    assert pred.oom_retries > before
     before = pred.oom_retries
     assert pred.generate(contexts[:5], GenerationConfig(max_new_tokens=2, chat=False)) == want_gen
     assert pred.oom_retries > before

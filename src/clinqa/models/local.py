@@ -329,8 +329,9 @@ class LocalModel:
             logits = self._lm_head(self._at(hidden, range(len(batch)), last)).float()
             out[batch] = torch.log_softmax(logits, dim=-1)[:, cand_ids].double().cpu().numpy()
 
-        # each row of a batch also holds a copy of the prefix's cache: count it in the row's length
-        self._batched([c + len(t) for t in tails], step, cache=True)
+        # on a GPU each row's copy of the prefix cache counts in its length; the CPU keeps its measured batching
+        prefix = 0 if self.device.type == "cpu" else c
+        self._batched([prefix + len(t) for t in tails], step, cache=True)
         return out
 
     def _packed_attention(self) -> bool:
