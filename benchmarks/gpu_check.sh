@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (about 5 minutes on one H200; budgeted at under 8): the gpu-marked tests (fp32 on CUDA
+# The GPU check (budgeted at under 8 minutes on one H200; not yet timed on a GPU): the gpu-marked tests (fp32 on CUDA
 # gives the CPU's predictions; bf16 vs fp32 agreement printed), then benchmarks/gpu_speed.py (letter
 # and option scoring vs lm-eval's way, MFU, LoRA training on the 1B config).
 #

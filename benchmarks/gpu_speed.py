@@ -262,10 +262,15 @@ def main() -> None:
     print(f"{gpu}; torch {torch.__version__}; {dtype}; measured {str(dtype).removeprefix('torch.')} matmul peak {peak:.3g} TFLOP/s")
     questions = synthetic_questions(args.n, args.words)
     results = {"device": gpu, "dtype": str(dtype), "matmul_peak_tflops": peak, "tiny": args.tiny, "scoring": [], "lora": None}
+    def save() -> None:  # after every model, so a later failure keeps what was measured
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+
     for name in [m for m in args.models.split(",") if m]:
         pm = build_model(name, tokenizer, device, dtype, args.tiny)
         row = bench_scoring(name, pm, questions, peak, device, args.baseline_n, args.baseline_batch)
         results["scoring"].append(row)
+        save()
         print(f"{name:>13} ({row['params_M']:.0f}M): letter {row['letter_q_per_s']:.1f} q/s ({row['letter_speedup']:.2f}x baseline, "
               f"MFU {100 * row['letter_mfu']:.1f}%), option {row['option_q_per_s']:.1f} q/s ({row['option_speedup']:.2f}x baseline, "
               f"MFU {100 * row['option_mfu']:.1f}%); agreement with baseline letter {row['agree_letter']:.3f} option {row['agree_option']:.3f}; "
@@ -276,11 +281,15 @@ def main() -> None:
     if args.lora_model:
         pm = build_model(args.lora_model, tokenizer, device, dtype, args.tiny)
         lq = synthetic_questions(args.lora_n, args.words, seed=1)
-        results["lora"] = lora = bench_lora(pm, lq, device, args.lora_epochs, args.lora_batch, 512)
+        try:
+            results["lora"] = lora = bench_lora(pm, lq, device, args.lora_epochs, args.lora_batch, 512)
+        except Exception as exc:  # the scoring figures above stay saved
+            results["lora"] = {"error": f"{type(exc).__name__}: {exc}"}
+            save()
+            raise
         print(f"LoRA {args.lora_model}: {lora['tokens_per_s']:.0f} tokens/s ({lora['train_tokens']} tokens in {lora['seconds']:.1f} s), "
               f"peak memory {lora['peak_memory_GiB']:.2f} GiB ({lora['peak_kind']})", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+    save()
 
 
 if __name__ == "__main__":
