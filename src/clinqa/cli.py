@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
+from typing import Annotated
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,6 +63,26 @@ def _writable_out(out: Path, folder: bool = True) -> None:
     from clinqa.runs import check_writable
 
     check_writable(out, folder=folder)
+
+
+def _runtime_option(field: str):
+    """Callback of --device/--dtype/--device-map: sets the process-wide runtime model loading reads
+    (clinqa.models.runtime); the combination is checked before the first model loads."""
+    def callback(value: Optional[str]) -> Optional[str]:
+        from clinqa.models.runtime import update_runtime
+
+        update_runtime(**{field: value})
+        return value
+
+    return callback
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_runtime_option("device"), show_default=False,
+                      help="auto | cpu | cuda | cuda:N | mps (env CLINQA_DEVICE; auto: CUDA, then MPS, then CPU)")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", callback=_runtime_option("dtype"), show_default=False,
+                     help="auto | float32 | bfloat16 | float16 (env CLINQA_DTYPE; auto: bf16 on a GPU, fp32 on the CPU)")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", callback=_runtime_option("device_map"), show_default=False,
+                         help="auto: spread a model larger than one GPU over all GPUs (accelerate; env CLINQA_DEVICE_MAP)")]
 
 
 def _quiet_transformers() -> None:
@@ -154,6 +175,7 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(128, help="generate method: token budget"),
     alpha: Optional[float] = typer.Option(None, help="steering strength for +steer: models (overrides the spec's @alpha)"),
     matcher: str = typer.Option("regex", help="generate method: how an answer is mapped to an option: regex | minilm | loglik (docs/protocols.md)"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Evaluate a model on multiple-choice questions; writes run.json + samples.jsonl to --out."""
     from clinqa.evaluate import EvalConfig, evaluate, load_data
@@ -243,6 +265,7 @@ def compare_cmd(
     seed: int = typer.Option(0),
     part: Optional[str] = typer.Option(None, "--part", help="only part K/N of the questions (every N-th per specialty), e.g. 1/2 "
                                        "when vectors/adapters were built on 0/2"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Run every adaptation method on the same questions and shuffles: one table with CIs, paired tests and cost."""
     from clinqa.evaluate import EvalConfig, load_data
@@ -274,6 +297,7 @@ def token_shift_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="folder for token_shift.md/.json and the plot"),
     control: str = typer.Option("bundled:control", help="non-medical questions: their words are not clinical terms"),
     max_terms: int = typer.Option(40, help="clinical terms per specialty"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Mean log-probability of each specialty's clinical terms under the base model and each adapter."""
     import json as _json
@@ -321,6 +345,7 @@ def finetune_cmd(
     seed: int = typer.Option(0),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="s-medqa: the paper's lr 2e-5, up to 10 epochs, early stopping; explicit flags win"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """LoRA fine-tuning (loss on the answer only) on one specialty, several, or the control set."""
     from clinqa.adapt.lora import LoraTrainConfig, finetune
@@ -383,6 +408,7 @@ def cross_specialty_cmd(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
     preset: Optional[str] = typer.Option(None, "--preset", help="s-medqa: the paper's protocol (lr 2e-5, up to 10 epochs with early stopping, "
                                          "5 shuffles, generate + MiniLM matcher); explicit flags win"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Train one adapter per specialty (+ control), evaluate every adapter on every specialty's test split and the control set."""
     from clinqa.data.loaders import load_questions
@@ -431,6 +457,7 @@ def annotate_cmd(
     alpha: float = typer.Option(0.1, help="error rate of the conformal multi-label sets"),
     labelled: Optional[Path] = typer.Option(None, "--labelled", help="write DATA as clinqa JSONL with these specialties (the conformal set with --calibration, else the kept majority label)"),
     limit: Optional[int] = typer.Option(None),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Label questions with specialties by majority vote over prompts (labels scored, never parsed) or with
     the MiniLM classifier (--train), report the accuracy/coverage trade-off and split-conformal
@@ -544,6 +571,7 @@ def steer_build(
     router_c: Optional[float] = typer.Option(None, "--router-c", help="router regularisation (default: chosen by 5-fold CV)"),
     coverage: float = typer.Option(0.9, help="router: route about this share of questions, the rest unsteered"),
     threshold: Optional[float] = typer.Option(None, help="router: a fixed top-probability cut instead of --coverage"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Build a steering vector (or one per category plus a router); use it as MODEL+steer:OUT@alpha=A."""
     from clinqa.adapt.steering import SteeringConfig, build_steering_vector
@@ -582,6 +610,7 @@ def steer_sweep(
     limit: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     part: Optional[str] = typer.Option(None, "--part", help="only part K/N of the questions, e.g. 1/2 when the vector was built on 0/2"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Accuracy for every (layer, alpha) with the per-question flip rates (wrong→right and right→wrong)."""
     from clinqa.adapt.steering import SteeringVector, sweep
@@ -741,6 +770,7 @@ def records_ask(
     patient: Optional[str] = typer.Option(None, help="patient id when the source holds several"),
     max_new_tokens: int = typer.Option(128),
     max_question_chars: int = typer.Option(2000, help="refuse longer questions (the service's default limit)"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Answer a question from one patient's record: the answer, its cited resources, and stage 1's selection."""
     from clinqa.records.fhir import load_records
@@ -794,6 +824,7 @@ def records_eval(
     tune: Optional[Path] = typer.Option(None, help="validation questions JSONL: set the llm selector's threshold for the best "
                                         "stage-1 F1 on them first"),
     tune_records: Optional[str] = typer.Option(None, help="records of --tune (default: --records)"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Stage-1 precision/recall/F1 and stage-2 METEOR, ROUGE-L, exact match, citation precision, abstention."""
     import json as _json
@@ -840,6 +871,7 @@ def records_judge(
     reading: str = typer.Option("logprob", help="logprob: grades from the judge's next-token distribution; generate: the judge writes them (servers without log-probabilities)"),
     pairwise: bool = typer.Option(True, "--pairwise/--no-pairwise", help="also ask every pair of answers in both orders (position bias)"),
     self_name: List[str] = typer.Option([], "--self", help="system NAME that uses the judge's own model (repeatable; default: read from the run folders' model spec)"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """LLM-as-judge of record answers: blind (all systems' answers, anonymised, shuffled) vs named, self-preference, position bias."""
     import json as _json
@@ -935,6 +967,7 @@ def records_finetune(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
     tune_questions: int = typer.Option(8, help="training questions held out to tune the stage-1 threshold (0: use 0.5)"),
     seed: int = typer.Option(0),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """LoRA fine-tuning of both record stages (stage 1 relevant yes/no, stage 2 cited answers); tunes the stage-1 threshold."""
     from clinqa.records.train import finetune_stages, forgetting
@@ -983,6 +1016,7 @@ def records_sweep(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help=CHECKPOINTING_HELP),
     max_new_tokens: int = typer.Option(64),
     seed: int = typer.Option(0),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Dataset-size sweep: fine-tune both stages on the first N training questions for each size, evaluate, plot F1 and METEOR."""
     from clinqa.records.train import size_sweep
@@ -1025,6 +1059,7 @@ def serve_cmd(
                                             "their base; stage 1 is the llm selector with the stage-1 adapter and its threshold"),
     model_concurrency: Optional[int] = typer.Option(None, "--model-concurrency", help="model calls at once with an openai: "
                                                     "backend (default 8); a local model answers one at a time"),
+    device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """The private HTTP service and web page: patient-scoped API keys, audit log, record QA and MCQ answering."""
     from clinqa.serve.app import serve

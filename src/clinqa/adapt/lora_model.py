@@ -44,7 +44,12 @@ def fix_mmap_threshold(nbytes: int = 1 << 16) -> bool:
 
 
 def resolve_device(device: str | None) -> str:
-    """"cpu", "cuda" or "mps" for a LoraTrainConfig.device (None/"auto": CUDA, then MPS, then CPU)."""
+    """"cpu", "cuda" or "mps" for a LoraTrainConfig.device (None: what --device / CLINQA_DEVICE asked
+    for; "auto": CUDA, then MPS, then CPU)."""
+    if device is None:
+        from clinqa.models.runtime import requested_runtime
+
+        device = requested_runtime().device
     want = (device or "auto").lower()
     if want == "auto":
         if torch.cuda.is_available():
@@ -68,7 +73,11 @@ def resolve_device(device: str | None) -> str:
 
 def resolve_precision(dtype: str | None, device: str) -> str:
     """"float32", "bfloat16" or "float16": the compute precision on `device` (None/"auto": bf16 on a
-    GPU that supports it, fp16 on one that does not, fp32 elsewhere)."""
+    GPU that supports it, fp16 on one that does not, fp32 elsewhere; None follows --dtype / CLINQA_DTYPE)."""
+    if dtype is None:
+        from clinqa.models.runtime import requested_runtime
+
+        dtype = requested_runtime().dtype
     if dtype in (None, "auto"):
         if device == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

@@ -135,11 +135,11 @@ def answer_activations(model: LocalModel, texts: Sequence[tuple[str, str]], laye
                 ids = torch.full((len(batch), width), model.pad_id, dtype=torch.long)
                 for row, i in enumerate(batch):  # right padding: causal attention keeps pads invisible
                     ids[row, : len(encoded[i][0])] = torch.tensor(encoded[i][0])
-                model._decoder(input_ids=ids, use_cache=False)
+                model._decoder(input_ids=ids.to(getattr(model, "device", ids.device)), use_cache=False)
                 for row, i in enumerate(batch):
                     start, end = encoded[i][1], len(encoded[i][0])
                     for layer in layers:
-                        h = captured[layer][row].float()
+                        h = captured[layer][row].float().cpu()
                         out[layer][i] = (h[end - 1] if position == "answer_last" else h[start:end].mean(0)).numpy()
                 done += len(batch)
                 if progress:
@@ -378,7 +378,7 @@ def _steering_hook(key: object, delta: torch.Tensor):
         if key not in _ACTIVE.get():
             return None
         hidden = _block_output(output)
-        vec = delta if delta.dtype == hidden.dtype else delta.to(hidden.dtype)
+        vec = delta if (delta.dtype, delta.device) == (hidden.dtype, hidden.device) else delta.to(hidden.device, hidden.dtype)
         start = STEER_START.get()
         if start is None or hidden.shape[1] == 1:  # no window known / a cached decode step: all answer side
             steered = hidden + vec

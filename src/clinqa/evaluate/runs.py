@@ -38,11 +38,26 @@ class EvalConfig:
     skip_invalid: bool = False
     max_new_tokens: int = 128
     extra: dict[str, Any] = field(default_factory=dict)
+    # where a local model ran (bf16 and fp32 predictions can differ); None: the current runtime's
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is None or self.dtype is None:
+            from clinqa.models.runtime import current_runtime
+
+            rt = {"device": "server", "dtype": "server"} if self.model.startswith("openai:") else current_runtime().identity()
+            object.__setattr__(self, "device", self.device or rt["device"])
+            object.__setattr__(self, "dtype", self.dtype or rt["dtype"])
 
     def identity(self) -> str:
         """The identity a run folder held before store version 2 (a hash of every field, the data
-        path included); used to recognise and upgrade such folders."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        path included); used to recognise and upgrade such folders. Such folders predate device and
+        dtype, so a run on the CPU in float32 (or on a server) hashes without them."""
+        cfg = dataclasses.asdict(self)
+        if (cfg["device"], cfg["dtype"]) in (("cpu", "float32"), ("server", "server")):
+            del cfg["device"], cfg["dtype"]
+        blob = json.dumps(cfg, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,4 +1,4 @@
-"""Local transformers backend: the fast path for scoring on a CPU.
+"""Local transformers backend: the fast path for scoring, on the CPU or a GPU.
 
 Two decisions make it fast and still equal to lm-evaluation-harness:
 - Next-token scoring runs the decoder once per prompt (right-padded batches sorted by length, where
@@ -6,7 +6,11 @@ Two decisions make it fast and still equal to lm-evaluation-harness:
 - Continuation scoring packs one context and all its continuations into a single sequence with a
   block attention mask (each continuation sees the context and itself), so the shared question
   prefix is computed once; log-softmax is taken only at the positions that predict continuation
-  tokens. Tokenisation follows lm-eval's `_encode_pair` exactly.
+  tokens. Tokenisation follows lm-eval's `_encode_pair` exactly. Attention implementations that
+  cannot take a block mask (flash attention) score each continuation as its own sequence instead.
+
+Every tensor goes to the model's device (`clinqa.models.runtime`); batches are sized to the device's
+free memory and an out-of-memory error halves the batch (`clinqa.models.batching`).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import torch
 from clinqa.errors import ClinqaError
 from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
 from clinqa.models.truncation import note_truncated
+from clinqa.models.batching import device_budget, run_batches
+from clinqa.models.runtime import Runtime, current_runtime, model_device
 
-# A batch holds at most this many (padded) tokens; keeps attention and activations cache-friendly.
+# On the CPU a batch holds at most this many (padded) tokens; keeps attention and activations cache-friendly.
 MAX_BATCH_TOKENS = int(os.environ.get("CLINQA_MAX_BATCH_TOKENS", "1024"))
 MAX_BATCH_SIZE = 64
 
@@ -79,6 +85,8 @@ class LocalModel:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = tokenizer.pad_token_id
         self.max_length = min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 8192)
+        self.device = model_device(model)
+        self.oom_retries = 0  # batches halved after an out-of-memory error (a count, for benchmarks and tests)
 
     # -- adapters -------------------------------------------------------------------------------
     def load_adapter(self, path: str | Path, name: str | None = None) -> "LocalModel":
@@ -134,14 +142,22 @@ class LocalModel:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, spec: str, name: str | None = None, dtype: str = "float32") -> "LocalModel":
+    def from_pretrained(cls, path: str | Path, *, spec: str, name: str | None = None,
+                        runtime: Runtime | None = None) -> "LocalModel":
+        """Load a model folder (or cached HF id) on `runtime` (default: `current_runtime()`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        rt = runtime or current_runtime()
         path = str(path)
         local = Path(path).exists()
+        kwargs: dict = {"dtype": rt.dtype}
+        if rt.device_map:
+            kwargs["device_map"] = rt.device_map
+        elif rt.device.type != "cpu":
+            kwargs["device_map"] = {"": str(rt.device)}  # weights load straight onto the device, no CPU copy
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
         except OSError as exc:
             if local:
                 raise ClinqaError(f"{path} is not a loadable model folder (need config.json and weights): {exc}") from exc
@@ -154,6 +170,7 @@ class LocalModel:
     @classmethod
     def from_objects(cls, model, tokenizer, *, spec: str = "in-memory", name: str = "in-memory") -> "LocalModel":
         cfg = model.config
+        first = next(model.parameters())
         info = ModelInfo(
             spec=spec,
             backend="transformers",
@@ -162,6 +179,8 @@ class LocalModel:
             hidden_size=getattr(cfg, "hidden_size", None),
             n_params=sum(p.numel() for p in model.parameters()),
             context_length=getattr(cfg, "max_position_embeddings", None),
+            extra={"device": model_device(model).type, "dtype": str(first.dtype).removeprefix("torch."),
+                   **({"device_map": "auto"} if len(getattr(model, "hf_device_map", None) or {}) > 1 else {})},
         )
         return cls(model, tokenizer, info)
 
@@ -232,11 +251,33 @@ class LocalModel:
         return self._decoder.layers
 
     def _right_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [n, longest] padded on the right, index of each row's last real token)."""
+        """(ids [n, longest] padded on the right, index of each row's last real token), on the model's device."""
         ids = torch.full((len(seqs), max(map(len, seqs))), self.pad_id, dtype=torch.long)
         for row, seq in enumerate(seqs):
             ids[row, : len(seq)] = torch.tensor(seq)
-        return ids, torch.tensor([len(seq) - 1 for seq in seqs], dtype=torch.long)
+        return self._to(ids), self._to(torch.tensor([len(seq) - 1 for seq in seqs], dtype=torch.long))
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True) if t.device != self.device else t
+
+    def _batched(self, lengths: Sequence[int], step, *, max_size: int | None = None, logit_share: float = 0.0,
+                 cache: bool = False) -> None:
+        """Run `step(batch)` over length-sorted batches sized for the device, halving a batch that runs out of memory."""
+        if not lengths:
+            return
+        tokens, size = device_budget(self.device, self.model.config, self.dtype, max(lengths),
+                                     (MAX_BATCH_TOKENS, MAX_BATCH_SIZE), logit_share, cache)
+        batches = length_batches(lengths, tokens, min(size, max_size or size))
+        self.oom_retries += run_batches(batches, lengths, step, self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @staticmethod
+    def _at(hidden: torch.Tensor, rows, cols) -> torch.Tensor:
+        """hidden[rows, cols] with the index tensors on hidden's device (the last GPU under a device map)."""
+        return hidden[torch.as_tensor(rows, device=hidden.device), torch.as_tensor(cols, device=hidden.device)]
 
     @torch.inference_mode()
     def _next_token_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
@@ -249,14 +290,17 @@ class LocalModel:
                 note_truncated(i, contexts[i])
         encoded = [e[-self.max_length:] for e in encoded]
         out = np.zeros((len(contexts), len(candidates)), dtype=np.float64)
-        for batch in length_batches([len(e) for e in encoded]):
+
+        def step(batch: list[int]) -> None:
             ids, last = self._right_padded([encoded[i] for i in batch])
             # Right padding: causal attention never lets a real token see a pad, so no mask is needed.
             with _steer_start(last.clone()):
                 hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
-            logits = self._lm_head(hidden[torch.arange(len(batch)), last]).float()
+            logits = self._lm_head(self._at(hidden, range(len(batch)), last)).float()
             logprobs = torch.log_softmax(logits, dim=-1)[:, cand_ids]
-            out[batch] = logprobs.double().numpy()
+            out[batch] = logprobs.double().cpu().numpy()
+
+        self._batched([len(e) for e in encoded], step)
         return out
 
     @torch.inference_mode()
@@ -275,20 +319,30 @@ class LocalModel:
         c = len(ctx)
         tails = [w[c:] for w in wholes]
         with _steer_start(torch.tensor([c])):  # the unshared path steers only the last token: never the prefix
-            cache = self._decoder(input_ids=torch.tensor([ctx]), use_cache=True).past_key_values
+            cache = self._decoder(input_ids=self._to(torch.tensor([ctx])), use_cache=True).past_key_values
         out = np.zeros((len(suffixes), len(candidates)), dtype=np.float64)
-        for batch in length_batches([len(t) for t in tails]):
+
+        def step(batch: list[int]) -> None:
             ids, last = self._right_padded([tails[i] for i in batch])
             width = ids.shape[1]
             kv = copy.deepcopy(cache)
             kv.batch_repeat_interleave(len(batch))
-            pos = torch.arange(c, c + width).expand(len(batch), width)
+            pos = self._to(torch.arange(c, c + width).expand(len(batch), width))
             with _steer_start(last.clone()):  # right padding: causal attention never lets a real token see a pad
                 hidden = self._decoder(input_ids=ids, past_key_values=kv, position_ids=pos, use_cache=True,
-                                       attention_mask=torch.ones((len(batch), c + width), dtype=torch.long)).last_hidden_state
-            logits = self._lm_head(hidden[torch.arange(len(batch)), last]).float()
-            out[batch] = torch.log_softmax(logits, dim=-1)[:, cand_ids].double().numpy()
+                                       attention_mask=self._to(torch.ones((len(batch), c + width), dtype=torch.long))).last_hidden_state
+            logits = self._lm_head(self._at(hidden, range(len(batch)), last)).float()
+            out[batch] = torch.log_softmax(logits, dim=-1)[:, cand_ids].double().cpu().numpy()
+
+        # on a GPU each row's copy of the prefix cache counts in its length; the CPU keeps its measured batching
+        prefix = 0 if self.device.type == "cpu" else c
+        self._batched([prefix + len(t) for t in tails], step, cache=True)
         return out
+
+    def _packed_attention(self) -> bool:
+        """Whether the attention implementation takes a 4-D block mask (eager and SDPA do; flash attention does not)."""
+        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
+        return impl in ("eager", "sdpa")
 
     @torch.inference_mode()
     def _score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
@@ -296,8 +350,11 @@ class LocalModel:
         for i, (p, (ctx, _)) in enumerate(zip(packed, groups)):
             if p["truncated"]:
                 note_truncated(i, ctx)
+        if not self._packed_attention():
+            return self._score_unpacked(packed)
         results: list[list[ContinuationScore]] = [[] for _ in groups]
-        for batch in length_batches([len(p["ids"]) for p in packed]):
+
+        def step(batch: list[int]) -> None:
             width = len(packed[batch[0]]["ids"])
             n = len(batch)
             ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -312,7 +369,8 @@ class LocalModel:
                 mask[row, 0, torch.arange(L, width), torch.arange(L, width)] = True  # pads see themselves only
             start = torch.tensor([packed[i]["targets"][0][0][0] for i in batch])  # the last context token
             with _steer_start(start):
-                hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+                hidden = self._decoder(input_ids=self._to(ids), attention_mask=self._to(mask), position_ids=self._to(pos),
+                                       use_cache=False).last_hidden_state
             rows, cols, targets, owners = [], [], [], []
             for row, i in enumerate(batch):
                 for j, (predictors, tgt) in enumerate(packed[i]["targets"]):
@@ -320,23 +378,58 @@ class LocalModel:
                     cols += predictors
                     targets += tgt
                     owners += [(i, j)] * len(predictors)
-            logits = self._lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            tgt = torch.tensor(targets)
-            token_lp = logprobs[torch.arange(len(tgt)), tgt]
-            greedy = logits.argmax(-1) == tgt
-            acc: dict[tuple[int, int], list] = {}
-            for k, owner in enumerate(owners):
-                a = acc.setdefault(owner, [0.0, True])
-                a[0] += float(token_lp[k])
-                a[1] = a[1] and bool(greedy[k])
+            acc = self._gather_scores(hidden, rows, cols, targets, owners)
             for i in batch:
                 p = packed[i]
                 results[i] = [
                     ContinuationScore(acc[(i, j)][0], len(p["targets"][j][1]), len(p["conts"][j]), acc[(i, j)][1])
                     for j in range(len(p["conts"]))
                 ]
+
+        self._batched([len(p["ids"]) for p in packed], step, logit_share=0.5)
         return results
+
+    def _gather_scores(self, hidden, rows, cols, targets, owners) -> dict[tuple[int, int], list]:
+        """Sum of target-token log-probabilities (and whether each was the argmax) per owner."""
+        logits = self._lm_head(self._at(hidden, rows, cols)).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tgt = torch.as_tensor(targets, device=logits.device)
+        token_lp = logprobs[torch.arange(len(tgt), device=logits.device), tgt].cpu().tolist()
+        greedy = (logits.argmax(-1) == tgt).cpu().tolist()
+        acc: dict[tuple[int, int], list] = {}
+        for k, owner in enumerate(owners):
+            a = acc.setdefault(owner, [0.0, True])
+            a[0] += token_lp[k]
+            a[1] = a[1] and greedy[k]
+        return acc
+
+    def _score_unpacked(self, packed: list[dict]) -> list[list[ContinuationScore]]:
+        """The packed path's scores with one right-padded causal sequence per continuation (context +
+        continuation but its last token): for attention that cannot take a block mask."""
+        items = []  # (group, continuation, token ids, predicting positions, targets)
+        for i, p in enumerate(packed):
+            c = p["n_ctx"]
+            for j, (_, tgt) in enumerate(p["targets"]):
+                items.append((i, j, p["ids"][:c] + list(tgt[:-1]), list(range(c - 1, c - 1 + len(tgt))), list(tgt)))
+        acc: dict[tuple[int, int], list] = {}
+
+        def step(batch: list[int]) -> None:
+            ids, _ = self._right_padded([items[k][2] for k in batch])
+            start = torch.tensor([items[k][3][0] for k in batch])  # the last context token
+            with _steer_start(start):
+                hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
+            rows, cols, targets, owners = [], [], [], []
+            for row, k in enumerate(batch):
+                i, j, _, predictors, tgt = items[k]
+                rows += [row] * len(predictors)
+                cols += predictors
+                targets += tgt
+                owners += [(i, j)] * len(predictors)
+            acc.update(self._gather_scores(hidden, rows, cols, targets, owners))
+
+        self._batched([len(it[2]) for it in items], step, logit_share=0.5)
+        return [[ContinuationScore(acc[(i, j)][0], len(p["targets"][j][1]), len(p["conts"][j]), acc[(i, j)][1])
+                 for j in range(len(p["conts"]))] for i, p in enumerate(packed)]
 
     def _pack(self, context: str, continuations: Sequence[str]) -> dict:
         """One sequence: context tokens, then each continuation's tokens but its last.
@@ -377,7 +470,8 @@ class LocalModel:
                 mask[start:end, :c] = True
                 mask[start:end, start:end] = torch.tril(torch.ones((end - start, end - start), dtype=torch.bool))
             targets.append(([c - 1, *range(start, end)], list(cont)))
-        return {"ids": ids, "pos": pos, "mask": mask, "targets": targets, "conts": list(continuations), "truncated": truncated}
+        return {"ids": ids, "pos": pos, "mask": mask, "targets": targets, "conts": list(continuations), "n_ctx": c,
+                "truncated": truncated}
 
     # -- generation ---------------------------------------------------------------------------
     def format_prompt(self, prompt: str, config: GenerationConfig) -> str:
@@ -396,7 +490,8 @@ class LocalModel:
             if len(e) + config.max_new_tokens > self.max_length:  # the prompt and answer overflow the window
                 note_truncated(i, prompts[i])
         gen = torch.Generator().manual_seed(config.seed)
-        for batch in length_batches([len(e) + config.max_new_tokens for e in encoded], max_size=16):
+
+        def step(batch: list[int]) -> None:
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             attn = torch.zeros((len(batch), width), dtype=torch.long)
@@ -411,13 +506,15 @@ class LocalModel:
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             with _steer_start(torch.full((len(batch),), width - 1)):
-                out = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+                out = self.model.generate(input_ids=self._to(ids), attention_mask=self._to(attn), **kwargs).cpu()
             for row, i in enumerate(batch):
                 text = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
                 for s in config.stop:
                     if s and s in text:
                         text = text[: text.index(s)]
                 outputs[i] = text.strip()
+
+        self._batched([len(e) + config.max_new_tokens for e in encoded], step, max_size=16, cache=True)
         return outputs
 
     @torch.inference_mode()
@@ -425,20 +522,24 @@ class LocalModel:
         encs = [self.tokenizer(t, return_offsets_mapping=True) for t in texts]
         ids_list = [e["input_ids"][-self.max_length:] for e in encs]
         out: list[dict] = [{} for _ in texts]
-        for batch in length_batches([len(x) for x in ids_list]):
-            width = len(ids_list[batch[0]])
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(ids_list[i])] = torch.tensor(ids_list[i])
+
+        def step(batch: list[int]) -> None:
+            ids, _ = self._right_padded([ids_list[i] for i in batch])
             hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
+            done = {}
             for row, i in enumerate(batch):
                 n = len(ids_list[i])
                 lp = torch.full((n,), float("nan"))
                 if n > 1:
                     logits = self._lm_head(hidden[row, : n - 1]).float()
-                    lp[1:] = torch.log_softmax(logits, -1)[torch.arange(n - 1), torch.tensor(ids_list[i][1:])]
+                    targets = torch.tensor(ids_list[i][1:], device=logits.device)
+                    lp[1:] = torch.log_softmax(logits, -1)[torch.arange(n - 1, device=logits.device), targets].cpu()
                 offsets = encs[i]["offset_mapping"][-n:]
-                out[i] = {"ids": ids_list[i], "offsets": [tuple(o) for o in offsets], "logprobs": lp.numpy()}
+                done[i] = {"ids": ids_list[i], "offsets": [tuple(o) for o in offsets], "logprobs": lp.numpy()}
+            for i, d in done.items():  # stored only once the whole batch is through (an OOM retries it)
+                out[i] = d
+
+        self._batched([len(x) for x in ids_list], step, logit_share=0.25)
         return out
 
     # -- internals ----------------------------------------------------------------------------
@@ -450,7 +551,7 @@ class LocalModel:
                 raise ClinqaError(f"layer {layer} is out of range: this model has layers 0..{n}")
         out = []
         for text in texts:
-            ids = torch.tensor([self.encode(text)[-self.max_length:]])
+            ids = self._to(torch.tensor([self.encode(text)[-self.max_length:]]))
             hs = self._decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-            out.append(torch.stack([hs[layer][0] for layer in layers]).float().numpy())
+            out.append(torch.stack([hs[layer][0].float().cpu() for layer in layers]).numpy())
         return out
