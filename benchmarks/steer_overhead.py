@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the numbers as JSON here")
     args = ap.parse_args()
 
-    from clinqa.adapt.steering import SteeredPredictor, SteeringConfig, build_steering_vector
+    from clinqa.adapt.control import SteeredPredictor
+    from clinqa.adapt.steering import SteeringConfig, build_steering_vector
     from clinqa.data.loaders import load_questions
     from clinqa.evaluate.methods import make_items, score_option
     from clinqa.evaluate.prompts import generate_prompt

@@ -613,7 +613,8 @@ def steer_sweep(
     device: DeviceOpt = None, dtype: DtypeOpt = None, device_map: DeviceMapOpt = None,
 ) -> None:
     """Accuracy for every (layer, alpha) with the per-question flip rates (wrong→right and right→wrong)."""
-    from clinqa.adapt.steering import SteeringVector, sweep
+    from clinqa.adapt.control import sweep
+    from clinqa.adapt.steering import SteeringVector
     from clinqa.data.loaders import load_questions
     from clinqa.experiments.compare import question_part
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from clinqa.adapt.router import Router, build_category_vectors, load_category_vectors, question_from_prompt
-from clinqa.adapt.steering import SteeredPredictor, SteeringConfig, apply_modifier, steer
+from clinqa.adapt.control import SteeredPredictor, apply_modifier, steer
+from clinqa.adapt.steering import SteeringConfig
 from clinqa.data.loaders import load_questions
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError

@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from clinqa.adapt.steering import (
-    SteeredPredictor, SteeringConfig, SteeringVector, apply_modifier, build_steering_vector, contrastive_pairs, steer,
-    sweep, weights_hash,
-)
+from clinqa.adapt.control import SteeredPredictor, apply_modifier, steer, sweep
+from clinqa.adapt.steering import SteeringConfig, SteeringVector, build_steering_vector, contrastive_pairs, weights_hash
 from clinqa.data.loaders import load_questions
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
@@ -312,7 +310,7 @@ def test_sweep_grid_flips_files_and_resume(tmp_path, tiny_predictor, vector, que
 
 
 def test_sweep_markdown_gives_mcnemar_p():
-    from clinqa.adapt.steering import SweepResult
+    from clinqa.adapt.control import SweepResult
 
     rows = [{"layer": 1, "alpha": 2.0, "accuracy": 0.6, "wrong_to_right": 0.1, "right_to_wrong": 0.0, "n": 100},
             {"layer": 1, "alpha": 0.0, "accuracy": 0.5, "wrong_to_right": 0.0, "right_to_wrong": 0.0, "n": 100}]
@@ -325,7 +323,7 @@ def test_sweep_markdown_gives_mcnemar_p():
 
 
 def test_statement_metrics_false_reassurance():
-    from clinqa.evaluate.metrics import statement_metrics
+    from clinqa.evaluate.safety import statement_metrics
 
     def q(i, true, reassuring):
         return Question(id=f"s{i}", question=f"statement {i}", options={"A": "True", "B": "False"},

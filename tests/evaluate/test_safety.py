@@ -104,7 +104,7 @@ def test_statements_run_is_evaluated_and_old_runs_are_filled_from_their_data(tmp
     res2 = write_report([tmp_path / "run"])
     assert res2["summary"]["false_reassurance"] == fr
     # and statement_metrics, the library function, agrees
-    from clinqa.evaluate.metrics import statement_metrics
+    from clinqa.evaluate.safety import statement_metrics
 
     m = statement_metrics(Run.load(tmp_path / "run").samples(), {q.id: q for q in questions})
     assert m["false_reassurance_rate"] == fr["rate"] and m["n_reassuring_false"] == 2 and m["n"] == 3

@@ -149,7 +149,7 @@ def test_bf16_runs_every_path_and_stays_close_to_fp32(pair):
 
 
 def test_bf16_steering_hook_adds_a_float32_vector_to_bf16_activations(pair):
-    from clinqa.adapt.steering import _ACTIVE, _steering_hook
+    from clinqa.adapt.control import _ACTIVE, _steering_hook
 
     _, bf16 = pair
     delta = torch.full((bf16.model.config.hidden_size,), 0.5, dtype=torch.float32)

@@ -16,7 +16,7 @@ from clinqa.models.spec import Modifier
 
 MODIFIERS: dict[str, str] = {
     "lora": "clinqa.adapt.lora:apply_modifier",
-    "steer": "clinqa.adapt.steering:apply_modifier",
+    "steer": "clinqa.adapt.control:apply_modifier",
     "rag": "clinqa.adapt.retrieval:apply_modifier",
     "prompt": "clinqa.adapt.prompting:apply_modifier",
 }

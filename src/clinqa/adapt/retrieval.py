@@ -394,7 +394,7 @@ class Index:
         return out
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        from clinqa.specialties.embed import embed_texts
+        from clinqa.models.embed import embed_texts
 
         return embed_texts(list(queries), model=self._model)
 
@@ -452,7 +452,7 @@ class Index:
 
 
 def _minilm_name() -> str:
-    from clinqa.specialties.embed import MINILM_NAME
+    from clinqa.models.embed import MINILM_NAME
 
     return MINILM_NAME
 
@@ -468,7 +468,7 @@ def build_index(docs_or_path: str | Path | Iterable[Document | Mapping[str, Any]
     """
     import bm25s
 
-    from clinqa.specialties.embed import embed_texts, embedding_model_name
+    from clinqa.models.embed import embed_texts, embedding_model_name
 
     say = progress or (lambda stage, done, total: None)
     t_start = time.perf_counter()

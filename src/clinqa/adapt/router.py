@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from clinqa.adapt.steering import (Progress, SteeringConfig, SteeringVector, build_steering_vector, resolve_layers,
-                                   weights_hash)
+from clinqa.adapt.steering import SteeringConfig, SteeringVector, build_steering_vector, resolve_layers, weights_hash
+from clinqa.runs import Progress
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate.prompts import GENERATE_INSTRUCTION
@@ -90,7 +90,7 @@ class Router:
         """MiniLM embeddings and/or the mean hidden state at `layer`, side by side."""
         blocks = []
         if "embed" in self.mode:
-            from clinqa.specialties.embed import embed_texts
+            from clinqa.models.embed import embed_texts
 
             blocks.append(embed_texts(list(texts)).astype(np.float64))
         if "hidden" in self.mode:
@@ -216,7 +216,7 @@ class Router:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        from clinqa.specialties.embed import embedding_model_name
+        from clinqa.models.embed import embedding_model_name
 
         doc = {"format": ROUTER_FORMAT, "version": 1, "mode": self.mode, "threshold": self.threshold, "layer": self.layer,
                "coverage": None if self.fixed_threshold else self.coverage,

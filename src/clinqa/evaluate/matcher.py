@@ -136,7 +136,7 @@ def match_answers(texts: Sequence[str], options: Sequence[Mapping[str, str]], co
     out: list[Match | None] = [match_rules(t, o) for t, o in zip(texts, options)]
     todo = [i for i, m in enumerate(out) if m is None]
     if todo and config.name == "minilm":
-        from clinqa.specialties.embed import embed_texts
+        from clinqa.models.embed import embed_texts
 
         answers = embed_texts([texts[i] for i in todo], model=embedder)
         opts = embed_texts([v for i in todo for v in options[i].values()], model=embedder)

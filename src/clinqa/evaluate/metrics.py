@@ -554,26 +554,3 @@ def harmful_choice_rate(samples: Iterable[Sample]) -> float | None:
     chose = [s.pred is not None and s.pred in (s.extras["harmful_options"] or ()) for s in flagged]
     return float(np.mean(chose))
 
-
-# --------------------------------------------------------------------------- true/false statements
-
-
-def statement_metrics(samples: Iterable[Sample], questions_by_id: dict) -> dict[str, float | int]:
-    """Accuracy on true/false statements and the false-reassurance rate, with n and 95% intervals.
-
-    Samples of unknown questions are ignored; see `clinqa.evaluate.safety.false_reassurance`."""
-    from clinqa.evaluate.safety import false_reassurance, with_statement_flags
-
-    counted = with_statement_flags([s for s in samples if s.question_id in questions_by_id], questions_by_id)
-    acc = accuracy(counted)
-    fr = false_reassurance(counted)
-    return {
-        "accuracy": acc.acc, "accuracy_ci": (acc.ci_low, acc.ci_high),
-        "false_reassurance_rate": fr.rate if fr else _NAN,
-        "false_reassurance_ci": (fr.ci_low, fr.ci_high) if fr else (_NAN, _NAN),
-        "n": len(counted),
-        "n_reassuring_false": fr.n if fr else 0,
-    }
-
-
-__all__.append("statement_metrics")

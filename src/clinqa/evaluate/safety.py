@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
-from clinqa.evaluate.metrics import proportion_ci
+from clinqa.evaluate.metrics import _NAN, accuracy, proportion_ci
 from clinqa.evaluate.sample import Sample
 
 __all__ = ["Rate", "false_reassurance", "is_statement_run", "unsafe_choice", "with_statement_flags"]
@@ -77,3 +77,19 @@ def with_statement_flags(samples: Iterable[Sample], questions_by_id: dict) -> li
             s = s.model_copy(update={"extras": {**s.extras, "reassuring": q.meta["reassuring"]}})
         out.append(s)
     return out
+
+
+def statement_metrics(samples: Iterable[Sample], questions_by_id: dict) -> dict[str, float | int]:
+    """Accuracy on true/false statements and the false-reassurance rate, with n and 95% intervals.
+
+    Samples of unknown questions are ignored; see `false_reassurance`."""
+    counted = with_statement_flags([s for s in samples if s.question_id in questions_by_id], questions_by_id)
+    acc = accuracy(counted)
+    fr = false_reassurance(counted)
+    return {
+        "accuracy": acc.acc, "accuracy_ci": (acc.ci_low, acc.ci_high),
+        "false_reassurance_rate": fr.rate if fr else _NAN,
+        "false_reassurance_ci": (fr.ci_low, fr.ci_high) if fr else (_NAN, _NAN),
+        "n": len(counted),
+        "n_reassuring_false": fr.n if fr else 0,
+    }

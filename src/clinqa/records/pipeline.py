@@ -336,7 +336,7 @@ class RetrievalSelector:
             if not query:
                 return [0.0] * len(lines)
             return [float(s) for s in retriever.get_scores(query)]
-        from clinqa.specialties.embed import embed_texts
+        from clinqa.models.embed import embed_texts
 
         vectors = self._cached(lines, lambda: embed_texts([t for _, t in lines]))
         q = embed_texts([question])[0]
