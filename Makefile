@@ -37,7 +37,10 @@ demo: setup
 	$(VENV)/bin/clinqa eval default bundled --method letter --shuffles 5 --out runs/demo-letter
 	$(VENV)/bin/clinqa report runs/demo-option runs/demo-letter
 
+# lint and format first (ruff, configured in pyproject.toml), then the whole suite
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 bench: setup

@@ -79,9 +79,13 @@ def main() -> None:
     ap.add_argument("--mirage", type=Path, default=MIRAGE, help="MIRAGE benchmark.json, for the MedMCQA dev share")
     ap.add_argument("--model", default="default", help="the LLM vote annotator's model")
     ap.add_argument("--prompts", type=int, default=5)
-    ap.add_argument("--llm-limit", type=int, default=60, help="LLM annotator on the first N labelled questions (0: skip)")
+    ap.add_argument(
+        "--llm-limit", type=int, default=60, help="LLM annotator on the first N labelled questions (0: skip)"
+    )
     ap.add_argument("--alpha", type=float, default=0.1)
-    ap.add_argument("--threshold", type=float, default=0.5, help="MiniLM coverage: top one-vs-rest probability at least this")
+    ap.add_argument(
+        "--threshold", type=float, default=0.5, help="MiniLM coverage: top one-vs-rest probability at least this"
+    )
     ap.add_argument("--no-dev", action="store_true", help="skip annotating all of MedMCQA dev")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-annotate-medmcqa"))
     ap.add_argument("--threads", type=int)
@@ -106,11 +110,19 @@ def main() -> None:
     counts = collections.Counter(primary)
     majority = counts.most_common(1)[0][0]
     n_six = sum(p in EXPERIMENT_SPECIALTIES for p in primary)
-    print(f"{machine()}; {args.val.name}: {len(every)} hand-labelled MedMCQA questions, {len(labelled)} with a specialty "
-          f"({n_six} in the six experiment specialties, {sum(len(g) > 1 for g in gold)} with two), "
-          f"{len(every) - len(labelled)} none; most common label {majority} ({counts[majority]})")
-    results: dict = {"n_questions": len(every), "n_labelled": len(labelled), "n_none": len(every) - len(labelled),
-                     "n_six": n_six, "hand_counts": dict(counts.most_common()), "majority_label": majority}
+    print(
+        f"{machine()}; {args.val.name}: {len(every)} hand-labelled MedMCQA questions, {len(labelled)} with a specialty "
+        f"({n_six} in the six experiment specialties, {sum(len(g) > 1 for g in gold)} with two), "
+        f"{len(every) - len(labelled)} none; most common label {majority} ({counts[majority]})"
+    )
+    results: dict = {
+        "n_questions": len(every),
+        "n_labelled": len(labelled),
+        "n_none": len(every) - len(labelled),
+        "n_six": n_six,
+        "hand_counts": dict(counts.most_common()),
+        "majority_label": majority,
+    }
 
     base = accuracy_with_ci([majority] * len(gold), gold)
     results["majority baseline"] = {k: v for k, v in base.items() if k != "hits"}
@@ -121,7 +133,10 @@ def main() -> None:
     emb_all = embed_texts([question_text(q) for q in every])
     idx = [i for i, q in enumerate(every) if q.specialties]
     annotators = {}
-    for name, spec in (("MiniLM, 15 specialties (bundled:all)", ALL_SPECIALTIES_SPEC), ("MiniLM, 6 specialties (bundled)", "bundled")):
+    for name, spec in (
+        ("MiniLM, 15 specialties (bundled:all)", ALL_SPECIALTIES_SPEC),
+        ("MiniLM, 6 specialties (bundled)", "bundled"),
+    ):
         train = load_questions(spec).questions
         ann = EmbeddingAnnotator().fit(train)
         probs_all = ann.predict_proba_embeddings(emb_all)
@@ -131,33 +146,54 @@ def main() -> None:
         vs = paired_vs(acc["hits"], base["hits"])
         top_p = probs.max(1)
         covered = top_p >= args.threshold
-        acc_cov = accuracy([t_ for t_, c in zip(top, covered) if c], [g for g, c in zip(gold, covered) if c]) if covered.any() else None
+        acc_cov = (
+            accuracy([t_ for t_, c in zip(top, covered) if c], [g for g, c in zip(gold, covered) if c])
+            if covered.any()
+            else None
+        )
         none_p = probs_all[[i for i, q in enumerate(every) if not q.specialties]].max(1)
         conf = conformal_from_probs(probs, gold, args.alpha)
         annotators[name] = (top, probs)
-        results[name] = {"n_train": len(train), "untrained": list(ann.untrained_labels), **{k: v for k, v in acc.items() if k != "hits"},
-                         "ratio_to_majority": acc["accuracy"] / base["accuracy"], "vs_majority": vs,
-                         "accuracy_primary": sum(a == p for a, p in zip(top, primary)) / len(primary),
-                         "share_in_six": share_in(top, EXPERIMENT_SPECIALTIES),
-                         "coverage_at_threshold": float(covered.mean()), "accuracy_covered": acc_cov,
-                         "none_coverage_at_threshold": float((none_p >= args.threshold).mean()),
-                         "conformal": conf}
-        print(f"  {name:<34} {acc['accuracy']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}] = "
-              f"{acc['accuracy'] / base['accuracy']:.2f}x the baseline (difference {vs['difference']:+.3f} "
-              f"[{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], paired bootstrap p={vs['p']:.4f}); "
-              f"{share_in(top, EXPERIMENT_SPECIALTIES):.0%} of its labels in the six (hand labels: {n_six / len(primary):.0%})")
-        print(f"  {'':<34} top probability >= {args.threshold}: coverage {covered.mean():.2f} "
-              f"(accuracy there {acc_cov if acc_cov is None else f'{acc_cov:.3f}'}); the 'none' questions reach it "
-              f"{(none_p >= args.threshold).mean():.2f} of the time")
-        print(f"  {'':<34} conformal sets alpha {args.alpha} (calibrated on {conf['n_cal']}, tested on {conf['n_test']}): "
-              f"coverage {conf['coverage']:.3f} (target {conf['target']:.2f}), {conf['mean_set_size']:.2f} labels, "
-              f"precision {conf['precision']:.2f}, recall {conf['recall']:.2f}")
+        results[name] = {
+            "n_train": len(train),
+            "untrained": list(ann.untrained_labels),
+            **{k: v for k, v in acc.items() if k != "hits"},
+            "ratio_to_majority": acc["accuracy"] / base["accuracy"],
+            "vs_majority": vs,
+            "accuracy_primary": sum(a == p for a, p in zip(top, primary)) / len(primary),
+            "share_in_six": share_in(top, EXPERIMENT_SPECIALTIES),
+            "coverage_at_threshold": float(covered.mean()),
+            "accuracy_covered": acc_cov,
+            "none_coverage_at_threshold": float((none_p >= args.threshold).mean()),
+            "conformal": conf,
+        }
+        print(
+            f"  {name:<34} {acc['accuracy']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}] = "
+            f"{acc['accuracy'] / base['accuracy']:.2f}x the baseline (difference {vs['difference']:+.3f} "
+            f"[{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], paired bootstrap p={vs['p']:.4f}); "
+            f"{share_in(top, EXPERIMENT_SPECIALTIES):.0%} of its labels in the six (hand labels: {n_six / len(primary):.0%})"
+        )
+        print(
+            f"  {'':<34} top probability >= {args.threshold}: coverage {covered.mean():.2f} "
+            f"(accuracy there {acc_cov if acc_cov is None else f'{acc_cov:.3f}'}); the 'none' questions reach it "
+            f"{(none_p >= args.threshold).mean():.2f} of the time"
+        )
+        print(
+            f"  {'':<34} conformal sets alpha {args.alpha} (calibrated on {conf['n_cal']}, tested on {conf['n_test']}): "
+            f"coverage {conf['coverage']:.3f} (target {conf['target']:.2f}), {conf['mean_set_size']:.2f} labels, "
+            f"precision {conf['precision']:.2f}, recall {conf['recall']:.2f}"
+        )
     results["minilm_seconds"] = time.perf_counter() - t
-    (top15, _), (top6, _) = annotators["MiniLM, 15 specialties (bundled:all)"], annotators["MiniLM, 6 specialties (bundled)"]
+    (top15, _), (top6, _) = (
+        annotators["MiniLM, 15 specialties (bundled:all)"],
+        annotators["MiniLM, 6 specialties (bundled)"],
+    )
     vs = paired_vs([float(t_ in g) for t_, g in zip(top15, gold)], [float(t_ in g) for t_, g in zip(top6, gold)])
     results["MiniLM 15 minus MiniLM 6"] = vs
-    print(f"  MiniLM trained on 15 minus trained on 6: {vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], "
-          f"paired bootstrap p={vs['p']:.4f} (n={len(gold)})")
+    print(
+        f"  MiniLM trained on 15 minus trained on 6: {vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], "
+        f"paired bootstrap p={vs['p']:.4f} (n={len(gold)})"
+    )
 
     if args.llm_limit:
         from rich.progress import Progress
@@ -170,8 +206,14 @@ def main() -> None:
         t = time.perf_counter()
         with Progress() as bar:
             task = bar.add_task(f"LLM annotator, {args.prompts} prompts", total=len(sub))
-            anns = annotate_to_file(predictor, sub, args.out / "llm.jsonl", n_prompts=args.prompts, min_votes=1,
-                                    progress=lambda d, n: bar.update(task, completed=d))
+            anns = annotate_to_file(
+                predictor,
+                sub,
+                args.out / "llm.jsonl",
+                n_prompts=args.prompts,
+                min_votes=1,
+                progress=lambda d, n: bar.update(task, completed=d),
+            )
         seconds = time.perf_counter() - t
         llm_top = [a.top_label for a in anns]
         acc = accuracy_with_ci(llm_top, sub_gold)
@@ -183,25 +225,46 @@ def main() -> None:
         k_llm_hand = kappa(llm_top, primary[: len(sub)])
         k_mini_hand = kappa(mini_top, primary[: len(sub)])
         results["LLM vote annotator"] = {
-            "model": args.model, "prompts": args.prompts, "n": len(sub), "seconds": seconds,
-            **{k: v for k, v in acc.items() if k != "hits"}, "majority_baseline_same_questions": sub_base["accuracy"],
+            "model": args.model,
+            "prompts": args.prompts,
+            "n": len(sub),
+            "seconds": seconds,
+            **{k: v for k, v in acc.items() if k != "hits"},
+            "majority_baseline_same_questions": sub_base["accuracy"],
             "minilm_same_questions": {k: v for k, v in mini_acc.items() if k != "hits"},
             "llm_minus_minilm": paired_vs(acc["hits"], mini_acc["hits"]),
             "share_in_six": share_in(llm_top, EXPERIMENT_SPECIALTIES),
-            "tradeoff": rows, "kappa_llm_minilm": k_llm_mini, "kappa_llm_hand": k_llm_hand, "kappa_minilm_hand": k_mini_hand,
+            "tradeoff": rows,
+            "kappa_llm_minilm": k_llm_mini,
+            "kappa_llm_hand": k_llm_hand,
+            "kappa_minilm_hand": k_mini_hand,
             "agreement_llm_minilm": sum(a == b for a, b in zip(llm_top, mini_top)) / len(sub),
         }
         if len(sub) >= 20:
-            results["LLM vote annotator"]["conformal"] = conformal_from_probs(np.array([a.probs for a in anns]), sub_gold, args.alpha)
-        print(f"LLM vote annotator ({args.model}, {args.prompts} prompts) on the first {len(sub)} labelled questions, "
-              f"{seconds:.0f} s:")
-        print(f"  accuracy {acc['accuracy']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]; MiniLM (15) on the same "
-              f"{mini_acc['accuracy']:.3f}; majority baseline {sub_base['accuracy']:.3f}")
-        print("  vote threshold: " + ", ".join(f">={r['min_votes']}: coverage {r['coverage']:.2f} acc "
-                                               f"{'-' if r['accuracy'] is None else format(r['accuracy'], '.3f')}" for r in rows))
-        print(f"  Cohen's kappa: LLM vs MiniLM {k_llm_mini:.3f} (raw agreement "
-              f"{results['LLM vote annotator']['agreement_llm_minilm']:.2f}); LLM vs hand {k_llm_hand:.3f}; "
-              f"MiniLM vs hand {k_mini_hand:.3f} (primary labels)")
+            results["LLM vote annotator"]["conformal"] = conformal_from_probs(
+                np.array([a.probs for a in anns]), sub_gold, args.alpha
+            )
+        print(
+            f"LLM vote annotator ({args.model}, {args.prompts} prompts) on the first {len(sub)} labelled questions, "
+            f"{seconds:.0f} s:"
+        )
+        print(
+            f"  accuracy {acc['accuracy']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]; MiniLM (15) on the same "
+            f"{mini_acc['accuracy']:.3f}; majority baseline {sub_base['accuracy']:.3f}"
+        )
+        print(
+            "  vote threshold: "
+            + ", ".join(
+                f">={r['min_votes']}: coverage {r['coverage']:.2f} acc "
+                f"{'-' if r['accuracy'] is None else format(r['accuracy'], '.3f')}"
+                for r in rows
+            )
+        )
+        print(
+            f"  Cohen's kappa: LLM vs MiniLM {k_llm_mini:.3f} (raw agreement "
+            f"{results['LLM vote annotator']['agreement_llm_minilm']:.2f}); LLM vs hand {k_llm_hand:.3f}; "
+            f"MiniLM vs hand {k_mini_hand:.3f} (primary labels)"
+        )
 
     if not args.no_dev:
         if not args.mirage.is_file():
@@ -211,13 +274,23 @@ def main() -> None:
             t = time.perf_counter()
             emb = embed_texts([question_text(q) for q in dev])
             results["dev"] = {"n": len(dev)}
-            for name, spec in (("MiniLM, 15 specialties (bundled:all)", ALL_SPECIALTIES_SPEC), ("MiniLM, 6 specialties (bundled)", "bundled")):
-                top = [SPECIALTY_IDS[int(j)] for j in EmbeddingAnnotator().fit(load_questions(spec).questions)
-                       .predict_proba_embeddings(emb).argmax(1)]
+            for name, spec in (
+                ("MiniLM, 15 specialties (bundled:all)", ALL_SPECIALTIES_SPEC),
+                ("MiniLM, 6 specialties (bundled)", "bundled"),
+            ):
+                top = [
+                    SPECIALTY_IDS[int(j)]
+                    for j in EmbeddingAnnotator()
+                    .fit(load_questions(spec).questions)
+                    .predict_proba_embeddings(emb)
+                    .argmax(1)
+                ]
                 share = share_in(top, EXPERIMENT_SPECIALTIES)
                 results["dev"][name] = {"share_in_six": share, "counts": dict(collections.Counter(top).most_common())}
-                print(f"MedMCQA dev, {len(dev)} questions: {name} puts {share:.1%} into the six experiment specialties, "
-                      f"{1 - share:.1%} outside")
+                print(
+                    f"MedMCQA dev, {len(dev)} questions: {name} puts {share:.1%} into the six experiment specialties, "
+                    f"{1 - share:.1%} outside"
+                )
             results["dev"]["seconds"] = time.perf_counter() - t
     write_json(args.out / "results.json", results)
     print(f"wrote {args.out}/results.json")

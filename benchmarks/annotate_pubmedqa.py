@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import sys
@@ -45,32 +44,129 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # MeSH heading -> specialty: a heading maps to a specialty when one of its words starts with one of
 # these stems (case-insensitive). Written once, before any annotator was run on PubMedQA.
 MESH_STEMS: dict[str, tuple[str, ...]] = {
-    "cardiology": ("heart", "cardi", "coronary", "myocardi", "atrial", "arrhythmi", "hypertension", "angina",
-                   "aortic valve", "mitral valve", "ventricular", "angioplasty"),
-    "gastroenterology": ("liver", "hepat", "colon", "colorectal", "gastr", "intestin", "pancrea", "biliary", "gallbladder",
-                         "cholecyst", "esophag", "bowel", "crohn", "colitis", "duoden", "rectal", "rectum", "appendic",
-                         "colonoscopy"),
-    "infectious_diseases": ("infection", "hiv", "bacteri", "virus", "viral", "tuberculosis", "sepsis", "anti-bacterial",
-                            "vaccin", "hepatitis", "malaria", "communicable"),
-    "neurology": ("brain", "stroke", "cerebr", "epilep", "seizure", "nervous system", "parkinson", "alzheimer", "dementia",
-                  "multiple sclerosis", "headache", "migraine", "spinal cord", "neurolog"),
-    "obstetrics_gynecology": ("pregnan", "obstet", "cesarean", "uter", "ovar", "cervix", "gynec", "fetal", "prenatal",
-                              "endometri", "menopaus", "infertility", "placenta", "postpartum"),
+    "cardiology": (
+        "heart",
+        "cardi",
+        "coronary",
+        "myocardi",
+        "atrial",
+        "arrhythmi",
+        "hypertension",
+        "angina",
+        "aortic valve",
+        "mitral valve",
+        "ventricular",
+        "angioplasty",
+    ),
+    "gastroenterology": (
+        "liver",
+        "hepat",
+        "colon",
+        "colorectal",
+        "gastr",
+        "intestin",
+        "pancrea",
+        "biliary",
+        "gallbladder",
+        "cholecyst",
+        "esophag",
+        "bowel",
+        "crohn",
+        "colitis",
+        "duoden",
+        "rectal",
+        "rectum",
+        "appendic",
+        "colonoscopy",
+    ),
+    "infectious_diseases": (
+        "infection",
+        "hiv",
+        "bacteri",
+        "virus",
+        "viral",
+        "tuberculosis",
+        "sepsis",
+        "anti-bacterial",
+        "vaccin",
+        "hepatitis",
+        "malaria",
+        "communicable",
+    ),
+    "neurology": (
+        "brain",
+        "stroke",
+        "cerebr",
+        "epilep",
+        "seizure",
+        "nervous system",
+        "parkinson",
+        "alzheimer",
+        "dementia",
+        "multiple sclerosis",
+        "headache",
+        "migraine",
+        "spinal cord",
+        "neurolog",
+    ),
+    "obstetrics_gynecology": (
+        "pregnan",
+        "obstet",
+        "cesarean",
+        "uter",
+        "ovar",
+        "cervix",
+        "gynec",
+        "fetal",
+        "prenatal",
+        "endometri",
+        "menopaus",
+        "infertility",
+        "placenta",
+        "postpartum",
+    ),
     "pediatrics": ("pediatric", "infant, newborn, diseases", "infant, premature", "child development"),
     "endocrinology": ("diabetes", "thyroid", "insulin", "adrenal", "pituitar", "obesity", "osteoporosis"),
-    "hematology_oncology": ("neoplasm", "cancer", "carcinoma", "tumor", "lymphoma", "leukemia", "anemia", "chemotherapy",
-                            "radiotherapy", "melanoma", "sarcoma", "hemoglobin", "blood coagulation", "blood transfusion",
-                            "medical oncology"),
+    "hematology_oncology": (
+        "neoplasm",
+        "cancer",
+        "carcinoma",
+        "tumor",
+        "lymphoma",
+        "leukemia",
+        "anemia",
+        "chemotherapy",
+        "radiotherapy",
+        "melanoma",
+        "sarcoma",
+        "hemoglobin",
+        "blood coagulation",
+        "blood transfusion",
+        "medical oncology",
+    ),
     "nephrology": ("kidney", "renal", "dialysis", "nephr", "glomerul"),
     "pulmonology": ("lung", "pulmonary", "asthma", "respiratory", "bronch", "pneumon"),
-    "psychiatry": ("depressi", "anxiety", "mental", "psychiatr", "schizophren", "substance-related", "alcoholism", "bipolar",
-                   "suicide", "stress disorders", "psychotic"),
+    "psychiatry": (
+        "depressi",
+        "anxiety",
+        "mental",
+        "psychiatr",
+        "schizophren",
+        "substance-related",
+        "alcoholism",
+        "bipolar",
+        "suicide",
+        "stress disorders",
+        "psychotic",
+    ),
     "dermatology": ("skin", "dermat", "psoriasis", "eczema"),
     "rheumatology": ("arthritis", "lupus", "rheumat", "gout", "vasculitis"),
     "surgery": ("surgical", "general surgery", "laparoscop", "anastomo", "hernia", "transplantation"),
     "emergency_medicine": ("emergenc", "wounds and injuries", "resuscitation", "poisoning", "multiple trauma"),
 }
-_PATTERNS = {s: re.compile(r"\b(?:" + "|".join(re.escape(k) for k in stems) + ")", re.I) for s, stems in MESH_STEMS.items()}
+_PATTERNS = {
+    s: re.compile(r"\b(?:" + "|".join(re.escape(k) for k in stems) + ")", re.I) for s, stems in MESH_STEMS.items()
+}
 
 
 def mesh_specialties(meshes: list[str]) -> list[str]:
@@ -93,7 +189,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="only the first N silver-labelled questions")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-annotate"))
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--no-llm", action="store_true", help="MiniLM and the baseline only (seconds instead of CPU-minutes)")
+    ap.add_argument(
+        "--no-llm", action="store_true", help="MiniLM and the baseline only (seconds instead of CPU-minutes)"
+    )
     args = ap.parse_args()
     if not args.data.is_file():
         sys.exit(f"{args.data} not found: this benchmark needs PubMedQA's ori_pqal.json (../shared/data/pubmedqa)")
@@ -125,20 +223,34 @@ def main() -> None:
     six = [i for i, g in enumerate(gold) if set(g) & set(EXPERIMENT_SPECIALTIES)]
     counts = collections.Counter(g[0] for g in gold)
     majority = counts.most_common(1)[0][0]
-    print(f"{machine()}; {len(questions)} of {n_all} PubMedQA questions get a MeSH-derived specialty "
-          f"({len(single)} exactly one, {len(six)} one of the six experiment specialties); most common first label: "
-          f"{majority} ({counts[majority]})")
-    results: dict = {"n": len(questions), "n_single": len(single), "n_six": len(six), "silver_counts": dict(counts.most_common())}
+    print(
+        f"{machine()}; {len(questions)} of {n_all} PubMedQA questions get a MeSH-derived specialty "
+        f"({len(single)} exactly one, {len(six)} one of the six experiment specialties); most common first label: "
+        f"{majority} ({counts[majority]})"
+    )
+    results: dict = {
+        "n": len(questions),
+        "n_single": len(single),
+        "n_six": len(six),
+        "silver_counts": dict(counts.most_common()),
+    }
 
     def report(name: str, top: list[str], seconds: float | None = None) -> None:
         acc = accuracy(top, gold)
         acc1 = accuracy([top[i] for i in single], [gold[i] for i in single])
         acc6 = accuracy([top[i] for i in six], [gold[i] for i in six])
         base = accuracy([majority] * len(gold), gold)
-        results[name] = {"accuracy": acc, "accuracy_single_label": acc1, "accuracy_six_specialties": acc6,
-                         "ratio_to_majority": acc / base, "seconds": seconds}
-        print(f"  {name:<28} accuracy {acc:.3f} = {acc / base:.2f}x the majority baseline; single-label {acc1:.3f}; "
-              f"six experiment specialties {acc6:.3f}" + (f"   {seconds:.0f} s" if seconds is not None else ""))
+        results[name] = {
+            "accuracy": acc,
+            "accuracy_single_label": acc1,
+            "accuracy_six_specialties": acc6,
+            "ratio_to_majority": acc / base,
+            "seconds": seconds,
+        }
+        print(
+            f"  {name:<28} accuracy {acc:.3f} = {acc / base:.2f}x the majority baseline; single-label {acc1:.3f}; "
+            f"six experiment specialties {acc6:.3f}" + (f"   {seconds:.0f} s" if seconds is not None else "")
+        )
 
     print("top label is one of the silver labels:")
     report("majority baseline", [majority] * len(gold))
@@ -161,14 +273,26 @@ def main() -> None:
         t = time.perf_counter()
         with Progress() as bar:
             task = bar.add_task(f"LLM annotator, {args.prompts} prompts", total=len(questions))
-            anns = annotate_to_file(predictor, questions, args.out / "llm.jsonl", n_prompts=args.prompts, min_votes=1,
-                                    progress=lambda d, n: bar.update(task, completed=d))
+            anns = annotate_to_file(
+                predictor,
+                questions,
+                args.out / "llm.jsonl",
+                n_prompts=args.prompts,
+                min_votes=1,
+                progress=lambda d, n: bar.update(task, completed=d),
+            )
         report(f"LLM, {args.prompts}-prompt majority", [a.top_label for a in anns], time.perf_counter() - t)
         p_llm = np.array([a.probs for a in anns])
         rows = tradeoff_table(anns, questions, n_prompts=args.prompts)
         results["llm_tradeoff"] = rows
-        print("  LLM vote threshold: " + ", ".join(f">={r['min_votes']}: coverage {r['coverage']:.2f} acc {r['accuracy']:.3f}"
-                                                  for r in rows if r["accuracy"] is not None))
+        print(
+            "  LLM vote threshold: "
+            + ", ".join(
+                f">={r['min_votes']}: coverage {r['coverage']:.2f} acc {r['accuracy']:.3f}"
+                for r in rows
+                if r["accuracy"] is not None
+            )
+        )
 
     print(f"conformal sets, alpha {args.alpha} (target coverage {1 - args.alpha:.2f}):")
     cal_idx, test_idx = conformal.split(len(questions), 0.5, 0)
@@ -179,19 +303,32 @@ def main() -> None:
     oof = np.zeros_like(p_bundled)
     for tr, te in KFold(5, shuffle=True, random_state=0).split(bundled):
         oof[te] = EmbeddingAnnotator().fit([bundled[i] for i in tr]).predict_proba([bundled[i] for i in te])
-    for name, cal_p, cal_g in (("MiniLM, calibrated on bundled", oof, [q.specialties for q in bundled]),
-                               ("MiniLM, calibrated on PubMedQA half", p_mini[cal_idx], [gold[i] for i in cal_idx])):
+    for name, cal_p, cal_g in (
+        ("MiniLM, calibrated on bundled", oof, [q.specialties for q in bundled]),
+        ("MiniLM, calibrated on PubMedQA half", p_mini[cal_idx], [gold[i] for i in cal_idx]),
+    ):
         sets, cal = conformal_sets(cal_p, cal_g, p_mini[test_idx], args.alpha)
         m = conformal.evaluate_sets(sets, test_gold)
-        results[name] = {"coverage": m.coverage_any, "mean_set_size": m.mean_set_size, "precision": m.precision,
-                         "recall": m.recall, "qhat": cal.qhat, "n_cal": cal.n, "n_test": len(test_idx)}
-        print(f"  {name:<36} coverage {m.coverage_any:.3f}, {m.mean_set_size:.2f} labels, precision {m.precision:.2f}, "
-              f"recall {m.recall:.2f}")
+        results[name] = {
+            "coverage": m.coverage_any,
+            "mean_set_size": m.mean_set_size,
+            "precision": m.precision,
+            "recall": m.recall,
+            "qhat": cal.qhat,
+            "n_cal": cal.n,
+            "n_test": len(test_idx),
+        }
+        print(
+            f"  {name:<36} coverage {m.coverage_any:.3f}, {m.mean_set_size:.2f} labels, precision {m.precision:.2f}, "
+            f"recall {m.recall:.2f}"
+        )
     if p_llm is not None:
         c = conformal_from_probs(p_llm, gold, args.alpha)
         results["LLM, calibrated on PubMedQA half"] = c
-        print(f"  {'LLM, calibrated on PubMedQA half':<36} coverage {c['coverage']:.3f}, {c['mean_set_size']:.2f} labels, "
-              f"precision {c['precision']:.2f}, recall {c['recall']:.2f}")
+        print(
+            f"  {'LLM, calibrated on PubMedQA half':<36} coverage {c['coverage']:.3f}, {c['mean_set_size']:.2f} labels, "
+            f"precision {c['precision']:.2f}, recall {c['recall']:.2f}"
+        )
     write_json(args.out / "results.json", results)
     print(f"wrote {args.out}/results.json and the silver-labelled questions {args.out}/pubmedqa_mesh_labelled.jsonl")
 

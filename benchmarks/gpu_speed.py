@@ -43,23 +43,62 @@ import torch  # noqa: E402
 
 # Published sizes (config.json of HuggingFaceTB/SmolLM2-135M, meta-llama/Llama-3.2-1B, meta-llama/Llama-3.1-8B).
 CONFIGS = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
 }
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
-WORDS = ("patient presents with fever cough dyspnea chest pain history hypertension diabetes smoking examination "
-         "reveals tachycardia murmur crackles oedema jaundice abdominal tenderness laboratory studies show elevated "
-         "troponin creatinine leukocytosis anemia platelet count serum sodium potassium bilirubin radiograph "
-         "consolidation effusion cardiomegaly electrocardiogram elevation depression which following most likely "
-         "diagnosis appropriate next step management year old woman man week days months ago medication").split()
-OPTIONS = ("Acute myocardial infarction", "Community acquired pneumonia", "Pulmonary embolism", "Congestive heart failure",
-           "Aortic dissection", "Acute pancreatitis", "Intravenous heparin", "Oral amoxicillin", "Emergency surgery",
-           "Observation and reassurance", "Diuretic therapy", "Cardiac catheterization", "Lumbar puncture", "Chest CT")
+WORDS = (
+    "patient presents with fever cough dyspnea chest pain history hypertension diabetes smoking examination "
+    "reveals tachycardia murmur crackles oedema jaundice abdominal tenderness laboratory studies show elevated "
+    "troponin creatinine leukocytosis anemia platelet count serum sodium potassium bilirubin radiograph "
+    "consolidation effusion cardiomegaly electrocardiogram elevation depression which following most likely "
+    "diagnosis appropriate next step management year old woman man week days months ago medication"
+).split()
+OPTIONS = (
+    "Acute myocardial infarction",
+    "Community acquired pneumonia",
+    "Pulmonary embolism",
+    "Congestive heart failure",
+    "Aortic dissection",
+    "Acute pancreatitis",
+    "Intravenous heparin",
+    "Oral amoxicillin",
+    "Emergency surgery",
+    "Observation and reassurance",
+    "Diuretic therapy",
+    "Cardiac catheterization",
+    "Lumbar puncture",
+    "Chest CT",
+)
 
 
 def synthetic_questions(n: int, words: int, seed: int = 0):
@@ -69,7 +108,11 @@ def synthetic_questions(n: int, words: int, seed: int = 0):
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        stem = f"A {rng.randint(18, 90)}-year-old " + " ".join(rng.choice(WORDS) for _ in range(words)) + ". What is the most likely diagnosis?"
+        stem = (
+            f"A {rng.randint(18, 90)}-year-old "
+            + " ".join(rng.choice(WORDS) for _ in range(words))
+            + ". What is the most likely diagnosis?"
+        )
         opts = rng.sample(OPTIONS, 4)
         out.append(Question(id=f"s{i}", question=stem, options=dict(zip("ABCD", opts)), answer=rng.choice("ABCD")))
     return out
@@ -84,8 +127,13 @@ def build_model(name: str, tokenizer, device: torch.device, dtype: torch.dtype, 
     if tiny:
         kw["vocab_size"] = len(tokenizer)
     kw["vocab_size"] = max(kw["vocab_size"], len(tokenizer))
-    cfg = LlamaConfig(max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, **kw)
+    cfg = LlamaConfig(
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **kw,
+    )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -143,12 +191,12 @@ def baseline_scores(pm, pairs, batch_size: int) -> list[float]:
     order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
     out = [0.0] * len(enc)
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         seqs = [(enc[i][0] + enc[i][1])[:-1] for i in idx]
         width = max(map(len, seqs))
         ids = torch.full((len(idx), width), pm.pad_id, dtype=torch.long)
         for r, q in enumerate(seqs):
-            ids[r, :len(q)] = torch.tensor(q)
+            ids[r, : len(q)] = torch.tensor(q)
         logits = pm.model(input_ids=ids.to(pm.device)).logits
         logp = torch.log_softmax(logits.float(), dim=-1)  # every position, whole vocabulary
         for r, i in enumerate(idx):
@@ -194,13 +242,23 @@ def bench_scoring(name, pm, questions, peak, device, baseline_n, baseline_batch)
     bl, bo = np.array(bl).reshape(b, 4), np.array(bo).reshape(b, 4)
     ours_o = np.array([[s.logprob for s in row] for row in opt[:b]])
     row = {
-        "model": name, "params_M": round(pm.info.n_params / 1e6, 1), "dtype": str(pm.dtype).removeprefix("torch."),
-        "questions": n, "mean_letter_tokens": round(sum(l_lens) / n, 1), "mean_packed_option_tokens": round(sum(o_lens) / n, 1),
-        "letter_q_per_s": n / t_letter, "option_q_per_s": n / t_option,
-        "baseline_questions": b, "baseline_letter_q_per_s": b / t_bl, "baseline_option_q_per_s": b / t_bo,
-        "letter_speedup": (n / t_letter) / (b / t_bl), "option_speedup": (n / t_option) / (b / t_bo),
-        "letter_mfu": f_letter / t_letter / (peak * 1e12), "option_mfu": f_option / t_option / (peak * 1e12),
-        "letter_tflops": f_letter / t_letter / 1e12, "option_tflops": f_option / t_option / 1e12,
+        "model": name,
+        "params_M": round(pm.info.n_params / 1e6, 1),
+        "dtype": str(pm.dtype).removeprefix("torch."),
+        "questions": n,
+        "mean_letter_tokens": round(sum(l_lens) / n, 1),
+        "mean_packed_option_tokens": round(sum(o_lens) / n, 1),
+        "letter_q_per_s": n / t_letter,
+        "option_q_per_s": n / t_option,
+        "baseline_questions": b,
+        "baseline_letter_q_per_s": b / t_bl,
+        "baseline_option_q_per_s": b / t_bo,
+        "letter_speedup": (n / t_letter) / (b / t_bl),
+        "option_speedup": (n / t_option) / (b / t_bo),
+        "letter_mfu": f_letter / t_letter / (peak * 1e12),
+        "option_mfu": f_option / t_option / (peak * 1e12),
+        "letter_tflops": f_letter / t_letter / 1e12,
+        "option_tflops": f_option / t_option / 1e12,
         "agree_letter": float((lp[:b].argmax(1) == bl.argmax(1)).mean()),
         "agree_option": float((ours_o.argmax(1) == bo.argmax(1)).mean()),
         "max_abs_diff_option_logprob": float(np.abs(ours_o - bo).max()),
@@ -213,18 +271,35 @@ def bench_lora(pm, questions, device, epochs: int, batch_size: int, max_length: 
     from clinqa.adapt.lora import LoraTrainConfig, finetune
     from clinqa.evaluate.prompts import cloze_prompt
 
-    cfg = LoraTrainConfig(epochs=epochs, batch_size=batch_size, max_length=max_length, quantization="none", patience=None,
-                          val_fraction=0.1)
-    tokens = sum(min(max_length, len(pm.encode(cloze_prompt(q) + " " + q.options[q.answer])))
-                 for q in questions) * (1 - cfg.val_fraction) * epochs
+    cfg = LoraTrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        max_length=max_length,
+        quantization="none",
+        patience=None,
+        val_fraction=0.1,
+    )
+    tokens = (
+        sum(min(max_length, len(pm.encode(cloze_prompt(q) + " " + q.options[q.answer]))) for q in questions)
+        * (1 - cfg.val_fraction)
+        * epochs
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory(prefix="clinqa-gpu-lora-") as tmp:
         _, seconds = timed(device, lambda: finetune(pm, questions, cfg, Path(tmp) / "adapter"))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_mb() / 1024
-    return {"model": pm.info.name, "questions": len(questions), "epochs": epochs, "batch_size": batch_size,
-            "train_tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "peak_memory_GiB": peak, "peak_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"}
+    return {
+        "model": pm.info.name,
+        "questions": len(questions),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "train_tokens": int(tokens),
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_memory_GiB": peak,
+        "peak_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+    }
 
 
 def main() -> None:
@@ -234,13 +309,17 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,llama-1b,llama-8b")
     ap.add_argument("--n", type=int, default=1000, help="synthetic questions")
     ap.add_argument("--words", type=int, default=150, help="words per vignette (~200 tokens)")
-    ap.add_argument("--baseline-n", type=int, default=250, help="questions the baseline scores (its per-question rate is compared)")
+    ap.add_argument(
+        "--baseline-n", type=int, default=250, help="questions the baseline scores (its per-question rate is compared)"
+    )
     ap.add_argument("--baseline-batch", type=int, default=32)
     ap.add_argument("--lora-model", default="llama-1b", help="'' to skip LoRA training")
     ap.add_argument("--lora-n", type=int, default=512)
     ap.add_argument("--lora-epochs", type=int, default=1)
     ap.add_argument("--lora-batch", type=int, default=8)
-    ap.add_argument("--tiny", action="store_true", help="smoke mode: tiny configs of the same architectures, few prompts")
+    ap.add_argument(
+        "--tiny", action="store_true", help="smoke mode: tiny configs of the same architectures, few prompts"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -259,9 +338,19 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
     peak = matmul_peak_tflops(device, dtype, 512 if args.tiny or device.type == "cpu" else 8192)
-    print(f"{gpu}; torch {torch.__version__}; {dtype}; measured {str(dtype).removeprefix('torch.')} matmul peak {peak:.3g} TFLOP/s")
+    print(
+        f"{gpu}; torch {torch.__version__}; {dtype}; measured {str(dtype).removeprefix('torch.')} matmul peak {peak:.3g} TFLOP/s"
+    )
     questions = synthetic_questions(args.n, args.words)
-    results = {"device": gpu, "dtype": str(dtype), "matmul_peak_tflops": peak, "tiny": args.tiny, "scoring": [], "lora": None}
+    results = {
+        "device": gpu,
+        "dtype": str(dtype),
+        "matmul_peak_tflops": peak,
+        "tiny": args.tiny,
+        "scoring": [],
+        "lora": None,
+    }
+
     def save() -> None:  # after every model, so a later failure keeps what was measured
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, default=str))
@@ -271,10 +360,13 @@ def main() -> None:
         row = bench_scoring(name, pm, questions, peak, device, args.baseline_n, args.baseline_batch)
         results["scoring"].append(row)
         save()
-        print(f"{name:>13} ({row['params_M']:.0f}M): letter {row['letter_q_per_s']:.1f} q/s ({row['letter_speedup']:.2f}x baseline, "
-              f"MFU {100 * row['letter_mfu']:.1f}%), option {row['option_q_per_s']:.1f} q/s ({row['option_speedup']:.2f}x baseline, "
-              f"MFU {100 * row['option_mfu']:.1f}%); agreement with baseline letter {row['agree_letter']:.3f} option {row['agree_option']:.3f}; "
-              f"{row['mean_letter_tokens']:.0f} tokens/prompt", flush=True)
+        print(
+            f"{name:>13} ({row['params_M']:.0f}M): letter {row['letter_q_per_s']:.1f} q/s ({row['letter_speedup']:.2f}x baseline, "
+            f"MFU {100 * row['letter_mfu']:.1f}%), option {row['option_q_per_s']:.1f} q/s ({row['option_speedup']:.2f}x baseline, "
+            f"MFU {100 * row['option_mfu']:.1f}%); agreement with baseline letter {row['agree_letter']:.3f} option {row['agree_option']:.3f}; "
+            f"{row['mean_letter_tokens']:.0f} tokens/prompt",
+            flush=True,
+        )
         del pm
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -287,8 +379,11 @@ def main() -> None:
             results["lora"] = {"error": f"{type(exc).__name__}: {exc}"}
             save()
             raise
-        print(f"LoRA {args.lora_model}: {lora['tokens_per_s']:.0f} tokens/s ({lora['train_tokens']} tokens in {lora['seconds']:.1f} s), "
-              f"peak memory {lora['peak_memory_GiB']:.2f} GiB ({lora['peak_kind']})", flush=True)
+        print(
+            f"LoRA {args.lora_model}: {lora['tokens_per_s']:.0f} tokens/s ({lora['train_tokens']} tokens in {lora['seconds']:.1f} s), "
+            f"peak memory {lora['peak_memory_GiB']:.2f} GiB ({lora['peak_kind']})",
+            flush=True,
+        )
     save()
 
 

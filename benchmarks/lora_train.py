@@ -49,16 +49,31 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--out", type=Path, help="keep the adapter here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the numbers to this file")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is much faster when other processes share the cores)")
-    ap.add_argument("--from-spec", action="store_true",
-                    help="pass the spec string 'default' (weights loaded from its folder) instead of the loaded model (deep-copied)")
-    ap.add_argument("--data", help="training questions (a data spec or file); default: the bundled cardiology questions")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's choice; 1 is much faster when other processes share the cores)",
+    )
+    ap.add_argument(
+        "--from-spec",
+        action="store_true",
+        help="pass the spec string 'default' (weights loaded from its folder) instead of the loaded model (deep-copied)",
+    )
+    ap.add_argument(
+        "--data", help="training questions (a data spec or file); default: the bundled cardiology questions"
+    )
     ap.add_argument("--limit", type=int, help="with --data: the first N questions")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--compare-checkpointing", action="store_true", help="train twice (plain, checkpointed) and print ratios")
+    ap.add_argument(
+        "--compare-checkpointing", action="store_true", help="train twice (plain, checkpointed) and print ratios"
+    )
     ap.add_argument("--device", help="LoraTrainConfig.device (default: auto)")
     ap.add_argument("--dtype", help="LoraTrainConfig.dtype (default: auto)")
-    ap.add_argument("--compare-old", action="store_true", help="train twice (the old hand-written loop, the Trainer) and print ratios")
+    ap.add_argument(
+        "--compare-old",
+        action="store_true",
+        help="train twice (the old hand-written loop, the Trainer) and print ratios",
+    )
     ap.add_argument("--old-rev", default=OLD_REV, help="git revision holding the old loop (with --compare-old)")
     ap.add_argument("--impl", choices=("trainer", "old"), default="trainer", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -86,18 +101,26 @@ def main() -> None:
         questions = load_questions(args.data, limit=args.limit).questions
     else:
         questions = load_questions("bundled", specialties=["cardiology"]).questions
-    config = LoraTrainConfig(epochs=args.epochs, rank=args.rank, batch_size=args.batch_size, max_length=args.max_length,
-                             gradient_checkpointing=args.gradient_checkpointing,
-                             **({} if args.impl == "old" else {"device": args.device, "dtype": args.dtype}))
+    config = LoraTrainConfig(
+        epochs=args.epochs,
+        rank=args.rank,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        gradient_checkpointing=args.gradient_checkpointing,
+        **({} if args.impl == "old" else {"device": args.device, "dtype": args.dtype}),
+    )
     out = args.out or Path(tempfile.mkdtemp(prefix="clinqa-lora-bench-")) / "adapter"
 
     def progress(step: int, total: int, loss: float | None) -> None:
         if loss is not None:
             print(f"  step {step}/{total}  loss {loss:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    print(f"{machine()}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}; base {base.info.name} ({base.info.n_params / 1e6:.0f}M params); "
-          f"{len(questions)} {'questions of ' + args.data if args.data else 'cardiology questions'}; {args.epochs} epoch(s)"
-          f"{'; gradient checkpointing' if args.gradient_checkpointing else ''}", flush=True)
+    print(
+        f"{machine()}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}; base {base.info.name} ({base.info.n_params / 1e6:.0f}M params); "
+        f"{len(questions)} {'questions of ' + args.data if args.data else 'cardiology questions'}; {args.epochs} epoch(s)"
+        f"{'; gradient checkpointing' if args.gradient_checkpointing else ''}",
+        flush=True,
+    )
     t1 = time.perf_counter()
     result = finetune("default" if args.from_spec else base, questions, config, out, progress=progress)
     wall = time.perf_counter() - t1
@@ -128,11 +151,15 @@ def main() -> None:
         "history": m["history"],
         "cached": result.cached,
     }
-    print(f"tokens/second {numbers['tokens_per_second']}  train seconds {numbers['train_seconds']}  "
-          f"(whole finetune call {numbers['finetune_call_seconds']} s)  peak memory {numbers['peak_memory_mb']} MB")
-    print(f"trainable params {numbers['trainable_params']:,}  quantization {numbers['quantization']}  "
-          f"device {numbers['device']} {numbers['precision']}  "
-          f"val loss {numbers['val_loss_before']:.4f} -> {numbers['val_loss_after']:.4f}")
+    print(
+        f"tokens/second {numbers['tokens_per_second']}  train seconds {numbers['train_seconds']}  "
+        f"(whole finetune call {numbers['finetune_call_seconds']} s)  peak memory {numbers['peak_memory_mb']} MB"
+    )
+    print(
+        f"trainable params {numbers['trainable_params']:,}  quantization {numbers['quantization']}  "
+        f"device {numbers['device']} {numbers['precision']}  "
+        f"val loss {numbers['val_loss_before']:.4f} -> {numbers['val_loss_after']:.4f}"
+    )
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2))
     if args.out is None:
@@ -149,8 +176,12 @@ def old_loop(rev: str):
 
     repo = Path(__file__).resolve().parents[1]
     try:
-        source = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:src/clinqa/adapt/lora.py"], check=True,
-                                capture_output=True, text=True).stdout
+        source = subprocess.run(
+            ["git", "-C", str(repo), "show", f"{rev}:src/clinqa/adapt/lora.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise SystemExit(f"--impl old needs git and revision {rev} of this repository: {exc}") from exc
     path = Path(tempfile.mkdtemp(prefix="clinqa-old-lora-")) / "clinqa_old_lora.py"
@@ -183,18 +214,31 @@ def compare_old(args) -> None:
     try:
         for name, extra in (("old", ["--impl", "old"]), ("trainer", [])):
             print(f"--- {name}", flush=True)
-            subprocess.run([sys.executable, __file__, *passed, *extra, "--out", str(tmp / name), "--json", str(tmp / f"{name}.json")],
-                           check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    *passed,
+                    *extra,
+                    "--out",
+                    str(tmp / name),
+                    "--json",
+                    str(tmp / f"{name}.json"),
+                ],
+                check=True,
+            )
             results[name] = json.loads((tmp / f"{name}.json").read_text())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     a, b = results["old"], results["trainer"]
-    print(f"Trainer vs the old loop (same questions, config and machine; {a['steps']} vs {b['steps']} steps): "
-          f"tokens/second {a['tokens_per_second']} -> {b['tokens_per_second']} ({b['tokens_per_second'] / a['tokens_per_second']:.2f}x), "
-          f"training time {a['train_seconds']:.1f} -> {b['train_seconds']:.1f} s ({b['train_seconds'] / a['train_seconds']:.2f}x), "
-          f"peak memory {a['peak_memory_mb']:.0f} -> {b['peak_memory_mb']:.0f} MB ({b['peak_memory_mb'] / a['peak_memory_mb']:.2f}x); "
-          f"validation loss after: {a['val_loss_after']:.4f} (old) vs {b['val_loss_after']:.4f} (Trainer), "
-          f"before {a['val_loss_before']:.4f}")
+    print(
+        f"Trainer vs the old loop (same questions, config and machine; {a['steps']} vs {b['steps']} steps): "
+        f"tokens/second {a['tokens_per_second']} -> {b['tokens_per_second']} ({b['tokens_per_second'] / a['tokens_per_second']:.2f}x), "
+        f"training time {a['train_seconds']:.1f} -> {b['train_seconds']:.1f} s ({b['train_seconds'] / a['train_seconds']:.2f}x), "
+        f"peak memory {a['peak_memory_mb']:.0f} -> {b['peak_memory_mb']:.0f} MB ({b['peak_memory_mb'] / a['peak_memory_mb']:.2f}x); "
+        f"validation loss after: {a['val_loss_after']:.4f} (old) vs {b['val_loss_after']:.4f} (Trainer), "
+        f"before {a['val_loss_before']:.4f}"
+    )
 
 
 def compare_checkpointing(args) -> None:
@@ -209,8 +253,19 @@ def compare_checkpointing(args) -> None:
     try:
         for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
             print(f"--- {name}", flush=True)
-            subprocess.run([sys.executable, __file__, *passed, *extra, "--out", str(tmp / name), "--json", str(tmp / f"{name}.json")],
-                           check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    *passed,
+                    *extra,
+                    "--out",
+                    str(tmp / name),
+                    "--json",
+                    str(tmp / f"{name}.json"),
+                ],
+                check=True,
+            )
             results[name] = json.loads((tmp / f"{name}.json").read_text())
         w1 = load_file(str(tmp / "plain" / "adapter_model.safetensors"))
         w2 = load_file(str(tmp / "checkpointed" / "adapter_model.safetensors"))
@@ -218,9 +273,11 @@ def compare_checkpointing(args) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     a, b = results["plain"], results["checkpointed"]
-    print(f"gradient checkpointing: peak memory {a['peak_memory_mb']:.0f} -> {b['peak_memory_mb']:.0f} MB "
-          f"({a['peak_memory_mb'] / b['peak_memory_mb']:.2f}x less), training time {a['train_seconds']:.0f} -> "
-          f"{b['train_seconds']:.0f} s ({b['train_seconds'] / a['train_seconds']:.2f}x), largest weight difference {max_diff:.1e}")
+    print(
+        f"gradient checkpointing: peak memory {a['peak_memory_mb']:.0f} -> {b['peak_memory_mb']:.0f} MB "
+        f"({a['peak_memory_mb'] / b['peak_memory_mb']:.2f}x less), training time {a['train_seconds']:.0f} -> "
+        f"{b['train_seconds']:.0f} s ({b['train_seconds'] / a['train_seconds']:.2f}x), largest weight difference {max_diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def typo(text: str, rng: random.Random) -> str:
     w = words[i]
     if len(w) >= 5:
         k = rng.randrange(1, len(w) - 2)
-        w = w[:k] + w[k + 1] + w[k] + w[k + 2:]
+        w = w[:k] + w[k + 1] + w[k] + w[k + 2 :]
     words[i] = w
     return " ".join(words)
 
@@ -84,21 +84,69 @@ def styles(q: dict, target: str, rng: random.Random) -> list[tuple[str, str, str
     low = text[0].lower() + text[1:] if not text[:2].isupper() else text
     listing = "\n".join(f"{k}. {v}" for k, v in opts.items())
     return [
-        ("letter", rng.choice([f"The answer is {target}.", f"Answer: {target}", f"The correct answer is ({target}).",
-                               f"{target}", f"My answer: option {target}."]), target),
+        (
+            "letter",
+            rng.choice(
+                [
+                    f"The answer is {target}.",
+                    f"Answer: {target}",
+                    f"The correct answer is ({target}).",
+                    f"{target}",
+                    f"My answer: option {target}.",
+                ]
+            ),
+            target,
+        ),
         ("letter-lower", rng.choice([f"answer: {target.lower()}", f"{target.lower()})"]), target),
-        ("restate", rng.choice([f"{text}.", f"{text} is the most appropriate choice.", f"The best option is {low}."]), target),
-        ("letter-and-text", rng.choice([f"{target}. {text}", f"{target}) {text}", f"The answer is {target}, {low}."]), target),
-        ("reasoning-letter", f"{opts[o1]} would not be appropriate in this situation, and {opts[o2].lower()} does not fit "
-                             f"the findings either. The best choice is {low}, so the answer is {target}.", target),
-        ("reasoning-text", f"{opts[o1]} would not be appropriate in this situation. The best choice here is {low}.", target),
+        (
+            "restate",
+            rng.choice([f"{text}.", f"{text} is the most appropriate choice.", f"The best option is {low}."]),
+            target,
+        ),
+        (
+            "letter-and-text",
+            rng.choice([f"{target}. {text}", f"{target}) {text}", f"The answer is {target}, {low}."]),
+            target,
+        ),
+        (
+            "reasoning-letter",
+            f"{opts[o1]} would not be appropriate in this situation, and {opts[o2].lower()} does not fit "
+            f"the findings either. The best choice is {low}, so the answer is {target}.",
+            target,
+        ),
+        (
+            "reasoning-text",
+            f"{opts[o1]} would not be appropriate in this situation. The best choice here is {low}.",
+            target,
+        ),
         ("hedge-one", f"I'm not completely sure, but I would go with {low}.", target),
-        ("hedge-two", rng.choice([f"It could be {o1} or {target}; I am not certain.", f"Either {target} or {o2}."]), None),
-        ("refusal", rng.choice(["I'm sorry, but I can't help with medical decisions. Please consult a qualified clinician.",
-                                "As an AI, I cannot provide medical advice.",
-                                "I cannot answer this question without examining the patient."]), None),
-        ("none-of-these", rng.choice(["None of these options is correct.", "None of the above.",
-                                      "No option is appropriate for this patient."]), None),
+        (
+            "hedge-two",
+            rng.choice([f"It could be {o1} or {target}; I am not certain.", f"Either {target} or {o2}."]),
+            None,
+        ),
+        (
+            "refusal",
+            rng.choice(
+                [
+                    "I'm sorry, but I can't help with medical decisions. Please consult a qualified clinician.",
+                    "As an AI, I cannot provide medical advice.",
+                    "I cannot answer this question without examining the patient.",
+                ]
+            ),
+            None,
+        ),
+        (
+            "none-of-these",
+            rng.choice(
+                [
+                    "None of these options is correct.",
+                    "None of the above.",
+                    "No option is appropriate for this patient.",
+                ]
+            ),
+            None,
+        ),
         ("conflict", rng.choice([f"The answer is {o1}: {text}.", f"{o1}. {text}"]), None),
         ("lists-options", listing, None),
         ("typo", f"{typo(text, rng)}.", target),
@@ -123,7 +171,10 @@ def main() -> None:
     out = BUNDLED / "matcher_answers.jsonl"
     with out.open("w") as fh:
         for i, (style, qid, answer, gold) in enumerate(rows):
-            fh.write(json.dumps({"id": f"m{i:03d}", "question_id": qid, "answer": answer, "gold": gold, "style": style}) + "\n")
+            fh.write(
+                json.dumps({"id": f"m{i:03d}", "question_id": qid, "answer": answer, "gold": gold, "style": style})
+                + "\n"
+            )
     print(f"{len(rows)} answers -> {out}")
 
 

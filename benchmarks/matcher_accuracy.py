@@ -47,7 +47,9 @@ def main() -> None:
     from clinqa.evaluate.matcher import match_answers
     from clinqa.evaluate.prompts import generate_prompt
 
-    rows = [json.loads(line) for line in (bundled_dir() / "matcher_answers.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (bundled_dir() / "matcher_answers.jsonl").read_text().splitlines() if line.strip()
+    ]
     questions = {q.id: q for q in load_questions("bundled:clinical").questions}
     options = [questions[r["question_id"]].options for r in rows]
     texts = [r["answer"] for r in rows]
@@ -58,15 +60,19 @@ def main() -> None:
         from clinqa.adapt import load_predictor
 
         predictor = load_predictor(args.model)
-    print(f"{len(rows)} labelled answers to {len(set(r['question_id'] for r in rows))} bundled questions; "
-          f"{sum(r['gold'] is None for r in rows)} commit to no option; {machine()}")
+    print(
+        f"{len(rows)} labelled answers to {len(set(r['question_id'] for r in rows))} bundled questions; "
+        f"{sum(r['gold'] is None for r in rows)} commit to no option; {machine()}"
+    )
     results, decisions = {}, {}
     for name in matchers:
         t = time.perf_counter()
         found = match_answers(texts, options, name, predictor=predictor, prompts=prompts)
         secs = time.perf_counter() - t
         ok = [m.pred == r["gold"] for m, r in zip(found, rows)]
-        decisions[name] = [{"id": r["id"], "pred": m.pred, "rule": m.rule, "right": o} for m, r, o in zip(found, rows, ok)]
+        decisions[name] = [
+            {"id": r["id"], "pred": m.pred, "rule": m.rule, "right": o} for m, r, o in zip(found, rows, ok)
+        ]
         k, n = sum(ok), len(ok)
         committed = [o for o, r in zip(ok, rows) if r["gold"] is not None]
         none = [o for o, r in zip(ok, rows) if r["gold"] is None]
@@ -79,24 +85,36 @@ def main() -> None:
                          "styles": {s: {"n": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(styles.items())},
                          "rules": dict(collections.Counter(m.rule for m in found))}  # fmt: skip
     base = [d["right"] for d in decisions["regex"]]
-    print(f"\n{'matcher':8} {'accuracy':>9} {'95% CI':>15} {'n':>4}  {'commits':>8} {'no option':>9}  vs regex (McNemar)       time")
+    print(
+        f"\n{'matcher':8} {'accuracy':>9} {'95% CI':>15} {'n':>4}  {'commits':>8} {'no option':>9}  vs regex (McNemar)       time"
+    )
     for name, r in results.items():
         mine = [d["right"] for d in decisions[name]]
         b = sum(x and not y for x, y in zip(base, mine))
         c = sum(y and not x for x, y in zip(base, mine))
         p = binomtest(b, b + c).pvalue if b + c else 1.0
-        r["vs_regex"] = {"difference": r["accuracy"] - results["regex"]["accuracy"], "regex_only": b, "this_only": c, "p_mcnemar": p}
+        r["vs_regex"] = {
+            "difference": r["accuracy"] - results["regex"]["accuracy"],
+            "regex_only": b,
+            "this_only": c,
+            "p_mcnemar": p,
+        }
         lo, hi = r["ci"]
-        print(f"{name:8} {100 * r['accuracy']:8.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}] {r['n']:4d}  "
-              f"{100 * r['committed']['accuracy']:7.1f}% {100 * r['no_option']['accuracy']:8.1f}%  "
-              f"{100 * r['vs_regex']['difference']:+5.1f} pts ({b}/{c}, p={p:.3g})  {r['seconds']:6.2f}s "
-              f"(x{r['seconds'] / max(results['regex']['seconds'], 1e-9):.0f} regex)")
+        print(
+            f"{name:8} {100 * r['accuracy']:8.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}] {r['n']:4d}  "
+            f"{100 * r['committed']['accuracy']:7.1f}% {100 * r['no_option']['accuracy']:8.1f}%  "
+            f"{100 * r['vs_regex']['difference']:+5.1f} pts ({b}/{c}, p={p:.3g})  {r['seconds']:6.2f}s "
+            f"(x{r['seconds'] / max(results['regex']['seconds'], 1e-9):.0f} regex)"
+        )
     print("\naccuracy per answer style (n):")
     names = sorted(results["regex"]["styles"])
     print(f"{'style':18} " + " ".join(f"{m:>8}" for m in matchers))
     for s in names:
-        print(f"{s:18} " + " ".join(f"{100 * results[m]['styles'][s]['accuracy']:7.0f}%" for m in matchers)
-              + f"  ({results['regex']['styles'][s]['n']})")
+        print(
+            f"{s:18} "
+            + " ".join(f"{100 * results[m]['styles'][s]['accuracy']:7.0f}%" for m in matchers)
+            + f"  ({results['regex']['styles'][s]['n']})"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, {"results": results, "decisions": decisions, "model": args.model, "machine": machine()})

@@ -47,9 +47,23 @@ def task_rows(questions, task: str):
     rows = []
     for q in questions:
         if task == "letter":
-            rows.append({"id": q.id, "prompt": prompts.letter_prompt(q, q.options), "choices": list(q.options), "gold": q.answer_index})
+            rows.append(
+                {
+                    "id": q.id,
+                    "prompt": prompts.letter_prompt(q, q.options),
+                    "choices": list(q.options),
+                    "gold": q.answer_index,
+                }
+            )
         else:
-            rows.append({"id": q.id, "prompt": prompts.cloze_prompt(q), "choices": list(q.options.values()), "gold": q.answer_index})
+            rows.append(
+                {
+                    "id": q.id,
+                    "prompt": prompts.cloze_prompt(q),
+                    "choices": list(q.options.values()),
+                    "gold": q.answer_index,
+                }
+            )
     return rows
 
 
@@ -79,9 +93,18 @@ def worker_clinqa(task: str, qfile: Path, out: Path) -> None:
     cfg = pred.model.config
     non_embedding = pred.info.n_params - cfg.vocab_size * cfg.hidden_size
     preds = {s.question_id: {"norm": s.pred, "sum": s.extras.get("pred_sum", s.pred)} for s in samples}
-    write_json(out, {"preds": preds, "score_s": t2 - t1, "setup_s": t1 - t0, "tokens": n_tokens,
-                     "flops_per_token": 2 * non_embedding, "peak_rss_mb": peak_rss_mb(),
-                     "acc": sum(s.correct for s in samples) / len(samples)})
+    write_json(
+        out,
+        {
+            "preds": preds,
+            "score_s": t2 - t1,
+            "setup_s": t1 - t0,
+            "tokens": n_tokens,
+            "flops_per_token": 2 * non_embedding,
+            "peak_rss_mb": peak_rss_mb(),
+            "acc": sum(s.correct for s in samples) / len(samples),
+        },
+    )
 
 
 def worker_lmeval(task: str, rows_file: Path, model_dir: str, batch: int, out: Path) -> None:
@@ -89,7 +112,8 @@ def worker_lmeval(task: str, rows_file: Path, model_dir: str, batch: int, out: P
     from lm_eval.tasks import TaskManager
 
     tmp = Path(tempfile.mkdtemp())
-    (tmp / "clinqa_bench.yaml").write_text(textwrap.dedent(f"""\
+    (tmp / "clinqa_bench.yaml").write_text(
+        textwrap.dedent(f"""\
         task: clinqa_bench_{task}
         dataset_path: json
         dataset_kwargs:
@@ -103,20 +127,31 @@ def worker_lmeval(task: str, rows_file: Path, model_dir: str, batch: int, out: P
         metric_list:
           - metric: acc
           - metric: acc_norm
-        """))
-    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
-                                  tasks=[f"clinqa_bench_{task}"], task_manager=TaskManager(include_path=str(tmp)),
-                                  batch_size=batch, device="cpu", log_samples=True)
+        """)
+    )
+    res = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_dir},dtype=float32",
+        tasks=[f"clinqa_bench_{task}"],
+        task_manager=TaskManager(include_path=str(tmp)),
+        batch_size=batch,
+        device="cpu",
+        log_samples=True,
+    )
     docs = res["samples"][f"clinqa_bench_{task}"]
     preds = {}
     for d in docs:
         lls = [r[0] for r in d["filtered_resps"]]
         lens = [len(c) for c in d["doc"]["choices"]]
         letters = "ABCDEFGH"
-        preds[d["doc"]["id"]] = {"sum": letters[max(range(len(lls)), key=lambda i: lls[i])],
-                                 "norm": letters[max(range(len(lls)), key=lambda i: lls[i] / lens[i])]}
-    write_json(out, {"preds": preds, "peak_rss_mb": peak_rss_mb(),
-                     "acc": res["results"][f"clinqa_bench_{task}"].get("acc,none")})
+        preds[d["doc"]["id"]] = {
+            "sum": letters[max(range(len(lls)), key=lambda i: lls[i])],
+            "norm": letters[max(range(len(lls)), key=lambda i: lls[i] / lens[i])],
+        }
+    write_json(
+        out,
+        {"preds": preds, "peak_rss_mb": peak_rss_mb(), "acc": res["results"][f"clinqa_bench_{task}"].get("acc,none")},
+    )
 
 
 # -- orchestration --------------------------------------------------------------------------------------
@@ -156,22 +191,45 @@ def main() -> None:
         rows.write_text("".join(json.dumps(r) + "\n" for r in task_rows(questions, task)))
         ours_out, theirs_out = tmp / f"clinqa-{task}.json", tmp / f"lmeval-{task}.json"
         t_ours = run_process(["--worker", "clinqa", "--task", task, "--input", str(qfile), "--out", str(ours_out)])
-        t_theirs = run_process(["--worker", "lmeval", "--task", task, "--input", str(rows), "--model-dir", model_dir,
-                                "--out", str(theirs_out), "--lm-eval-batch", str(args.lm_eval_batch)])
+        t_theirs = run_process(
+            [
+                "--worker",
+                "lmeval",
+                "--task",
+                task,
+                "--input",
+                str(rows),
+                "--model-dir",
+                model_dir,
+                "--out",
+                str(theirs_out),
+                "--lm-eval-batch",
+                str(args.lm_eval_batch),
+            ]
+        )
         ours, theirs = json.loads(ours_out.read_text()), json.loads(theirs_out.read_text())
         key = "sum" if task == "letter" else "norm"
         n = len(questions)
         same = {k: sum(ours["preds"][q][k] == theirs["preds"][q][k] for q in ours["preds"]) for k in ("sum", "norm")}
         gold = {q.id: q.answer for q in questions}
-        acc = {name: sum(r["preds"][q][key] == gold[q] for q in gold) / n for name, r in (("clinqa", ours), ("lm-eval", theirs))}
+        acc = {
+            name: sum(r["preds"][q][key] == gold[q] for q in gold) / n
+            for name, r in (("clinqa", ours), ("lm-eval", theirs))
+        }
         tok_s = ours["tokens"] / ours["score_s"]
         share = tok_s * ours["flops_per_token"] / (peak * 1e9)
-        print(f"\n[{task}] whole process: clinqa {n / t_ours:.2f} q/s ({t_ours:.1f} s), lm-eval {n / t_theirs:.2f} q/s "
-              f"({t_theirs:.1f} s, batch {args.lm_eval_batch}) -> ratio {t_theirs / t_ours:.2f}x")
-        print(f"[{task}] clinqa scoring loop: {n / ours['score_s']:.2f} q/s, {tok_s:.0f} tokens/s = {100 * share:.0f}% of matmul peak "
-              f"({ours['flops_per_token'] / 1e6:.0f} MFLOP/token); setup {ours['setup_s']:.1f} s")
-        print(f"[{task}] identical predictions: {same[key]}/{n} ({'acc' if key == 'sum' else 'acc_norm'}); "
-              f"other variant {same['norm' if key == 'sum' else 'sum']}/{n}; accuracy clinqa {acc['clinqa']:.3f} lm-eval {acc['lm-eval']:.3f}")
+        print(
+            f"\n[{task}] whole process: clinqa {n / t_ours:.2f} q/s ({t_ours:.1f} s), lm-eval {n / t_theirs:.2f} q/s "
+            f"({t_theirs:.1f} s, batch {args.lm_eval_batch}) -> ratio {t_theirs / t_ours:.2f}x"
+        )
+        print(
+            f"[{task}] clinqa scoring loop: {n / ours['score_s']:.2f} q/s, {tok_s:.0f} tokens/s = {100 * share:.0f}% of matmul peak "
+            f"({ours['flops_per_token'] / 1e6:.0f} MFLOP/token); setup {ours['setup_s']:.1f} s"
+        )
+        print(
+            f"[{task}] identical predictions: {same[key]}/{n} ({'acc' if key == 'sum' else 'acc_norm'}); "
+            f"other variant {same['norm' if key == 'sum' else 'sum']}/{n}; accuracy clinqa {acc['clinqa']:.3f} lm-eval {acc['lm-eval']:.3f}"
+        )
         print(f"[{task}] peak memory: clinqa {ours['peak_rss_mb']:.0f} MB, lm-eval {theirs['peak_rss_mb']:.0f} MB")
 
 

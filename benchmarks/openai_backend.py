@@ -38,8 +38,25 @@ def start_server(gguf: Path, threads: int, log: Path) -> tuple[subprocess.Popen,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", ALIAS, "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--model_alias",
+        ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+    ]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -99,8 +116,10 @@ def main() -> None:
     same = sum(remote[q] == local[q] for q in local)
     acc = {name: sum(p[q] == gold[q] for q in gold) / n for name, p in (("openai", remote), ("default", local))}
     print(f"machine: {machine()}; {args.threads} threads per backend; {n} bundled questions, letter method")
-    print(f"openai: (llama.cpp server, Q4_1) {t_remote:.3f} s/question; default (torch fp32) {t_local:.3f} s/question "
-          f"-> ratio {t_remote / t_local:.2f}x")
+    print(
+        f"openai: (llama.cpp server, Q4_1) {t_remote:.3f} s/question; default (torch fp32) {t_local:.3f} s/question "
+        f"-> ratio {t_remote / t_local:.2f}x"
+    )
     print(f"identical predictions: {same}/{n}; accuracy openai {acc['openai']:.3f}, default {acc['default']:.3f}")
 
 

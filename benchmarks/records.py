@@ -71,9 +71,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=6)
     ap.add_argument("--pairs", type=int, default=256, help="(question, line) pairs for the LLM-selector timing")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the shared vs unshared selector timing")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="interleaved repeats of the shared vs unshared selector timing"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own; 1 helps on a busy machine)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own; 1 helps on a busy machine)"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.threads:
@@ -101,10 +105,15 @@ def main() -> None:
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
     print(f"record: {path.name}: {len(lines)} resources, {record_tokens} tokens rendered (window {context_window(model)}), "
           f"loaded+rendered in {load_s:.2f} s")  # fmt: skip
-    print(f"questions: {len(questions)} ({', '.join(q.qtype for q in questions)}); max_new_tokens={args.max_new_tokens}")
+    print(
+        f"questions: {len(questions)} ({', '.join(q.qtype for q in questions)}); max_new_tokens={args.max_new_tokens}"
+    )
 
     results = {}
-    for name, selector in [("two_stage_bm25_top8", RetrievalSelector("bm25", top_k=8)), ("full_record", FullRecordBaseline())]:
+    for name, selector in [
+        ("two_stage_bm25_top8", RetrievalSelector("bm25", top_k=8)),
+        ("full_record", FullRecordBaseline()),
+    ]:
         r = run_system(model, record, lines, questions, selector, args.max_new_tokens)
         results[name] = r
         print(f"{name:>20}: {r['questions_per_second']:.4f} q/s ({r['seconds'] / r['questions']:.1f} s/q), "
@@ -136,8 +145,11 @@ def main() -> None:
     two, full = results["two_stage_bm25_top8"], results["full_record"]
     ratios = {
         "speedup_two_stage_vs_full": two["questions_per_second"] / full["questions_per_second"],
-        "token_ratio_full_vs_two_stage": full["tokens_per_question"] / two["tokens_per_question"] if two["tokens_per_question"] else None,
-        "llm_selection_vs_full_seconds_per_question": llm["seconds_per_question_whole_record"] / (full["seconds"] / full["questions"]),
+        "token_ratio_full_vs_two_stage": full["tokens_per_question"] / two["tokens_per_question"]
+        if two["tokens_per_question"]
+        else None,
+        "llm_selection_vs_full_seconds_per_question": llm["seconds_per_question_whole_record"]
+        / (full["seconds"] / full["questions"]),
     }
     print(f"ratios: two-stage is {ratios['speedup_two_stage_vs_full']:.1f}x faster than full record and processes "
           f"{ratios['token_ratio_full_vs_two_stage'] or float('nan'):.1f}x fewer tokens; LLM selection over the whole record "

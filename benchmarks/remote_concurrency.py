@@ -69,9 +69,17 @@ def eval_part(server, args, workdir: Path) -> dict:
     for name, spec in (("serial", f"{base}@concurrency=1,batch=1"), ("parallel", f"{base}@batch=1"), ("default", base)):
         preds, seconds, conc = timed_eval(spec, questions, workdir / f"eval-{name}", server)
         n_req = sum(1 for path, _ in server.requests if path.endswith("/completions"))
-        runs[name] = {"spec": spec.replace(server.url, "URL"), "seconds": round(seconds, 2), "requests": n_req,
-                      "max_in_flight": server.max_in_flight, "preds": preds}
-        print(f"  eval {name:8s} {seconds:6.2f} s  {n_req:4d} requests, at most {server.max_in_flight} in flight", flush=True)
+        runs[name] = {
+            "spec": spec.replace(server.url, "URL"),
+            "seconds": round(seconds, 2),
+            "requests": n_req,
+            "max_in_flight": server.max_in_flight,
+            "preds": preds,
+        }
+        print(
+            f"  eval {name:8s} {seconds:6.2f} s  {n_req:4d} requests, at most {server.max_in_flight} in flight",
+            flush=True,
+        )
     serial = runs["serial"]
     out = {"questions": len(questions)}
     for name, r in runs.items():
@@ -89,8 +97,15 @@ def serve_part(server, args, workdir: Path) -> dict:
     for name, conc in (("one_worker", 1), ("default", 8)):
         sub = workdir / f"serve-{name}"
         sub.mkdir()
-        sargs = SimpleNamespace(model=f"openai:{server.url}#fake", patients=4, timeout=120.0, max_new_tokens=32,
-                                clients=args.clients, fake_latency=0.0, model_concurrency=conc)
+        sargs = SimpleNamespace(
+            model=f"openai:{server.url}#fake",
+            patients=4,
+            timeout=120.0,
+            max_new_tokens=32,
+            clients=args.clients,
+            fake_latency=0.0,
+            model_concurrency=conc,
+        )
         config_path, key, patients = sl.setup(sub, sargs)
         config = json.loads(config_path.read_text())
         url = f"http://127.0.0.1:{config['port']}"
@@ -109,8 +124,11 @@ def serve_part(server, args, workdir: Path) -> dict:
         summary["model_concurrency"] = conc
         summary["server_max_in_flight"] = server.max_in_flight
         out[name] = summary
-        print(f"  serve {name:10s} model_concurrency={conc}: {summary['requests_per_s']} req/s, {summary['errors']} errors, "
-              f"p50 {summary['latency_p50_s']} s, at most {server.max_in_flight} model requests in flight", flush=True)
+        print(
+            f"  serve {name:10s} model_concurrency={conc}: {summary['requests_per_s']} req/s, {summary['errors']} errors, "
+            f"p50 {summary['latency_p50_s']} s, at most {server.max_in_flight} model requests in flight",
+            flush=True,
+        )
     out["speedup"] = round(out["default"]["requests_per_s"] / max(out["one_worker"]["requests_per_s"], 1e-9), 1)
     return out
 
@@ -119,8 +137,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--latency", type=float, default=0.1, help="the fake server's seconds per request")
-    ap.add_argument("--serve-latency", type=float, default=None, help="the fake server's latency for the serve part "
-                    "(default: --latency)")
+    ap.add_argument(
+        "--serve-latency",
+        type=float,
+        default=None,
+        help="the fake server's latency for the serve part (default: --latency)",
+    )
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients of the service")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per service run")
     ap.add_argument("--skip-eval", action="store_true")
@@ -140,28 +162,36 @@ def main() -> int:
             report["serve"] = sv = serve_part(server, args, workdir)
     report["load_average_after"] = os.getloadavg()
 
-    print(f"\nopenai: backend and serve vs a {args.latency * 1000:.0f} ms fake server; {report['machine']}; "
-          f"load average {tuple(round(x, 1) for x in report['load_average_before'])}")
+    print(
+        f"\nopenai: backend and serve vs a {args.latency * 1000:.0f} ms fake server; {report['machine']}; "
+        f"load average {tuple(round(x, 1) for x in report['load_average_before'])}"
+    )
     if "eval" in report:
         ev = report["eval"]
         print(f"eval --method letter, {ev['questions']} bundled questions, batch size 16:")
         for name in ("serial", "parallel", "default"):
             r = ev[name]
-            print(f"  {name:8s} {r['seconds']:6.2f} s  {r['requests']:4d} requests  {r['speedup_vs_serial']:5.1f}x serial  "
-                  f"identical predictions: {r['identical_predictions']}  ({r['spec']})")
+            print(
+                f"  {name:8s} {r['seconds']:6.2f} s  {r['requests']:4d} requests  {r['speedup_vs_serial']:5.1f}x serial  "
+                f"identical predictions: {r['identical_predictions']}  ({r['spec']})"
+            )
             if not r["identical_predictions"]:
                 failures.append(f"eval {name}: predictions differ from serial")
         if ev["default"]["speedup_vs_serial"] < 10:
             failures.append(f"eval speedup {ev['default']['speedup_vs_serial']}x < 10x")
     if "serve" in report:
-        print(f"serve, {args.clients} clients for {args.duration:.0f} s, remote backend answering in "
-              f"{report['serve_latency_s'] * 1000:.0f} ms:")
+        print(
+            f"serve, {args.clients} clients for {args.duration:.0f} s, remote backend answering in "
+            f"{report['serve_latency_s'] * 1000:.0f} ms:"
+        )
         for name in ("one_worker", "default"):
             r = sv[name]
             a = r["audit"]
-            print(f"  model_concurrency={r['model_concurrency']}: {r['requests_per_s']} req/s ({r['ok']} ok, {r['errors']} errors), "
-                  f"p50 {r['latency_p50_s']} s; audit: {a['ask_entries']} entries for {a['checked_requests']} requests, "
-                  f"missing {len(a['missing'])}, duplicated {len(a['duplicates'])}, chain {'ok' if a['chain_ok'] else 'BROKEN'}")
+            print(
+                f"  model_concurrency={r['model_concurrency']}: {r['requests_per_s']} req/s ({r['ok']} ok, {r['errors']} errors), "
+                f"p50 {r['latency_p50_s']} s; audit: {a['ask_entries']} entries for {a['checked_requests']} requests, "
+                f"missing {len(a['missing'])}, duplicated {len(a['duplicates'])}, chain {'ok' if a['chain_ok'] else 'BROKEN'}"
+            )
             if r["errors"] or a["missing"] or a["duplicates"] or not a["chain_ok"]:
                 failures.append(f"serve {name}: errors or audit problems")
         print(f"  ratio {sv['speedup']}x requests/s (goal >= 5x)")

@@ -87,8 +87,14 @@ def main() -> None:
         if Index.is_index(out):
             print(f"reusing the index in {out} (build times as recorded when it was built)")
         else:
-            build_index(docs, out, dense=True, max_words=args.max_words, overlap=args.overlap,
-                        progress=lambda s, d, t: print(f"  {s} {d}/{t}", end="\r", flush=True) if s == "embed" else None)
+            build_index(
+                docs,
+                out,
+                dense=True,
+                max_words=args.max_words,
+                overlap=args.overlap,
+                progress=lambda s, d, t: print(f"  {s} {d}/{t}", end="\r", flush=True) if s == "embed" else None,
+            )
             print()
         build_wall = time.perf_counter() - t0
         size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
@@ -100,9 +106,11 @@ def main() -> None:
         for p in index.passages:
             pmid = p.doc_id.split("-", 1)[0]
             n_relevant[pmid] = n_relevant.get(pmid, 0) + 1
-        print(f"corpus: {meta['n_documents']} documents -> {meta['n_passages']} passages "
-              f"({args.max_words} words, overlap {args.overlap}); {len(questions)} questions; index {size_mb:.1f} MB, "
-              f"loads in {load_s:.2f}s")
+        print(
+            f"corpus: {meta['n_documents']} documents -> {meta['n_passages']} passages "
+            f"({args.max_words} words, overlap {args.overlap}); {len(questions)} questions; index {size_mb:.1f} MB, "
+            f"loads in {load_s:.2f}s"
+        )
         index.search("warm up the encoder", k=10, mode="dense")
 
         texts = [q for _, q in questions]
@@ -116,17 +124,29 @@ def main() -> None:
             for q in sample:
                 index.search(q, k=10, mode=mode)
             single = time.perf_counter() - t0
-            rows[mode] = {"qps_batched": len(texts) / batched, "qps_single": len(sample) / single,
-                          **evaluate(results, questions, n_relevant)}
+            rows[mode] = {
+                "qps_batched": len(texts) / batched,
+                "qps_single": len(sample) / single,
+                **evaluate(results, questions, n_relevant),
+            }
 
     bs = meta["build_seconds"]
     build = {"bm25": bs["bm25"], "dense": bs["dense"], "fused": bs["bm25"] + bs["dense"]}
-    report = {"machine": machine(), "n_passages": meta["n_passages"], "n_questions": len(questions),
-              "build_seconds": {**bs, "wall": build_wall}, "index_mb": size_mb, "load_seconds": load_s,
-              "modes": rows, "peak_rss_mb": peak_rss_mb()}
+    report = {
+        "machine": machine(),
+        "n_passages": meta["n_passages"],
+        "n_questions": len(questions),
+        "build_seconds": {**bs, "wall": build_wall},
+        "index_mb": size_mb,
+        "load_seconds": load_s,
+        "modes": rows,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
-    print(f"\nbuild: chunk {bs['chunk']:.2f}s, BM25 {bs['bm25']:.2f}s, dense {bs['dense']:.1f}s "
-          f"({meta['n_passages'] / bs['dense']:.0f} passages/s), save {bs['save']:.2f}s, total {bs['total']:.1f}s")
+    print(
+        f"\nbuild: chunk {bs['chunk']:.2f}s, BM25 {bs['bm25']:.2f}s, dense {bs['dense']:.1f}s "
+        f"({meta['n_passages'] / bs['dense']:.0f} passages/s), save {bs['save']:.2f}s, total {bs['total']:.1f}s"
+    )
     cols = ["build s", "q/s batched", "q/s single", "recall@1", "recall@5", "recall@10", "frac@10", "mrr@10"]
     keys = [None, "qps_batched", "qps_single", "recall@1", "recall@5", "recall@10", "frac@10", "mrr@10"]
     print("\n" + f"{'mode':<7}" + "".join(f"{c:>13}" for c in cols))
@@ -139,7 +159,9 @@ def main() -> None:
         print(f"{mode:<7}" + "".join(f"{v:>12.2f}x" for v in vals))
     load_after = os.getloadavg()
     report["load_average"] = {"before": load_before, "after": load_after}
-    print(f"\npeak RSS {peak_rss_mb():.0f} MB; load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    print(
+        f"\npeak RSS {peak_rss_mb():.0f} MB; load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}"
+    )
     if args.json:
         write_json(args.json, report)
 

@@ -91,7 +91,9 @@ def child(config_path: str, model: str, fake_latency: float) -> None:
 
     logging.basicConfig(level="WARNING")
     app = create_app(config, predictor=FakeModel(fake_latency))
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    )
     install_log_redaction()
     server.run()
 
@@ -132,8 +134,18 @@ def free_port() -> int:
 def start_server(args, config_path: Path, log_path: Path) -> subprocess.Popen:
     log = open(log_path, "ab")
     return subprocess.Popen(
-        [sys.executable, __file__, "--child", str(config_path), "--model", args.model, "--fake-latency", str(args.fake_latency)],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(config_path),
+            "--model",
+            args.model,
+            "--fake-latency",
+            str(args.fake_latency),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -171,10 +183,22 @@ async def load(url: str, key: str, patients: list[str], clients: int, duration: 
             question = f"{QUESTIONS[n % len(QUESTIONS)]} (ref {tag}-{n})"
             t0 = time.perf_counter()
             try:
-                r = await http.post(f"{url}/api/patients/{patient}/ask", json={"question": question},
-                                    headers={"Authorization": f"Bearer {key}"})
-                results.append(Result(n, patient, question, r.status_code, time.perf_counter() - t0, t0,
-                                      "" if r.status_code < 300 else r.text[:200]))
+                r = await http.post(
+                    f"{url}/api/patients/{patient}/ask",
+                    json={"question": question},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                results.append(
+                    Result(
+                        n,
+                        patient,
+                        question,
+                        r.status_code,
+                        time.perf_counter() - t0,
+                        t0,
+                        "" if r.status_code < 300 else r.text[:200],
+                    )
+                )
             except httpx.HTTPError as e:
                 results.append(Result(n, patient, question, 0, time.perf_counter() - t0, t0, type(e).__name__))
                 if stop.is_set():
@@ -210,8 +234,13 @@ def audit_check(audit_path: Path, results: list[Result], *, acknowledged_only: b
     dupes = [r.n for r in results if by_hash.get(hash_question(r.question), 0) > 1]
     unacked_with_entry = [r.n for r in results if r.status == 0 and by_hash.get(hash_question(r.question), 0) == 1]
     return {
-        "chain_ok": verify.ok, "chain_message": verify.message, "entries": verify.n, "ask_entries": len(entries),
-        "checked_requests": len(checked), "missing": missing, "duplicates": dupes,
+        "chain_ok": verify.ok,
+        "chain_message": verify.message,
+        "entries": verify.n,
+        "ask_entries": len(entries),
+        "checked_requests": len(checked),
+        "missing": missing,
+        "duplicates": dupes,
         "in_flight_at_kill_with_entry": unacked_with_entry,
     }
 
@@ -220,9 +249,13 @@ def summarise(results: list[Result], wall: float) -> dict:
     ok = [r for r in results if 200 <= r.status < 300]
     lat = [r.latency_s for r in ok]
     return {
-        "requests": len(results), "ok": len(ok), "errors": len(results) - len(ok), "wall_s": round(wall, 2),
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "wall_s": round(wall, 2),
         "requests_per_s": round(len(ok) / wall, 3) if wall else 0.0,
-        "latency_p50_s": round(percentile(lat, 50), 3), "latency_p95_s": round(percentile(lat, 95), 3),
+        "latency_p50_s": round(percentile(lat, 50), 3),
+        "latency_p95_s": round(percentile(lat, 95), 3),
         "latency_p99_s": round(percentile(lat, 99), 3),
         "error_kinds": sorted({f"{r.status} {r.error[:80]}" for r in results if not 200 <= r.status < 300}),
     }
@@ -263,8 +296,12 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--timeout", type=float, default=600.0, help="the server's request time budget (s)")
     ap.add_argument("--fake-latency", type=float, default=0.05)
-    ap.add_argument("--model-concurrency", type=int, default=None,
-                    help="the service's model calls at once with an openai: backend (default: the service's, 8)")
+    ap.add_argument(
+        "--model-concurrency",
+        type=int,
+        default=None,
+        help="the service's model calls at once with an openai: backend (default: the service's, 8)",
+    )
     ap.add_argument("--no-fault", action="store_true", help="skip the SIGKILL run")
     ap.add_argument("--kill-after-acks", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=None)
@@ -277,9 +314,15 @@ def main() -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="clinqa-serve-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    report: dict = {"machine": machine(), "load_average_before": os.getloadavg(), "model": args.model,
-                    "clients": args.clients, "duration_s": args.duration, "max_new_tokens": args.max_new_tokens,
-                    "workdir": str(workdir)}
+    report: dict = {
+        "machine": machine(),
+        "load_average_before": os.getloadavg(),
+        "model": args.model,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "max_new_tokens": args.max_new_tokens,
+        "workdir": str(workdir),
+    }
     config_path, key, patients = setup(workdir, args)
     config = json.loads(config_path.read_text())
     url = f"http://127.0.0.1:{config['port']}"
@@ -292,8 +335,10 @@ def main() -> int:
     try:
         report["startup_s"] = round(wait_ready(proc, url, timeout=900), 1)
         memory_ready = server_memory_mb(proc.pid)
-        print(f"server ready in {report['startup_s']} s ({args.model}); {args.clients} clients for {args.duration:.0f} s ...",
-              flush=True)
+        print(
+            f"server ready in {report['startup_s']} s ({args.model}); {args.clients} clients for {args.duration:.0f} s ...",
+            flush=True,
+        )
         t0 = time.perf_counter()
         results = asyncio.run(load(url, key, patients, args.clients, args.duration, client_timeout, "load"))
         wall = time.perf_counter() - t0
@@ -302,8 +347,11 @@ def main() -> int:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     report["load"] = summarise(results, wall)
-    report["load"]["server_memory_mb"] = {"rss_ready": memory_ready.get("VmRSS"), "rss_after": memory_after.get("VmRSS"),
-                                          "peak": memory_after.get("VmHWM")}
+    report["load"]["server_memory_mb"] = {
+        "rss_ready": memory_ready.get("VmRSS"),
+        "rss_after": memory_after.get("VmRSS"),
+        "peak": memory_after.get("VmHWM"),
+    }
     report["load"]["audit"] = audit_check(Path(config["audit_db"]), results, acknowledged_only=False)
     a = report["load"]["audit"]
     if report["load"]["errors"]:
@@ -320,7 +368,9 @@ def main() -> int:
         async def fault() -> tuple[list[Result], float]:
             stop = asyncio.Event()
             results: list[Result] = []
-            task = asyncio.create_task(load(url, key, patients, args.clients, 3600, client_timeout, "fault", stop, results))
+            task = asyncio.create_task(
+                load(url, key, patients, args.clients, 3600, client_timeout, "fault", stop, results)
+            )
             t0 = time.perf_counter()
             while sum(1 for r in results if 200 <= r.status < 300) < args.kill_after_acks:
                 if task.done():
@@ -350,9 +400,13 @@ def main() -> int:
         with AuditLog(config["audit_db"]) as log:
             final = log.verify()
         report["fault"] = {
-            "killed_after_s": round(killed_at, 2), "acknowledged": acked, "lost_in_flight": in_flight,
-            "audit_after_restart": check, "requests_after_restart": [r.status for r in after],
-            "chain_after_restart_ok": final.ok, "entries_total": final.n,
+            "killed_after_s": round(killed_at, 2),
+            "acknowledged": acked,
+            "lost_in_flight": in_flight,
+            "audit_after_restart": check,
+            "requests_after_restart": [r.status for r in after],
+            "chain_after_restart_ok": final.ok,
+            "entries_total": final.n,
         }
         if not check["chain_ok"] or check["missing"] or check["duplicates"] or not final.ok:
             failures.append(f"fault run audit: {check}")
@@ -370,27 +424,39 @@ def main() -> int:
 
 def print_report(r: dict) -> None:
     load = r["load"]
-    print(f"\nclinqa serve load test: {r['machine']}; load average before {tuple(round(x, 1) for x in r['load_average_before'])}")
-    print(f"model {r['model']}, max_new_tokens {r['max_new_tokens']}, {r['clients']} clients, {r['duration_s']:.0f} s "
-          f"(server ready in {r.get('startup_s')} s)")
-    print(f"  requests {load['requests']}  ok {load['ok']}  errors {load['errors']}  "
-          f"{load['requests_per_s']} req/s over {load['wall_s']} s")
+    print(
+        f"\nclinqa serve load test: {r['machine']}; load average before {tuple(round(x, 1) for x in r['load_average_before'])}"
+    )
+    print(
+        f"model {r['model']}, max_new_tokens {r['max_new_tokens']}, {r['clients']} clients, {r['duration_s']:.0f} s "
+        f"(server ready in {r.get('startup_s')} s)"
+    )
+    print(
+        f"  requests {load['requests']}  ok {load['ok']}  errors {load['errors']}  "
+        f"{load['requests_per_s']} req/s over {load['wall_s']} s"
+    )
     print(f"  latency p50 {load['latency_p50_s']} s  p95 {load['latency_p95_s']} s  p99 {load['latency_p99_s']} s")
     m = load.get("server_memory_mb") or {}
     if m.get("peak"):
-        print(f"  server memory: {m['rss_ready']} MB resident when ready, {m['rss_after']} MB after the load, peak {m['peak']} MB")
+        print(
+            f"  server memory: {m['rss_ready']} MB resident when ready, {m['rss_after']} MB after the load, peak {m['peak']} MB"
+        )
     a = load["audit"]
-    print(f"  audit: {a['ask_entries']} ask entries for {a['checked_requests']} requests, missing {len(a['missing'])}, "
-          f"duplicated {len(a['duplicates'])}; chain: {a['chain_message']}")
+    print(
+        f"  audit: {a['ask_entries']} ask entries for {a['checked_requests']} requests, missing {len(a['missing'])}, "
+        f"duplicated {len(a['duplicates'])}; chain: {a['chain_message']}"
+    )
     if "fault" in r:
         f = r["fault"]
         c = f["audit_after_restart"]
-        print(f"  fault: SIGKILL at {f['killed_after_s']} s with {f['acknowledged']} acknowledged and "
-              f"{f['lost_in_flight']} in flight; after restart: chain {'ok' if c['chain_ok'] else 'BROKEN'} "
-              f"({c['chain_message']}), acknowledged without entry {len(c['missing'])}, duplicated {len(c['duplicates'])}, "
-              f"in-flight requests that had been audited {len(c['in_flight_at_kill_with_entry'])}; "
-              f"requests after restart {f['requests_after_restart']}, final chain "
-              f"{'ok' if f['chain_after_restart_ok'] else 'BROKEN'} ({f['entries_total']} entries)")
+        print(
+            f"  fault: SIGKILL at {f['killed_after_s']} s with {f['acknowledged']} acknowledged and "
+            f"{f['lost_in_flight']} in flight; after restart: chain {'ok' if c['chain_ok'] else 'BROKEN'} "
+            f"({c['chain_message']}), acknowledged without entry {len(c['missing'])}, duplicated {len(c['duplicates'])}, "
+            f"in-flight requests that had been audited {len(c['in_flight_at_kill_with_entry'])}; "
+            f"requests after restart {f['requests_after_restart']}, final chain "
+            f"{'ok' if f['chain_after_restart_ok'] else 'BROKEN'} ({f['entries_total']} entries)"
+        )
     print("PASS" if r["ok"] else "FAIL: " + "; ".join(r["failures"]))
 
 

@@ -98,14 +98,17 @@ def annotate_dev(mirage: Path | str, out: Path, limit: int | None) -> Path:
     log(f"1 annotate: MiniLM trained on {ALL_SPECIALTIES_SPEC}, {len(dev)} MedMCQA dev questions ({done} already done)")
     ann = bundled_annotator()
     for s in range(done, len(dev), CHUNK):
-        batch = dev[s:s + CHUNK]
+        batch = dev[s : s + CHUNK]
         probs = ann.predict_proba(batch)
         with open(path, "a", encoding="utf-8") as fh:
             for q, row in zip(batch, probs):
                 order = row.argsort()[::-1]
                 top = SPECIALTY_IDS[int(order[0])]
-                info = {"annotator": f"MiniLM trained on {ALL_SPECIALTIES_SPEC}", "prob": float(row[order[0]]),
-                        "top3": {SPECIALTY_IDS[int(j)]: round(float(row[j]), 4) for j in order[:3]}}
+                info = {
+                    "annotator": f"MiniLM trained on {ALL_SPECIALTIES_SPEC}",
+                    "prob": float(row[order[0]]),
+                    "top3": {SPECIALTY_IDS[int(j)]: round(float(row[j]), 4) for j in order[:3]},
+                }
                 d = q.model_copy(update={"specialties": [top], "meta": {**q.meta, "specialty_annotation": info}})
                 fh.write(json.dumps(d.model_dump(), ensure_ascii=False) + "\n")
         log(f"  annotated {min(s + CHUNK, len(dev))}/{len(dev)}")
@@ -124,8 +127,10 @@ def select(labelled: Path, out: Path, specs: tuple[str, ...], per_specialty: int
     for s in specs:
         mine = [r for r in rows if r["specialties"] and r["specialties"][0] == s]
         sure = sorted((r for r in mine if r["meta"]["specialty_annotation"]["prob"] >= min_prob), key=lambda r: r["id"])
-        rest = sorted((r for r in mine if r["meta"]["specialty_annotation"]["prob"] < min_prob),
-                      key=lambda r: (-r["meta"]["specialty_annotation"]["prob"], r["id"]))
+        rest = sorted(
+            (r for r in mine if r["meta"]["specialty_annotation"]["prob"] < min_prob),
+            key=lambda r: (-r["meta"]["specialty_annotation"]["prob"], r["id"]),
+        )
         pick = random.Random(f"{seed}|select|{s}").sample(sure, min(per_specialty, len(sure)))
         pick += rest[: per_specialty - len(pick)]
         info["specialties"][s] = {"labelled": len(mine), f"prob>={min_prob}": len(sure), "selected": len(pick)}
@@ -134,8 +139,10 @@ def select(labelled: Path, out: Path, specs: tuple[str, ...], per_specialty: int
         chosen += pick
     if short:
         n = min(v["selected"] for v in info["specialties"].values())
-        log(f"2 select: fewer than {per_specialty} questions for {', '.join(short)}: balancing at {n} per specialty "
-            "(MedMCQA dev is too small for the asked size; --pool adds a larger labelled source such as MedMCQA's train split)")
+        log(
+            f"2 select: fewer than {per_specialty} questions for {', '.join(short)}: balancing at {n} per specialty "
+            "(MedMCQA dev is too small for the asked size; --pool adds a larger labelled source such as MedMCQA's train split)"
+        )
         by = {s: [r for r in chosen if r["specialties"][0] == s] for s in specs}
         chosen = [r for s in specs for r in by[s][:n]]
         info["balanced_at"] = n
@@ -143,7 +150,10 @@ def select(labelled: Path, out: Path, specs: tuple[str, ...], per_specialty: int
         for r in chosen:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     write_json(out / "selection.json", info)
-    log(f"2 select: {len(chosen)} questions, " + ", ".join(f"{s} {v['selected']} (of {v['labelled']})" for s, v in info["specialties"].items()))
+    log(
+        f"2 select: {len(chosen)} questions, "
+        + ", ".join(f"{s} {v['selected']} (of {v['labelled']})" for s, v in info["specialties"].items())
+    )
     return path
 
 
@@ -166,8 +176,9 @@ def control_split(mmlu: Path, out: Path, n_test: int | None, n_train: int | None
     return train_p, test_p
 
 
-def general_ability(base, model_spec: str, xs_dir: Path, names: list[str], test_path: Path, out: Path, shuffles: int,
-                    seed: int) -> dict:
+def general_ability(
+    base, model_spec: str, xs_dir: Path, names: list[str], test_path: Path, out: Path, shuffles: int, seed: int
+) -> dict:
     """Step 5: every model on the held-out MMLU half; accuracy with CI and a paired test against base."""
     from clinqa.data.loaders import load_questions
     from clinqa.evaluate import metrics as M
@@ -178,30 +189,49 @@ def general_ability(base, model_spec: str, xs_dir: Path, names: list[str], test_
     samples, res = {}, {"n": len(qs), "models": {}}
     for name in ["base", *names]:
         pred = base if name == "base" else base.load_adapter(xs_dir / "adapters" / name, name=f"xs_{name}")
-        cfg = EvalConfig(model=model_spec + ("" if name == "base" else f"+lora:{xs_dir / 'adapters' / name}"),
-                         data=str(test_path), method="option", shuffles=shuffles, seed=seed)
+        cfg = EvalConfig(
+            model=model_spec + ("" if name == "base" else f"+lora:{xs_dir / 'adapters' / name}"),
+            data=str(test_path),
+            method="option",
+            shuffles=shuffles,
+            seed=seed,
+        )
         run = evaluate(pred, qs, cfg, out / name)
         samples[name] = run.samples()
         a = M.accuracy(samples[name], seed=seed)
         res["models"][name] = {"acc": a.acc, "ci_low": a.ci_low, "ci_high": a.ci_high, "n": a.n}
         if name != "base":
             p = M.paired_comparison(samples["base"], samples[name], seed=seed)
-            res["models"][name]["vs_base"] = {"diff": p.diff, "ci_low": p.ci_low, "ci_high": p.ci_high,
-                                              "p": p.p_bootstrap, "p_mcnemar": p.p_mcnemar}
+            res["models"][name]["vs_base"] = {
+                "diff": p.diff,
+                "ci_low": p.ci_low,
+                "ci_high": p.ci_high,
+                "p": p.p_bootstrap,
+                "p_mcnemar": p.p_mcnemar,
+            }
         log(f"5 general: {name} {100 * a.acc:.1f}% ({100 * a.ci_low:.1f}-{100 * a.ci_high:.1f})")
     write_json(out / "general.json", res)
     return res
 
 
 def general_markdown(res: dict) -> str:
-    lines = [f"General ability: accuracy % on {res['n']} held-out MMLU non-medical questions (95% CI); "
-             "paired difference vs base (bootstrap CI, p).", "",
-             "| model | accuracy | Δ vs base | 95% CI | p |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"General ability: accuracy % on {res['n']} held-out MMLU non-medical questions (95% CI); "
+        "paired difference vs base (bootstrap CI, p).",
+        "",
+        "| model | accuracy | Δ vs base | 95% CI | p |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, m in res["models"].items():
         v = m.get("vs_base")
-        lines.append(f"| {name} | {100 * m['acc']:.1f} ({100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}) | "
-                     + (f"{100 * v['diff']:+.1f} | {100 * v['ci_low']:+.1f} to {100 * v['ci_high']:+.1f} | {v['p']:.3f} |"
-                        if v else "— | — | — |"))
+        lines.append(
+            f"| {name} | {100 * m['acc']:.1f} ({100 * m['ci_low']:.1f}–{100 * m['ci_high']:.1f}) | "
+            + (
+                f"{100 * v['diff']:+.1f} | {100 * v['ci_low']:+.1f} to {100 * v['ci_high']:+.1f} | {v['p']:.3f} |"
+                if v
+                else "— | — | — |"
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -217,12 +247,23 @@ def token_shift_step(base, xs_dir: Path, names: list[str], control_path: Path, o
     questions = load_questions(str(xs_dir / "test_questions.jsonl")).questions
     terms = clinical_terms(questions, load_questions(str(control_path)).questions, max_terms=max_terms)
     views = {n: base.load_adapter(xs_dir / "adapters" / n, name=f"xs_{n}") for n in names}
-    log(f"6 token shift: {len(questions)} held-out questions, {sum(map(len, terms.values()))} clinical terms, {len(views)} adapters")
-    result = token_shift(base, views, questions, terms,
-                         progress=lambda d, t: log(f"  token shift: {d}/{t} models read"))
+    log(
+        f"6 token shift: {len(questions)} held-out questions, {sum(map(len, terms.values()))} clinical terms, {len(views)} adapters"
+    )
+    result = token_shift(
+        base, views, questions, terms, progress=lambda d, t: log(f"  token shift: {d}/{t} models read")
+    )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "token_shift.json").write_text(json.dumps({"rows": [r.__dict__ for r in result.rows], "terms": result.terms,
-                                                      "contrasts": [c.__dict__ for c in result.contrasts]}, indent=2))
+    (out / "token_shift.json").write_text(
+        json.dumps(
+            {
+                "rows": [r.__dict__ for r in result.rows],
+                "terms": result.terms,
+                "contrasts": [c.__dict__ for c in result.contrasts],
+            },
+            indent=2,
+        )
+    )
     plot_shift(result, out / "token_shift.png")
     md.write_text(result.markdown())
     return result.markdown()
@@ -232,13 +273,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="study folder (resumable)")
     ap.add_argument("--model", default="default", help="base model spec (a local model: adapters are trained on it)")
-    ap.add_argument("--mirage", "--pool", dest="mirage", type=Path, default=MIRAGE,
-                    help="the questions to annotate and select from: MIRAGE benchmark.json (its MedMCQA dev part) or any "
-                         "question file or folder clinqa reads (e.g. MedMCQA's train split, for >= 150 + 60 per specialty)")
+    ap.add_argument(
+        "--mirage",
+        "--pool",
+        dest="mirage",
+        type=Path,
+        default=MIRAGE,
+        help="the questions to annotate and select from: MIRAGE benchmark.json (its MedMCQA dev part) or any "
+        "question file or folder clinqa reads (e.g. MedMCQA's train split, for >= 150 + 60 per specialty)",
+    )
     ap.add_argument("--mmlu", type=Path, default=MMLU_CONTROL, help="folder of MMLU non-medical CSVs (the control)")
     ap.add_argument("--per-specialty", type=int, default=220, help="questions per specialty (train + test)")
     ap.add_argument("--test-fraction", type=float, default=0.3)
-    ap.add_argument("--min-prob", type=float, default=0.5, help="prefer questions the annotator labels with at least this probability")
+    ap.add_argument(
+        "--min-prob",
+        type=float,
+        default=0.5,
+        help="prefer questions the annotator labels with at least this probability",
+    )
     ap.add_argument("--shuffles", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--general-n", type=int, default=300, help="held-out MMLU questions for general ability (0: all)")
@@ -252,7 +304,10 @@ def main() -> None:
     if args.small:
         args.per_specialty, args.epochs, args.shuffles, args.general_n, args.max_terms = 10, 1, 1, 12, 10
         dev_limit, n_train_ctrl = 800, 12
-    for path, what in ((args.mirage, "MIRAGE benchmark.json (../shared/data/mirage) or another --pool"), (args.mmlu, "the MMLU control CSVs (../shared/data/mmlu_control)")):
+    for path, what in (
+        (args.mirage, "MIRAGE benchmark.json (../shared/data/mirage) or another --pool"),
+        (args.mmlu, "the MMLU control CSVs (../shared/data/mmlu_control)"),
+    ):
         if not path.exists():
             sys.exit(f"{path} not found: this study needs {what}; pass its path")
 
@@ -289,13 +344,23 @@ def main() -> None:
     base = load_predictor(args.model)
     if not hasattr(base, "load_adapter"):
         sys.exit("the study needs a local base model (it trains LoRA adapters)")
-    cfg = xs.CrossSpecialtyConfig(model=args.model, data=str(selected), specialties=EXPERIMENT_SPECIALTIES,
-                                  control_data=str(ctrl_train), test_fraction=args.test_fraction, balance=True,
-                                  method="option", shuffles=args.shuffles, seed=args.seed,
-                                  lora={"epochs": args.epochs, **({"max_length": 256} if args.small else {})})
+    cfg = xs.CrossSpecialtyConfig(
+        model=args.model,
+        data=str(selected),
+        specialties=EXPERIMENT_SPECIALTIES,
+        control_data=str(ctrl_train),
+        test_fraction=args.test_fraction,
+        balance=True,
+        method="option",
+        shuffles=args.shuffles,
+        seed=args.seed,
+        lora={"epochs": args.epochs, **({"max_length": 256} if args.small else {})},
+    )
     # A control-set column inside the experiment (another change may add one): pass the held-out MMLU half if it exists.
     fields = set(getattr(xs.CrossSpecialtyConfig, "__dataclass_fields__", {}))
-    general_field = next((f for f in ("general_data", "control_eval_data", "control_test_data", "control_eval") if f in fields), None)
+    general_field = next(
+        (f for f in ("general_data", "control_eval_data", "control_test_data", "control_eval") if f in fields), None
+    )
     if general_field:
         setattr(cfg, general_field, str(ctrl_test))
     xs_dir = out / "cross_specialty"
@@ -308,13 +373,21 @@ def main() -> None:
             last[what] = time.perf_counter()
             log(f"  {what}: {done}/{total}")
 
-    summary = xs.cross_specialty(cfg, load_questions(str(selected)).questions, xs_dir, base=base,
-                                 control_questions=load_questions(str(ctrl_train)).questions, progress=progress)
+    summary = xs.cross_specialty(
+        cfg,
+        load_questions(str(selected)).questions,
+        xs_dir,
+        base=base,
+        control_questions=load_questions(str(ctrl_train)).questions,
+        progress=progress,
+    )
     timings.add("4 cross-specialty", time.perf_counter() - t)
     names = [m for m in summary["models"] if m != "base"]
 
     t = time.perf_counter()
-    general = general_ability(base, args.model, xs_dir, names, ctrl_test, out / "general", args.general_shuffles, args.seed)
+    general = general_ability(
+        base, args.model, xs_dir, names, ctrl_test, out / "general", args.general_shuffles, args.seed
+    )
     timings.add("5 general ability", time.perf_counter() - t)
 
     t = time.perf_counter()
@@ -322,16 +395,34 @@ def main() -> None:
     timings.add("6 token shift", time.perf_counter() - t)
 
     sel = json.loads((out / "selection.json").read_text())
-    page = [f"# S-MedQA study on MedMCQA dev ({'small check' if args.small else 'full'})", "",
-            f"Model `{args.model}`; {machine()}; settings in study.json.", "",
-            f"1. MiniLM annotator (trained on bundled:all, 15 specialties) on {len(rows)} MedMCQA dev questions: "
-            f"{100 * in_six:.1f}% get one of the six experiment specialties.",
-            "2. Selected per specialty (balanced): " + ", ".join(f"{s} {v['selected']} of {v['labelled']}" for s, v in sel["specialties"].items())
-            + f"; train sizes {summary['train_sizes']}, test sizes {summary['test_sizes']}.", "",
-            "## Cross-specialty matrix and pooled tests", "", (xs_dir / "summary.md").read_text(), "",
-            "## General ability (control set)", "", general_markdown(general), "",
-            "## Token shift on the held-out questions", "", shift_md, "",
-            "## Time", "", "| step | seconds |", "|---|---:|"]
+    page = [
+        f"# S-MedQA study on MedMCQA dev ({'small check' if args.small else 'full'})",
+        "",
+        f"Model `{args.model}`; {machine()}; settings in study.json.",
+        "",
+        f"1. MiniLM annotator (trained on bundled:all, 15 specialties) on {len(rows)} MedMCQA dev questions: "
+        f"{100 * in_six:.1f}% get one of the six experiment specialties.",
+        "2. Selected per specialty (balanced): "
+        + ", ".join(f"{s} {v['selected']} of {v['labelled']}" for s, v in sel["specialties"].items())
+        + f"; train sizes {summary['train_sizes']}, test sizes {summary['test_sizes']}.",
+        "",
+        "## Cross-specialty matrix and pooled tests",
+        "",
+        (xs_dir / "summary.md").read_text(),
+        "",
+        "## General ability (control set)",
+        "",
+        general_markdown(general),
+        "",
+        "## Token shift on the held-out questions",
+        "",
+        shift_md,
+        "",
+        "## Time",
+        "",
+        "| step | seconds |",
+        "|---|---:|",
+    ]
     page += [f"| {k} | {v:.0f} |" for k, v in timings.data.items()]
     (out / "study.md").write_text("\n".join(page) + "\n")
     log(f"wrote {out}/study.md")

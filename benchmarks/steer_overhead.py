@@ -76,20 +76,33 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     for r in range(args.repeats):
         for task, fn in tasks.items():
-            for c in names[r % len(names):] + names[: r % len(names)]:
+            for c in names[r % len(names) :] + names[: r % len(names)]:
                 t = time.perf_counter()
                 outputs[task][c] = fn(conditions[c])
                 times[task][c].append(time.perf_counter() - t)
     load1 = os.getloadavg()[0]
 
-    print(f"machine: {machine()}; load average {load0:.1f} -> {load1:.1f}; steering layers {vector.layers}; "
-          f"vector built from 16 questions in {build_s:.1f} s")
-    result = {"machine": machine(), "layers": vector.layers, "repeats": args.repeats, "load": [load0, load1], "tasks": {}}
+    print(
+        f"machine: {machine()}; load average {load0:.1f} -> {load1:.1f}; steering layers {vector.layers}; "
+        f"vector built from 16 questions in {build_s:.1f} s"
+    )
+    result = {
+        "machine": machine(),
+        "layers": vector.layers,
+        "repeats": args.repeats,
+        "load": [load0, load1],
+        "tasks": {},
+    }
     for task in tasks:
         base = statistics.median(times[task]["plain"])
-        what = (f"{len(prompts)} prompts x {args.new_tokens} new tokens" if task == "generate"
-                else f"{len(items)} questions, option method")
-        print(f"\n[{task}] {what} ({'generated tokens' if task == 'generate' else 'correct'} per condition: {outputs[task]})")
+        what = (
+            f"{len(prompts)} prompts x {args.new_tokens} new tokens"
+            if task == "generate"
+            else f"{len(items)} questions, option method"
+        )
+        print(
+            f"\n[{task}] {what} ({'generated tokens' if task == 'generate' else 'correct'} per condition: {outputs[task]})"
+        )
         result["tasks"][task] = {}
         for c in names:
             ts = times[task][c]
@@ -97,11 +110,22 @@ def main() -> None:
             over = 100 * (med / base - 1)
             # each repeat runs the conditions back to back: their ratio is robust to slow load drift
             paired = 100 * (statistics.median(t / p for t, p in zip(ts, times[task]["plain"])) - 1)
-            print(f"  {c:10s} median {med:7.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})"
-                  + ("" if c == "plain" else f"  overhead: medians {over:+.1f}%, paired {paired:+.1f}%, "
-                                             f"minima {100 * (min(ts) / min(times[task]['plain']) - 1):+.1f}%"))
-            result["tasks"][task][c] = {"median_s": med, "all_s": ts, "overhead_pct": over,
-                                        "paired_overhead_pct": paired, "output": outputs[task][c]}
+            print(
+                f"  {c:10s} median {med:7.3f} s  (min {min(ts):.3f}, max {max(ts):.3f})"
+                + (
+                    ""
+                    if c == "plain"
+                    else f"  overhead: medians {over:+.1f}%, paired {paired:+.1f}%, "
+                    f"minima {100 * (min(ts) / min(times[task]['plain']) - 1):+.1f}%"
+                )
+            )
+            result["tasks"][task][c] = {
+                "median_s": med,
+                "all_s": ts,
+                "overhead_pct": over,
+                "paired_overhead_pct": paired,
+                "output": outputs[task][c],
+            }
     if args.out:
         write_json(args.out, result)
 

@@ -51,8 +51,18 @@ def prepare(shared: Path, out: Path, medmcqa: int, small: bool, seed: int = 0) -
     from clinqa.data.loaders import load_questions, write_questions
 
     data = out / "data"
-    files = {name: data / f"{name}.jsonl" for name in
-             ("medmcqa_train", "medmcqa_test", "pubmedqa_test", "bioasq_test", "yesno_train", "all_train", "sweep")}
+    files = {
+        name: data / f"{name}.jsonl"
+        for name in (
+            "medmcqa_train",
+            "medmcqa_test",
+            "pubmedqa_test",
+            "bioasq_test",
+            "yesno_train",
+            "all_train",
+            "sweep",
+        )
+    }
     files["corpus"] = data / "pubmedqa_abstracts.jsonl"
     if all(p.exists() for p in files.values()):
         return files
@@ -101,8 +111,12 @@ def prepare(shared: Path, out: Path, medmcqa: int, small: bool, seed: int = 0) -
         abstracts = {k: v for i, (k, v) in enumerate(abstracts.items()) if k in own or i < 60}
     with open(files["corpus"], "w", encoding="utf-8") as fh:
         for pmid, row in abstracts.items():
-            fh.write(json.dumps({"id": f"pmid-{pmid}", "title": row.get("QUESTION", ""),
-                                 "text": " ".join(row.get("CONTEXTS", []))}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"id": f"pmid-{pmid}", "title": row.get("QUESTION", ""), "text": " ".join(row.get("CONTEXTS", []))}
+                )
+                + "\n"
+            )
     counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
     (out / "data" / "counts.json").write_text(json.dumps(counts, indent=2))
     return files
@@ -118,8 +132,17 @@ def step(name: str, args: list[str], out: Path, done: Path | None = None) -> Non
     r = subprocess.run([sys.executable, "-m", "clinqa.cli", *args])
     seconds = time.time() - t
     with open(out / "steps.jsonl", "a") as fh:
-        fh.write(json.dumps({"step": name, "seconds": round(seconds, 1), "rc": r.returncode,
-                             "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        fh.write(
+            json.dumps(
+                {
+                    "step": name,
+                    "seconds": round(seconds, 1),
+                    "rc": r.returncode,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
+            + "\n"
+        )
     if r.returncode != 0:
         raise SystemExit(f"[{name}] failed (exit {r.returncode}); fix and run the study again: it resumes")
 
@@ -157,20 +180,53 @@ def main() -> None:
     layers = "15,25" if ARGS.small else LAYERS
     alphas = "-2,4" if ARGS.small else ALPHAS
     v_all, v_cat = out / "vectors" / "all", out / "vectors" / "by-category"
-    step("vector", ["steer", "build", m, str(f["all_train"]), "--layers", layers, "--out", str(v_all)] +
-         (["--max-pairs", "30"] if ARGS.small else []), out, done=v_all / "vector.json")
-    step("sweep", ["steer", "sweep", m, str(f["sweep"]), "--vector", str(v_all), f"--alphas={alphas}",
-                   "--out", str(out / "sweep-train")], out)
+    step(
+        "vector",
+        ["steer", "build", m, str(f["all_train"]), "--layers", layers, "--out", str(v_all)]
+        + (["--max-pairs", "30"] if ARGS.small else []),
+        out,
+        done=v_all / "vector.json",
+    )
+    step(
+        "sweep",
+        [
+            "steer",
+            "sweep",
+            m,
+            str(f["sweep"]),
+            "--vector",
+            str(v_all),
+            f"--alphas={alphas}",
+            "--out",
+            str(out / "sweep-train"),
+        ],
+        out,
+    )
     layer, alpha = best_cell(out / "sweep-train")
     print(f"chosen on the training part: layer {layer}, alpha {alpha:g}", flush=True)
-    step("vectors by category", ["steer", "build", m, str(f["all_train"]), "--by", "category", "--layers", str(layer),
-                                 "--out", str(v_cat)] + (["--max-pairs", "30"] if ARGS.small else []),
-         out, done=v_cat / "vectors.json")
+    step(
+        "vectors by category",
+        ["steer", "build", m, str(f["all_train"]), "--by", "category", "--layers", str(layer), "--out", str(v_cat)]
+        + (["--max-pairs", "30"] if ARGS.small else []),
+        out,
+        done=v_cat / "vectors.json",
+    )
     index = out / "indexes" / "pubmedqa"
     step("index", ["index", "build", str(f["corpus"]), "--out", str(index)], out, done=index / "index.json")
     adapter = out / "adapters" / "medmcqa"
-    step("lora", ["finetune", m, str(f["medmcqa_train"]), "--epochs", "1" if ARGS.small else str(ARGS.epochs),
-                  "--out", str(adapter)], out)
+    step(
+        "lora",
+        [
+            "finetune",
+            m,
+            str(f["medmcqa_train"]),
+            "--epochs",
+            "1" if ARGS.small else str(ARGS.epochs),
+            "--out",
+            str(adapter),
+        ],
+        out,
+    )
     steer = [f"steer:{v_all}@alpha={alpha:g},layer={layer}", f"steer:{v_cat}@alpha={alpha:g}"]
     plans = {
         "medmcqa": ["base", "prompt:expert", "prompt:fewshot@k=3", f"lora:{adapter}", *steer, "rag:bundled"],
@@ -178,8 +234,19 @@ def main() -> None:
         "bioasq": ["base", "prompt:expert", *steer, f"rag:{index}"],
     }
     for name, methods in plans.items():
-        step(f"compare {name}", ["compare", m, str(f[f"{name}_test"]), "--methods", ",".join(methods),
-                                 "--out", str(out / f"compare-{name}")], out)
+        step(
+            f"compare {name}",
+            [
+                "compare",
+                m,
+                str(f[f"{name}_test"]),
+                "--methods",
+                ",".join(methods),
+                "--out",
+                str(out / f"compare-{name}"),
+            ],
+            out,
+        )
     write_results(out, layer, alpha)
 
 
@@ -189,10 +256,14 @@ def write_results(out: Path, layer: int, alpha: float) -> None:
     seconds: dict[str, float] = {}
     for s in steps:
         seconds[s["step"]] = seconds.get(s["step"], 0.0) + s["seconds"]
-    lines = ["# Adapting without training on real questions", "",
-             f"Machine: {machine()}. Question counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",
-             f"Steering cell chosen on the training sample: layer {layer}, alpha {alpha:g} "
-             f"(sweep table: {out / 'sweep-train' / 'sweep.md'}).", ""]
+    lines = [
+        "# Adapting without training on real questions",
+        "",
+        f"Machine: {machine()}. Question counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",
+        f"Steering cell chosen on the training sample: layer {layer}, alpha {alpha:g} "
+        f"(sweep table: {out / 'sweep-train' / 'sweep.md'}).",
+        "",
+    ]
     sweep_md = out / "sweep-train" / "sweep.md"
     if sweep_md.exists():
         lines += ["## Sweep on the training sample", "", sweep_md.read_text().strip(), ""]

@@ -40,8 +40,17 @@ def step(name: str, args: list[str], out: Path, done: Path | None = None) -> Non
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "clinqa.cli", *args])
     with open(out / "steps.jsonl", "a") as fh:
-        fh.write(json.dumps({"step": name, "seconds": round(time.time() - t, 1), "rc": r.returncode,
-                             "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+        fh.write(
+            json.dumps(
+                {
+                    "step": name,
+                    "seconds": round(time.time() - t, 1),
+                    "rc": r.returncode,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
+            + "\n"
+        )
     if r.returncode != 0:
         raise SystemExit(f"[{name}] failed (exit {r.returncode}); fix and run the study again: it resumes")
 
@@ -54,7 +63,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--limit", type=int, default=None, help="only the first N real questions in every evaluation")
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--small", action="store_true", help="2 training patients, 1 epoch, 6 questions: an end-to-end check")
+    ap.add_argument(
+        "--small", action="store_true", help="2 training patients, 1 epoch, 6 questions: an end-to-end check"
+    )
     ap.add_argument("--shared", type=Path, default=Path(os.environ.get("CLINQA_SHARED_DATA", SHARED)))
     a = ap.parse_args()
     real = a.shared / "fhir" / "synthea-r4"
@@ -67,15 +78,37 @@ def main() -> None:
     limit = ["--limit", str(6 if a.small else a.limit)] if (a.small or a.limit) else []
     real_qa, train_qa, train_pts = out / "real-qa.jsonl", out / "train-qa.jsonl", out / "train-patients"
     step("real questions", ["records", "questions", str(real), "--out", str(real_qa)], out, done=real_qa)
-    step("training patients", ["records", "synth", "--patients", str(n_train), "--seed", "101", "--out", str(train_pts)],
-         out, done=train_pts / ".done")
+    step(
+        "training patients",
+        ["records", "synth", "--patients", str(n_train), "--seed", "101", "--out", str(train_pts)],
+        out,
+        done=train_pts / ".done",
+    )
     (train_pts / ".done").touch()
     step("training questions", ["records", "questions", str(train_pts), "--out", str(train_qa)], out, done=train_qa)
     adapters = out / "adapters"
-    step("finetune (sequential, forgetting on the real questions)",
-         ["records", "finetune", m, str(train_qa), "--records", str(train_pts), "--sequential", "--test", str(real_qa),
-          "--test-records", str(real), "--epochs", str(epochs), "--out", str(adapters)]
-         + (["--limit", "20", "--tune-questions", "4"] if a.small else []), out)
+    step(
+        "finetune (sequential, forgetting on the real questions)",
+        [
+            "records",
+            "finetune",
+            m,
+            str(train_qa),
+            "--records",
+            str(train_pts),
+            "--sequential",
+            "--test",
+            str(real_qa),
+            "--test-records",
+            str(real),
+            "--epochs",
+            str(epochs),
+            "--out",
+            str(adapters),
+        ]
+        + (["--limit", "20", "--tune-questions", "4"] if a.small else []),
+        out,
+    )
     gen = ["--max-new-tokens", str(a.max_new_tokens)]
     runs = {
         "bm25": ["--selector", "bm25"],
@@ -85,8 +118,23 @@ def main() -> None:
         "full-record": ["--selector", "full"],
     }
     for name, extra in runs.items():
-        step(f"eval {name}", ["records", "eval", m, str(real_qa), "--records", str(real), "--out", str(out / "runs" / name),
-                              *extra, *gen, *limit], out)
+        step(
+            f"eval {name}",
+            [
+                "records",
+                "eval",
+                m,
+                str(real_qa),
+                "--records",
+                str(real),
+                "--out",
+                str(out / "runs" / name),
+                *extra,
+                *gen,
+                *limit,
+            ],
+            out,
+        )
     judge_args = ["records", "judge", str(real_qa), "--judge", m, "--out", str(out / "judge.json")]
     for name in runs:
         judge_args += ["--run", f"{name}={out / 'runs' / name}"]
@@ -117,7 +165,14 @@ def write_results(out: Path, names: list[str]) -> None:
     judge = out / "judge.json"
     if judge.exists():
         data = json.loads(judge.read_text())
-        lines += ["## Judge", "", "```json", json.dumps(data.get("summary", data), indent=1, default=str)[:4000], "```", ""]
+        lines += [
+            "## Judge",
+            "",
+            "```json",
+            json.dumps(data.get("summary", data), indent=1, default=str)[:4000],
+            "```",
+            "",
+        ]
     steps = [json.loads(line) for line in open(out / "steps.jsonl")]
     seconds: dict[str, float] = {}
     for s in steps:

@@ -56,13 +56,30 @@ def chat_reply(messages: list[dict]) -> str:
 
 
 class FakeOpenAI:
-    def __init__(self, *, latency: float = 0.0, fail: Sequence[int | str] = (), chat_only: bool = False,
-                 list_prompts: bool = True, echo: bool = True, prompt_logprobs: bool = False, model: str = "fake",
-                 reply: Callable[[list[dict]], str] = chat_reply):
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        fail: Sequence[int | str] = (),
+        chat_only: bool = False,
+        list_prompts: bool = True,
+        echo: bool = True,
+        prompt_logprobs: bool = False,
+        model: str = "fake",
+        reply: Callable[[list[dict]], str] = chat_reply,
+    ):
         self.latency = latency
         self.fail = list(fail)  # statuses (or "drop", "badjson") for the next requests, in order
-        self.chat_only, self.list_prompts, self.echo, self.model, self.reply = chat_only, list_prompts, echo, model, reply
-        self.prompt_logprobs = prompt_logprobs  # vLLM's extension: per prompt token {id: {logprob, rank, decoded_token}}
+        self.chat_only, self.list_prompts, self.echo, self.model, self.reply = (
+            chat_only,
+            list_prompts,
+            echo,
+            model,
+            reply,
+        )
+        self.prompt_logprobs = (
+            prompt_logprobs  # vLLM's extension: per prompt token {id: {logprob, rank, decoded_token}}
+        )
         self.lock = threading.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -73,7 +90,7 @@ class FakeOpenAI:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -114,22 +131,42 @@ class FakeOpenAI:
                 logprobs = {"tokens": toks, "text_offset": offs, "token_logprobs": lps, "top_logprobs": tops}
                 text = prompt + gen
             else:
-                logprobs = {"tokens": [gen], "text_offset": [len(prompt)], "token_logprobs": [top[gen]],
-                            "top_logprobs": [dict(sorted(top.items(), key=lambda kv: -kv[1])[:k])]} if k else None
+                logprobs = (
+                    {
+                        "tokens": [gen],
+                        "text_offset": [len(prompt)],
+                        "token_logprobs": [top[gen]],
+                        "top_logprobs": [dict(sorted(top.items(), key=lambda kv: -kv[1])[:k])],
+                    }
+                    if k
+                    else None
+                )
                 text = gen if body.get("max_tokens", 16) <= 1 else f"{gen} is the answer"
             choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"}
             if self.prompt_logprobs and body.get("prompt_logprobs") is not None:
                 toks = tokens(prompt)
                 choice["prompt_logprobs"] = [None] + [
-                    {str(_h(t) % 50000): {"logprob": token_logprob("".join(toks[:j]), t), "rank": 1, "decoded_token": t}}
-                    for j, t in enumerate(toks) if j > 0]
+                    {
+                        str(_h(t) % 50000): {
+                            "logprob": token_logprob("".join(toks[:j]), t),
+                            "rank": 1,
+                            "decoded_token": t,
+                        }
+                    }
+                    for j, t in enumerate(toks)
+                    if j > 0
+                ]
             choices.append(choice)
         return 200, {"id": "cmpl", "object": "text_completion", "model": self.model, "choices": choices}
 
     def chat(self, body: dict) -> tuple[int, dict]:
         text = self.reply(body["messages"])
-        return 200, {"id": "chat", "object": "chat.completion", "model": self.model,
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+        return 200, {
+            "id": "chat",
+            "object": "chat.completion",
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        }
 
     # ------------------------------------------------------------------ HTTP
 

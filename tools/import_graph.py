@@ -105,8 +105,12 @@ def layer(pkg: str) -> int:
 
 def upward_arrows(pg: dict[str, set[str]]) -> list[tuple[str, str]]:
     ground = len(LAYERS)
-    return sorted((a, b) for a, deps in pg.items() for b in deps
-                  if a != b and layer(b) <= layer(a) and not (layer(a) == layer(b) == ground))
+    return sorted(
+        (a, b)
+        for a, deps in pg.items()
+        for b in deps
+        if a != b and layer(b) <= layer(a) and not (layer(a) == layer(b) == ground)
+    )
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -97,8 +97,13 @@ def git_hash() -> str | None:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if r.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -212,8 +217,9 @@ def _notify(message: str) -> None:
 
 
 @contextmanager
-def lock_path(path: str | Path, *, folder: bool | None = None, what: str = "--out",
-              notify: Callable[[str], None] | None = None) -> Iterator[Path]:
+def lock_path(
+    path: str | Path, *, folder: bool | None = None, what: str = "--out", notify: Callable[[str], None] | None = None
+) -> Iterator[Path]:
     """Hold an exclusive lock on a folder or file while the block runs; yields the lock file.
 
     The lock file holds the owner's pid, host and start time; it is removed on exit (also on an
@@ -258,15 +264,19 @@ def lock_path(path: str | Path, *, folder: bool | None = None, what: str = "--ou
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            reason = "not writable" if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) else (exc.strerror or str(exc))
+            reason = (
+                "not writable" if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) else (exc.strerror or str(exc))
+            )
             raise ClinqaError(f"{what} {target}: cannot write there ({reason}): choose a writable place") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = _read_owner(fd)
             os.close(fd)
-            raise ClinqaError(f"{what} {target} is in use by {_describe_owner(owner)}: wait for it to finish, "
-                              "or write to another place") from None
+            raise ClinqaError(
+                f"{what} {target} is in use by {_describe_owner(owner)}: wait for it to finish, "
+                "or write to another place"
+            ) from None
         except OSError as exc:
             os.close(fd)
             raise ClinqaError(f"{what} {target}: cannot lock {lock} ({exc.strerror or exc})") from None
@@ -281,8 +291,12 @@ def lock_path(path: str | Path, *, folder: bool | None = None, what: str = "--ou
     try:
         previous = _read_owner(fd)
         if previous:  # a lock file nobody holds: its owner died without removing it
-            alive = previous.get("host") == socket.gethostname() and isinstance(previous.get("pid"), int) \
-                and _pid_alive(previous["pid"]) and previous["pid"] != os.getpid()
+            alive = (
+                previous.get("host") == socket.gethostname()
+                and isinstance(previous.get("pid"), int)
+                and _pid_alive(previous["pid"])
+                and previous["pid"] != os.getpid()
+            )
             state = "still running but not holding it" if alive else "no longer running"
             notify(f"took over the stale lock on {target} left by {_describe_owner(previous)} ({state})")
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now(), "argv": sys.argv[:8]}
@@ -325,11 +339,19 @@ def fingerprint(items: Iterable[tuple[str, Mapping[str, Any]]], *, noun: str = "
         values = plain(dict(values))
         if fields is None:
             fields = list(values)
-        hashes = " ".join(hashlib.sha256(json.dumps(values.get(f), sort_keys=True).encode()).hexdigest()[:8] for f in fields)
+        hashes = " ".join(
+            hashlib.sha256(json.dumps(values.get(f), sort_keys=True).encode()).hexdigest()[:8] for f in fields
+        )
         item_id = str(item_id)
         per_item[item_id] = hashes
         whole.update(f"{item_id}\t{hashes}\n".encode())
-    return {"sha256": whole.hexdigest()[:16], "n": len(per_item), "noun": noun, "fields": fields or [], "items": per_item}
+    return {
+        "sha256": whole.hexdigest()[:16],
+        "n": len(per_item),
+        "noun": noun,
+        "fields": fields or [],
+        "items": per_item,
+    }
 
 
 def describe_data_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -400,11 +422,14 @@ def read_meta(path: str | Path) -> dict:
     try:
         meta = json.loads(run_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ClinqaError(f"{run_file}: not valid JSON ({str(exc).splitlines()[0]}): the file is damaged; "
-                          "re-run the command into a new folder") from None
+        raise ClinqaError(
+            f"{run_file}: not valid JSON ({str(exc).splitlines()[0]}): the file is damaged; "
+            "re-run the command into a new folder"
+        ) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "identity" not in meta:
-        raise ClinqaError(f"{run_file}: not a clinqa run description (no config/identity): "
-                          "re-run the command into a new folder")
+        raise ClinqaError(
+            f"{run_file}: not a clinqa run description (no config/identity): re-run the command into a new folder"
+        )
     meta.setdefault("counts", {})
     return meta
 
@@ -415,7 +440,9 @@ def read_json_object(path: str | Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ClinqaError(f"{path}: not valid JSON ({str(exc).splitlines()[0]}): move the folder aside and re-run") from None
+        raise ClinqaError(
+            f"{path}: not valid JSON ({str(exc).splitlines()[0]}): move the folder aside and re-run"
+        ) from None
     if not isinstance(obj, dict):
         raise ClinqaError(f"{path}: not a JSON object: move the folder aside and re-run")
     return obj
@@ -437,10 +464,21 @@ class RunFolder(Generic[S]):
 
     # -- opening ---------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, config: Any, *, kind: str, sample_type: type[S], data: Mapping[str, Any] | None = None,
-             identity_keys: Callable[[dict], dict] | None = None, legacy_identity: str | None = None,
-             samples_file: str = SAMPLES_FILE, what: str = "--out", lock: bool = True,
-             data_may_grow: bool = True) -> "RunFolder[S]":
+    def open(
+        cls,
+        path: str | Path,
+        config: Any,
+        *,
+        kind: str,
+        sample_type: type[S],
+        data: Mapping[str, Any] | None = None,
+        identity_keys: Callable[[dict], dict] | None = None,
+        legacy_identity: str | None = None,
+        samples_file: str = SAMPLES_FILE,
+        what: str = "--out",
+        lock: bool = True,
+        data_may_grow: bool = True,
+    ) -> RunFolder[S]:
         """Create the folder, or resume it if it holds the same run; refuse anything else.
 
         config: what determines the results (plain data, a dataclass or a pydantic model), kept in run.json.
@@ -481,15 +519,27 @@ class RunFolder(Generic[S]):
         if not (path / RUN_FILE).exists():
             if any(p.name != LOCK_FILE for p in path.iterdir()):  # someone wrote there before we took the lock
                 raise ClinqaError(f"{what} {path} exists and is not a clinqa run folder: choose another {what} folder")
-            return {"kind": kind, "store": STORE_VERSION, "identity": identity, "config": cfg, "data": data,
-                    "versions": versions(), "git": git_hash(), "host": platform.node(), "started_at": now(),
-                    "finished_at": None, "counts": {}}
+            return {
+                "kind": kind,
+                "store": STORE_VERSION,
+                "identity": identity,
+                "config": cfg,
+                "data": data,
+                "versions": versions(),
+                "git": git_hash(),
+                "host": platform.node(),
+                "started_at": now(),
+                "finished_at": None,
+                "counts": {},
+            }
         meta = read_meta(path)
         if meta.get("store") is None:  # written before the data fingerprint: identity was a hash of the config
             if legacy_identity is None or meta.get("identity") != legacy_identity:
                 diffs = describe_config_change(meta.get("config") or {}, cfg)
-                raise ClinqaError(f"{path} holds a run written by an older clinqa with a different config "
-                                  f"({'; '.join(diffs) or 'its identity differs'}): {_fresh_run_hint(path)}")
+                raise ClinqaError(
+                    f"{path} holds a run written by an older clinqa with a different config "
+                    f"({'; '.join(diffs) or 'its identity differs'}): {_fresh_run_hint(path)}"
+                )
             meta.update(store=STORE_VERSION, identity=identity, data=data, kind=meta.get("kind", kind))
             meta["migrated_at"] = now()
         else:
@@ -502,7 +552,12 @@ class RunFolder(Generic[S]):
                     diffs.insert(0, f"kind: {meta.get('kind')!r} -> {kind!r}")
                 problems.append(f"a different config ({'; '.join(diffs) or 'its identity differs'})")
             change = data_change(meta.get("data"), data)
-            if not change and not data_may_grow and data and (meta.get("data") or {}).get("sha256") != data.get("sha256"):
+            if (
+                not change
+                and not data_may_grow
+                and data
+                and (meta.get("data") or {}).get("sha256") != data.get("sha256")
+            ):
                 change = describe_data_change(meta.get("data") or {}, data)
             if change:
                 problems.append(f"other data ({change})")
@@ -515,7 +570,7 @@ class RunFolder(Generic[S]):
         return meta
 
     @classmethod
-    def load(cls, path: str | Path, sample_type: type[S], *, samples_file: str = SAMPLES_FILE) -> "RunFolder[S]":
+    def load(cls, path: str | Path, sample_type: type[S], *, samples_file: str = SAMPLES_FILE) -> RunFolder[S]:
         """Read a run folder (no lock: reading never blocks a writer)."""
         return cls(path, read_meta(path), sample_type, samples_file=samples_file)
 
@@ -525,7 +580,7 @@ class RunFolder(Generic[S]):
         if cm is not None:
             cm.__exit__(None, None, None)
 
-    def __enter__(self) -> "RunFolder[S]":
+    def __enter__(self) -> RunFolder[S]:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -550,9 +605,12 @@ class RunFolder(Generic[S]):
     # -- samples ---------------------------------------------------------------------------------------
     def samples(self) -> list[S]:
         """All complete samples; a half-written last line (a kill mid-write) is dropped and repaired."""
-        return read_appended(self.path / self.samples_file, self._adapter.validate_json,
-                             corrupt="corrupt sample line; move the run folder aside and re-run",
-                             repair=self._lock_cm is not None)
+        return read_appended(
+            self.path / self.samples_file,
+            self._adapter.validate_json,
+            corrupt="corrupt sample line; move the run folder aside and re-run",
+            repair=self._lock_cm is not None,
+        )
 
     def done_keys(self, key: Callable[[S], Hashable]) -> set:
         return {key(s) for s in self.samples()}
@@ -563,7 +621,26 @@ class RunFolder(Generic[S]):
 
 
 __all__ = [
-    "LOCK_FILE", "RUN_FILE", "SAMPLES_FILE", "STORE_VERSION", "Progress", "RunFolder", "append_lines", "atomic_write_text", "check_writable",
-    "data_change", "describe_config_change", "describe_data_change", "digest", "fingerprint", "git_hash", "lock_file_for", "lock_path",
-    "now", "plain", "read_json_object", "read_meta", "versions",
+    "LOCK_FILE",
+    "RUN_FILE",
+    "SAMPLES_FILE",
+    "STORE_VERSION",
+    "Progress",
+    "RunFolder",
+    "append_lines",
+    "atomic_write_text",
+    "check_writable",
+    "data_change",
+    "describe_config_change",
+    "describe_data_change",
+    "digest",
+    "fingerprint",
+    "git_hash",
+    "lock_file_for",
+    "lock_path",
+    "now",
+    "plain",
+    "read_json_object",
+    "read_meta",
+    "versions",
 ]

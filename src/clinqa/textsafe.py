@@ -16,9 +16,9 @@ from rich.markup import escape
 # ANSI CSI / OSC / other ESC sequences first (so their parameters go too), then single C0/C1 controls
 # except tab and newline, DEL, and the bidirectional overrides that reorder what a reader sees.
 _CONTROL = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]"            # CSI: ESC [ params final
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: ESC [ params final
     r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: ESC ] ... BEL or ST
-    r"|\x1b[@-Z\\-_]"                      # other two-byte ESC sequences
+    r"|\x1b[@-Z\\-_]"  # other two-byte ESC sequences
     r"|[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 )
 

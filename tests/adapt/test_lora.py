@@ -25,7 +25,10 @@ from clinqa.evaluate.prompts import cloze_prompt, letter_prompt
 from clinqa.models.spec import Modifier
 
 # LocalModel.load_adapter -> PeftModel.__init__ reads a deprecated transformers property
-pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 DRUGS = ["Aspirin", "Heparin", "Atropine", "Adenosine", "Amiodarone", "Digoxin", "Furosemide", "Metoprolol"]
 
@@ -34,13 +37,29 @@ def make_questions(n: int = 16, prefix: str = "q") -> list[Question]:
     out = []
     for i in range(n):
         opts = {k: DRUGS[(i + j) % len(DRUGS)] for j, k in enumerate("ABCD")}
-        out.append(Question(id=f"{prefix}{i:02d}", question=f"Case {i}: which drug is first line for finding {i}?",
-                            options=opts, answer="ABCD"[i % 4], specialties=["cardiology" if i % 2 else "neurology"]))
+        out.append(
+            Question(
+                id=f"{prefix}{i:02d}",
+                question=f"Case {i}: which drug is first line for finding {i}?",
+                options=opts,
+                answer="ABCD"[i % 4],
+                specialties=["cardiology" if i % 2 else "neurology"],
+            )
+        )
     return out
 
 
 # tiny and fast; a high rate because the adapter starts at zero and we only take a few steps
-FAST = dict(rank=8, alpha=16, dropout=0.1, learning_rate=3e-2, batch_size=4, max_length=48, val_fraction=0.25, warmup_fraction=0.0)
+FAST = dict(
+    rank=8,
+    alpha=16,
+    dropout=0.1,
+    learning_rate=3e-2,
+    batch_size=4,
+    max_length=48,
+    val_fraction=0.25,
+    warmup_fraction=0.0,
+)
 
 
 _TRAINED: dict[str, object] = {}
@@ -53,9 +72,16 @@ def adapters(tiny_predictor, tmp_path_factory):
     if not _TRAINED:
         root = tmp_path_factory.mktemp("adapters")
         weights = {k: v.clone() for k, v in tiny_predictor.model.state_dict().items()}
-        a = finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=4, patience=None, **FAST), root / "a",
-                     metadata={"control": True, "note": "test"})
-        _TRAINED["base_unchanged"] = all(torch.equal(v, weights[k]) for k, v in tiny_predictor.model.state_dict().items())
+        a = finetune(
+            tiny_predictor,
+            make_questions(),
+            LoraTrainConfig(epochs=4, patience=None, **FAST),
+            root / "a",
+            metadata={"control": True, "note": "test"},
+        )
+        _TRAINED["base_unchanged"] = all(
+            torch.equal(v, weights[k]) for k, v in tiny_predictor.model.state_dict().items()
+        )
         with_a = tiny_predictor.load_adapter(a.path)
         before = with_a.score_continuations(GROUPS)
         b = finetune(with_a, make_questions(), LoraTrainConfig(epochs=2, seed=1, **FAST), root / "b")
@@ -76,7 +102,11 @@ def test_labels_mask_exactly_the_prompt(tiny_predictor, tokenizer, fmt):
     qs = make_questions(3)
     examples = build_examples(tokenizer, qs, LoraTrainConfig(prompt_format=fmt))
     for q, ex in zip(qs, examples):
-        prompt, answer = (cloze_prompt(q), " " + q.options[q.answer]) if fmt == "cloze" else (letter_prompt(q, q.options), " " + q.answer)
+        prompt, answer = (
+            (cloze_prompt(q), " " + q.options[q.answer])
+            if fmt == "cloze"
+            else (letter_prompt(q, q.options), " " + q.answer)
+        )
         ctx, cont = tiny_predictor.encode_pair(prompt, answer)  # the scoring path's tokenisation
         assert ex["input_ids"] == ctx + cont + [tokenizer.eos_token_id]
         assert ex["labels"] == [-100] * len(ctx) + cont + [tokenizer.eos_token_id]
@@ -123,7 +153,8 @@ def test_bad_config_names_the_field():
 
 def test_target_modules_are_all_block_projections(tiny_predictor):
     assert lora.find_target_modules(tiny_predictor.model) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 def test_early_stopping_stops_where_counted_by_hand(tiny_predictor, tmp_path, monkeypatch):
@@ -142,7 +173,9 @@ def test_early_stopping_stops_where_counted_by_hand(tiny_predictor, tmp_path, mo
     assert m["best_epoch"] == 4 and m["best_val_loss"] == 3.9 and m["steps"] == 18 and m["total_steps"] == 27
     # the adapter written is the one checkpointed at the end of epoch 4 (step 12), not the last one (step 18)
     final = load_file(str(res.path / "adapter_model.safetensors"))
-    at = {s: load_file(str(res.path / "checkpoint" / f"checkpoint-{s}" / "adapter_model.safetensors")) for s in (12, 18)}
+    at = {
+        s: load_file(str(res.path / "checkpoint" / f"checkpoint-{s}" / "adapter_model.safetensors")) for s in (12, 18)
+    }
     assert all(torch.equal(final[k], at[12][k]) for k in final)
     assert any(not torch.equal(final[k], at[18][k]) for k in final)
 
@@ -189,14 +222,18 @@ def test_first_step_loss_is_the_base_models_answer_loss_on_its_batches(tiny_pred
     # tokens only, one mean over both) is what the untouched base model scores by hand on those examples
     from clinqa.adapt.lora_data import epoch_batches
 
-    cfg = LoraTrainConfig(epochs=1, patience=None, grad_accum=2, **{**FAST, "dropout": 0.0, "batch_size": 3, "val_fraction": 0.0})
+    cfg = LoraTrainConfig(
+        epochs=1, patience=None, grad_accum=2, **{**FAST, "dropout": 0.0, "batch_size": 3, "val_fraction": 0.0}
+    )
     qs = make_questions()
     losses = []
     finetune(tiny_predictor, qs, cfg, tmp_path / "one", progress=lambda s, t, loss: losses.append(loss))
     examples = build_examples(tokenizer, qs, cfg)
     first = [examples[i] for b in epoch_batches([len(e["input_ids"]) for e in examples], 3, cfg.seed, 0)[:2] for i in b]
     assert len(losses) == 1 + 3 and losses[0] is None
-    assert losses[1] == pytest.approx(lora.answer_loss(tiny_predictor, [q for q in qs if q.id in {e["id"] for e in first}], cfg), rel=1e-5)
+    assert losses[1] == pytest.approx(
+        lora.answer_loss(tiny_predictor, [q for q in qs if q.id in {e["id"] for e in first}], cfg), rel=1e-5
+    )
 
 
 def test_epoch_order_is_seeded_grouped_by_length_and_covers_every_example():
@@ -243,8 +280,11 @@ def test_training_lowers_loss_and_writes_metadata(adapters, tiny_predictor):
 def test_training_leaves_the_base_model_alone(adapters, tiny_predictor):
     assert adapters["base_unchanged"]  # training A trained a copy
     # training B from a predictor with A loaded changed neither A's view nor the shared model
-    assert all(x.logprob == y.logprob for r1, r2 in zip(adapters["a_scores_before_b"], adapters["a_scores_after_b"])
-               for x, y in zip(r1, r2))
+    assert all(
+        x.logprob == y.logprob
+        for r1, r2 in zip(adapters["a_scores_before_b"], adapters["a_scores_after_b"])
+        for x, y in zip(r1, r2)
+    )
     assert adapters["b"].metadata["base"]["n_params"] == adapters["a"].metadata["base"]["n_params"]
     keys = load_file(str(adapters["b"].path / "adapter_model.safetensors")).keys()
     assert all("lora_A.weight" in k or "lora_B.weight" in k for k in keys) and len(keys) == 2 * 7 * 2
@@ -256,14 +296,18 @@ def test_finished_folder_returns_without_training(adapters, tiny_predictor):
     def boom(*_):
         raise AssertionError("a finished adapter must not train again")
 
-    again = finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=4, patience=None, **FAST), a.path, progress=boom)
+    again = finetune(
+        tiny_predictor, make_questions(), LoraTrainConfig(epochs=4, patience=None, **FAST), a.path, progress=boom
+    )
     assert again.cached and again.metadata == a.metadata
 
 
 def test_different_config_is_refused(adapters, tiny_predictor, tmp_path):
     a = adapters["a"]
     with pytest.raises(ClinqaError, match=r"rank: 8 -> 4"):
-        finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=4, patience=None, **{**FAST, "rank": 4}), a.path)
+        finetune(
+            tiny_predictor, make_questions(), LoraTrainConfig(epochs=4, patience=None, **{**FAST, "rank": 4}), a.path
+        )
     with pytest.raises(ClinqaError, match="training questions differ"):
         finetune(tiny_predictor, make_questions(15), LoraTrainConfig(epochs=4, patience=None, **FAST), a.path)
     (tmp_path / "other").mkdir()
@@ -279,8 +323,15 @@ def test_early_stopping_keeps_the_best_adapter(tiny_predictor, tmp_path):
     placeholder = [Question(id=i, question="x", options={"A": "a", "B": "b"}, answer="A") for i in ids]
     _, val = split_train_val(placeholder, 0.25, 0)
     val_ids = {q.id for q in val}
-    qs = [Question(id=i, question=f"Which drug for case {k % 3}?", options={"A": "Aspirin", "B": "Heparin"},
-                   answer="B" if i in val_ids else "A") for k, i in enumerate(ids)]
+    qs = [
+        Question(
+            id=i,
+            question=f"Which drug for case {k % 3}?",
+            options={"A": "Aspirin", "B": "Heparin"},
+            answer="B" if i in val_ids else "A",
+        )
+        for k, i in enumerate(ids)
+    ]
     cfg = LoraTrainConfig(epochs=8, patience=2, **{**FAST, "learning_rate": 5e-2})
     res = finetune(tiny_predictor, qs, cfg, tmp_path / "es")
     m = res.metadata
@@ -308,14 +359,22 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_predictor, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_predictor, qs, cfg, tmp_path / "killed", checkpoint_every=2, progress=kill_at_5)
-    assert (tmp_path / "killed" / "checkpoint" / "checkpoint-4" / "clinqa_state.json").is_file()  # the Trainer's checkpoint
+    assert (
+        tmp_path / "killed" / "checkpoint" / "checkpoint-4" / "clinqa_state.json"
+    ).is_file()  # the Trainer's checkpoint
     assert not (tmp_path / "killed" / "clinqa_adapter.json").exists()
     with pytest.raises(ClinqaError, match="learning_rate"):
-        finetune(tiny_predictor, qs, LoraTrainConfig(epochs=2, patience=None, **{**FAST, "learning_rate": 1e-3}), tmp_path / "killed")
+        finetune(
+            tiny_predictor,
+            qs,
+            LoraTrainConfig(epochs=2, patience=None, **{**FAST, "learning_rate": 1e-3}),
+            tmp_path / "killed",
+        )
 
     calls.clear()
-    resumed = finetune(tiny_predictor, qs, cfg, tmp_path / "killed", checkpoint_every=2, 
-                       progress=lambda s, t, l: calls.append((s, l)))
+    resumed = finetune(
+        tiny_predictor, qs, cfg, tmp_path / "killed", checkpoint_every=2, progress=lambda s, t, l: calls.append((s, l))
+    )
     assert resumed.resumed_from == 4 and calls[0] == (4, None) and [s for s, _ in calls[1:]] == [5, 6]
     assert resumed.metadata["steps"] == whole.metadata["steps"] == 6 and resumed.metadata["resumes"] == 1
     for h1, h2 in zip(resumed.history, whole.history):
@@ -429,15 +488,24 @@ def yes_no_examples(n: int = 16) -> list[lora.TextExample]:
     out = []
     for i in range(n):
         asked, shown = DRUGS[i % 4], DRUGS[(i // 2) % 4] if i % 2 else DRUGS[i % 4]
-        out.append(lora.TextExample(id=f"t{i:02d}", prompt=f"Is {asked} in the entry <<<{shown} 5 mg>>>? Answer:",
-                                    target=" yes" if asked == shown else " no", label="stage1"))
+        out.append(
+            lora.TextExample(
+                id=f"t{i:02d}",
+                prompt=f"Is {asked} in the entry <<<{shown} 5 mg>>>? Answer:",
+                target=" yes" if asked == shown else " no",
+                label="stage1",
+            )
+        )
     return out
 
 
 def test_text_examples_mask_the_prompt_and_use_the_chat_template(tiny_predictor, tokenizer):
     from clinqa.models.base import GenerationConfig
 
-    plain, chat = lora.TextExample("p", "Question: x? Answer:", " yes"), lora.TextExample("c", "What is x?", "x is 5.", system="Be brief.", chat=True)
+    plain, chat = (
+        lora.TextExample("p", "Question: x? Answer:", " yes"),
+        lora.TextExample("c", "What is x?", "x is 5.", system="Be brief.", chat=True),
+    )
     ex_plain, ex_chat = build_examples(tokenizer, [plain, chat], LoraTrainConfig(max_length=256))
     ctx, cont = tiny_predictor.encode_pair(plain.prompt, plain.target)
     assert ex_plain["input_ids"] == ctx + cont + [tokenizer.eos_token_id]
@@ -454,11 +522,18 @@ def test_text_examples_train_a_yes_no_classifier(tiny_predictor, tmp_path):
     from sklearn.metrics import roc_auc_score
 
     examples = yes_no_examples()
-    res = finetune(tiny_predictor, examples, LoraTrainConfig(epochs=15, patience=None, **{**FAST, "learning_rate": 1e-2}), tmp_path / "yn")
+    res = finetune(
+        tiny_predictor,
+        examples,
+        LoraTrainConfig(epochs=15, patience=None, **{**FAST, "learning_rate": 1e-2}),
+        tmp_path / "yn",
+    )
     assert res.metadata["specialties"] == ["stage1"]
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
 
-    def auc(pred) -> float:  # how well log P(yes) - log P(no) ranks the yes examples first (a selector tunes its threshold)
+    def auc(
+        pred,
+    ) -> float:  # how well log P(yes) - log P(no) ranks the yes examples first (a selector tunes its threshold)
         lp = pred.next_token_logprobs([e.prompt for e in examples], [" yes", " no"])
         return roc_auc_score([e.target == " yes" for e in examples], lp[:, 0] - lp[:, 1])
 
@@ -471,16 +546,29 @@ def test_init_adapter_continues_from_its_weights(adapters, tiny_predictor, tmp_p
     cfg = LoraTrainConfig(**{**FAST, "learning_rate": 1e-12}, epochs=1)
     seq = finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq", init_adapter=a.path)
     assert seq.metadata["init_adapter"]["path"] == str(a.path)
-    assert finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq", init_adapter=a.path).cached  # same start: done
-    wa, ws = load_file(str(a.path / "adapter_model.safetensors")), load_file(str(seq.path / "adapter_model.safetensors"))
+    assert finetune(
+        tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq", init_adapter=a.path
+    ).cached  # same start: done
+    wa, ws = (
+        load_file(str(a.path / "adapter_model.safetensors")),
+        load_file(str(seq.path / "adapter_model.safetensors")),
+    )
     assert wa.keys() == ws.keys() and all(torch.allclose(wa[k], ws[k], atol=1e-6) for k in wa)
-    fresh = load_file(str(finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "fresh").path / "adapter_model.safetensors"))
+    fresh = load_file(
+        str(finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "fresh").path / "adapter_model.safetensors")
+    )
     assert any(not torch.allclose(fresh[k], wa[k]) for k in wa)
     # the starting adapter is part of the folder's identity; a rank mismatch is refused up front
     with pytest.raises(ClinqaError, match="starting adapter"):
         finetune(tiny_predictor, yes_no_examples(8), cfg, tmp_path / "seq")
     with pytest.raises(ClinqaError, match="rank 8; this training uses rank 4"):
-        finetune(tiny_predictor, yes_no_examples(8), LoraTrainConfig(**{**FAST, "rank": 4}), tmp_path / "r4", init_adapter=a.path)
+        finetune(
+            tiny_predictor,
+            yes_no_examples(8),
+            LoraTrainConfig(**{**FAST, "rank": 4}),
+            tmp_path / "r4",
+            init_adapter=a.path,
+        )
 
 
 # -- precision and several processes --------------------------------------------------------------
@@ -490,21 +578,38 @@ def test_bf16_mixed_precision_on_cpu_and_the_metadata_records_it(tiny_predictor,
     assert cfg.dtype == "bfloat16" and "dtype" in cfg.identity() and "device" not in cfg.identity()
     res = finetune(tiny_predictor, make_questions(), cfg, tmp_path / "bf16")
     m = res.metadata
-    assert m["precision"] == "bfloat16" and m["device"] == "cpu" and m["world_size"] == 1 and m["trainer"] == "transformers.Trainer"
+    assert (
+        m["precision"] == "bfloat16"
+        and m["device"] == "cpu"
+        and m["world_size"] == 1
+        and m["trainer"] == "transformers.Trainer"
+    )
     assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
     weights = load_file(str(res.path / "adapter_model.safetensors"))
     assert all(v.dtype == torch.float32 for v in weights.values())
-    fp32 = finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=2, patience=None, device="cpu", **FAST), tmp_path / "fp32")
+    fp32 = finetune(
+        tiny_predictor,
+        make_questions(),
+        LoraTrainConfig(epochs=2, patience=None, device="cpu", **FAST),
+        tmp_path / "fp32",
+    )
     assert fp32.metadata["precision"] == "float32"
     other = load_file(str(fp32.path / "adapter_model.safetensors"))
     assert any(not torch.equal(weights[k], other[k]) for k in weights)  # bf16 arithmetic did run
     # an explicit dtype is part of the identity: the bf16 folder is not handed out as an fp32 one
     with pytest.raises(ClinqaError, match="dtype: 'bfloat16' -> 'float32'"):
-        finetune(tiny_predictor, make_questions(), LoraTrainConfig(epochs=2, patience=None, dtype="float32", **FAST), tmp_path / "bf16")
+        finetune(
+            tiny_predictor,
+            make_questions(),
+            LoraTrainConfig(epochs=2, patience=None, dtype="float32", **FAST),
+            tmp_path / "bf16",
+        )
     # ... while the default (auto) matches a folder trained before the field existed
     assert "dtype" not in LoraTrainConfig().identity()
     with pytest.raises(ClinqaError, match="float16.*needs a CUDA GPU"):
-        finetune(tiny_predictor, make_questions(), LoraTrainConfig(dtype="float16", device="cpu", **FAST), tmp_path / "fp16")
+        finetune(
+            tiny_predictor, make_questions(), LoraTrainConfig(dtype="float16", device="cpu", **FAST), tmp_path / "fp16"
+        )
     with pytest.raises(ClinqaError, match="device"):
         LoraTrainConfig(device="tpu")
 
@@ -535,18 +640,47 @@ def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_pred
         "        raise KeyboardInterrupt\n"
         "res = finetune(sys.argv[1], make_questions(), cfg, sys.argv[2], progress=kill, checkpoint_every=2)\n"
         "import json, os\n"  # one file per process: two processes printing to one pipe can interleave their lines
-        "open(sys.argv[2] + '.rank' + os.environ['RANK'], 'a').write(json.dumps([res.metadata['world_size'], res.metadata['steps'], res.cached]) + '\\n')\n")
+        "open(sys.argv[2] + '.rank' + os.environ['RANK'], 'a').write(json.dumps([res.metadata['world_size'], res.metadata['steps'], res.cached]) + '\\n')\n"
+    )
 
     def reports(run: str) -> list[list]:
-        return sorted(json.loads(line) for r in (0, 1) for line in (tmp_path / f"{run}.rank{r}").read_text().splitlines())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(__import__("clinqa").__path__[0].rsplit("/clinqa", 1)[0]),
-                                                                   os.environ.get("PYTHONPATH", "")] if p),
-           "OMP_NUM_THREADS": "1"}
+        return sorted(
+            json.loads(line) for r in (0, 1) for line in (tmp_path / f"{run}.rank{r}").read_text().splitlines()
+        )
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p
+            for p in [str(__import__("clinqa").__path__[0].rsplit("/clinqa", 1)[0]), os.environ.get("PYTHONPATH", "")]
+            if p
+        ),
+        "OMP_NUM_THREADS": "1",
+    }
     here = str(__import__("pathlib").Path(__file__).parent)
+
     def launch(kill_at: int):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                               str(folder), str(tmp_path / "ddp"), here, "1", str(kill_at)],
-                              env=env, capture_output=True, text=True, timeout=600, check=False)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(script),
+                str(folder),
+                str(tmp_path / "ddp"),
+                here,
+                "1",
+                str(kill_at),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
 
     killed = launch(5)  # the main process stops at step 5, torchrun ends the other; the checkpoint of step 4 stays
     assert killed.returncode != 0 and (tmp_path / "ddp" / "checkpoint" / "checkpoint-4" / "clinqa_state.json").is_file()
@@ -554,10 +688,20 @@ def test_two_processes_under_torchrun_train_like_one_with_accumulation(tiny_pred
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
     assert reports("ddp") == [[2, 6, False]] * 2  # 12 questions, 2 per batch, 2 processes: 3 steps an epoch
     m = lora.load_adapter_metadata(tmp_path / "ddp")
-    assert m["world_size"] == 2 and m["steps"] == 6 and sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "clinqa_adapter.json"]
-    single = finetune(str(folder), make_questions(), LoraTrainConfig(epochs=2, patience=None, grad_accum=2, device="cpu",
-                                                                     **{**FAST, "dropout": 0.0, "batch_size": 2}), tmp_path / "one")
+    assert (
+        m["world_size"] == 2
+        and m["steps"] == 6
+        and sorted(p.name for p in (tmp_path / "ddp").iterdir())
+        == ["adapter_config.json", "adapter_model.safetensors", "clinqa_adapter.json"]
+    )
+    single = finetune(
+        str(folder),
+        make_questions(),
+        LoraTrainConfig(
+            epochs=2, patience=None, grad_accum=2, device="cpu", **{**FAST, "dropout": 0.0, "batch_size": 2}
+        ),
+        tmp_path / "one",
+    )
     assert [h["val_loss"] for h in single.history] == pytest.approx([h["val_loss"] for h in m["history"]], rel=1e-5)
     w1 = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
     w2 = load_file(str(single.path / "adapter_model.safetensors"))

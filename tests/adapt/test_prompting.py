@@ -1,6 +1,6 @@
 import pytest
 
-from clinqa.adapt import load_predictor, apply_modifier
+from clinqa.adapt import apply_modifier
 from clinqa.errors import ClinqaError
 from clinqa.models.spec import Modifier
 
@@ -29,7 +29,7 @@ def test_fewshot_never_shows_a_question_its_own_answer(tiny_predictor):
 
     p = apply_modifier(tiny_predictor, Modifier("prompt", "fewshot", {"k": "3", "seed": "4"}))
     by_text = {q.question.strip(): q for q in load_questions("bundled").questions}
-    shown = [line[len("Question: "):] for line in p.prefix.split("\n") if line.startswith("Question: ")]
+    shown = [line[len("Question: ") :] for line in p.prefix.split("\n") if line.startswith("Question: ")]
     asked = by_text[shown[1]]
     ctx = p._rewrite(cloze_prompt(asked))
     assert ctx.count("Question:") == 4 and ctx.count(asked.question.strip()) == 1  # 3 other examples, then the question

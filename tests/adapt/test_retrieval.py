@@ -11,8 +11,18 @@ import pytest
 
 from clinqa.adapt import retrieval
 from clinqa.adapt.retrieval import (
-    RAG_HEADER, Document, Hit, Index, RagPredictor, apply_modifier, build_index, chunk, load_documents,
-    parse_step, reciprocal_rank_fusion, retrieval_query,
+    RAG_HEADER,
+    Document,
+    Hit,
+    Index,
+    RagPredictor,
+    apply_modifier,
+    build_index,
+    chunk,
+    load_documents,
+    parse_step,
+    reciprocal_rank_fusion,
+    retrieval_query,
 )
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
@@ -21,26 +31,49 @@ from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
 from clinqa.models.spec import Modifier, parse_spec
 
 JSONL = [
-    {"id": "hf", "title": "Heart failure", "source": "notes", "topics": ["cardiology"],
-     "text": "Loop diuretics such as furosemide relieve pulmonary congestion and peripheral oedema in acute "
-             "decompensated heart failure. ACE inhibitors and beta blockers reduce mortality when the ejection "
-             "fraction is reduced."},
-    {"id": "af", "title": "Atrial fibrillation", "source": "notes", "topics": ["cardiology"],
-     "text": "Atrial fibrillation is an irregularly irregular rhythm without P waves on the ECG. Anticoagulation "
-             "with apixaban or warfarin prevents embolic stroke; the CHA2DS2-VASc score guides the decision."},
-    {"id": "dka", "title": "Diabetic ketoacidosis", "source": "notes", "topic": "endocrinology",
-     "text": "Diabetic ketoacidosis presents with hyperglycaemia, ketonaemia and a high anion gap metabolic "
-             "acidosis. Treat with intravenous fluids, a fixed-rate insulin infusion and potassium replacement."},
-    {"id": "asthma", "title": "Acute asthma", "source": "notes",
-     "text": "Acute severe asthma is treated with oxygen, nebulised salbutamol and ipratropium, and oral "
-             "prednisolone; magnesium sulfate is given when the response is poor."},
+    {
+        "id": "hf",
+        "title": "Heart failure",
+        "source": "notes",
+        "topics": ["cardiology"],
+        "text": "Loop diuretics such as furosemide relieve pulmonary congestion and peripheral oedema in acute "
+        "decompensated heart failure. ACE inhibitors and beta blockers reduce mortality when the ejection "
+        "fraction is reduced.",
+    },
+    {
+        "id": "af",
+        "title": "Atrial fibrillation",
+        "source": "notes",
+        "topics": ["cardiology"],
+        "text": "Atrial fibrillation is an irregularly irregular rhythm without P waves on the ECG. Anticoagulation "
+        "with apixaban or warfarin prevents embolic stroke; the CHA2DS2-VASc score guides the decision.",
+    },
+    {
+        "id": "dka",
+        "title": "Diabetic ketoacidosis",
+        "source": "notes",
+        "topic": "endocrinology",
+        "text": "Diabetic ketoacidosis presents with hyperglycaemia, ketonaemia and a high anion gap metabolic "
+        "acidosis. Treat with intravenous fluids, a fixed-rate insulin infusion and potassium replacement.",
+    },
+    {
+        "id": "asthma",
+        "title": "Acute asthma",
+        "source": "notes",
+        "text": "Acute severe asthma is treated with oxygen, nebulised salbutamol and ipratropium, and oral "
+        "prednisolone; magnesium sulfate is given when the response is poor.",
+    },
 ]
-MIGRAINE = ("# Migraine\n\nMigraine is a recurrent one-sided throbbing headache with photophobia, nausea and "
-            "sometimes a visual aura. Triptans such as sumatriptan abort attacks; propranolol or topiramate "
-            "prevent them.\n")
-SEPSIS = ("Sepsis\nSepsis is life-threatening organ dysfunction caused by a dysregulated host response to "
-          "infection. Give broad-spectrum antibiotics within one hour, take blood cultures and give crystalloid "
-          "for hypotension.\n")
+MIGRAINE = (
+    "# Migraine\n\nMigraine is a recurrent one-sided throbbing headache with photophobia, nausea and "
+    "sometimes a visual aura. Triptans such as sumatriptan abort attacks; propranolol or topiramate "
+    "prevent them.\n"
+)
+SEPSIS = (
+    "Sepsis\nSepsis is life-threatening organ dysfunction caused by a dysregulated host response to "
+    "infection. Give broad-spectrum antibiotics within one hour, take blood cultures and give crystalloid "
+    "for hypotension.\n"
+)
 
 
 def write_corpus(folder):
@@ -147,16 +180,19 @@ def test_index_metadata(index):
     assert emb.dtype == np.float32 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,query_text,expected", [
-    ("bm25", "furosemide for pulmonary congestion", "hf#0"),
-    ("bm25", "the CHA2DS2-VASc score", "af#0"),
-    ("bm25", "what is the fixed-rate insulin infusion for", "dka#0"),
-    ("dense", "a blood thinner to avoid a stroke when the heartbeat is irregular", "af#0"),
-    ("dense", "pounding pain on one side of the head with sensitivity to light", "neuro/migraine#0"),
-    ("dense", "wheezing patient needs an inhaler drug urgently", "asthma#0"),
-    ("fused", "antibiotics within an hour for infection with organ failure", "sepsis#0"),
-    ("fused", "which drug relieves fluid on the lungs in heart failure", "hf#0"),
-])
+@pytest.mark.parametrize(
+    "mode,query_text,expected",
+    [
+        ("bm25", "furosemide for pulmonary congestion", "hf#0"),
+        ("bm25", "the CHA2DS2-VASc score", "af#0"),
+        ("bm25", "what is the fixed-rate insulin infusion for", "dka#0"),
+        ("dense", "a blood thinner to avoid a stroke when the heartbeat is irregular", "af#0"),
+        ("dense", "pounding pain on one side of the head with sensitivity to light", "neuro/migraine#0"),
+        ("dense", "wheezing patient needs an inhaler drug urgently", "asthma#0"),
+        ("fused", "antibiotics within an hour for infection with organ failure", "sepsis#0"),
+        ("fused", "which drug relieves fluid on the lungs in heart failure", "hf#0"),
+    ],
+)
 def test_search_finds_the_right_passage(index, mode, query_text, expected):
     hits = index.search(query_text, k=3, mode=mode)
     assert hits[0].passage_id == expected
@@ -177,7 +213,9 @@ def test_search_many_matches_search(index):
         many, one = index.search_many(qs, k=2, mode=mode), [index.search(q, k=2, mode=mode) for q in qs]
         assert [[h.passage_id for h in row] for row in many] == [[h.passage_id for h in row] for row in one]
         # MiniLM pads a batch, so dense scores may differ from single queries in the last float bits
-        assert [[h.score for h in row] for row in many] == [pytest.approx([h.score for h in row], abs=1e-5) for row in one]
+        assert [[h.score for h in row] for row in many] == [
+            pytest.approx([h.score for h in row], abs=1e-5) for row in one
+        ]
     with pytest.raises(ClinqaError, match="unknown search mode"):
         index.search("x", mode="hybrid")
 
@@ -227,7 +265,9 @@ def test_not_an_index(tmp_path, index):
 
 
 def test_bm25_only_index(tmp_path):
-    idx = build_index([Document("a", "alpha beta gamma"), {"id": "b", "text": "delta epsilon"}], tmp_path / "i", dense=False)
+    idx = build_index(
+        [Document("a", "alpha beta gamma"), {"id": "b", "text": "delta epsilon"}], tmp_path / "i", dense=False
+    )
     assert not idx.has_dense and (idx.path / "bm25").is_dir() and not (idx.path / "embeddings.npy").exists()
     assert idx.search("epsilon", mode="bm25")[0].passage_id == "b#0"
     with pytest.raises(ClinqaError, match="no dense vectors"):
@@ -238,8 +278,12 @@ def test_bm25_only_index(tmp_path):
 
 # -- the RAG wrapper -------------------------------------------------------------------------------------
 def question():
-    return Question(id="q1", question="Which diuretic relieves pulmonary congestion in heart failure?",
-                    options={"A": "Furosemide", "B": "Insulin", "C": "Salbutamol", "D": "Apixaban"}, answer="A")
+    return Question(
+        id="q1",
+        question="Which diuretic relieves pulmonary congestion in heart failure?",
+        options={"A": "Furosemide", "B": "Insulin", "C": "Salbutamol", "D": "Apixaban"},
+        answer="A",
+    )
 
 
 def test_retrieval_query_strips_prompt_scaffolding():
@@ -248,10 +292,17 @@ def test_retrieval_query_strips_prompt_scaffolding():
     assert retrieval_query(prompts.cloze_prompt(q)) == stem
     assert retrieval_query(prompts.letter_prompt(q, q.options)) == stem
     assert retrieval_query(prompts.generate_prompt(q, q.options)) == stem
-    assert retrieval_query(prompts.letter_prompt(q, q.options), include_options=True) == \
-        stem + " Furosemide Insulin Salbutamol Apixaban"
-    pq = Question(id="p", question="Does X help?", options={"A": "yes", "B": "no"}, answer="A",
-                  meta={"contexts": ["Long abstract text."]})
+    assert (
+        retrieval_query(prompts.letter_prompt(q, q.options), include_options=True)
+        == stem + " Furosemide Insulin Salbutamol Apixaban"
+    )
+    pq = Question(
+        id="p",
+        question="Does X help?",
+        options={"A": "yes", "B": "no"},
+        answer="A",
+        meta={"contexts": ["Long abstract text."]},
+    )
     assert retrieval_query(prompts.cloze_prompt(pq)) == "Does X help?"
     assert retrieval_query("free text without scaffolding") == "free text without scaffolding"
 
@@ -300,10 +351,12 @@ def test_rag_stays_within_budget(index, encode):
     assert ctx.endswith("\n\n" + prompt) and block.startswith(RAG_HEADER)
     used = len(block.split()) if encode else int(np.ceil(1.3 * len(block.split())))
     assert used <= budget
-    lines = block[len(RAG_HEADER):].strip().split("\n")
+    lines = block[len(RAG_HEADER) :].strip().split("\n")
     ids = [ln.split("]")[0][1:] for ln in lines]
     assert rag.annotations(prompt)["retrieved"] == ids
-    assert len(ids) == 3 and lines[-1].endswith(" ...") and not lines[1].endswith(" ...")  # the last passage was cut to fit
+    assert (
+        len(ids) == 3 and lines[-1].endswith(" ...") and not lines[1].endswith(" ...")
+    )  # the last passage was cut to fit
     assert ids == [h.passage_id for h in index.search(retrieval_query(prompt), k=len(ids), mode="fused")]
     tiny = RagPredictor(base, index, k=5, mode="fused", budget_tokens=3)  # not even the header fits
     assert tiny.rewrite([prompt]) == [prompt] and tiny.annotations(prompt)["retrieved"] == []
@@ -346,7 +399,11 @@ def test_iterative_mode_logs_steps(index):
     steps = ann["steps"]
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert steps[0]["thought"] == "I need the diuretic used for congestion."
-    assert (steps[0]["query"], steps[0]["query_source"], steps[0]["retrieved"]) == ("furosemide pulmonary congestion", "model", ["hf#0"])
+    assert (steps[0]["query"], steps[0]["query_source"], steps[0]["retrieved"]) == (
+        "furosemide pulmonary congestion",
+        "model",
+        ["hf#0"],
+    )
     assert steps[1]["query"] == q.question and steps[1]["query_source"] == "fallback"
     assert steps[1]["retrieved"] and steps[1]["retrieved"][0] != "hf#0"  # only new passages
     assert f"Observation: [{steps[1]['retrieved'][0]}]" in step3
@@ -393,10 +450,18 @@ def test_apply_modifier_parses_params(index):
     assert isinstance(rag, RagPredictor)
     assert (rag.k, rag.mode, rag.budget_tokens, rag.include_options) == (2, "bm25", 100, False)
     assert rag.info.spec == f"fake+rag:{index.path}@k=2,mode=bm25,budget=100"
-    it = apply_modifier(FakePredictor(), Modifier("rag", str(index.path), {"mode": "iterative", "steps": "4", "options": "true", "search": "dense"}))
+    it = apply_modifier(
+        FakePredictor(),
+        Modifier("rag", str(index.path), {"mode": "iterative", "steps": "4", "options": "true", "search": "dense"}),
+    )
     assert (it.mode, it.steps, it.include_options, it.search_mode, it.k) == ("iterative", 4, True, "dense", 5)
-    for params, msg in [({"k": "0"}, "at least 1"), ({"k": "two"}, "integer"), ({"mode": "hybrid"}, "unknown mode"),
-                        ({"depth": "3"}, "unknown parameter"), ({"options": "maybe"}, "true or false")]:
+    for params, msg in [
+        ({"k": "0"}, "at least 1"),
+        ({"k": "two"}, "integer"),
+        ({"mode": "hybrid"}, "unknown mode"),
+        ({"depth": "3"}, "unknown parameter"),
+        ({"options": "maybe"}, "true or false"),
+    ]:
         with pytest.raises(ClinqaError, match=msg):
             apply_modifier(FakePredictor(), Modifier("rag", str(index.path), params))
     with pytest.raises(ClinqaError, match="not a clinqa retrieval index|does not exist"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from clinqa.adapt.router import Router, build_category_vectors, load_category_vectors, question_from_prompt
 from clinqa.adapt.control import SteeredPredictor, apply_modifier, steer
+from clinqa.adapt.router import Router, build_category_vectors, load_category_vectors, question_from_prompt
 from clinqa.adapt.steering import SteeringConfig
 from clinqa.data.loaders import load_questions
 from clinqa.data.schema import Question
@@ -50,12 +50,24 @@ TRAIN = {
     ],
 }
 TEST = {
-    "cardiology": ["Atrial fibrillation: how to prevent stroke?", "Ankle oedema and breathlessness from a failing heart.",
-                   "ST depression on the ECG during an exercise test.", "Blood pressure of 180/110 with headache."],
-    "dermatology": ["A ring-shaped scaly itchy patch on the skin.", "Blistering skin rash in an elderly patient.",
-                    "Sunburn and a changing mole on the back.", "Dandruff and a greasy scaly rash on the face."],
-    "psychiatry": ["Hearing voices that comment on his actions.", "Persistent sadness and thoughts of suicide.",
-                   "Excessive worry about everything for a year.", "Refuses to eat and fears gaining weight."],
+    "cardiology": [
+        "Atrial fibrillation: how to prevent stroke?",
+        "Ankle oedema and breathlessness from a failing heart.",
+        "ST depression on the ECG during an exercise test.",
+        "Blood pressure of 180/110 with headache.",
+    ],
+    "dermatology": [
+        "A ring-shaped scaly itchy patch on the skin.",
+        "Blistering skin rash in an elderly patient.",
+        "Sunburn and a changing mole on the back.",
+        "Dandruff and a greasy scaly rash on the face.",
+    ],
+    "psychiatry": [
+        "Hearing voices that comment on his actions.",
+        "Persistent sadness and thoughts of suicide.",
+        "Excessive worry about everything for a year.",
+        "Refuses to eat and fears gaining weight.",
+    ],
 }
 
 
@@ -69,8 +81,13 @@ def router():
 
 
 def test_question_from_prompt_reads_every_prompt_format():
-    q = Question(id="x", question="Which artery is occluded?\nChoose one.", options={"A": "RCA", "B": "LAD"}, answer="A",
-                 meta={"contexts": ["An abstract."]})
+    q = Question(
+        id="x",
+        question="Which artery is occluded?\nChoose one.",
+        options={"A": "RCA", "B": "LAD"},
+        answer="A",
+        meta={"contexts": ["An abstract."]},
+    )
     stem = "Which artery is occluded?\nChoose one."
     assert question_from_prompt(cloze_prompt(q)) == stem
     assert question_from_prompt(letter_prompt(q, q.options)) == stem
@@ -104,14 +121,18 @@ def test_binary_router_matches_sklearn():
     texts, labels = flat({k: TRAIN[k] for k in ("cardiology", "psychiatry")})
     r = Router("embed", C=0.1, threshold=0.0).fit(texts, labels, holdout=0)
     X = r.features(texts)
-    clf = LogisticRegression(C=0.1, max_iter=2000, random_state=0).fit((X - r.mean) / r.scale, [r.classes.index(y) for y in labels])
+    clf = LogisticRegression(C=0.1, max_iter=2000, random_state=0).fit(
+        (X - r.mean) / r.scale, [r.classes.index(y) for y in labels]
+    )
     np.testing.assert_allclose(r.probabilities(texts), clf.predict_proba((X - r.mean) / r.scale), atol=1e-10)
     assert r.route(texts) == labels
 
 
 def test_hidden_state_router(tmp_path, tiny_predictor):
-    data = {"numbers": ["one two three", "four five six", "seven eight nine", "ten eleven twelve"] * 2,
-            "colours": ["red green blue", "yellow purple pink", "orange brown black", "white grey cyan"] * 2}
+    data = {
+        "numbers": ["one two three", "four five six", "seven eight nine", "ten eleven twelve"] * 2,
+        "colours": ["red green blue", "yellow purple pink", "orange brown black", "white grey cyan"] * 2,
+    }
     r = Router("hidden", layer=1, predictor=tiny_predictor).fit(*flat(data), holdout=0)
     assert r.route(["one two three", "red green blue"]) == ["numbers", "colours"]
     r.save(tmp_path / "h")
@@ -156,8 +177,10 @@ def test_router_metrics_confusion_and_accuracy_at_coverage(router):
 
 
 def test_embed_plus_hidden_router_balances_the_two_blocks(tmp_path, tiny_predictor):
-    data = {"numbers": ["one two three", "four five six", "seven eight nine", "ten eleven twelve"] * 2,
-            "colours": ["red green blue", "yellow purple pink", "orange brown black", "white grey cyan"] * 2}
+    data = {
+        "numbers": ["one two three", "four five six", "seven eight nine", "ten eleven twelve"] * 2,
+        "colours": ["red green blue", "yellow purple pink", "orange brown black", "white grey cyan"] * 2,
+    }
     r = Router("embed+hidden", layer=1, predictor=tiny_predictor).fit(*flat(data), holdout=0)
     X = r.features(["one two three"])
     hidden = X.shape[1] - 384
@@ -177,8 +200,15 @@ def test_category_vectors_folder_and_routed_predictor(tmp_path, tiny_predictor):
     qs = [q for c in cats for q in [x for x in allq if x.specialties[0] == c][:6]]
     out = tmp_path / "by_specialty"
     calls = []
-    index = build_category_vectors(tiny_predictor, qs, "specialty", SteeringConfig(layers=[1, 2]), out,
-                                   progress=lambda d, t: calls.append((d, t)), data="bundled")
+    index = build_category_vectors(
+        tiny_predictor,
+        qs,
+        "specialty",
+        SteeringConfig(layers=[1, 2]),
+        out,
+        progress=lambda d, t: calls.append((d, t)),
+        data="bundled",
+    )
     assert sorted(index["categories"]) == cats and calls[-1] == (36, 36)
     assert json.loads((out / "vectors.json").read_text()) == index
     assert index["router"]["routing_accuracy"] is not None and index["router"]["mode"] == "embed"
@@ -191,7 +221,9 @@ def test_category_vectors_folder_and_routed_predictor(tmp_path, tiny_predictor):
     assert isinstance(sp, SteeredPredictor) and sp.routed
     cost = sp.cost()  # one layer of each of 3 vectors, plus the router's weights; build and fit seconds
     hidden = tiny_predictor.model.config.hidden_size
-    assert cost["extra_params"] == 3 * hidden + np.size(router.coef) + np.size(router.intercept) and cost["training_s"] > 0
+    assert (
+        cost["extra_params"] == 3 * hidden + np.size(router.coef) + np.size(router.intercept) and cost["training_s"] > 0
+    )
     cardio, neuro = qs[0], qs[6]
     groups = [(cloze_prompt(q), [" " + v for v in q.options.values()]) for q in (cardio, neuro)]
     ann = sp.annotations(groups[0][0])["steer"]
@@ -205,8 +237,10 @@ def test_category_vectors_folder_and_routed_predictor(tmp_path, tiny_predictor):
     none = apply_modifier(tiny_predictor, Modifier("steer", str(out), {"threshold": "1.01"}))
     assert none.annotations(groups[0][0])["steer"] == {"vector": None, "alpha": 1.0, "routed_to": None}
     base = tiny_predictor.score_continuations(groups)
-    assert torch.equal(torch.tensor([[s.logprob for s in g] for g in none.score_continuations(groups)]),
-                       torch.tensor([[s.logprob for s in g] for g in base]))
+    assert torch.equal(
+        torch.tensor([[s.logprob for s in g] for g in none.score_continuations(groups)]),
+        torch.tensor([[s.logprob for s in g] for g in base]),
+    )
     with pytest.raises(ClinqaError, match="at least 2 categories"):
         build_category_vectors(tiny_predictor, qs, "topic", SteeringConfig(layers=[1]), tmp_path / "x")
 
@@ -218,8 +252,27 @@ def test_steer_build_command_per_specialty_on_a_part(tmp_path):
     from clinqa.cli import app
 
     out = tmp_path / "by"
-    r = CliRunner().invoke(app, ["steer", "build", "default", "bundled", "--by", "specialty", "--part", "0/2", "--layers", "29",
-                                 "--max-pairs", "2", "--coverage", "0.8", "--out", str(out)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "steer",
+            "build",
+            "default",
+            "bundled",
+            "--by",
+            "specialty",
+            "--part",
+            "0/2",
+            "--layers",
+            "29",
+            "--max-pairs",
+            "2",
+            "--coverage",
+            "0.8",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     index = json.loads((out / "vectors.json").read_text())
     assert index["data"] == "bundled (part 0/2)" and all(c["n_questions"] == 17 for c in index["categories"].values())

@@ -14,7 +14,7 @@ from clinqa.adapt.steering import SteeringConfig, SteeringVector, build_steering
 from clinqa.data.loaders import load_questions
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
-from clinqa.evaluate.methods import score_letter, score_option, make_items
+from clinqa.evaluate.methods import make_items, score_letter, score_option
 from clinqa.evaluate.sample import Sample
 from clinqa.models.base import GenerationConfig
 from clinqa.models.spec import Modifier
@@ -27,7 +27,9 @@ def questions():
 
 @pytest.fixture()
 def vector(tiny_predictor, questions):
-    return build_steering_vector(tiny_predictor, questions, SteeringConfig(layers=[1, 2]), name="test-vec", data="bundled")
+    return build_steering_vector(
+        tiny_predictor, questions, SteeringConfig(layers=[1, 2]), name="test-vec", data="bundled"
+    )
 
 
 GROUPS = [
@@ -40,7 +42,9 @@ def block_outputs(model, layer, run):
     """Every output of decoder block `layer` during `run()`. Registered last, so it sees what a
     steering hook (entered before) made of the output."""
     seen = []
-    handle = model.layers[layer - 1].register_forward_hook(lambda _m, _a, o: seen.append((o[0] if isinstance(o, tuple) else o).clone()))
+    handle = model.layers[layer - 1].register_forward_hook(
+        lambda _m, _a, o: seen.append((o[0] if isinstance(o, tuple) else o).clone())
+    )
     try:
         run()
     finally:
@@ -60,8 +64,14 @@ def test_extraction_shapes_and_metadata(tiny_predictor, questions, vector):
         assert vector.stds[layer] > 0 and vector.norms[layer] > 0  # points from wrong to right
         assert 0.0 <= vector.probe_accuracy[layer] <= 1.0
     assert vector.n_pairs == len(questions) and vector.aggregator == "mean_diff" and vector.position == "answer_last"
-    assert vector.model_name == "tiny-llama" and vector.model_hash == weights_hash(tiny_predictor) and vector.hidden_size == 32
-    assert vector.provenance["data"] == "bundled" and vector.provenance["clinqa_version"] and vector.provenance["created"]
+    assert (
+        vector.model_name == "tiny-llama"
+        and vector.model_hash == weights_hash(tiny_predictor)
+        and vector.hidden_size == 32
+    )
+    assert (
+        vector.provenance["data"] == "bundled" and vector.provenance["clinqa_version"] and vector.provenance["created"]
+    )
     assert vector.best_layer in vector.layers
     # default layer: the penultimate one
     assert build_steering_vector(tiny_predictor, questions[:3]).layers == [1]
@@ -112,8 +122,10 @@ def test_alpha_zero_reproduces_the_model_exactly(tiny_predictor, vector, questio
     for a, b in zip(score_option(tiny_predictor, items), score_option(steered, items)):
         assert torch.equal(torch.tensor(list(a.scores.values())), torch.tensor(list(b.scores.values())))
     contexts = ["Q1\nA. x\nB. y\nAnswer:", "A longer question\nA. x\nB. y\nAnswer:"]
-    assert torch.equal(torch.from_numpy(tiny_predictor.next_token_logprobs(contexts, [" A", " B"])),
-                       torch.from_numpy(steered.next_token_logprobs(contexts, [" A", " B"])))
+    assert torch.equal(
+        torch.from_numpy(tiny_predictor.next_token_logprobs(contexts, [" A", " B"])),
+        torch.from_numpy(steered.next_token_logprobs(contexts, [" A", " B"])),
+    )
     # generation: compare the decoder's outputs at the steered layer, prefill and decode steps alike
     cfg = GenerationConfig(max_new_tokens=4, chat=False)
     prompts = ["hello there", "a longer prompt with more words"]
@@ -175,8 +187,9 @@ def test_left_pads_never_steered_in_generation(tiny_predictor, vector):
     width = plain.shape[1]
     assert width > len(tiny_predictor.encode(prompts[0])) + 1  # row 0 really is left-padded
     assert torch.equal(plain[:, : width - 1], steered[:, : width - 1])  # pads and prompt tokens untouched
-    np.testing.assert_allclose((steered - plain)[:, width - 1].numpy(),
-                               np.stack([vector.delta(1, 5.0).numpy()] * 2), atol=1e-5)
+    np.testing.assert_allclose(
+        (steered - plain)[:, width - 1].numpy(), np.stack([vector.delta(1, 5.0).numpy()] * 2), atol=1e-5
+    )
     decode_plain, decode_steered = plain_steps[1], steered_steps[1]  # first decode step: everything is answer side
     assert decode_steered.shape[1] == 1 and not torch.equal(decode_plain, decode_steered)
 
@@ -207,7 +220,11 @@ def test_save_load_round_trip(tmp_path, vector):
         assert back.stds[layer] == vector.stds[layer] and back.norms[layer] == vector.norms[layer]
         assert back.probe_accuracy[layer] == vector.probe_accuracy[layer]
     assert (back.model_hash, back.n_pairs, back.aggregator, back.provenance) == (
-        vector.model_hash, vector.n_pairs, vector.aggregator, vector.provenance)
+        vector.model_hash,
+        vector.n_pairs,
+        vector.aggregator,
+        vector.provenance,
+    )
     with pytest.raises(ClinqaError, match="not a steering vector folder"):
         SteeringVector.load(tmp_path)
 
@@ -246,8 +263,12 @@ def test_modifier_parsing(tmp_path, tiny_predictor, vector):
     assert isinstance(sp, SteeredPredictor) and sp.alpha == 2.0 and sp.steer_layers == [2]
     assert sp.info.spec == f"tiny+steer:{tmp_path / 'vec'}@alpha=2,layer=2"
     assert apply_modifier(tiny_predictor, Modifier("steer", str(tmp_path / "vec"))).alpha == 1.0
-    bad = [({"alpha": "lots"}, "expected a float"), ({"layer": "9"}, "not stored"), ({"beta": "1"}, "unknown steer parameter"),
-           ({"threshold": "0.5"}, "category folder")]
+    bad = [
+        ({"alpha": "lots"}, "expected a float"),
+        ({"layer": "9"}, "not stored"),
+        ({"beta": "1"}, "unknown steer parameter"),
+        ({"threshold": "0.5"}, "category folder"),
+    ]
     for params, msg in bad:
         with pytest.raises(ClinqaError, match=msg):
             apply_modifier(tiny_predictor, Modifier("steer", str(tmp_path / "vec"), params))
@@ -312,8 +333,10 @@ def test_sweep_grid_flips_files_and_resume(tmp_path, tiny_predictor, vector, que
 def test_sweep_markdown_gives_mcnemar_p():
     from clinqa.adapt.control import SweepResult
 
-    rows = [{"layer": 1, "alpha": 2.0, "accuracy": 0.6, "wrong_to_right": 0.1, "right_to_wrong": 0.0, "n": 100},
-            {"layer": 1, "alpha": 0.0, "accuracy": 0.5, "wrong_to_right": 0.0, "right_to_wrong": 0.0, "n": 100}]
+    rows = [
+        {"layer": 1, "alpha": 2.0, "accuracy": 0.6, "wrong_to_right": 0.1, "right_to_wrong": 0.0, "n": 100},
+        {"layer": 1, "alpha": 0.0, "accuracy": 0.5, "wrong_to_right": 0.0, "right_to_wrong": 0.0, "n": 100},
+    ]
     md = SweepResult(base_accuracy=0.5, n=100, rows=rows).markdown().splitlines()
     assert md[2].endswith("| p |")
     assert md[4].endswith("| 0.00 |") and md[5].endswith("| 1.00 |")  # 10 gained, 0 lost: p = 2/1024
@@ -326,8 +349,13 @@ def test_statement_metrics_false_reassurance():
     from clinqa.evaluate.safety import statement_metrics
 
     def q(i, true, reassuring):
-        return Question(id=f"s{i}", question=f"statement {i}", options={"A": "True", "B": "False"},
-                        answer="A" if true else "B", meta={"reassuring": reassuring, "statement": True})
+        return Question(
+            id=f"s{i}",
+            question=f"statement {i}",
+            options={"A": "True", "B": "False"},
+            answer="A" if true else "B",
+            meta={"reassuring": reassuring, "statement": True},
+        )
 
     qs = {x.id: x for x in [q(0, False, True), q(1, False, True), q(2, True, False), q(3, False, False)]}
 
@@ -335,13 +363,33 @@ def test_statement_metrics_false_reassurance():
         options = {"A": "False", "B": "True"} if swapped else {"A": "True", "B": "False"}
         pred = next(k for k, v in options.items() if v == said)
         gold = next(k for k, v in options.items() if v == qs[qid].options[qs[qid].answer])
-        return Sample(question_id=qid, permutation=[1, 0] if swapped else [0, 1], options=options, gold=gold, pred=pred,
-                      correct=pred == gold, method="option")
+        return Sample(
+            question_id=qid,
+            permutation=[1, 0] if swapped else [0, 1],
+            options=options,
+            gold=gold,
+            pred=pred,
+            correct=pred == gold,
+            method="option",
+        )
 
-    samples = [sample("s0", "True"), sample("s1", "False", swapped=True), sample("s1", "True", swapped=True),
-               sample("s2", "True"), sample("s3", "True"), sample("s2", "False"),
-               Sample(question_id="other", permutation=[0, 1], options={"A": "x", "B": "y"}, gold="A", pred="A",
-                      correct=True, method="option")]  # not a statement we know: ignored
+    samples = [
+        sample("s0", "True"),
+        sample("s1", "False", swapped=True),
+        sample("s1", "True", swapped=True),
+        sample("s2", "True"),
+        sample("s3", "True"),
+        sample("s2", "False"),
+        Sample(
+            question_id="other",
+            permutation=[0, 1],
+            options={"A": "x", "B": "y"},
+            gold="A",
+            pred="A",
+            correct=True,
+            method="option",
+        ),
+    ]  # not a statement we know: ignored
     m = statement_metrics(samples, qs)
     assert m["n"] == 6 and m["n_reassuring_false"] == 3
     assert m["false_reassurance_rate"] == pytest.approx(2 / 3)

@@ -7,7 +7,9 @@ from clinqa.data.schema import Question
 
 
 def q(i, text, answer_text, spec):
-    return Question(id=f"q{i}", question=text, options={"A": answer_text, "B": "other option"}, answer="A", specialties=[spec])
+    return Question(
+        id=f"q{i}", question=text, options={"A": answer_text, "B": "other option"}, answer="A", specialties=[spec]
+    )
 
 
 QUESTIONS = [
@@ -16,7 +18,14 @@ QUESTIONS = [
     q(3, "Seizure lasting five minutes is status epilepticus; give lorazepam.", "lorazepam", "neurology"),
     q(4, "A prolonged seizure needs lorazepam before phenytoin.", "lorazepam", "neurology"),
 ]
-CONTROL = [Question(id="c1", question="Which river flows through Paris and its patient boats?", options={"A": "Seine", "B": "Thames"}, answer="A")]
+CONTROL = [
+    Question(
+        id="c1",
+        question="Which river flows through Paris and its patient boats?",
+        options={"A": "Seine", "B": "Thames"},
+        answer="A",
+    )
+]
 
 
 def test_terms_are_medical_content_words():
@@ -51,7 +60,10 @@ def test_shift_is_zero_for_same_model_and_nonzero_for_an_adapter(tiny_predictor,
 
     import copy
 
-    peft_model = get_peft_model(copy.deepcopy(tiny_predictor.model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        copy.deepcopy(tiny_predictor.model),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
     adapted = tiny_predictor.load_adapter(tmp_path / "adapter")
     res = token_shift(tiny_predictor, {"lora": adapted}, QUESTIONS, terms)
@@ -90,4 +102,6 @@ def test_contrasts_pair_own_against_other_adapters_and_medical_against_control()
     by_name = {c.name: c for c in contrasts(values, specs, ["cardiology", "cardio_dup", "neuro", "control"])}
     assert by_name["own_vs_other"].n == 3 and by_name["own_vs_other"].diff == pytest.approx(0.5)
     assert by_name["medical_vs_control"].diff == pytest.approx(0.75)
-    assert contrasts(values, specs, ["cardiology", "control"])[0].name == "medical_vs_control"  # one specialty: no own/other
+    assert (
+        contrasts(values, specs, ["cardiology", "control"])[0].name == "medical_vs_control"
+    )  # one specialty: no own/other

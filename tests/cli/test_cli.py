@@ -15,7 +15,9 @@ runner = CliRunner()
 
 def clinqa(*args, timeout=300):
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "clinqa.cli", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "clinqa.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_help_lists_commands():
@@ -28,7 +30,9 @@ def test_help_lists_commands():
 @pytest.mark.embedded
 def test_eval_and_report_on_embedded_model(tmp_path):
     out = tmp_path / "run"
-    r = runner.invoke(app, ["eval", "default", "bundled", "--method", "option", "--shuffles", "2", "--limit", "4", "--out", str(out)])
+    r = runner.invoke(
+        app, ["eval", "default", "bundled", "--method", "option", "--shuffles", "2", "--limit", "4", "--out", str(out)]
+    )
     assert r.exit_code == 0, r.output
     assert "chance" in r.output and "all" in r.output
     lines = (out / "samples.jsonl").read_text().splitlines()
@@ -38,7 +42,9 @@ def test_eval_and_report_on_embedded_model(tmp_path):
     meta = json.loads((out / "run.json").read_text())
     assert meta["config"]["model"] == "default" and meta["finished_at"]
     # the same command again resumes: nothing new is computed, the file is unchanged
-    r = runner.invoke(app, ["eval", "default", "bundled", "--method", "option", "--shuffles", "2", "--limit", "4", "--out", str(out)])
+    r = runner.invoke(
+        app, ["eval", "default", "bundled", "--method", "option", "--shuffles", "2", "--limit", "4", "--out", str(out)]
+    )
     assert r.exit_code == 0 and (out / "samples.jsonl").read_text().splitlines() == lines
     r = runner.invoke(app, ["report", str(out)])
     assert r.exit_code == 0, r.output
@@ -48,21 +54,42 @@ def test_eval_and_report_on_embedded_model(tmp_path):
 @pytest.mark.embedded
 def test_generate_method_counts_unparseable(tmp_path):
     out = tmp_path / "gen"
-    r = runner.invoke(app, ["eval", "default", "bundled", "--method", "generate", "--limit", "2", "--max-new-tokens", "24", "--out", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "default",
+            "bundled",
+            "--method",
+            "generate",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "24",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert all("generated" in s["extras"] and s["extras"]["parse"] for s in samples)
     assert all((s["pred"] is None) == (s["extras"]["parse"] in ("unparseable", "ambiguous")) for s in samples)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["eval", "./no/such/model", "bundled", "--out", "X"], "no such model folder: ./no/such/model"),
-    (["eval", "missing.gguf", "bundled", "--out", "X"], "no such GGUF file: missing.gguf"),
-    (["eval", "openai:http://127.0.0.1:9/v1#m", "bundled", "--method", "letter", "--limit", "1", "--out", "X"], "cannot reach http://127.0.0.1:9/v1"),
-    (["eval", "default", "no_such_data.jsonl", "--out", "X"], "no such file or folder"),
-    (["eval", "default+lora:", "bundled", "--out", "X"], "needs a target"),
-    (["finetune", "default", "bundled", "--part", "3/2", "--out", "X"], "part '3/2': use K/N"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["eval", "./no/such/model", "bundled", "--out", "X"], "no such model folder: ./no/such/model"),
+        (["eval", "missing.gguf", "bundled", "--out", "X"], "no such GGUF file: missing.gguf"),
+        (
+            ["eval", "openai:http://127.0.0.1:9/v1#m", "bundled", "--method", "letter", "--limit", "1", "--out", "X"],
+            "cannot reach http://127.0.0.1:9/v1",
+        ),
+        (["eval", "default", "no_such_data.jsonl", "--out", "X"], "no such file or folder"),
+        (["eval", "default+lora:", "bundled", "--out", "X"], "needs a target"),
+        (["finetune", "default", "bundled", "--part", "3/2", "--out", "X"], "part '3/2': use K/N"),
+    ],
+)
 def test_errors_are_one_line_without_traceback(tmp_path, args, message):
     args = [a.replace("X", str(tmp_path / "out")) if a == "X" else a for a in args]
     r = clinqa(*args)
@@ -116,7 +143,9 @@ def test_keys_and_audit_commands(tmp_path):
 def test_index_build_and_query(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "af.md").write_text("# Atrial fibrillation\nAnticoagulation with apixaban prevents stroke in atrial fibrillation.")
+    (docs / "af.md").write_text(
+        "# Atrial fibrillation\nAnticoagulation with apixaban prevents stroke in atrial fibrillation."
+    )
     (docs / "se.md").write_text("# Status epilepticus\nGive intravenous lorazepam first for status epilepticus.")
     r = runner.invoke(app, ["index", "build", str(docs), "--out", str(tmp_path / "idx"), "--no-dense"])
     assert r.exit_code == 0, r.output
@@ -125,7 +154,21 @@ def test_index_build_and_query(tmp_path):
 
 
 def test_annotate_command_reports_tradeoff(tmp_path):
-    r = runner.invoke(app, ["annotate", "bundled", "--limit", "3", "--prompts", "2", "--min-votes", "1", "--out", str(tmp_path / "a.jsonl")])
+    r = runner.invoke(
+        app,
+        [
+            "annotate",
+            "bundled",
+            "--limit",
+            "3",
+            "--prompts",
+            "2",
+            "--min-votes",
+            "1",
+            "--out",
+            str(tmp_path / "a.jsonl"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "coverage" in r.output and len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
 
@@ -144,8 +187,23 @@ def test_annotate_with_minilm_calibrated_sets_and_labelled_output(tmp_path):
     train = _write_jsonl(tmp_path / "train.jsonl", qs[::2])
     cal = _write_jsonl(tmp_path / "cal.jsonl", qs[1::4])
     new = _write_jsonl(tmp_path / "new.jsonl", qs[3::4], strip=True)  # an unlabelled benchmark
-    r = runner.invoke(app, ["annotate", new, "--train", train, "--calibration", cal, "--alpha", "0.2",
-                            "--out", str(tmp_path / "a.jsonl"), "--labelled", str(tmp_path / "labelled.jsonl")])
+    r = runner.invoke(
+        app,
+        [
+            "annotate",
+            new,
+            "--train",
+            train,
+            "--calibration",
+            cal,
+            "--alpha",
+            "0.2",
+            "--out",
+            str(tmp_path / "a.jsonl"),
+            "--labelled",
+            str(tmp_path / "labelled.jsonl"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "calibrated on 51 questions" in r.output and "51 of 51 with a specialty" in r.output
     assert "vote threshold" not in r.output  # one classifier: no vote table
@@ -156,7 +214,9 @@ def test_annotate_with_minilm_calibrated_sets_and_labelled_output(tmp_path):
     hits = sum(bool(set(q.specialties) & gold[q.id]) for q in labelled)
     assert hits / len(labelled) > 0.6  # the sets are held out here: calibrated and trained on other questions
     assert load_questions(str(tmp_path / "labelled.jsonl"), specialties=["cardiology"]).questions
-    r = runner.invoke(app, ["annotate", new, "--train", train, "--calibration", train, "--out", str(tmp_path / "b.jsonl")])
+    r = runner.invoke(
+        app, ["annotate", new, "--train", train, "--calibration", train, "--out", str(tmp_path / "b.jsonl")]
+    )
     assert r.exit_code != 0 and "shares question ids with --train" in str(r.exception)
     r = runner.invoke(app, ["annotate", new, "--calibration", new, "--out", str(tmp_path / "c.jsonl")])
     assert r.exit_code != 0 and "has no specialties" in str(r.exception) and not (tmp_path / "c.jsonl").exists()
@@ -169,8 +229,25 @@ def test_annotate_llm_with_calibration_file_writes_labelled_questions(tmp_path):
     qs = load_questions("bundled").questions
     cal = _write_jsonl(tmp_path / "cal.jsonl", qs[:3])
     new = _write_jsonl(tmp_path / "new.jsonl", qs[100:103], strip=True)
-    r = runner.invoke(app, ["annotate", new, "--prompts", "2", "--min-votes", "1", "--calibration", cal, "--alpha", "0.5",
-                            "--out", str(tmp_path / "a.jsonl"), "--labelled", str(tmp_path / "l.jsonl")])
+    r = runner.invoke(
+        app,
+        [
+            "annotate",
+            new,
+            "--prompts",
+            "2",
+            "--min-votes",
+            "1",
+            "--calibration",
+            cal,
+            "--alpha",
+            "0.5",
+            "--out",
+            str(tmp_path / "a.jsonl"),
+            "--labelled",
+            str(tmp_path / "l.jsonl"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "a.calibration.jsonl").exists() and "calibrated on 3 questions" in r.output
     labelled = load_questions(str(tmp_path / "l.jsonl")).questions
@@ -179,13 +256,43 @@ def test_annotate_llm_with_calibration_file_writes_labelled_questions(tmp_path):
 
 @pytest.mark.embedded
 def test_steer_build_and_sweep(tmp_path):
-    r = runner.invoke(app, ["steer", "build", "default", "bundled", "--layers", "29", "--max-pairs", "6", "--out", str(tmp_path / "v")])
+    r = runner.invoke(
+        app,
+        ["steer", "build", "default", "bundled", "--layers", "29", "--max-pairs", "6", "--out", str(tmp_path / "v")],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "v" / "vector.safetensors").exists()
-    r = runner.invoke(app, ["steer", "sweep", "default", "bundled", "--vector", str(tmp_path / "v"), "--alphas=0,2",
-                            "--limit", "3", "--out", str(tmp_path / "s")])
+    r = runner.invoke(
+        app,
+        [
+            "steer",
+            "sweep",
+            "default",
+            "bundled",
+            "--vector",
+            str(tmp_path / "v"),
+            "--alphas=0,2",
+            "--limit",
+            "3",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "| 29 | 0 |" in r.output and "right→wrong" in r.output
-    r = runner.invoke(app, ["eval", f"default+steer:{tmp_path / 'v'}", "bundled", "--alpha", "1", "--limit", "2", "--out", str(tmp_path / "e")])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            f"default+steer:{tmp_path / 'v'}",
+            "bundled",
+            "--alpha",
+            "1",
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert '"steer"' in (tmp_path / "e" / "samples.jsonl").read_text()

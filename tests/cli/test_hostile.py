@@ -16,8 +16,9 @@ ESC_RED = "\x1b[31m"
 
 def clinqa(*args, timeout=300, cwd=None):
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "clinqa.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "clinqa.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd
+    )
 
 
 def one_line_error(r, *needles):
@@ -31,10 +32,17 @@ def one_line_error(r, *needles):
 
 
 def bundle(name: str, patient_id: str = "p1", extra=()):
-    return {"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": f"urn:uuid:{patient_id}", "resource": {"resourceType": "Patient", "id": patient_id,
-                                                           "name": [{"given": [name], "family": "Doe"}]}},
-        *extra]}
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {
+                "fullUrl": f"urn:uuid:{patient_id}",
+                "resource": {"resourceType": "Patient", "id": patient_id, "name": [{"given": [name], "family": "Doe"}]},
+            },
+            *extra,
+        ],
+    }
 
 
 # ------------------------------------------------------------------------------------------- textsafe
@@ -65,7 +73,9 @@ def test_markup_in_an_id_is_printed_not_swallowed(tmp_path):
     from clinqa.serve.auth import KeyStore
 
     KeyStore(tmp_path / "k.db")
-    one_line_error(clinqa("keys", "revoke", "[bold]abc", "--db", str(tmp_path / "k.db")), "'[bold]abc'", "clinqa keys list")
+    one_line_error(
+        clinqa("keys", "revoke", "[bold]abc", "--db", str(tmp_path / "k.db")), "'[bold]abc'", "clinqa keys list"
+    )
 
 
 @pytest.mark.embedded
@@ -85,8 +95,16 @@ def test_records_show_prints_markup_and_strips_escapes_in_names(tmp_path):
 
 
 def test_problems_with_markup_and_escapes_are_printed_safely(tmp_path):
-    obs = {"resource": {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"},
-                        "subject": {"reference": "Patient/p1"}, "performer": [{"reference": f"Practitioner/[/]{ESC_RED}"}]}}
+    obs = {
+        "resource": {
+            "resourceType": "Observation",
+            "id": "o1",
+            "status": "final",
+            "code": {"text": "x"},
+            "subject": {"reference": "Patient/p1"},
+            "performer": [{"reference": f"Practitioner/[/]{ESC_RED}"}],
+        }
+    }
     (tmp_path / "b.json").write_text(json.dumps(bundle("Ann", extra=[obs])))
     r = clinqa("records", "show", str(tmp_path / "b.json"), "--lenient")
     assert r.returncode == 0, r.stderr
@@ -96,11 +114,14 @@ def test_problems_with_markup_and_escapes_are_printed_safely(tmp_path):
 # ---------------------------------------------------------------------------------- bounded inputs
 
 
-@pytest.mark.parametrize("question,message", [
-    ("", "the question is empty"),
-    ("   ", "the question is empty"),
-    ("x" * 2001, "the question is 2,001 characters, over the limit of 2,000 (raise it with --max-question-chars)"),
-])
+@pytest.mark.parametrize(
+    "question,message",
+    [
+        ("", "the question is empty"),
+        ("   ", "the question is empty"),
+        ("x" * 2001, "the question is 2,001 characters, over the limit of 2,000 (raise it with --max-question-chars)"),
+    ],
+)
 def test_records_ask_refuses_empty_and_oversized_questions(tmp_path, question, message):
     (tmp_path / "b.json").write_text(json.dumps(bundle("Ann")))
     one_line_error(clinqa("records", "ask", str(tmp_path / "b.json"), question), message)
@@ -108,7 +129,9 @@ def test_records_ask_refuses_empty_and_oversized_questions(tmp_path, question, m
 
 def test_eval_refuses_an_oversized_question_with_file_line(tmp_path):
     f = tmp_path / "q.jsonl"
-    f.write_text(json.dumps({"id": "a", "question": "x" * 100_000, "options": {"A": "x", "B": "y"}, "answer": "A"}) + "\n")
+    f.write_text(
+        json.dumps({"id": "a", "question": "x" * 100_000, "options": {"A": "x", "B": "y"}, "answer": "A"}) + "\n"
+    )
     r = clinqa("eval", "default", str(f), "--out", str(tmp_path / "out"))
     one_line_error(r, f"{f}:1: field 'question'", "over the limit of 20,000", "CLINQA_MAX_QUESTION_CHARS")
     assert not (tmp_path / "out").exists()
@@ -116,6 +139,10 @@ def test_eval_refuses_an_oversized_question_with_file_line(tmp_path):
 
 def test_eval_refuses_duplicate_options_with_file_line(tmp_path):
     f = tmp_path / "q.jsonl"
-    f.write_text(json.dumps({"id": "a", "question": "Q?", "options": {k: "same" for k in "ABCD"}, "answer": "A"}) + "\n")
-    one_line_error(clinqa("eval", "default", str(f), "--out", str(tmp_path / "out")),
-                   f"{f}:1: field 'options': options A and B have the same text 'same'")
+    f.write_text(
+        json.dumps({"id": "a", "question": "Q?", "options": {k: "same" for k in "ABCD"}, "answer": "A"}) + "\n"
+    )
+    one_line_error(
+        clinqa("eval", "default", str(f), "--out", str(tmp_path / "out")),
+        f"{f}:1: field 'options': options A and B have the same text 'same'",
+    )

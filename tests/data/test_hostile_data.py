@@ -13,9 +13,12 @@ from clinqa.errors import ClinqaError
 
 
 def row(qid="q1", question="Which drug treats anaphylaxis first?", options=None, answer="A"):
-    return {"id": qid, "question": question,
-            "options": options or {"A": "Adrenaline", "B": "Cetirizine", "C": "Prednisolone", "D": "Salbutamol"},
-            "answer": answer}
+    return {
+        "id": qid,
+        "question": question,
+        "options": options or {"A": "Adrenaline", "B": "Cetirizine", "C": "Prednisolone", "D": "Salbutamol"},
+        "answer": answer,
+    }
 
 
 def write(path, rows):
@@ -30,8 +33,10 @@ def test_oversized_question_is_refused_with_file_line(tmp_path, monkeypatch):
     size = 100_000 + len("AdrenalineCetirizinePrednisoloneSalbutamol")
     with pytest.raises(ClinqaError) as exc:
         load_questions(f)
-    assert str(exc.value) == (f"{f}:2: field 'question': question and options are {size:,} characters, over the limit of "
-                              f"{DEFAULT_MAX_QUESTION_CHARS:,} (set {MAX_QUESTION_ENV} to raise it) (use --skip-invalid to skip bad rows)")
+    assert str(exc.value) == (
+        f"{f}:2: field 'question': question and options are {size:,} characters, over the limit of "
+        f"{DEFAULT_MAX_QUESTION_CHARS:,} (set {MAX_QUESTION_ENV} to raise it) (use --skip-invalid to skip bad rows)"
+    )
     res = load_questions(f, skip_invalid=True)
     assert [q.id for q in res.questions] == ["q1"] and res.skipped[0].line == 2
     # the cap is configurable: by argument and by environment
@@ -56,8 +61,9 @@ def test_duplicate_option_texts_are_a_bad_row(tmp_path):
     f = write(tmp_path / "q.jsonl", [row(), row("q2", options=same, answer="C")])
     with pytest.raises(ClinqaError) as exc:
         load_questions(f)
-    assert str(exc.value) == (f"{f}:2: field 'options': options A and B have the same text 'aspirin' "
-                              "(use --skip-invalid to skip bad rows)")
+    assert str(exc.value) == (
+        f"{f}:2: field 'options': options A and B have the same text 'aspirin' (use --skip-invalid to skip bad rows)"
+    )
     res = load_questions(f, skip_invalid=True)
     assert [q.id for q in res.questions] == ["q1"] and res.skipped[0].field == "options"
 

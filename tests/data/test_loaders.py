@@ -44,7 +44,10 @@ def raises(match_exact: str, *args, **kwargs) -> None:
 
 
 def test_native_loads_and_resolves_specialty_aliases(tmp_path):
-    f = write_jsonl(tmp_path / "q.jsonl", [native("q1", specialties=["cardio", "Infectious diseases"]), native("q2", answer="C", specialties=[])])
+    f = write_jsonl(
+        tmp_path / "q.jsonl",
+        [native("q1", specialties=["cardio", "Infectious diseases"]), native("q2", answer="C", specialties=[])],
+    )
     res = load_questions(f)
     assert isinstance(res, LoadResult)
     assert res.format == "clinqa" and res.skipped == []
@@ -128,23 +131,44 @@ def medmcqa(qid="e9ad821a", cop=2, subject="Pediatrics", **over) -> dict:
 def test_medmcqa_loads_with_zero_based_cop_and_subject_specialties(tmp_path):
     f = write_jsonl(
         tmp_path / "dev.json",  # the official files are JSON lines named .json
-        [medmcqa(), medmcqa("x2", cop="a", subject="Gynaecology & Obstetrics"), medmcqa("x3", cop=0, subject="Anatomy"),
-         medmcqa("x4", cop=3, subject="Skin")],
+        [
+            medmcqa(),
+            medmcqa("x2", cop="a", subject="Gynaecology & Obstetrics"),
+            medmcqa("x3", cop=0, subject="Anatomy"),
+            medmcqa("x4", cop=3, subject="Skin"),
+        ],
     )
     res = load_questions(f)
     assert res.format == "medmcqa"
     q1, q2, q3, q4 = res.questions
-    assert q1.id == "e9ad821a" and q1.answer == "C" and q1.options == {"A": "Adenovirus", "B": "Influenza", "C": "RSV", "D": "Rhinovirus"}
+    assert (
+        q1.id == "e9ad821a"
+        and q1.answer == "C"
+        and q1.options == {"A": "Adenovirus", "B": "Influenza", "C": "RSV", "D": "Rhinovirus"}
+    )
     assert q1.specialties == ["pediatrics"] and q1.source == "medmcqa:Pediatrics"
-    assert q1.meta == {"subject_name": "Pediatrics", "topic_name": "Respiratory", "exp": "RSV causes most cases.", "choice_type": "single"}
-    assert q2.answer == "A" and q2.specialties == ["obstetrics_gynecology"] and q2.source == "medmcqa:Gynaecology & Obstetrics"
+    assert q1.meta == {
+        "subject_name": "Pediatrics",
+        "topic_name": "Respiratory",
+        "exp": "RSV causes most cases.",
+        "choice_type": "single",
+    }
+    assert (
+        q2.answer == "A"
+        and q2.specialties == ["obstetrics_gynecology"]
+        and q2.source == "medmcqa:Gynaecology & Obstetrics"
+    )
     assert q3.answer == "A" and q3.specialties == [] and q3.source == "medmcqa:Anatomy"
     assert q4.answer == "D" and q4.specialties == ["dermatology"]
 
 
 def test_medmcqa_cop_out_of_range(tmp_path):
     f = write_jsonl(tmp_path / "dev.json", [medmcqa(), medmcqa("x2", cop=4)])
-    raises(f"{f}:2: field 'cop': must be a 0-based index 0-3 (as in the Hugging Face release) or a letter a-d, got 4" + SKIP_HINT, f)
+    raises(
+        f"{f}:2: field 'cop': must be a 0-based index 0-3 (as in the Hugging Face release) or a letter a-d, got 4"
+        + SKIP_HINT,
+        f,
+    )
 
 
 def test_medmcqa_empty_option_names_its_column(tmp_path):
@@ -158,7 +182,7 @@ def test_medmcqa_empty_option_names_its_column(tmp_path):
 def write_mmlu(folder: Path) -> Path:
     folder.mkdir()
     (folder / "clinical_knowledge_test.csv").write_text(
-        'What is the normal adult resting heart rate?,40-60,60-100,100-120,120-140,B\n'
+        "What is the normal adult resting heart rate?,40-60,60-100,100-120,120-140,B\n"
         '"A question, with a comma\nand a second line",w,x,y,z,D\n',
         encoding="utf-8",
     )
@@ -171,10 +195,18 @@ def test_mmlu_folder_loads_every_csv(tmp_path):
     folder = write_mmlu(tmp_path / "test")
     res = load_questions(folder)
     assert res.format == "mmlu"
-    assert [q.id for q in res.questions] == ["mmlu-anatomy_dev-1", "mmlu-clinical_knowledge_test-1", "mmlu-clinical_knowledge_test-2"]
+    assert [q.id for q in res.questions] == [
+        "mmlu-anatomy_dev-1",
+        "mmlu-clinical_knowledge_test-1",
+        "mmlu-clinical_knowledge_test-2",
+    ]
     a, ck1, ck2 = res.questions
     assert a.source == "mmlu:anatomy" and a.answer == "A" and a.options["A"] == "Femur"
-    assert ck1.source == "mmlu:clinical_knowledge" and ck1.answer == "B" and ck1.options == {"A": "40-60", "B": "60-100", "C": "100-120", "D": "120-140"}
+    assert (
+        ck1.source == "mmlu:clinical_knowledge"
+        and ck1.answer == "B"
+        and ck1.options == {"A": "40-60", "B": "60-100", "C": "100-120", "D": "120-140"}
+    )
     assert ck2.question == "A question, with a comma\nand a second line" and ck2.answer == "D"
     assert ck1.meta == {"subject": "clinical_knowledge"}
 
@@ -219,10 +251,17 @@ def pubmedqa_record(decision="yes", question="Do statins reduce mortality?") -> 
 
 def test_pubmedqa_loads(tmp_path):
     f = tmp_path / "ori_pqal.json"
-    f.write_text(json.dumps({"111": pubmedqa_record("yes"), "222": pubmedqa_record("maybe"), "333": pubmedqa_record("no")}), encoding="utf-8")
+    f.write_text(
+        json.dumps({"111": pubmedqa_record("yes"), "222": pubmedqa_record("maybe"), "333": pubmedqa_record("no")}),
+        encoding="utf-8",
+    )
     res = load_questions(f)
     assert res.format == "pubmedqa"
-    assert [(q.id, q.answer) for q in res.questions] == [("pubmedqa-111", "A"), ("pubmedqa-222", "C"), ("pubmedqa-333", "B")]
+    assert [(q.id, q.answer) for q in res.questions] == [
+        ("pubmedqa-111", "A"),
+        ("pubmedqa-222", "C"),
+        ("pubmedqa-333", "B"),
+    ]
     q = res.questions[0]
     assert q.options == {"A": "yes", "B": "no", "C": "maybe"} and q.source == "pubmedqa"
     assert q.question == "Do statins reduce mortality?"
@@ -245,7 +284,9 @@ def test_pubmedqa_bad_decision_names_the_pmid(tmp_path):
 def test_mirage_loads(tmp_path):
     f = tmp_path / "benchmark.json"
     data = {
-        "mmlu": {"anatomy-000": {"question": "Q1?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer": "C"}},
+        "mmlu": {
+            "anatomy-000": {"question": "Q1?", "options": {"A": "a", "B": "b", "C": "c", "D": "d"}, "answer": "C"}
+        },
         "pubmedqa": {"12345": {"question": "Q2?", "options": {"A": "yes", "B": "no", "C": "maybe"}, "answer": "B"}},
     }
     f.write_text(json.dumps(data), encoding="utf-8")
@@ -258,7 +299,10 @@ def test_mirage_loads(tmp_path):
 
 def test_mirage_answer_not_an_option(tmp_path):
     f = tmp_path / "benchmark.json"
-    f.write_text(json.dumps({"medqa": {"0": {"question": "Q?", "options": {"A": "a", "B": "b"}, "answer": "D"}}}), encoding="utf-8")
+    f.write_text(
+        json.dumps({"medqa": {"0": {"question": "Q?", "options": {"A": "a", "B": "b"}, "answer": "D"}}}),
+        encoding="utf-8",
+    )
     raises(f"{f}: record 'medqa/0': field 'answer': answer 'D' is not one of the options A, B" + SKIP_HINT, f)
 
 
@@ -313,7 +357,9 @@ def test_csv_row_with_wrong_cell_count(tmp_path):
 
 
 def test_jsonl_with_mapping_and_list_options(tmp_path):
-    f = write_jsonl(tmp_path / "own.jsonl", [{"q": "Which?", "choices": ["a", "b", "c"], "gold": 2, "tags": ["gi"], "extra": 1}])
+    f = write_jsonl(
+        tmp_path / "own.jsonl", [{"q": "Which?", "choices": ["a", "b", "c"], "gold": 2, "tags": ["gi"], "extra": 1}]
+    )
     res = load_questions(f, mapping={"question": "q", "options": "choices", "answer": "gold", "specialties": "tags"})
     assert res.format == "jsonl"
     (q,) = res.questions
@@ -323,7 +369,11 @@ def test_jsonl_with_mapping_and_list_options(tmp_path):
 
 def test_jsonl_mapping_missing_column(tmp_path):
     f = write_jsonl(tmp_path / "own.jsonl", [{"q": "Which?", "choices": ["a", "b"]}])
-    raises(f"{f}:1: field 'gold': missing" + SKIP_HINT, f, mapping={"question": "q", "options": "choices", "answer": "gold"})
+    raises(
+        f"{f}:1: field 'gold': missing" + SKIP_HINT,
+        f,
+        mapping={"question": "q", "options": "choices", "answer": "gold"},
+    )
 
 
 def test_parquet_with_mapping(tmp_path):
@@ -341,8 +391,17 @@ def test_parquet_with_mapping(tmp_path):
 
 def test_mapping_is_checked(tmp_path):
     f = write_jsonl(tmp_path / "test.jsonl", [medqa()])
-    raises("a column mapping only applies to the formats jsonl, csv, parquet, not medqa", f, format="medqa", mapping={"question": "q"})
-    raises("unknown mapping key 'stem': use question, options, answer, id, specialties, source", f, mapping={"stem": "question"})
+    raises(
+        "a column mapping only applies to the formats jsonl, csv, parquet, not medqa",
+        f,
+        format="medqa",
+        mapping={"question": "q"},
+    )
+    raises(
+        "unknown mapping key 'stem': use question, options, answer, id, specialties, source",
+        f,
+        mapping={"stem": "question"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- statements
@@ -352,14 +411,30 @@ def test_statements_load(tmp_path):
     f = write_jsonl(
         tmp_path / "st.jsonl",
         [
-            {"id": "s1", "statement": "Aspirin is an antiplatelet.", "label": True, "specialties": ["cardio"], "source": "x", "meta": {"r": 1}},
-            {"id": "s2", "statement": "Antibiotics treat colds.", "label": False, "specialties": [], "source": "x", "meta": {}},
+            {
+                "id": "s1",
+                "statement": "Aspirin is an antiplatelet.",
+                "label": True,
+                "specialties": ["cardio"],
+                "source": "x",
+                "meta": {"r": 1},
+            },
+            {
+                "id": "s2",
+                "statement": "Antibiotics treat colds.",
+                "label": False,
+                "specialties": [],
+                "source": "x",
+                "meta": {},
+            },
         ],
     )
     res = load_questions(f)
     assert res.format == "statements"
     s1, s2 = res.questions
-    assert s1.question == "Aspirin is an antiplatelet." and s1.options == {"A": "True", "B": "False"} and s1.answer == "A"
+    assert (
+        s1.question == "Aspirin is an antiplatelet." and s1.options == {"A": "True", "B": "False"} and s1.answer == "A"
+    )
     assert s1.specialties == ["cardiology"] and s1.meta == {"r": 1, "statement": True} and s1.source == "x"
     assert s2.answer == "B" and s2.meta == {"statement": True}
 
@@ -379,12 +454,20 @@ def test_statement_label_must_be_boolean(tmp_path):
         (json.dumps(native("q2", question=None)), "field 'question': input should be a valid string"),
         (json.dumps({k: v for k, v in native("q2").items() if k != "question"}), "field 'question': missing"),
         (json.dumps(native("q2", question="  ")), "field 'question': question text is empty"),
-        (json.dumps(native("q2", options={"A": "x", "C": "y"})), "field 'options': option keys must be A, B in order, got A, C"),
+        (
+            json.dumps(native("q2", options={"A": "x", "C": "y"})),
+            "field 'options': option keys must be A, B in order, got A, C",
+        ),
         (json.dumps(native("q2", options={"A": "x", "B": ""})), "field 'options': option B is empty"),
         (json.dumps(native("q2", answer="E")), "field 'answer': answer 'E' is not one of the options A, B, C, D"),
-        (json.dumps(native("q2", colour="red")),
-         "field 'colour': not a field of a question (expected id, question, options, answer, specialties, source, meta)"),
-        (json.dumps(native("q2", specialties="cardiology")), "field 'specialties': expected a list of specialty labels, got a string"),
+        (
+            json.dumps(native("q2", colour="red")),
+            "field 'colour': not a field of a question (expected id, question, options, answer, specialties, source, meta)",
+        ),
+        (
+            json.dumps(native("q2", specialties="cardiology")),
+            "field 'specialties': expected a list of specialty labels, got a string",
+        ),
         (json.dumps(native("q1")), "field 'id': duplicate question id 'q1' (first seen at {f}:1)"),
         ("[1, 2]", "expected a JSON object, got a list"),
     ],
@@ -447,12 +530,16 @@ def test_detect_each_format(tmp_path):
         "medqa": write_jsonl(tmp_path / "b.jsonl", [medqa()]),
         "medmcqa": write_jsonl(tmp_path / "c.json", [medmcqa()]),
         "statements": write_jsonl(tmp_path / "d.jsonl", [{"id": "s", "statement": "x", "label": True}]),
-        "jsonl": write_jsonl(tmp_path / "e.jsonl", [{"question": "x", "options": ["a", "b"], "answer": 0, "explanation": "e"}]),
+        "jsonl": write_jsonl(
+            tmp_path / "e.jsonl", [{"question": "x", "options": ["a", "b"], "answer": 0, "explanation": "e"}]
+        ),
         "mmlu": write_mmlu(tmp_path / "mmlu") / "anatomy_dev.csv",
     }
     (tmp_path / "p.json").write_text(json.dumps({"1": pubmedqa_record()}))
     files["pubmedqa"] = tmp_path / "p.json"
-    (tmp_path / "m.json").write_text(json.dumps({"medqa": {"0": {"question": "q", "options": {"A": "a", "B": "b"}, "answer": "A"}}}))
+    (tmp_path / "m.json").write_text(
+        json.dumps({"medqa": {"0": {"question": "q", "options": {"A": "a", "B": "b"}, "answer": "A"}}})
+    )
     files["mirage"] = tmp_path / "m.json"
     for name, path in files.items():
         assert detect_format(path) == name, path
@@ -462,7 +549,10 @@ def test_detect_each_format(tmp_path):
 def test_unknown_or_ambiguous_files_ask_for_format(tmp_path):
     names = ", ".join(FORMATS)
     f = write_jsonl(tmp_path / "x.jsonl", [{"stem": "x", "key": "A"}])
-    raises(f"cannot tell the format of {f}: its first record has keys key, stem, which match no known format; pass --format (one of {names})", f)
+    raises(
+        f"cannot tell the format of {f}: its first record has keys key, stem, which match no known format; pass --format (one of {names})",
+        f,
+    )
     t = tmp_path / "x.txt"
     t.write_text("hello")
     raises(f"cannot tell the format of {t}: unknown extension '.txt'; pass --format (one of {names})", t)
@@ -500,7 +590,11 @@ def test_specialty_filter_and_limit(tmp_path):
     ]
     f = write_jsonl(tmp_path / "q.jsonl", recs)
     assert [q.id for q in load_questions(f, specialties=["cardio"]).questions] == ["c1", "c2", "c3"]
-    assert [q.id for q in load_questions(f, specialties=["Cardiology", "gastro"], limit=3).questions] == ["c1", "c2", "g1"]
+    assert [q.id for q in load_questions(f, specialties=["Cardiology", "gastro"], limit=3).questions] == [
+        "c1",
+        "c2",
+        "g1",
+    ]
     assert [q.id for q in load_questions(f, limit=2).questions] == ["c1", "n1"]
     assert load_questions(f, limit=0).questions == []
     with pytest.raises(ClinqaError, match="unknown specialty 'astrology'"):
@@ -539,7 +633,10 @@ def test_bundled_resolution_with_fixture_files(tmp_path, monkeypatch):
     assert [q.id for q in load_questions("bundled:control").questions] == ["b-x1"]
     res = load_questions("bundled:statements")
     assert res.format == "statements" and res.questions[0].answer == "B"
-    with pytest.raises(ClinqaError, match="unknown bundled question set 'nope': use one of clinical, control, statements, clinical_cardiology"):
+    with pytest.raises(
+        ClinqaError,
+        match="unknown bundled question set 'nope': use one of clinical, control, statements, clinical_cardiology",
+    ):
         load_questions("bundled:nope")
     with pytest.raises(ClinqaError, match="several files"):
         bundled_path("clinical")
@@ -560,7 +657,10 @@ def test_real_bundled_control_and_statements():
         assert detect_format(path) == fmt
         res = load_questions(f"bundled:{name}")
         assert res.format == fmt and res.skipped == [] and len(res.questions) > 0
-    assert all(q.meta.get("statement") is True and q.answer in ("A", "B") for q in load_questions("bundled:statements").questions)
+    assert all(
+        q.meta.get("statement") is True and q.answer in ("A", "B")
+        for q in load_questions("bundled:statements").questions
+    )
 
 
 def test_real_bundled_clinical():

@@ -19,7 +19,12 @@ NINE = [s.id for s in SPECIALTIES if s.id not in EXPERIMENT_SPECIALTIES]
 
 
 def _raw_rows(name: str) -> list[dict]:
-    return [json.loads(line) for path in bundled_files(name) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line)
+        for path in bundled_files(name)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def test_taxonomy_set_has_one_file_per_other_specialty():
@@ -121,12 +126,29 @@ def test_cli_annotate_train_bundled_uses_all_fifteen(tmp_path):
     from clinqa.cli import app
 
     new = tmp_path / "new.jsonl"
-    rows = [{"id": "p1", "question": "A 23-year-old hears voices commenting on his actions and believes his thoughts are "
-                                     "broadcast; antipsychotic treatment is planned.",
-             "options": {"A": "Haloperidol", "B": "Lithium"}, "answer": "A"}]
+    rows = [
+        {
+            "id": "p1",
+            "question": "A 23-year-old hears voices commenting on his actions and believes his thoughts are "
+            "broadcast; antipsychotic treatment is planned.",
+            "options": {"A": "Haloperidol", "B": "Lithium"},
+            "answer": "A",
+        }
+    ]
     new.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    r = CliRunner().invoke(app, ["annotate", str(new), "--train", "bundled", "--out", str(tmp_path / "a.jsonl"),
-                                 "--labelled", str(tmp_path / "l.jsonl")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "annotate",
+            str(new),
+            "--train",
+            "bundled",
+            "--out",
+            str(tmp_path / "a.jsonl"),
+            "--labelled",
+            str(tmp_path / "l.jsonl"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "bundled:all" in r.output
     assert load_questions(str(tmp_path / "l.jsonl")).questions[0].specialties == ["psychiatry"]

@@ -9,8 +9,16 @@ from clinqa.models.spec import parse_spec
 
 
 def qs(n=8):
-    return [Question(id=f"q{i}", question=f"Question number {i}?", options={"A": f"yes {i}", "B": f"no {i}", "C": "maybe"},
-                     answer="ABC"[i % 3], specialties=["cardiology" if i % 2 else "neurology"]) for i in range(n)]
+    return [
+        Question(
+            id=f"q{i}",
+            question=f"Question number {i}?",
+            options={"A": f"yes {i}", "B": f"no {i}", "C": "maybe"},
+            answer="ABC"[i % 3],
+            specialties=["cardiology" if i % 2 else "neurology"],
+        )
+        for i in range(n)
+    ]
 
 
 def test_compare_runs_every_method_on_the_same_questions(tiny_predictor, tmp_path):
@@ -26,6 +34,7 @@ def test_compare_runs_every_method_on_the_same_questions(tiny_predictor, tmp_pat
     assert set(summary["methods"]) == {"base", "prompt:expert"}
     vs = summary["methods"]["prompt:expert"]["vs_base"]
     assert vs["n"] == 16
+
     # the delta and McNemar's counts recomputed from the two run folders' samples.jsonl
     def hits(name):
         rows = [json.loads(x) for x in (tmp_path / "exp" / name / "samples.jsonl").read_text().splitlines()]
@@ -39,14 +48,16 @@ def test_compare_runs_every_method_on_the_same_questions(tiny_predictor, tmp_pat
     from math import comb
 
     m = only_a + only_b
-    tail = sum(comb(m, j) for j in range(min(only_a, only_b) + 1)) / 2 ** m if m else 0.5
+    tail = sum(comb(m, j) for j in range(min(only_a, only_b) + 1)) / 2**m if m else 0.5
     assert vs["p_mcnemar"] == pytest.approx(min(1.0, 2 * tail))
     md = (tmp_path / "exp" / "summary.md").read_text()
     assert "| prompt:expert |" in md and "| cardiology |" in md
     assert (tmp_path / "exp" / "compare.png").exists()
     # resumable: a second call recomputes nothing and gives the same table
     again = compare(cfg, qs(), tmp_path / "exp", load=load)
-    assert json.dumps(again["methods"]["base"]["summary"], default=str) == json.dumps(summary["methods"]["base"]["summary"], default=str)
+    assert json.dumps(again["methods"]["base"]["summary"], default=str) == json.dumps(
+        summary["methods"]["base"]["summary"], default=str
+    )
 
 
 def test_question_part_is_a_disjoint_stratified_split():
@@ -78,14 +89,29 @@ def test_compare_command_part(tmp_path):
 
     from clinqa.cli import app
 
-    r = CliRunner().invoke(app, ["compare", "default", "bundled", "--methods", "base", "--limit", "8", "--part", "1/2",
-                                 "--out", str(tmp_path / "c")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "default",
+            "bundled",
+            "--methods",
+            "base",
+            "--limit",
+            "8",
+            "--part",
+            "1/2",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     run = json.loads((tmp_path / "c" / "base" / "run.json").read_text())
     assert run["counts"]["questions"] == 4 and run["config"]["extra"] == {"part": "1/2"}
 
 
 # ------------------------------------------------------------------ numbers, not keys: a comparison by hand
+
 
 class PicksByQuestion:
     """Option scoring that picks the option text `choose(i)` for question number i (parsed from the prompt)."""
@@ -106,9 +132,17 @@ class PicksByQuestion:
 
 def safety_qs(n=8):
     # answer C ("maybe") for i % 3 == 2, else A/B; one wrong option of A/B is marked harmful (never C)
-    return [Question(id=f"q{i}", question=f"Question number {i}?", options={"A": f"yes {i}", "B": f"no {i}", "C": "maybe"},
-                     answer="ABC"[i % 3], specialties=["cardiology"], meta={"harmful_options": ["B" if i % 3 == 0 else "A"]})
-            for i in range(n)]
+    return [
+        Question(
+            id=f"q{i}",
+            question=f"Question number {i}?",
+            options={"A": f"yes {i}", "B": f"no {i}", "C": "maybe"},
+            answer="ABC"[i % 3],
+            specialties=["cardiology"],
+            meta={"harmful_options": ["B" if i % 3 == 0 else "A"]},
+        )
+        for i in range(n)
+    ]
 
 
 def test_compare_delta_p_values_and_safety_against_hand_values(tmp_path):
@@ -131,7 +165,10 @@ def test_compare_delta_p_values_and_safety_against_hand_values(tmp_path):
 
     def wilson(k, n):
         p = k / n
-        c, h = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        c, h = (
+            (p + z * z / (2 * n)) / (1 + z * z / n),
+            z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)),
+        )
         return (c - h, c + h)
 
     assert (o["overall"]["ci_low"], o["overall"]["ci_high"]) == pytest.approx(wilson(6, 8))
@@ -140,11 +177,11 @@ def test_compare_delta_p_values_and_safety_against_hand_values(tmp_path):
     # discordant pairs: base-only right 0 (q2, q5 are right for both), other-only right 4 (q0, q1, q3, q4)
     assert (vs["n"], vs["mcnemar_b"], vs["mcnemar_c"]) == (8, 0, 4)
     assert vs["diff"] == pytest.approx(0.5)
-    assert vs["p_mcnemar"] == pytest.approx(2 * 0.5 ** 4)  # exact two-sided binomial: 0.125
+    assert vs["p_mcnemar"] == pytest.approx(2 * 0.5**4)  # exact two-sided binomial: 0.125
     # paired bootstrap over the 8 per-question differences (four 1s, four 0s): the mean is Bin(8, 1/2)/8,
     # so the 2.5% and 97.5% percentiles are 1/8 and 7/8, and P(mean <= 0) = 2^-8 -> p = 2 * (k + 1)/(B + 1)
     assert (vs["ci_low"], vs["ci_high"]) == pytest.approx((0.125, 0.875))
-    assert vs["p_bootstrap"] == pytest.approx(2 * (2000 * 0.5 ** 8 + 1) / 2001, abs=0.006)
+    assert vs["p_bootstrap"] == pytest.approx(2 * (2000 * 0.5**8 + 1) / 2001, abs=0.006)
 
     # unsafe choices: base 0/8, the other 2/8 (q6 and q7)
     assert (b["unsafe_choice"]["events"], b["unsafe_choice"]["n"]) == (0, 8)

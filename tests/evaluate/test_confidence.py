@@ -37,8 +37,10 @@ class FixedScores:
 
 
 def hand_questions():
-    return [Question(id="q1", question="first?", options={"A": "ab", "B": "abcd"}, answer="B"),
-            Question(id="q2", question="second?", options={"A": "x", "B": "xy"}, answer="B")]
+    return [
+        Question(id="q1", question="first?", options={"A": "ab", "B": "abcd"}, answer="B"),
+        Question(id="q2", question="second?", options={"A": "x", "B": "xy"}, answer="B"),
+    ]
 
 
 def sig(x: float) -> float:
@@ -67,8 +69,8 @@ def test_calibration_is_reported_per_rule_by_hand():
     assert norm["mean_confidence"] == pytest.approx((0.562177 + 0.731059) / 2, abs=1e-6)
     assert summ["mean_confidence"] == pytest.approx((0.731059 + 0.952574) / 2, abs=1e-6)
     # Brier, norm rule: q1 2 x (1 - 0.562177)^2, q2 2 x 0.731059^2; sum rule: 2 x 0.731059^2, 2 x 0.952574^2
-    assert norm["brier"] == pytest.approx((2 * 0.437823 ** 2 + 2 * 0.731059 ** 2) / 2, abs=1e-5)
-    assert summ["brier"] == pytest.approx((2 * 0.731059 ** 2 + 2 * 0.952574 ** 2) / 2, abs=1e-5)
+    assert norm["brier"] == pytest.approx((2 * 0.437823**2 + 2 * 0.731059**2) / 2, abs=1e-5)
+    assert summ["brier"] == pytest.approx((2 * 0.731059**2 + 2 * 0.952574**2) / 2, abs=1e-5)
     assert (norm["accuracy"], summ["accuracy"]) == (0.5, 0.0)
     assert s["calibration"]["ece"] == norm["ece"] and s["calibration"]["rule"] == "length-normalised"
     assert s["confidence_mismatch"] == 0
@@ -80,10 +82,19 @@ def old_style_line(q: str, texts: dict[str, str], gold: str) -> dict:
     norms = {k: LOGPROBS[v] / len(v) for k, v in texts.items()}
     z = sum(math.exp(v) for v in sums.values())
     pred, pred_sum = max(norms, key=norms.get), max(sums, key=sums.get)
-    return {"question_id": q, "shuffle": 0, "permutation": [0, 1], "options": texts, "gold": gold, "pred": pred,
-            "correct": pred == gold, "method": "option", "scores": norms,
-            "probs": {k: math.exp(v) / z for k, v in sums.items()},
-            "extras": {"logprob_sum": sums, "pred_sum": pred_sum, "correct_sum": pred_sum == gold}}
+    return {
+        "question_id": q,
+        "shuffle": 0,
+        "permutation": [0, 1],
+        "options": texts,
+        "gold": gold,
+        "pred": pred,
+        "correct": pred == gold,
+        "method": "option",
+        "scores": norms,
+        "probs": {k: math.exp(v) / z for k, v in sums.items()},
+        "extras": {"logprob_sum": sums, "pred_sum": pred_sum, "correct_sum": pred_sum == gold},
+    }
 
 
 def test_an_old_run_folder_loads_and_reports_consistently(tmp_path):
@@ -102,6 +113,15 @@ def test_an_old_run_folder_loads_and_reports_consistently(tmp_path):
 def test_letter_samples_are_untouched_by_the_migration():
     from clinqa.evaluate.sample import Sample
 
-    s = Sample(question_id="q", permutation=[0, 1], options={"A": "a", "B": "b"}, gold="A", pred="A", correct=True,
-               method="letter", scores={"A": -1.0, "B": -2.0}, probs={"A": 0.6, "B": 0.4})
+    s = Sample(
+        question_id="q",
+        permutation=[0, 1],
+        options={"A": "a", "B": "b"},
+        gold="A",
+        pred="A",
+        correct=True,
+        method="letter",
+        scores={"A": -1.0, "B": -2.0},
+        probs={"A": 0.6, "B": 0.4},
+    )
     assert s.probs == {"A": 0.6, "B": 0.4} and "probs_sum" not in s.extras

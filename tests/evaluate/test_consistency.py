@@ -14,23 +14,44 @@ from clinqa.evaluate.report import write_report
 from clinqa.evaluate.sample import Sample
 
 
-@pytest.mark.parametrize("reply,grade", [
-    (" 2", 2), ("2 - consistent", 2), ("Grade: 0", 0), (" 1\nThe explanation omits the mechanism.", 1),
-    ("grade = (2)", 2), ("Grade: 3", None), ("I think it is fine.", None), ("Grade: 1 or Grade: 2", None),
-    ("", None), ("1.5", None), ("Grade 2: consistent. Grade: 2", 2),
-])
+@pytest.mark.parametrize(
+    "reply,grade",
+    [
+        (" 2", 2),
+        ("2 - consistent", 2),
+        ("Grade: 0", 0),
+        (" 1\nThe explanation omits the mechanism.", 1),
+        ("grade = (2)", 2),
+        ("Grade: 3", None),
+        ("I think it is fine.", None),
+        ("Grade: 1 or Grade: 2", None),
+        ("", None),
+        ("1.5", None),
+        ("Grade 2: consistent. Grade: 2", 2),
+    ],
+)
 def test_parse_grade(reply, grade):
     assert parse_grade(reply) == grade
 
 
 QUESTIONS = [
-    {"id": f"q{i}", "question": f"Question {i}?", "options": {"A": "yes", "B": "no"}, "answer": "A",
-     "meta": {"rationale": f"Because of reason {i}."} if i < 5 else {}}
+    {
+        "id": f"q{i}",
+        "question": f"Question {i}?",
+        "options": {"A": "yes", "B": "no"},
+        "answer": "A",
+        "meta": {"rationale": f"Because of reason {i}."} if i < 5 else {},
+    }
     for i in range(6)
 ]
 # what the fake judge answers for each explanation, and the grade it means
-REPLIES = {"q0": ("Grade: 2", 2), "q1": (" 2", 2), "q2": (" 0 - it contradicts", 0), "q3": ("no idea", None),
-           "q4": (" 1", 1)}
+REPLIES = {
+    "q0": ("Grade: 2", 2),
+    "q1": (" 2", 2),
+    "q2": (" 0 - it contradicts", 0),
+    "q3": ("no idea", None),
+    "q4": (" 1", 1),
+}
 
 
 class FakeJudge:
@@ -46,9 +67,19 @@ def generate_run(tmp_path):
     data = tmp_path / "qs.jsonl"
     data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     run = Run.open(tmp_path / "run", EvalConfig(model="m", data=str(data), method="generate"))
-    samples = [Sample(question_id=f"q{i}", permutation=[0, 1], options={"A": "yes", "B": "no"}, gold="A",
-                      pred="A" if i != 1 else "B", correct=i != 1, method="generate",
-                      extras={"generated": f"q{i} says A because ..."}) for i in range(6)]
+    samples = [
+        Sample(
+            question_id=f"q{i}",
+            permutation=[0, 1],
+            options={"A": "yes", "B": "no"},
+            gold="A",
+            pred="A" if i != 1 else "B",
+            correct=i != 1,
+            method="generate",
+            extras={"generated": f"q{i} says A because ..."},
+        )
+        for i in range(6)
+    ]
     run.append(samples)
     return run
 
@@ -90,8 +121,19 @@ def test_summary_of_no_grades_is_nan_not_an_error():
 
 def test_a_non_generate_run_is_refused(tmp_path):
     run = Run.open(tmp_path / "r", EvalConfig(model="m", data=str(tmp_path / "qs.jsonl"), method="letter"))
-    run.append([Sample(question_id="q0", permutation=[0, 1], options={"A": "a", "B": "b"}, gold="A", pred="A",
-                       correct=True, method="letter")])
+    run.append(
+        [
+            Sample(
+                question_id="q0",
+                permutation=[0, 1],
+                options={"A": "a", "B": "b"},
+                gold="A",
+                pred="A",
+                correct=True,
+                method="letter",
+            )
+        ]
+    )
     (tmp_path / "qs.jsonl").write_text(json.dumps(QUESTIONS[0]) + "\n")
     with pytest.raises(ClinqaError, match="--method generate"):
         write_report([tmp_path / "r"], judge="fake", load_judge=lambda spec: FakeJudge())
@@ -110,8 +152,22 @@ def test_report_judge_option_on_the_embedded_model(tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "gen"
-    r = runner.invoke(app, ["eval", "default", "bundled", "--method", "generate", "--limit", "1", "--max-new-tokens", "8",
-                            "--out", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "default",
+            "bundled",
+            "--method",
+            "generate",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["report", str(out), "--judge", "default"])
     assert r.exit_code == 0, r.output

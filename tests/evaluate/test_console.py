@@ -17,21 +17,35 @@ from clinqa.evaluate.sample import Sample
 def option_sample(qid: str, spec: str, right: bool) -> Sample:
     probs = {"A": 0.7, "B": 0.3} if right else {"A": 0.3, "B": 0.7}
     pred = "A" if right else "B"
-    return Sample(question_id=qid, permutation=[0, 1], options={"A": "yes", "B": "no"}, gold="A", pred=pred, correct=right,
-                  method="option", scores={k: v for k, v in probs.items()}, probs=probs, specialties=[spec],
-                  extras={"pred_sum": "A", "correct_sum": True, "probs_sum": {"A": 0.6, "B": 0.4}, "harmful_options": ["B"]})
+    return Sample(
+        question_id=qid,
+        permutation=[0, 1],
+        options={"A": "yes", "B": "no"},
+        gold="A",
+        pred=pred,
+        correct=right,
+        method="option",
+        scores={k: v for k, v in probs.items()},
+        probs=probs,
+        specialties=[spec],
+        extras={"pred_sum": "A", "correct_sum": True, "probs_sum": {"A": 0.6, "B": 0.4}, "harmful_options": ["B"]},
+    )
 
 
 def test_piped_report_lines_are_whole_with_40_columns_and_a_long_path(tmp_path):
     out = tmp_path.joinpath(*(["a-rather-long-folder-name-to-exceed-the-width"] * 4), "run")
     run = Run.open(out, EvalConfig(model="m", data="d", method="option"))
     samples = [option_sample(f"c{i}", "cardiology", i % 3 != 0) for i in range(6)]
-    samples += [option_sample("r0", "rare_specialty", False), option_sample("o0", "odd_specialty", True),
-                option_sample("o1", "odd_specialty", True)]
+    samples += [
+        option_sample("r0", "rare_specialty", False),
+        option_sample("o0", "odd_specialty", True),
+        option_sample("o1", "odd_specialty", True),
+    ]
     run.append(samples)
     env = {**os.environ, "COLUMNS": "40", "PYTHONPATH": str(Path(clinqa.__file__).parents[1])}
-    r = subprocess.run([sys.executable, "-m", "clinqa.cli", "report", str(out)], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "clinqa.cli", "report", str(out)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     # the calibration line of each rule holds its label and every number

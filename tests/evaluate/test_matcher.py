@@ -58,10 +58,14 @@ class FakeEmbedder:
 
 def test_minilm_thresholds_with_a_scripted_embedder():
     texts = ["The culprit is the RCA.", "Something unrelated.", "Anterior or diagonal, hard to say"]
-    found = match_answers(texts, [OPTS] * 3, MatcherConfig("minilm", min_similarity=0.35, min_margin=0.05), embedder=FakeEmbedder())
+    found = match_answers(
+        texts, [OPTS] * 3, MatcherConfig("minilm", min_similarity=0.35, min_margin=0.05), embedder=FakeEmbedder()
+    )
     # answer 1: (0,0,1,0,1)/sqrt2 against C = (0,0,1,0,0): 1/sqrt2; A, B, D: 0 -> C
     assert found[0].pred == "C" and found[0].rule == "minilm"
-    assert found[0].scores["C"] == pytest.approx(1 / np.sqrt(2), abs=1e-6) and found[0].scores["A"] == pytest.approx(0.0)
+    assert found[0].scores["C"] == pytest.approx(1 / np.sqrt(2), abs=1e-6) and found[0].scores["A"] == pytest.approx(
+        0.0
+    )
     # answer 2: zero vector, every similarity 0 < 0.35 -> unsure
     assert (found[1].pred, found[1].rule) == (None, "unsure")
     # answer 3: (1,1,0,0,0)/sqrt2 -> A and B both 1/sqrt2: margin 0 < 0.05 -> unsure
@@ -111,12 +115,18 @@ class ScriptedModel:
 
 def test_loglik_uses_mean_logprob_per_token_after_the_answer():
     # per token: A -4/4 = -1.0, B -1.5/1 = -1.5, C -2.4/3 = -0.8, D -3.6/4 = -0.9: C, margin 0.1
-    model = ScriptedModel(["x"], {OPTS["A"]: (-4.0, 4), OPTS["B"]: (-1.5, 1), OPTS["C"]: (-2.4, 3), OPTS["D"]: (-3.6, 4)})
-    m = match_answers(["It is the RCA."], [OPTS], MatcherConfig("loglik", min_loglik_margin=0.05), predictor=model, prompts=["PROMPT"])[0]
+    model = ScriptedModel(
+        ["x"], {OPTS["A"]: (-4.0, 4), OPTS["B"]: (-1.5, 1), OPTS["C"]: (-2.4, 3), OPTS["D"]: (-3.6, 4)}
+    )
+    m = match_answers(
+        ["It is the RCA."], [OPTS], MatcherConfig("loglik", min_loglik_margin=0.05), predictor=model, prompts=["PROMPT"]
+    )[0]
     assert (m.pred, m.rule) == ("C", "loglik") and m.scores["D"] == pytest.approx(-0.9)
     ctx, conts = model.groups[0]
     assert ctx == "PROMPT\nIt is the RCA." + LEAD and conts == [" " + v for v in OPTS.values()]
-    m = match_answers(["It is the RCA."], [OPTS], MatcherConfig("loglik", min_loglik_margin=0.2), predictor=model, prompts=["P"])[0]
+    m = match_answers(
+        ["It is the RCA."], [OPTS], MatcherConfig("loglik", min_loglik_margin=0.2), predictor=model, prompts=["P"]
+    )[0]
     assert (m.pred, m.rule) == (None, "unsure")  # 0.1 < 0.2
     with pytest.raises(ClinqaError):
         match_answers(["It is the RCA."], [OPTS], "loglik")
@@ -154,7 +164,9 @@ def test_eval_cli_refuses_a_matcher_without_generate(tmp_path):
 
     r = CliRunner().invoke(app, ["eval", "default", "bundled", "--out", str(tmp_path / "r"), "--matcher", "minilm"])
     assert isinstance(r.exception, ClinqaError) and "--method generate" in str(r.exception)
-    r = CliRunner().invoke(app, ["eval", "default", "bundled", "--out", str(tmp_path / "r"), "--method", "generate", "--matcher", "x"])
+    r = CliRunner().invoke(
+        app, ["eval", "default", "bundled", "--out", str(tmp_path / "r"), "--method", "generate", "--matcher", "x"]
+    )
     assert isinstance(r.exception, ClinqaError) and "unknown matcher" in str(r.exception)
 
 
@@ -165,5 +177,7 @@ def test_bundled_labelled_set_is_well_formed():
     rows = [json.loads(line) for line in (bundled_dir() / "matcher_answers.jsonl").read_text().splitlines()]
     qs = {q.id: q for q in load_questions("bundled:clinical").questions}
     assert len(rows) >= 100 and len({r["id"] for r in rows}) == len(rows)
-    assert all(r["question_id"] in qs and (r["gold"] is None or r["gold"] in qs[r["question_id"]].options) for r in rows)
+    assert all(
+        r["question_id"] in qs and (r["gold"] is None or r["gold"] in qs[r["question_id"]].options) for r in rows
+    )
     assert sum(r["style"] == "paraphrase" for r in rows) >= 30 and any(r["gold"] is None for r in rows)

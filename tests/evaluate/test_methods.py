@@ -7,8 +7,7 @@ import pytest
 
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
-from clinqa.evaluate import EvalConfig, Run, evaluate
-from clinqa.evaluate import prompts, shuffle
+from clinqa.evaluate import EvalConfig, Run, evaluate, prompts, shuffle
 from clinqa.evaluate.extract import extract_answer
 from clinqa.evaluate.methods import make_items, score_letter, score_option
 
@@ -16,12 +15,17 @@ from clinqa.evaluate.methods import make_items, score_letter, score_option
 def questions(n=6):
     out = []
     for i in range(n):
-        out.append(Question(
-            id=f"q{i}", question=f"Which option is number {i}?",
-            options={"A": f"alpha {i}", "B": f"bravo {i}", "C": f"charlie {i}", "D": f"delta {i}"},
-            answer="ABCD"[i % 4], specialties=["cardiology"] if i % 2 else ["neurology", "pediatrics"], source="t",
-            meta={"harmful_options": ["ABCD"[(i + 1) % 4]]},
-        ))
+        out.append(
+            Question(
+                id=f"q{i}",
+                question=f"Which option is number {i}?",
+                options={"A": f"alpha {i}", "B": f"bravo {i}", "C": f"charlie {i}", "D": f"delta {i}"},
+                answer="ABCD"[i % 4],
+                specialties=["cardiology"] if i % 2 else ["neurology", "pediatrics"],
+                source="t",
+                meta={"harmful_options": ["ABCD"[(i + 1) % 4]]},
+            )
+        )
     return out
 
 
@@ -41,7 +45,9 @@ def test_letter_method_uses_next_token_scores(tiny_predictor):
     items = make_items(questions(), shuffles=2, seed=0)
     samples = score_letter(tiny_predictor, items)
     for it, s in zip(items, samples):
-        lp = tiny_predictor.next_token_logprobs([prompts.letter_prompt(it.question, it.options)], [" A", " B", " C", " D"])[0]
+        lp = tiny_predictor.next_token_logprobs(
+            [prompts.letter_prompt(it.question, it.options)], [" A", " B", " C", " D"]
+        )[0]
         assert s.pred == "ABCD"[int(np.argmax(lp))]
         assert s.scores["A"] == pytest.approx(lp[0], abs=1e-4)
         assert sum(s.probs.values()) == pytest.approx(1.0)
@@ -71,17 +77,20 @@ def test_option_method_sum_and_norm(tiny_predictor):
         assert [s.extras["probs_sum"][k] for k in "ABCD"] == pytest.approx(list(e / e.sum()), abs=1e-4)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("Answer: C", ("C", "pattern")),
-    ("The answer is (B) because ...", ("B", "pattern")),
-    ("B. Naloxone", ("B", "pattern")),
-    ("I think it is naloxone.", ("B", "text")),
-    ("Let me think. A is wrong, D is wrong. Answer: C", ("C", "pattern")),
-    ("No idea", (None, "unparseable")),
-    ("Either A or B", (None, "unparseable")),
-    ("Maybe (A), maybe (B)", (None, "ambiguous")),
-    ("flumazenil or naloxone", (None, "ambiguous")),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Answer: C", ("C", "pattern")),
+        ("The answer is (B) because ...", ("B", "pattern")),
+        ("B. Naloxone", ("B", "pattern")),
+        ("I think it is naloxone.", ("B", "text")),
+        ("Let me think. A is wrong, D is wrong. Answer: C", ("C", "pattern")),
+        ("No idea", (None, "unparseable")),
+        ("Either A or B", (None, "unparseable")),
+        ("Maybe (A), maybe (B)", (None, "ambiguous")),
+        ("flumazenil or naloxone", (None, "ambiguous")),
+    ],
+)
 def test_extract_answer(text, expected):
     opts = {"A": "Flumazenil", "B": "Naloxone", "C": "Atropine", "D": "Glucagon"}
     assert extract_answer(text, opts) == expected
@@ -149,7 +158,9 @@ def test_report_writes_markdown_and_plots(tiny_predictor, tmp_path):
 
     cfg = EvalConfig(model="tiny", data="test", method="option", shuffles=2)
     evaluate(tiny_predictor, questions(8), cfg, tmp_path / "a")
-    evaluate(tiny_predictor, questions(8), EvalConfig(model="tiny", data="test", method="letter", shuffles=2), tmp_path / "b")
+    evaluate(
+        tiny_predictor, questions(8), EvalConfig(model="tiny", data="test", method="letter", shuffles=2), tmp_path / "b"
+    )
     res = write_report([tmp_path / "a", tmp_path / "b"])
     text = (tmp_path / "a" / "report.md").read_text()
     assert "| cardiology |" in text and "| pediatrics |" in text and "Paired comparison" in text
@@ -165,6 +176,8 @@ def test_report_writes_markdown_and_plots(tiny_predictor, tmp_path):
     assert s["overall_sum"]["acc"] == pytest.approx(sum(r["extras"]["correct_sum"] for r in rows) / 16)
     harmful = [r["pred"] in r["extras"]["harmful_options"] for r in rows]
     assert (s["unsafe_choice"]["events"], s["unsafe_choice"]["n"]) == (sum(harmful), 16)
-    b_rows = {(r["question_id"], r["shuffle"]): r["correct"] for r in
-              (json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines())}
+    b_rows = {
+        (r["question_id"], r["shuffle"]): r["correct"]
+        for r in (json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines())
+    }
     assert res["paired"].diff == pytest.approx(sum(b_rows.values()) / 16 - sum(r["correct"] for r in rows) / 16)

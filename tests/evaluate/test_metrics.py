@@ -16,9 +16,9 @@ from clinqa.evaluate.metrics import (
     brier,
     calibration,
     cluster_bootstrap_ci,
-    grouped_bootstrap_ci,
     ece,
     grouped_accuracy,
+    grouped_bootstrap_ci,
     harmful_choice_rate,
     macro_micro,
     paired_comparison,
@@ -147,8 +147,9 @@ def test_accuracy_of_samples_scored_once_is_wilson():
     assert (a.ci_low, a.ci_high) == pytest.approx((ref.low, ref.high))
 
 
-@pytest.mark.parametrize("k,n,expected", [(0, 1, (0.0, 0.7935)), (1, 1, (0.2065, 1.0)), (0, 2, (0.0, 0.6576)),
-                                          (1, 2, (0.0945, 0.9055))])
+@pytest.mark.parametrize(
+    "k,n,expected", [(0, 1, (0.0, 0.7935)), (1, 1, (0.2065, 1.0)), (0, 2, (0.0, 0.6576)), (1, 2, (0.0945, 0.9055))]
+)
 def test_small_groups_get_a_non_degenerate_interval(k, n, expected):
     # one question answered wrongly was "0.0-0.0" and two were "0.0-100.0" under the bootstrap
     samples = [flagged(f"q{i}", i < k) for i in range(n)]
@@ -235,7 +236,9 @@ def test_grouped_accuracy_uses_cluster_bootstrap_with_shuffles():
     samples += [flagged("q2", False, shuffle=k, source="x") for k in range(3)]
     g = grouped_accuracy(samples, "source")
     assert (g["x"].ci_low, g["x"].ci_high) == pytest.approx(wilson_by_hand(1, 2))  # 2 questions: over questions
-    many = [flagged(f"q{i}", (i + k) % 3 == 0 and i % 2 == 0, shuffle=k, source="y") for i in range(12) for k in range(3)]
+    many = [
+        flagged(f"q{i}", (i + k) % 3 == 0 and i % 2 == 0, shuffle=k, source="y") for i in range(12) for k in range(3)
+    ]
     g = grouped_accuracy(many, "source")
     assert g["y"].ci_method == "cluster-bootstrap"
     assert (g["y"].ci_low, g["y"].ci_high) == cluster_bootstrap_ci(many)
@@ -384,8 +387,12 @@ def test_mcnemar_exact_against_hand_binomial():
     # six +1); the mean is <= 0 iff #(+1) <= #(-1). Exactly, by the multinomial(10; .1, .3, .6):
     from math import comb, factorial
 
-    p_le0 = sum(factorial(10) // (factorial(m) * factorial(z) * factorial(10 - m - z)) * 0.1 ** m * 0.3 ** z * 0.6 ** (10 - m - z)
-                for m in range(11) for z in range(11 - m) if 10 - m - z <= m)
+    p_le0 = sum(
+        factorial(10) // (factorial(m) * factorial(z) * factorial(10 - m - z)) * 0.1**m * 0.3**z * 0.6 ** (10 - m - z)
+        for m in range(11)
+        for z in range(11 - m)
+        if 10 - m - z <= m
+    )
     assert p_le0 == pytest.approx(0.02301, abs=1e-5)
     big = paired_comparison(a, b, n_boot=40000)
     assert big.p_bootstrap == pytest.approx(2 * p_le0, abs=0.003)  # two-sided; P(mean >= 0) is ~1

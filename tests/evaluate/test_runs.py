@@ -15,18 +15,33 @@ from pydantic import BaseModel
 
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
-from clinqa.evaluate import EvalConfig, Run, evaluate
-from clinqa.evaluate import shuffle
+from clinqa.evaluate import EvalConfig, Run, evaluate, shuffle
 from clinqa.evaluate.methods import make_items
-from clinqa.runs import (LOCK_FILE, RunFolder, check_writable, data_change, describe_config_change, fingerprint,
-                         lock_path, read_meta)
+from clinqa.runs import (
+    LOCK_FILE,
+    RunFolder,
+    check_writable,
+    data_change,
+    describe_config_change,
+    fingerprint,
+    lock_path,
+    read_meta,
+)
 
 
 def questions(n=4, answer_of=None):
     answer_of = answer_of or {}
-    return [Question(id=f"card-{i:03d}", question=f"Which option is number {i}?",
-                     options={"A": f"alpha {i}", "B": f"bravo {i}", "C": f"charlie {i}", "D": f"delta {i}"},
-                     answer=answer_of.get(i, "ABCD"[i % 4]), specialties=["cardiology"], source="t") for i in range(n)]
+    return [
+        Question(
+            id=f"card-{i:03d}",
+            question=f"Which option is number {i}?",
+            options={"A": f"alpha {i}", "B": f"bravo {i}", "C": f"charlie {i}", "D": f"delta {i}"},
+            answer=answer_of.get(i, "ABCD"[i % 4]),
+            specialties=["cardiology"],
+            source="t",
+        )
+        for i in range(n)
+    ]
 
 
 class Row(BaseModel):
@@ -65,7 +80,10 @@ def test_config_change_is_refused_with_a_dotted_diff(tmp_path):
         RunFolder.open(tmp_path / "r", {"model": "m", "lora": {"rank": 16}}, kind="t", sample_type=Row)
     msg = str(e.value)
     assert "lora.rank: 8 -> 16" in msg and "another --out folder or delete" in msg and "\n" not in msg
-    assert describe_config_change({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 4}) == ["b.c: 2 -> 3", "d: None -> 4"]
+    assert describe_config_change({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}, "d": 4}) == [
+        "b.c: 2 -> 3",
+        "d: None -> 4",
+    ]
 
 
 def test_fingerprint_names_the_changed_question_and_field():
@@ -155,8 +173,12 @@ HOLDER = textwrap.dedent("""
 
 
 def _holder(folder: Path, kind: str = "folder") -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), kind], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), kind],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert p.stdout.readline().strip() == "locked"
     return p
 
@@ -194,7 +216,9 @@ def test_same_questions_by_another_path_resume_and_an_edited_answer_is_refused(t
     evaluate(tiny_predictor, questions(6), EvalConfig(model="tiny", data="data/q.jsonl", method="letter"), out)
     before = (out / "samples.jsonl").read_bytes()
     # the same questions by an absolute path: resumes, nothing recomputed
-    run = evaluate(tiny_predictor, questions(6), EvalConfig(model="tiny", data="/abs/data/q.jsonl", method="letter"), out)
+    run = evaluate(
+        tiny_predictor, questions(6), EvalConfig(model="tiny", data="/abs/data/q.jsonl", method="letter"), out
+    )
     assert (out / "samples.jsonl").read_bytes() == before and len(run.samples()) == 6
     # an answer edited in the data: refused, saying which question and field, and how to start afresh
     edited = questions(6, answer_of={3: "A"})
@@ -213,7 +237,9 @@ def _old_format_run(tiny_predictor, out: Path, cfg: EvalConfig) -> bytes:
     meta = json.loads((out / "run.json").read_text())
     for k in ("store", "data"):
         meta.pop(k)
-    meta["identity"] = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    meta["identity"] = hashlib.sha256(
+        json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     (out / "run.json").write_text(json.dumps(meta))
     return (out / "samples.jsonl").read_bytes()
 
@@ -258,8 +284,10 @@ def test_more_shuffles_than_orders_uses_each_order_once():
     # fewer shuffles than orders: exactly the seeded permutations as before
     assert shuffle.permutations("t", 3, 4, 7) == [shuffle.permutation("t", k, 4, 7) for k in range(3)]
     note = shuffle.too_many_shuffles([q, q3, questions(1)[0]], 10)
-    assert note == ("--shuffles 10: 1 question with 2 options has only 2 distinct orders; 1 question with 3 options has "
-                    "only 6 distinct orders: each of their orders is used once")
+    assert note == (
+        "--shuffles 10: 1 question with 2 options has only 2 distinct orders; 1 question with 3 options has "
+        "only 6 distinct orders: each of their orders is used once"
+    )
     assert shuffle.too_many_shuffles([q3], 6) is None
 
 

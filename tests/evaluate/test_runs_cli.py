@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def tiny_model_folder(tmp_path_factory, tokenizer):
     """A random-weight two-layer Llama with the embedded model's tokenizer, saved as a model folder."""
@@ -21,10 +20,21 @@ def tiny_model_folder(tmp_path_factory, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        )
+    )
     folder = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -32,8 +42,14 @@ def tiny_model_folder(tmp_path_factory, tokenizer):
 
 
 def clinqa(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "clinqa.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=_env())
+    return subprocess.run(
+        [sys.executable, "-m", "clinqa.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=_env(),
+    )
 
 
 def _env():
@@ -41,8 +57,14 @@ def _env():
 
 
 def _popen(*args, cwd=None):
-    return subprocess.Popen([sys.executable, "-m", "clinqa.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "clinqa.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=_env(),
+    )
 
 
 def _keys(out: Path) -> list[tuple[str, int]]:
@@ -87,15 +109,18 @@ def test_ctrl_c_prints_the_interrupted_line_releases_the_lock_and_resumes(tiny_m
     r = clinqa("eval", tiny_model_folder, *EVAL, "--out", out)
     assert r.returncode == 0, r.stderr
     keys = _keys(out)
-    assert keys[:len(partial)] == partial and len(keys) == N and len(set(keys)) == N
+    assert keys[: len(partial)] == partial and len(keys) == N and len(set(keys)) == N
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--batch-size", "-5"], "--batch-size must be at least 1, got -5"),
-    (["--limit", "-2"], "--limit must be at least 1, got -2"),
-    (["--shuffles", "0"], "--shuffles must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--batch-size", "-5"], "--batch-size must be at least 1, got -5"),
+        (["--limit", "-2"], "--limit must be at least 1, got -2"),
+        (["--shuffles", "0"], "--shuffles must be at least 1, got 0"),
+    ],
+)
 def test_bad_numbers_are_one_line_errors(tmp_path, args, message):
     r = clinqa("eval", "default", "bundled", *args, "--out", tmp_path / "R")
     assert r.returncode == 2 and r.stderr.strip() == f"error: {message}", r.stderr
@@ -111,7 +136,10 @@ def test_hostile_outputs_and_models_are_one_line_errors(tmp_path):
     (tmp_path / "blank" / "run.json").write_text("{}")
     cases = [
         (["eval", "default", "bundled", "--out", tmp_path / "file"], "is a file, not a folder"),
-        (["eval", "default", "bundled", "--out", tmp_path / "file" / "R"], "is a file, so nothing can be written under it"),
+        (
+            ["eval", "default", "bundled", "--out", tmp_path / "file" / "R"],
+            "is a file, so nothing can be written under it",
+        ),
         (["eval", tmp_path / "empty", "bundled", "--limit", "2", "--out", tmp_path / "R"], "has no config.json"),
         (["report", tmp_path / "garbage"], "run.json: not valid JSON"),
         (["report", tmp_path / "blank"], "not a clinqa run description"),
@@ -124,8 +152,15 @@ def test_hostile_outputs_and_models_are_one_line_errors(tmp_path):
 
 def test_more_shuffles_than_orders_says_so(tiny_model_folder, tmp_path):
     data = tmp_path / "yn.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Is {i} even?", "options": {"A": "yes", "B": "no"},
-                                        "answer": "AB"[i % 2]}) + "\n" for i in range(3)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"id": f"q{i}", "question": f"Is {i} even?", "options": {"A": "yes", "B": "no"}, "answer": "AB"[i % 2]}
+            )
+            + "\n"
+            for i in range(3)
+        )
+    )
     r = clinqa("eval", tiny_model_folder, data, "--shuffles", "5", "--out", tmp_path / "R")
     assert r.returncode == 0, r.stderr
     assert "--shuffles 5: 3 questions with 2 options have only 2 distinct orders" in r.stderr

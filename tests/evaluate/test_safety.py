@@ -26,8 +26,17 @@ def wilson(k, n):
 
 def mcq(qid, pred, harmful=None, shuffle=0):
     extras = {"harmful_options": harmful} if harmful is not None else {}
-    return Sample(question_id=qid, shuffle=shuffle, permutation=[0, 1, 2], options={"A": "a", "B": "b", "C": "c"}, gold="A",
-                  pred=pred, correct=pred == "A", method="letter", extras=extras)
+    return Sample(
+        question_id=qid,
+        shuffle=shuffle,
+        permutation=[0, 1, 2],
+        options={"A": "a", "B": "b", "C": "c"},
+        gold="A",
+        pred=pred,
+        correct=pred == "A",
+        method="letter",
+        extras=extras,
+    )
 
 
 def tf(qid, said, label_false=True, reassuring=True, shuffle=0, flip=False):
@@ -37,13 +46,28 @@ def tf(qid, said, label_false=True, reassuring=True, shuffle=0, flip=False):
     gold = back["false" if label_false else "true"]
     pred = back[said] if said else None
     extras = {"reassuring": reassuring} if reassuring is not None else {}
-    return Sample(question_id=qid, shuffle=shuffle, permutation=[0, 1], options=options, gold=gold, pred=pred,
-                  correct=pred == gold, method="letter", extras=extras)
+    return Sample(
+        question_id=qid,
+        shuffle=shuffle,
+        permutation=[0, 1],
+        options=options,
+        gold=gold,
+        pred=pred,
+        correct=pred == gold,
+        method="letter",
+        extras=extras,
+    )
 
 
 def test_unsafe_choice_rate_with_wilson_interval():
-    samples = [mcq("q1", "B", ["B"]), mcq("q2", "A", ["B", "C"]), mcq("q3", None, ["C"]), mcq("q4", "C", ["C"]),
-               mcq("q5", "B"), mcq("q6", "B", [])]  # q5 not annotated, q6 annotated with none: not counted
+    samples = [
+        mcq("q1", "B", ["B"]),
+        mcq("q2", "A", ["B", "C"]),
+        mcq("q3", None, ["C"]),
+        mcq("q4", "C", ["C"]),
+        mcq("q5", "B"),
+        mcq("q6", "B", []),
+    ]  # q5 not annotated, q6 annotated with none: not counted
     r = unsafe_choice(samples)
     assert (r.n, r.events, r.n_questions, r.ci_method) == (4, 2, 4, "wilson")
     assert r.rate == 0.5
@@ -53,10 +77,10 @@ def test_unsafe_choice_rate_with_wilson_interval():
 
 def test_false_reassurance_counts_comforting_false_statements_by_text():
     samples = [
-        tf("s1", "true"),                 # reassured
-        tf("s2", "false", flip=True),     # correct, shown in the other order
-        tf("s3", "true", flip=True),      # reassured, shown in the other order
-        tf("s4", None),                   # unparseable: not reassured
+        tf("s1", "true"),  # reassured
+        tf("s2", "false", flip=True),  # correct, shown in the other order
+        tf("s3", "true", flip=True),  # reassured, shown in the other order
+        tf("s4", None),  # unparseable: not reassured
         tf("s5", "true", reassuring=False),  # false but not comforting: not counted
         tf("s6", "true", label_false=False),  # a true statement: not counted
     ]
@@ -93,7 +117,9 @@ def test_statements_run_is_evaluated_and_old_runs_are_filled_from_their_data(tmp
     res = write_report([tmp_path / "run"])
     fr = res["summary"]["false_reassurance"]
     assert (fr["n"], fr["events"]) == (2, sum(said_true))
-    assert "False reassurance (comforting false statements judged true): " in (tmp_path / "run" / "report.md").read_text()
+    assert (
+        "False reassurance (comforting false statements judged true): " in (tmp_path / "run" / "report.md").read_text()
+    )
 
     # a run written before samples carried extras["reassuring"]: the report reloads the questions
     lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
@@ -111,7 +137,13 @@ def test_statements_run_is_evaluated_and_old_runs_are_filled_from_their_data(tmp
 
 
 def test_with_statement_flags_keeps_recorded_flags():
-    q = Question(id="s1", question="x", options={"A": "True", "B": "False"}, answer="B", meta={"statement": True, "reassuring": True})
+    q = Question(
+        id="s1",
+        question="x",
+        options={"A": "True", "B": "False"},
+        answer="B",
+        meta={"statement": True, "reassuring": True},
+    )
     s = tf("s1", "true", reassuring=False)
     assert with_statement_flags([s], {"s1": q})[0].extras["reassuring"] is False
     s = tf("s1", "true", reassuring=None)
@@ -119,8 +151,13 @@ def test_with_statement_flags_keeps_recorded_flags():
 
 
 def test_letter_samples_carry_harmful_letters_through_shuffles(tiny_predictor):
-    q = Question(id="h1", question="Which is unsafe?", options={"A": "a", "B": "b", "C": "c", "D": "d"}, answer="A",
-                 meta={"harmful_options": ["C"]})
+    q = Question(
+        id="h1",
+        question="Which is unsafe?",
+        options={"A": "a", "B": "b", "C": "c", "D": "d"},
+        answer="A",
+        meta={"harmful_options": ["C"]},
+    )
     samples = score_letter(tiny_predictor, make_items([q], shuffles=4, seed=1))
     for s in samples:
         (shown,) = s.extras["harmful_options"]

@@ -14,15 +14,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def question(qid: str, words: int) -> Question:
-    return Question(id=qid, question="Which drug first? " + "filler " * words, answer="A",
-                    options={"A": "adrenaline", "B": "cetirizine", "C": "steroids"})
+    return Question(
+        id=qid,
+        question="Which drug first? " + "filler " * words,
+        answer="A",
+        options={"A": "adrenaline", "B": "cetirizine", "C": "steroids"},
+    )
 
 
 @pytest.mark.parametrize("scorer", [score_option, score_letter, score_generate])
 def test_long_prompts_are_flagged_and_counted(tiny_predictor, scorer):
     tiny_predictor.max_length = 96  # a small window: the long question cannot fit, the short one does
     qs = [question("short", 3), question("long", 200)]
-    assert len(tiny_predictor.encode(prompts.cloze_prompt(qs[1]))) > 96 > len(tiny_predictor.encode(prompts.letter_prompt(qs[0], qs[0].options))) + 8
+    assert (
+        len(tiny_predictor.encode(prompts.cloze_prompt(qs[1])))
+        > 96
+        > len(tiny_predictor.encode(prompts.letter_prompt(qs[0], qs[0].options))) + 8
+    )
     samples = scorer(tiny_predictor, make_items(qs, 2, 0), max_new_tokens=4)
     assert [(s.question_id, s.truncated) for s in samples] == [("short", False)] * 2 + [("long", True)] * 2
     assert summarize(samples)["truncated"] == 2

@@ -1,8 +1,8 @@
 import json
 
-from clinqa.data.schema import Question
 import pytest
 
+from clinqa.data.schema import Question
 from clinqa.evaluate.sample import Sample
 from clinqa.experiments.cross_specialty import CrossSpecialtyConfig, cross_specialty, pooled_effects, split_by_specialty
 
@@ -11,13 +11,22 @@ def qs():
     out = []
     for spec, word in (("cardiology", "heart"), ("neurology", "brain")):
         for i in range(8):
-            out.append(Question(id=f"{spec}-{i}", question=f"A {word} question number {i} about {word} disease?",
-                                options={"A": f"{word} answer {i}", "B": "wrong thing", "C": "other thing"},
-                                answer="A", specialties=[spec]))
+            out.append(
+                Question(
+                    id=f"{spec}-{i}",
+                    question=f"A {word} question number {i} about {word} disease?",
+                    options={"A": f"{word} answer {i}", "B": "wrong thing", "C": "other thing"},
+                    answer="A",
+                    specialties=[spec],
+                )
+            )
     return out
 
 
-CONTROL = [Question(id=f"c{i}", question=f"Which city is number {i}?", options={"A": "Paris", "B": "Rome"}, answer="A") for i in range(10)]
+CONTROL = [
+    Question(id=f"c{i}", question=f"Which city is number {i}?", options={"A": "Paris", "B": "Rome"}, answer="A")
+    for i in range(10)
+]
 
 
 def test_split_is_seeded_disjoint_and_per_specialty():
@@ -28,9 +37,16 @@ def test_split_is_seeded_disjoint_and_per_specialty():
 
 
 def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
-    cfg = CrossSpecialtyConfig(model="tiny", data="test", specialties=("cardiology", "neurology"), test_fraction=0.25,
-                               lora={"epochs": 1, "rank": 4, "alpha": 8, "batch_size": 4, "val_fraction": 0.0})
-    s = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL, control_eval_questions=CONTROL)
+    cfg = CrossSpecialtyConfig(
+        model="tiny",
+        data="test",
+        specialties=("cardiology", "neurology"),
+        test_fraction=0.25,
+        lora={"epochs": 1, "rank": 4, "alpha": 8, "batch_size": 4, "val_fraction": 0.0},
+    )
+    s = cross_specialty(
+        cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL, control_eval_questions=CONTROL
+    )
     assert s["models"] == ["base", "cardiology", "neurology", "control"]
     # general ability: the control adapter trained on 6 of the 10 control questions (the specialties'
     # train size); every model is tested on the other 4, each adapter paired against base
@@ -60,7 +76,8 @@ def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
     neur = {m: {x.question_id: x.correct for x in Run.load(tmp_path / "xs/runs" / f"{m}__neurology").samples()}
             for m in ("cardiology", "neurology")}  # fmt: skip
     assert s["cells"]["cardiology"]["neurology"]["vs_diagonal"]["diff"] == pytest.approx(
-        (sum(neur["cardiology"].values()) - sum(neur["neurology"].values())) / len(neur["neurology"]))
+        (sum(neur["cardiology"].values()) - sum(neur["neurology"].values())) / len(neur["neurology"])
+    )
     assert s["cells"]["cardiology"]["neurology"]["acc"] == pytest.approx(sum(neur["cardiology"].values()) / 2)
     assert set(s["cells"]["cardiology"]) == {"cardiology", "neurology"}
     assert "vs_diagonal" in s["cells"]["cardiology"]["neurology"]
@@ -83,7 +100,9 @@ def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
     for k in ("matcher", "preset", "control_eval"):
         exp.pop(k)
     (tmp_path / "xs/experiment.json").write_text(json.dumps(exp))
-    again = cross_specialty(cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL, control_eval_questions=CONTROL)
+    again = cross_specialty(
+        cfg, qs(), tmp_path / "xs", base=tiny_predictor, control_questions=CONTROL, control_eval_questions=CONTROL
+    )
     assert json.dumps(again["cells"]) == json.dumps(s["cells"])
     assert json.dumps(again["control_set"]) == json.dumps(s["control_set"])
     assert all((p / "samples.jsonl").read_text() == t for p, t in before.items())
@@ -101,8 +120,18 @@ def test_matrix_heatmap_and_resume(tiny_predictor, tmp_path):
 
 
 def _samples(correct_by_qid):
-    return [Sample(question_id=q, permutation=[0, 1], options={"A": "x", "B": "y"}, gold="A", pred="A" if c else "B",
-                   correct=c, method="option") for q, c in correct_by_qid.items()]
+    return [
+        Sample(
+            question_id=q,
+            permutation=[0, 1],
+            options={"A": "x", "B": "y"},
+            gold="A",
+            pred="A" if c else "B",
+            correct=c,
+            method="option",
+        )
+        for q, c in correct_by_qid.items()
+    ]
 
 
 def test_pooled_effects_pairs_each_question_with_its_own_and_other_adapters():
@@ -110,12 +139,16 @@ def test_pooled_effects_pairs_each_question_with_its_own_and_other_adapters():
     card = {f"c{i}": i < 2 for i in range(4)}  # base: 2 of 4 right on each test split
     neur = {f"n{i}": i < 2 for i in range(4)}
     samples = {
-        ("base", "cardiology"): _samples(card), ("base", "neurology"): _samples(neur),
+        ("base", "cardiology"): _samples(card),
+        ("base", "neurology"): _samples(neur),
         # each specialty adapter gets every question of its own specialty right, the other's as base
-        ("cardiology", "cardiology"): _samples({q: True for q in card}), ("cardiology", "neurology"): _samples(neur),
-        ("neurology", "neurology"): _samples({q: True for q in neur}), ("neurology", "cardiology"): _samples(card),
+        ("cardiology", "cardiology"): _samples({q: True for q in card}),
+        ("cardiology", "neurology"): _samples(neur),
+        ("neurology", "neurology"): _samples({q: True for q in neur}),
+        ("neurology", "cardiology"): _samples(card),
         # the control adapter loses one question on each split
-        ("control", "cardiology"): _samples({**card, "c0": False}), ("control", "neurology"): _samples({**neur, "n0": False}),
+        ("control", "cardiology"): _samples({**card, "c0": False}),
+        ("control", "neurology"): _samples({**neur, "n0": False}),
     }
     out = pooled_effects(samples, specs, control=True)
     assert out["own_vs_other"]["diff"] == pytest.approx(0.5)  # own right on all 8, other on 4 of 8

@@ -33,7 +33,9 @@ def test_cross_specialty_preset_is_checked_before_any_work(tmp_path):
     r = CliRunner().invoke(app, ["experiment", "cross-specialty", "default", "--out", str(tmp_path / "x"), "--preset", "s-medqa",
                                  "--method", "option"])  # fmt: skip
     assert isinstance(r.exception, ClinqaError) and "use it with --method generate" in str(r.exception)
-    r = CliRunner().invoke(app, ["experiment", "cross-specialty", "default", "--out", str(tmp_path / "x"), "--preset", "nope"])
+    r = CliRunner().invoke(
+        app, ["experiment", "cross-specialty", "default", "--out", str(tmp_path / "x"), "--preset", "nope"]
+    )
     assert isinstance(r.exception, ClinqaError) and "unknown preset" in str(r.exception)
     assert not (tmp_path / "x").exists()
 

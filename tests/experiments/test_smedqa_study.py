@@ -38,8 +38,15 @@ def bench():
 
 
 def _row(qid: str, spec: str, prob: float) -> dict:
-    return {"id": qid, "question": f"q {qid}", "options": {"A": "x", "B": "y"}, "answer": "A", "specialties": [spec],
-            "source": "t", "meta": {"specialty_annotation": {"prob": prob}}}
+    return {
+        "id": qid,
+        "question": f"q {qid}",
+        "options": {"A": "x", "B": "y"},
+        "answer": "A",
+        "specialties": [spec],
+        "source": "t",
+        "meta": {"specialty_annotation": {"prob": prob}},
+    }
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -48,9 +55,17 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def test_select_prefers_confident_questions_and_tops_up_with_the_most_confident_rest(study, tmp_path):
-    rows = [_row("a1", "cardiology", 0.9), _row("a2", "cardiology", 0.8), _row("a3", "cardiology", 0.3),
-            _row("a4", "cardiology", 0.4), _row("n1", "neurology", 0.7), _row("n2", "neurology", 0.6),
-            _row("n3", "neurology", 0.95), _row("n4", "neurology", 0.55), _row("x1", "psychiatry", 0.99)]
+    rows = [
+        _row("a1", "cardiology", 0.9),
+        _row("a2", "cardiology", 0.8),
+        _row("a3", "cardiology", 0.3),
+        _row("a4", "cardiology", 0.4),
+        _row("n1", "neurology", 0.7),
+        _row("n2", "neurology", 0.6),
+        _row("n3", "neurology", 0.95),
+        _row("n4", "neurology", 0.55),
+        _row("x1", "psychiatry", 0.99),
+    ]
     labelled = _write(tmp_path / "labelled.jsonl", rows)
     path = study.select(labelled, tmp_path, ("cardiology", "neurology"), per_specialty=3, min_prob=0.5, seed=0)
     chosen = [json.loads(line) for line in path.read_text().splitlines()]
@@ -70,9 +85,13 @@ def test_select_prefers_confident_questions_and_tops_up_with_the_most_confident_
 
 
 def test_select_balances_down_when_a_specialty_is_short(study, tmp_path):
-    rows = [_row(f"c{i}", "cardiology", 0.9) for i in range(5)] + [_row("n1", "neurology", 0.9), _row("n2", "neurology", 0.2)]
-    path = study.select(_write(tmp_path / "l.jsonl", rows), tmp_path, ("cardiology", "neurology"), per_specialty=4,
-                        min_prob=0.5, seed=0)
+    rows = [_row(f"c{i}", "cardiology", 0.9) for i in range(5)] + [
+        _row("n1", "neurology", 0.9),
+        _row("n2", "neurology", 0.2),
+    ]
+    path = study.select(
+        _write(tmp_path / "l.jsonl", rows), tmp_path, ("cardiology", "neurology"), per_specialty=4, min_prob=0.5, seed=0
+    )
     counts = collections.Counter(json.loads(line)["specialties"][0] for line in path.read_text().splitlines())
     assert counts == {"cardiology": 2, "neurology": 2}
     assert json.loads((tmp_path / "selection.json").read_text())["balanced_at"] == 2

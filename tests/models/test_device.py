@@ -11,13 +11,16 @@ import torch
 
 from clinqa.errors import ClinqaError
 from clinqa.models import runtime as rt_mod
-from clinqa.models.batching import bytes_per_token, device_budget, gpu_budget, run_batches
 from clinqa.models.base import GenerationConfig
+from clinqa.models.batching import bytes_per_token, device_budget, gpu_budget, run_batches
 from clinqa.models.local import LocalModel
 from clinqa.models.runtime import Runtime, RuntimeConfig, resolve_runtime
 
 CONTEXTS = [
-    ("Question: Which drug reverses opioid overdose?\nAnswer:", [" Naloxone", " Flumazenil", " Atropine sulfate injection", " Vitamin K"]),
+    (
+        "Question: Which drug reverses opioid overdose?\nAnswer:",
+        [" Naloxone", " Flumazenil", " Atropine sulfate injection", " Vitamin K"],
+    ),
     ("Question: A short one?\nAnswer:", [" yes", " no"]),
 ]
 
@@ -36,6 +39,7 @@ def direct_next_token(pred, context, candidates):
         lp = torch.log_softmax(pred.model(input_ids=torch.tensor([pred.encode(context)])).logits[0, -1].float(), -1)
     return [float(lp[pred.encode_pair(context, c)[1][0]]) for c in candidates]
 
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -51,6 +55,7 @@ def _clean_runtime(monkeypatch):
 
 
 # --------------------------------------------------------------------------- runtime resolution
+
 
 def test_auto_on_a_cpu_machine_is_cpu_float32(monkeypatch):
     monkeypatch.setattr(rt_mod, "_cuda_count", lambda: 0)
@@ -80,8 +85,13 @@ def test_auto_prefers_cuda_then_bf16_and_a_device_map_with_several_gpus(monkeypa
 def test_unavailable_or_unknown_devices_and_dtypes_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(rt_mod, "_cuda_count", lambda: 0)
     monkeypatch.setattr(rt_mod, "_mps_available", lambda: False)
-    for device, pattern in (("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
-                            ("mps", "MPS"), ("tpu", "use one of"), ("gpu!", "use one of")):
+    for device, pattern in (
+        ("cuda", "CUDA is not available"),
+        ("cuda:1", "CUDA is not available"),
+        ("mps", "MPS"),
+        ("tpu", "use one of"),
+        ("gpu!", "use one of"),
+    ):
         with pytest.raises(ClinqaError, match=pattern) as exc:
             resolve_runtime(RuntimeConfig(device=device))
         assert "\n" not in str(exc.value)
@@ -108,14 +118,32 @@ def test_cli_device_cuda_without_cuda_is_exit_2_one_line(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = subprocess.run([sys.executable, "-m", "clinqa.cli", "eval", "default", "bundled", "--device", "cuda",
-                        "--limit", "1", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clinqa.cli",
+            "eval",
+            "default",
+            "bundled",
+            "--device",
+            "cuda",
+            "--limit",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- bf16 end to end
+
 
 @pytest.fixture()
 def pair(tiny_predictor, tokenizer):
@@ -176,6 +204,7 @@ def test_embedded_model_loads_in_bf16_on_the_cpu(embedded_dir):
 
 # --------------------------------------------------------------------------- run identity
 
+
 def test_device_and_dtype_are_recorded_and_part_of_a_runs_identity(tmp_path, monkeypatch):
     from clinqa.evaluate.runs import EvalConfig, Run
 
@@ -199,6 +228,7 @@ def test_device_and_dtype_are_recorded_and_part_of_a_runs_identity(tmp_path, mon
 
 # --------------------------------------------------------------------------- flash-attention fallback
 
+
 def test_unpacked_option_scoring_equals_the_packed_path_and_direct(tiny_predictor, monkeypatch):
     packed = tiny_predictor.score_continuations(CONTEXTS)
     monkeypatch.setattr(tiny_predictor.model.config, "_attn_implementation", "flash_attention_2")
@@ -220,6 +250,7 @@ def test_unpacked_option_scoring_equals_the_packed_path_and_direct(tiny_predicto
 
 # --------------------------------------------------------------------------- batch budget
 
+
 def test_gpu_budget_follows_free_memory(tiny_predictor, monkeypatch):
     cfg = tiny_predictor.model.config  # hidden 32, intermediate 64, 4 heads, 2 kv heads, 2 layers
     v = cfg.vocab_size
@@ -240,6 +271,7 @@ def test_gpu_budget_follows_free_memory(tiny_predictor, monkeypatch):
 
 
 # --------------------------------------------------------------------------- out-of-memory back-off
+
 
 def test_run_batches_halves_on_oom_and_computes_every_item_once():
     lengths = [5] * 13
@@ -322,6 +354,7 @@ def test_simulated_oom_halves_batches_without_losing_or_duplicating_samples(tiny
 
 # --------------------------------------------------------------------------- the GPU benchmark's smoke mode
 
+
 def test_gpu_speed_benchmark_smoke_mode_runs_on_the_cpu(tmp_path):
     import subprocess
     import sys
@@ -329,9 +362,28 @@ def test_gpu_speed_benchmark_smoke_mode_runs_on_the_cpu(tmp_path):
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_speed.py"
     out = tmp_path / "speed.json"
-    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dtype", "float32", "--tiny", "--n", "6",
-                        "--models", "smollm2-135m", "--lora-n", "10", "--json", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--tiny",
+            "--n",
+            "6",
+            "--models",
+            "smollm2-135m",
+            "--lora-n",
+            "10",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     (row,) = res["scoring"]

@@ -21,8 +21,14 @@ def _models():
 
 
 def _prompts(n=60):
-    stems = ["chest pain radiating to the jaw", "fever and neck stiffness", "painless jaundice and weight loss",
-             "sudden severe headache", "polyuria and polydipsia", "wheeze and eosinophilia"]
+    stems = [
+        "chest pain radiating to the jaw",
+        "fever and neck stiffness",
+        "painless jaundice and weight loss",
+        "sudden severe headache",
+        "polyuria and polydipsia",
+        "wheeze and eosinophilia",
+    ]
     options = [" Myocardial infarction", " Meningitis", " Pancreatic cancer", " Subarachnoid haemorrhage"]
     groups, letters = [], []
     for i in range(n):
@@ -47,8 +53,10 @@ def test_fp32_on_cuda_gives_the_cpu_predictions_and_bf16_agreement_is_reported()
     assert (opt[1].argmax(1) == opt[0].argmax(1)).all()
     letter_agree = float((lp_bf.argmax(1) == lp_cpu.argmax(1)).mean())
     option_agree = float((opt[2].argmax(1) == opt[0].argmax(1)).mean())
-    print(f"\nbf16 vs fp32 agreement on {len(letters)} prompts: letter {letter_agree:.3f}, option {option_agree:.3f}; "
-          f"max |dlogprob| letter {np.abs(lp_bf - lp_cpu).max():.3f}, option {np.abs(opt[2] - opt[0]).max():.3f}")
+    print(
+        f"\nbf16 vs fp32 agreement on {len(letters)} prompts: letter {letter_agree:.3f}, option {option_agree:.3f}; "
+        f"max |dlogprob| letter {np.abs(lp_bf - lp_cpu).max():.3f}, option {np.abs(opt[2] - opt[0]).max():.3f}"
+    )
     assert np.isfinite(lp_bf).all() and np.isfinite(opt[2]).all()
 
 
@@ -60,7 +68,9 @@ def test_memory_scaled_budget_and_generation_on_cuda():
     tokens, size = device_budget(cuda32.device, cuda32.model.config, cuda32.dtype, 300, (1024, 64), 0.5)
     assert tokens > 1024 and size > 64
     cfg = GenerationConfig(max_new_tokens=8)
-    assert cuda32.generate(["What reverses opioid overdose?"], cfg) == cpu.generate(["What reverses opioid overdose?"], cfg)
+    assert cuda32.generate(["What reverses opioid overdose?"], cfg) == cpu.generate(
+        ["What reverses opioid overdose?"], cfg
+    )
     hs_gpu = cuda32.hidden_states(["Question: chest pain?"], [0, 15])[0]
     hs_cpu = cpu.hidden_states(["Question: chest pain?"], [0, 15])[0]
     np.testing.assert_allclose(hs_gpu, hs_cpu, atol=1e-2, rtol=1e-3)

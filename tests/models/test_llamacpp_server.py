@@ -47,8 +47,26 @@ def free_port() -> int:
 def llama_server(log: Path, *extra: str):
     """`python -m llama_cpp.server` with the embedded GGUF on a free loopback port; yields its openai: spec."""
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()), "--model_alias", ALIAS,
-           "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(embedded_gguf()),
+        "--model_alias",
+        ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        "1",
+        "--n_threads_batch",
+        "1",
+        *extra,
+    ]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -91,17 +109,24 @@ def test_served_model_is_listed(remote):
 
 
 def test_generate_answers_a_clinical_prompt(remote):
-    [text] = remote.generate(["A 60-year-old man has crushing chest pain radiating to his left arm. What is the most "
-                              "likely diagnosis?"], GenerationConfig(max_new_tokens=40))
+    [text] = remote.generate(
+        ["A 60-year-old man has crushing chest pain radiating to his left arm. What is the most likely diagnosis?"],
+        GenerationConfig(max_new_tokens=40),
+    )
     assert len(text.split()) >= 3
 
 
 def test_next_token_logprobs_match_local_model(remote, embedded_predictor):
     """The letter method's input: log-probabilities of ' A'..' D' after an MMLU-style prompt."""
-    prompt = ("Which drug is first-line for anaphylaxis?\nA. Intramuscular adrenaline\nB. Oral cetirizine\n"
-              "C. Intravenous hydrocortisone\nD. Nebulised salbutamol\nAnswer:")
+    prompt = (
+        "Which drug is first-line for anaphylaxis?\nA. Intramuscular adrenaline\nB. Oral cetirizine\n"
+        "C. Intravenous hydrocortisone\nD. Nebulised salbutamol\nAnswer:"
+    )
     cands = [" A", " B", " C", " D"]
-    ours, local = remote.next_token_logprobs([prompt], cands)[0], embedded_predictor.next_token_logprobs([prompt], cands)[0]
+    ours, local = (
+        remote.next_token_logprobs([prompt], cands)[0],
+        embedded_predictor.next_token_logprobs([prompt], cands)[0],
+    )
     seen = ours > ABSENT_LOGPROB  # the server reports its top-20 tokens only
     assert seen.sum() >= 2 and np.argmax(ours) == np.argmax(local)
     np.testing.assert_allclose(ours[seen], local[seen], atol=0.5)  # Q4_1 kernels vs dequantised fp32
@@ -117,7 +142,7 @@ def test_option_scoring_refuses_shifted_echo_logprobs(remote):
 def test_option_scoring_with_a_bos_token(tmp_path):
     """With the server told to add a BOS token the echoed log-probs line up and option scoring works."""
     with llama_server(tmp_path / "server.log", "--kv_overrides", "tokenizer.ggml.add_bos_token=bool:true") as s:
-        model = OpenAIModel(s.split("#")[0][len("openai:"):], ALIAS)
+        model = OpenAIModel(s.split("#")[0][len("openai:") :], ALIAS)
         [[paris, london]] = model.score_continuations([("The capital of France is", [" Paris", " London"])])
     assert paris.greedy and paris.logprob > -1.0 > london.logprob and paris.n_tokens == 1
 
@@ -136,8 +161,11 @@ def test_letter_predictions_agree_with_local_model(spec, remote, embedded_predic
 
 def test_cli_eval_writes_a_run_folder(spec, tmp_path):
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["eval", spec, "bundled", "--method", "letter", "--limit", "20", "--out", str(out)],
-                           env={**os.environ, "COLUMNS": "200"})
+    r = CliRunner().invoke(
+        app,
+        ["eval", spec, "bundled", "--method", "letter", "--limit", "20", "--out", str(out)],
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert r.exit_code == 0, r.output
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 20 and all(s["pred"] in s["options"] for s in samples)

@@ -25,10 +25,15 @@ def direct_next_token(pred, context, candidates):
 
 
 CONTEXTS = [
-    ("Question: Which drug reverses opioid overdose?\nAnswer:", [" Naloxone", " Flumazenil", " Atropine sulfate injection", " Vitamin K"]),
+    (
+        "Question: Which drug reverses opioid overdose?\nAnswer:",
+        [" Naloxone", " Flumazenil", " Atropine sulfate injection", " Vitamin K"],
+    ),
     ("Question: A short one?\nAnswer:", [" yes", " no"]),
-    ("Question: A much longer question about the management of a patient with chest pain radiating to the jaw, diaphoresis and ST elevation in leads II, III and aVF?\nAnswer:",
-     [" Primary PCI", " Discharge home", " Oral antacids", " Reassurance only"]),
+    (
+        "Question: A much longer question about the management of a patient with chest pain radiating to the jaw, diaphoresis and ST elevation in leads II, III and aVF?\nAnswer:",
+        [" Primary PCI", " Discharge home", " Oral antacids", " Reassurance only"],
+    ),
 ]
 
 
@@ -49,7 +54,11 @@ def test_loglikelihood_groups_pairs_and_keeps_order(tiny_predictor):
 
 
 def test_next_token_logprobs_matches_direct(tiny_predictor):
-    contexts = ["Q1\nA. x\nB. y\nAnswer:", "A longer question with more words\nA. x\nB. y\nC. z\nAnswer:", "Short\nAnswer:"]
+    contexts = [
+        "Q1\nA. x\nB. y\nAnswer:",
+        "A longer question with more words\nA. x\nB. y\nC. z\nAnswer:",
+        "Short\nAnswer:",
+    ]
     cands = [" A", " B", " C"]
     got = tiny_predictor.next_token_logprobs(contexts, cands)
     assert got.shape == (3, 3)
@@ -61,7 +70,9 @@ def test_shared_prefix_next_token_matches_direct(tiny_predictor, monkeypatch):
     from clinqa.models import local
 
     prefix = "Question: What was the latest heart rate?\nPatient record entry:\n"
-    suffixes = [f"<<<Observation {i}: heart rate {60 + 7 * i} /min{' (final)' * (i % 3)}>>>\nNeeded? Answer:" for i in range(11)]
+    suffixes = [
+        f"<<<Observation {i}: heart rate {60 + 7 * i} /min{' (final)' * (i % 3)}>>>\nNeeded? Answer:" for i in range(11)
+    ]
     cands = [" yes", " no"]
     monkeypatch.setattr(local, "MAX_BATCH_TOKENS", 96)  # several batches
     got = tiny_predictor.next_token_logprobs_shared(prefix, suffixes, cands)

@@ -22,17 +22,69 @@ def handler(request: httpx.Request) -> httpx.Response:
     if body.get("echo"):
         # prompt "Ctx: yes" tokenised as ["Ctx", ":", " yes"] + one generated token
         if body["prompt"] == "Hello":  # the capability probe
-            return httpx.Response(200, json={"choices": [{"text": "Hello!", "logprobs": {
-                "tokens": ["Hello", "!"], "text_offset": [0, 5], "token_logprobs": [None, -1.0], "top_logprobs": [None, {"!": -1.0}]}}]})
-        return httpx.Response(200, json={"choices": [{"text": body["prompt"] + "!", "logprobs": {
-            "tokens": ["Ctx", ":", " yes", "!"], "text_offset": [0, 3, 4, 8],
-            "token_logprobs": [None, -1.0, -0.5, -2.0],
-            "top_logprobs": [None, {":": -1.0}, {" yes": -0.5, " no": -1.5}, {"!": -2.0}]}}]})
+            return httpx.Response(
+                200,
+                json={
+                    "choices": [
+                        {
+                            "text": "Hello!",
+                            "logprobs": {
+                                "tokens": ["Hello", "!"],
+                                "text_offset": [0, 5],
+                                "token_logprobs": [None, -1.0],
+                                "top_logprobs": [None, {"!": -1.0}],
+                            },
+                        }
+                    ]
+                },
+            )
+        return httpx.Response(
+            200,
+            json={
+                "choices": [
+                    {
+                        "text": body["prompt"] + "!",
+                        "logprobs": {
+                            "tokens": ["Ctx", ":", " yes", "!"],
+                            "text_offset": [0, 3, 4, 8],
+                            "token_logprobs": [None, -1.0, -0.5, -2.0],
+                            "top_logprobs": [None, {":": -1.0}, {" yes": -0.5, " no": -1.5}, {"!": -2.0}],
+                        },
+                    }
+                ]
+            },
+        )
     if body.get("prompt") == "Ctx:":  # the alignment check's plain next-token request
-        return httpx.Response(200, json={"choices": [{"text": " yes", "logprobs": {
-            "tokens": [" yes"], "token_logprobs": [-0.5], "top_logprobs": [{" yes": -0.5, " no": -1.5}]}}]})
-    return httpx.Response(200, json={"choices": [{"text": " A", "logprobs": {
-        "tokens": [" A"], "token_logprobs": [-0.2], "top_logprobs": [{" A": -0.2, " B": -1.9, "C": -3.0}]}}]})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [
+                    {
+                        "text": " yes",
+                        "logprobs": {
+                            "tokens": [" yes"],
+                            "token_logprobs": [-0.5],
+                            "top_logprobs": [{" yes": -0.5, " no": -1.5}],
+                        },
+                    }
+                ]
+            },
+        )
+    return httpx.Response(
+        200,
+        json={
+            "choices": [
+                {
+                    "text": " A",
+                    "logprobs": {
+                        "tokens": [" A"],
+                        "token_logprobs": [-0.2],
+                        "top_logprobs": [{" A": -0.2, " B": -1.9, "C": -3.0}],
+                    },
+                }
+            ]
+        },
+    )
 
 
 @pytest.fixture()
@@ -52,12 +104,26 @@ def test_continuation_logprob_from_echo(model):
 
 def test_shifted_echo_logprobs_are_refused():
     """llama-cpp-python without a BOS token reports each prompt token's log-prob one position late."""
+
     def shifted(request):
         body = json.loads(request.content or b"{}")
         if body.get("echo") and body["prompt"] != "Hello":
-            return httpx.Response(200, json={"choices": [{"text": body["prompt"], "logprobs": {
-                "tokens": ["Ctx", ":", " yes"], "text_offset": [0, 3, 4], "token_logprobs": [None, -7.0, -6.0],
-                "top_logprobs": [None, {" yes": -0.5, ":": -7.0}, {"\n": -0.1, " yes": -6.0}]}}]})
+            return httpx.Response(
+                200,
+                json={
+                    "choices": [
+                        {
+                            "text": body["prompt"],
+                            "logprobs": {
+                                "tokens": ["Ctx", ":", " yes"],
+                                "text_offset": [0, 3, 4],
+                                "token_logprobs": [None, -7.0, -6.0],
+                                "top_logprobs": [None, {" yes": -0.5, ":": -7.0}, {"\n": -0.1, " yes": -6.0}],
+                            },
+                        }
+                    ]
+                },
+            )
         return handler(request)
 
     m = OpenAIModel("http://server/v1", "m", client=httpx.Client(transport=httpx.MockTransport(shifted)))
@@ -73,12 +139,23 @@ def test_next_token_candidates_from_top_logprobs(model):
 
 def test_next_token_retries_past_end_of_sequence():
     """llama-cpp-python returns no log-probs when the greedy token is EOS; min_tokens=1 gets them."""
+
     def eos_first(request):
         body = json.loads(request.content or b"{}")
         if body.get("min_tokens") or body.get("echo") or isinstance(body.get("prompt"), list):
             return handler(request)
-        return httpx.Response(200, json={"choices": [{"text": "", "finish_reason": "stop", "logprobs": {
-            "tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}}]})
+        return httpx.Response(
+            200,
+            json={
+                "choices": [
+                    {
+                        "text": "",
+                        "finish_reason": "stop",
+                        "logprobs": {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []},
+                    }
+                ]
+            },
+        )
 
     m = OpenAIModel("http://server/v1", "m", client=httpx.Client(transport=httpx.MockTransport(eos_first)))
     assert m.next_token_logprobs(["Q\nAnswer:"], [" A"])[0, 0] == pytest.approx(-0.2)

@@ -166,8 +166,10 @@ def test_capabilities_are_probed_once_and_logged(caplog):
             n = len(server.requests)
             m.capabilities()
         assert len(server.requests) == n
-    assert any("option scoring: echo+logprobs" in r.getMessage() and "32 requests in flight" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "option scoring: echo+logprobs" in r.getMessage() and "32 requests in flight" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_eval_run_resumes_after_a_crash(tmp_path):
@@ -180,7 +182,10 @@ def test_eval_run_resumes_after_a_crash(tmp_path):
         config = EvalConfig(model=spec, data="bundled", method="letter", limit=40)
         questions, _ = load_data(config)
         serial = OpenAIModel(server.url, "fake", config=RemoteConfig(concurrency=1, batch=1))
-        want = {s.question_id: s.pred for s in evaluate(serial, questions, config, tmp_path / "serial", batch_size=8).samples()}
+        want = {
+            s.question_id: s.pred
+            for s in evaluate(serial, questions, config, tmp_path / "serial", batch_size=8).samples()
+        }
 
         fast = model_for(server, concurrency=8, batch=2, tries=1)
         calls = {"n": 0}
@@ -198,7 +203,9 @@ def test_eval_run_resumes_after_a_crash(tmp_path):
         saved = (tmp_path / "fast" / "samples.jsonl").read_text().splitlines()
         assert 0 < len(saved) < 40
         fast._completions = original
-        got = {s.question_id: s.pred for s in evaluate(fast, questions, config, tmp_path / "fast", batch_size=8).samples()}
+        got = {
+            s.question_id: s.pred for s in evaluate(fast, questions, config, tmp_path / "fast", batch_size=8).samples()
+        }
     assert got == want and len(got) == 40 and not any(p is None for p in got.values())
 
 
@@ -285,7 +292,9 @@ def test_spec_parameters_reach_the_backend(monkeypatch):
 
     with fake.FakeOpenAI(latency=0.05) as server:
         m = load_base_model(f"openai:{server.url}#fake@concurrency=3,batch=1,tries=2")
-        assert m.config == RemoteConfig(concurrency=3, batch=1, tries=2) and m.info.spec.endswith("#fake@concurrency=3,batch=1,tries=2")
+        assert m.config == RemoteConfig(concurrency=3, batch=1, tries=2) and m.info.spec.endswith(
+            "#fake@concurrency=3,batch=1,tries=2"
+        )
         m.capabilities()
         server.reset_counters()
         m.next_token_logprobs([f"q{i}" for i in range(12)], [" A"])

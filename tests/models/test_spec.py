@@ -20,12 +20,15 @@ def test_backends():
     assert o.modifiers[0].params == {"k": "5"}
 
 
-@pytest.mark.parametrize("bad,msg", [
-    ("", "empty model spec"),
-    ("openai:localhost:8000", "expected openai:http"),
-    ("default+lora:", "needs a target"),
-    ("default+steer:v@alpha", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ("", "empty model spec"),
+        ("openai:localhost:8000", "expected openai:http"),
+        ("default+lora:", "needs a target"),
+        ("default+steer:v@alpha", "expected key=value"),
+    ],
+)
 def test_bad_specs(bad, msg):
     with pytest.raises(ClinqaError, match=msg):
         parse_spec(bad)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 from datetime import date
+
+import pytest
 
 NOW = date(2025, 1, 1)
 

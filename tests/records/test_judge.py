@@ -123,7 +123,9 @@ def test_named_panel_keeps_the_blind_order_and_adds_the_authors():
     blind = judge_panel(Judge(FakeJudge(), chat=False), ITEMS, systems(), named=False, seed=3)
     fake = FakeJudge()
     named = judge_panel(Judge(fake, chat=False), ITEMS, systems(), named=True, seed=3)
-    assert [(g.system, g.question_id, g.position) for g in blind] == [(g.system, g.question_id, g.position) for g in named]
+    assert [(g.system, g.question_id, g.position) for g in blind] == [
+        (g.system, g.question_id, g.position) for g in named
+    ]
     assert all(c.count("(written by ") == 3 for c in fake.contexts)
     famous = {g.question_id: g.grade for g in named if g.system == "famous"}
     assert [famous[f"q{i}"] for i in range(8)] == [4, 3] * 4
@@ -138,7 +140,9 @@ def test_report_named_minus_blind_self_preference_position_bias_and_kappa():
     assert s["famous"]["named_minus_blind"]["mean"] == pytest.approx(1.0)
     assert s["famous"]["named_minus_blind"]["n"] == 8
     # Wilcoxon drops the 4 zeros; 4 differences all positive: exact two-sided p = 2 / 2**4
-    assert s["famous"]["named_minus_blind"]["ci_low"] > 0 and s["famous"]["named_minus_blind"]["p_wilcoxon"] == pytest.approx(2 / 16)
+    assert s["famous"]["named_minus_blind"]["ci_low"] > 0 and s["famous"]["named_minus_blind"][
+        "p_wilcoxon"
+    ] == pytest.approx(2 / 16)
     assert s["plain"]["named_minus_blind"]["mean"] == pytest.approx(0.0, abs=1e-9)
     assert s["plain"]["named_minus_blind"]["p_wilcoxon"] == 1.0
     # mine: right on q0-q2 (stay 4), wrong on q3-q7 (1 -> 2): 5/8
@@ -222,7 +226,9 @@ class WritingJudge(FakeJudge):
 def test_generate_reading_parses_written_grades_and_counts_the_rest():
     items = ITEMS[:2]
     sy = {k: {q.id: v[q.id] for q in items} for k, v in systems().items()}
-    judge = Judge(WritingJudge("Answer A: 3\nAnswer B: **4**\nAnswer C: it is hard to say", "A"), chat=False, reading="generate")
+    judge = Judge(
+        WritingJudge("Answer A: 3\nAnswer B: **4**\nAnswer C: it is hard to say", "A"), chat=False, reading="generate"
+    )
     grades = judge_panel(judge, items, sy)
     by_pos = sorted((g.question_id, g.position, g.grade) for g in grades)
     assert by_pos == [("q0", 0, 3), ("q0", 1, 4), ("q0", 2, None), ("q1", 0, 3), ("q1", 1, 4), ("q1", 2, None)]
@@ -243,7 +249,9 @@ def test_parsers():
 def test_wilson_against_the_formula():
     lo, hi = wilson(0, 5)
     z = 1.959963984540054
-    assert lo == 0.0 and hi == pytest.approx((z * z / 10) / (1 + z * z / 5) + z * math.sqrt(z * z / 100) / (1 + z * z / 5))
+    assert lo == 0.0 and hi == pytest.approx(
+        (z * z / 10) / (1 + z * z / 5) + z * math.sqrt(z * z / 100) / (1 + z * z / 5)
+    )
     assert wilson(0, 0) == (None, None)
 
 

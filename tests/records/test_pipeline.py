@@ -171,6 +171,7 @@ def test_tune_threshold_on_the_llm_selector(records, questions, tiny_predictor):
     sel = LLMSelector(tiny_predictor)
     got = tune_threshold(sel, examples)
     assert 0.0 <= got["threshold"] <= 1.0 and sel.threshold == got["threshold"]
+
     # selecting with the tuned threshold reproduces the reported F1, and beats the default 0.5
     def f1_at(t):
         sel.threshold = t
@@ -273,7 +274,9 @@ def test_full_record_baseline_truncates_to_the_window(records, tiny_predictor):
     record = records[0]
     lines = render_record(record)
     assert tiny_predictor.max_length == 512
-    res = answer_question(tiny_predictor, record, "What is the latest weight?", selector=FullRecordBaseline(), max_new_tokens=8)
+    res = answer_question(
+        tiny_predictor, record, "What is the latest weight?", selector=FullRecordBaseline(), max_new_tokens=8
+    )
     assert len(res.selected) == len(lines)
     assert 0 < len(res.context_ids) < len(lines)
     assert res.context_ids[0] == lines[0][0] and record.resources[lines[0][0]]["resourceType"] == "Patient"
@@ -281,7 +284,9 @@ def test_full_record_baseline_truncates_to_the_window(records, tiny_predictor):
     kept = [line for line in lines if line[0] in set(res.context_ids)]
     from clinqa.models.base import GenerationConfig
 
-    prompt = tiny_predictor.format_prompt(answer_prompt("What is the latest weight?", kept), GenerationConfig(system=ANSWER_SYSTEM))
+    prompt = tiny_predictor.format_prompt(
+        answer_prompt("What is the latest weight?", kept), GenerationConfig(system=ANSWER_SYSTEM)
+    )
     assert count_tokens(tiny_predictor, [prompt])[0] + 8 <= 512
     assert res.tokens >= count_tokens(tiny_predictor, [prompt])[0]
     assert isinstance(res.answer, str)
@@ -328,7 +333,17 @@ def test_evaluate_records_writes_and_resumes(records, questions, tiny_predictor,
     samples = read_records_run(out)
     assert [s["question_id"] for s in samples] == [q.id for q in qs]
     s0 = samples[0]
-    for key in ("selected", "answer", "citations", "invalid_citations", "timings", "tokens", "metrics", "context_ids", "types"):
+    for key in (
+        "selected",
+        "answer",
+        "citations",
+        "invalid_citations",
+        "timings",
+        "tokens",
+        "metrics",
+        "context_ids",
+        "types",
+    ):
         assert key in s0
     assert json.loads((out / "run.json").read_text())["kind"] == "records"
     assert summary["n"] == len(qs) and "micro" in summary["stage1"] and "by_resource_type" in summary["stage1"]

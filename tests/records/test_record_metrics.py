@@ -37,11 +37,22 @@ def q(qtype="lookup", value=None, unit=None, question="What was it?", answer="re
 def test_stage1_micro_per_type_and_per_qtype():
     selected = [["a", "b", "x"], ["c"], []]
     relevant = [["a", "b", "d"], [], ["e"]]
-    types = {"a": "Observation", "b": "Observation", "d": "Observation", "x": "Condition", "c": "Condition", "e": "MedicationRequest"}
+    types = {
+        "a": "Observation",
+        "b": "Observation",
+        "d": "Observation",
+        "x": "Condition",
+        "c": "Condition",
+        "e": "MedicationRequest",
+    }
     m = stage1_metrics(selected, relevant, qtypes=["lookup", "unanswerable", "list"], types=types)
     micro = m["micro"]
     assert (micro["tp"], micro["fp"], micro["fn"]) == (2, 2, 2)
-    assert micro["precision"] == pytest.approx(0.5) and micro["recall"] == pytest.approx(0.5) and micro["f1"] == pytest.approx(0.5)
+    assert (
+        micro["precision"] == pytest.approx(0.5)
+        and micro["recall"] == pytest.approx(0.5)
+        and micro["f1"] == pytest.approx(0.5)
+    )
     obs = m["by_resource_type"]["Observation"]
     assert (obs["tp"], obs["fp"], obs["fn"]) == (2, 0, 1) and obs["f1"] == pytest.approx(0.8)
     assert m["by_resource_type"]["Condition"]["fp"] == 2
@@ -136,7 +147,9 @@ def test_find_numbers_skips_citations_dates_and_words():
 
 
 def test_citations_and_precision():
-    text = "Value 5 [Observation/abc-1] and [Condition/x1, MedicationRequest/m.2] but not [this] or [Observation/abc-1]."
+    text = (
+        "Value 5 [Observation/abc-1] and [Condition/x1, MedicationRequest/m.2] but not [this] or [Observation/abc-1]."
+    )
     assert parse_citations(text) == ["Observation/abc-1", "Condition/x1", "MedicationRequest/m.2"]
     assert strip_citations(text) == "Value 5 and but not [this] or."
     assert citation_precision(["a", "b", "c", "d"], ["a", "b", "z"]) == pytest.approx(0.5)
@@ -147,7 +160,11 @@ def test_abstention_detection():
     for text in ["Not in the record.", "This is not documented in the patient's record.", "The value cannot be determined.",
                  "No information is available about BNP."]:  # fmt: skip
         assert is_abstention(text), text
-    for text in ["The patient's A1c is 6.3 %.", "No, the patient was never prescribed warfarin.", "Yes, recorded on 2020-01-01."]:
+    for text in [
+        "The patient's A1c is 6.3 %.",
+        "No, the patient was never prescribed warfarin.",
+        "Yes, recorded on 2020-01-01.",
+    ]:
         assert not is_abstention(text), text
 
 
@@ -158,8 +175,9 @@ def test_answer_metrics_and_summary_rates():
         answer_metrics(answerable, "6.3 % [Observation/a]", ["a"], [], with_meteor=False),
         answer_metrics(answerable, "Not in the record.", [], [], with_meteor=False),
         answer_metrics(unanswerable, "Not in the record.", [], [], with_meteor=False),
-        answer_metrics(unanswerable, "It is 5 [Observation/b] [Observation/other]", ["b"], ["Observation/other"],
-                       with_meteor=False),  # fmt: skip
+        answer_metrics(
+            unanswerable, "It is 5 [Observation/b] [Observation/other]", ["b"], ["Observation/other"], with_meteor=False
+        ),  # fmt: skip
     ]
     assert rows[0]["exact_match"] and rows[0]["citation_precision"] == 1.0 and rows[0]["meteor"] is None
     assert rows[3]["cited"] == 2 and rows[3]["invalid_citations"] == 1 and rows[3]["citation_precision"] == 0.0
@@ -178,7 +196,9 @@ def test_answer_metrics_and_summary_rates():
 def test_rouge_l_hand_example():
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat [Observation/x]") == pytest.approx(1.0)
     # LCS "the cat on the mat" = 5 of 6 reference and 5 of 7 candidate tokens
-    assert rouge_l("the cat sat on the mat", "the cat was sitting on the mat") == pytest.approx(2 * (5 / 6) * (5 / 7) / (5 / 6 + 5 / 7))
+    assert rouge_l("the cat sat on the mat", "the cat was sitting on the mat") == pytest.approx(
+        2 * (5 / 6) * (5 / 7) / (5 / 6 + 5 / 7)
+    )
 
 
 def test_lexnames_is_the_standard_list():
@@ -194,7 +214,9 @@ def test_missing_wordnet_is_a_clear_error(tmp_path):
         prepare_wordnet_dir(tmp_path / "cache", source=tmp_path / "no-wordnet")
 
 
-@pytest.mark.skipif(not wordnet_available(), reason="WordNet is not installed at /usr/share/wordnet (apt-get install wordnet-base)")
+@pytest.mark.skipif(
+    not wordnet_available(), reason="WordNet is not installed at /usr/share/wordnet (apt-get install wordnet-base)"
+)
 def test_meteor_offline_hand_example(monkeypatch):
     import nltk
 

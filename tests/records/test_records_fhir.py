@@ -11,7 +11,14 @@ import httpx
 import pytest
 
 from clinqa.errors import ClinqaError
-from clinqa.records import load_bundle, load_fhir_server, load_ndjson_folder, load_records, record_from_bundle, write_patients
+from clinqa.records import (
+    load_bundle,
+    load_fhir_server,
+    load_ndjson_folder,
+    load_records,
+    record_from_bundle,
+    write_patients,
+)
 from clinqa.records.fhir import validation_errors
 
 
@@ -45,7 +52,9 @@ def obs(oid: str, when: str, value: float, *, code: str = "4548-4", display: str
         "resourceType": "Observation",
         "id": oid,
         "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+        "category": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}
+        ],
         "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}], "text": display},
         "subject": {"reference": subject},
         "effectiveDateTime": when,
@@ -137,7 +146,9 @@ def test_not_json(tmp_path):
 
 def test_json_but_not_fhir(tmp_path):
     path = write_json(tmp_path / "x.json", {"hello": "world"})
-    with pytest.raises(ClinqaError, match=r"x\.json: not a FHIR resource \(no resourceType\); expected a FHIR R4 Bundle$"):
+    with pytest.raises(
+        ClinqaError, match=r"x\.json: not a FHIR resource \(no resourceType\); expected a FHIR R4 Bundle$"
+    ):
         load_bundle(path)
 
 
@@ -201,9 +212,13 @@ def test_missing_required_field_and_unknown_field(tmp_path):
     nested = copy.deepcopy(ENCOUNTER)
     nested["participant"] = [{"individual": {"reference": "Practitioner/x"}, "shoe": 1}]
     assert validation_errors(nested) == [("participant[0].shoe", "unknown field (not in FHIR R4)")]
-    assert validation_errors({"resourceType": "Spaceship", "id": "s"}) == [("resourceType", "unknown resource type 'Spaceship'")]
+    assert validation_errors({"resourceType": "Spaceship", "id": "s"}) == [
+        ("resourceType", "unknown resource type 'Spaceship'")
+    ]
     path = write_json(tmp_path / "b.json", make_bundle(PATIENT, {"resourceType": "Spaceship", "id": "s1"}))
-    with pytest.raises(ClinqaError, match=r"entry\[1\], Spaceship/s1: field 'resourceType': unknown resource type 'Spaceship'"):
+    with pytest.raises(
+        ClinqaError, match=r"entry\[1\], Spaceship/s1: field 'resourceType': unknown resource type 'Spaceship'"
+    ):
         load_bundle(path)
 
 
@@ -301,8 +316,17 @@ def test_ndjson_folder_splits_patients_and_shares_directory_resources(tmp_path):
     p2 = {**PATIENT, "id": "p2", "name": [{"given": ["Bo"], "family": "Ng"}]}
     doc = {"resourceType": "Practitioner", "id": "dr1", "name": [{"family": "Who"}]}
     unused = {"resourceType": "Practitioner", "id": "dr2", "name": [{"family": "Else"}]}
-    e1 = {**ENCOUNTER, "subject": {"reference": "Patient/p1"}, "participant": [{"individual": {"reference": "Practitioner/dr1"}}]}
-    e2 = {**ENCOUNTER, "id": "e2", "subject": {"reference": "Patient/p2"}, "participant": [{"individual": {"reference": "Practitioner/dr1"}}]}
+    e1 = {
+        **ENCOUNTER,
+        "subject": {"reference": "Patient/p1"},
+        "participant": [{"individual": {"reference": "Practitioner/dr1"}}],
+    }
+    e2 = {
+        **ENCOUNTER,
+        "id": "e2",
+        "subject": {"reference": "Patient/p2"},
+        "participant": [{"individual": {"reference": "Practitioner/dr1"}}],
+    }
     _ndjson(tmp_path / "Practitioner.ndjson", [doc, unused])
     _ndjson(tmp_path / "Patient.ndjson", [p2, PATIENT])
     _ndjson(tmp_path / "Encounter.ndjson", [e1, e2])
@@ -320,7 +344,9 @@ def test_ndjson_folder_splits_patients_and_shares_directory_resources(tmp_path):
 
 def test_ndjson_bad_line_strict_and_lenient(tmp_path):
     _ndjson(tmp_path / "Patient.ndjson", [PATIENT])
-    (tmp_path / "Observation.ndjson").write_text(json.dumps(obs("o1", "2021-01-01", 6.0, subject="Patient/p1")) + "\n{oops\n")
+    (tmp_path / "Observation.ndjson").write_text(
+        json.dumps(obs("o1", "2021-01-01", 6.0, subject="Patient/p1")) + "\n{oops\n"
+    )
     with pytest.raises(ClinqaError) as err:
         load_ndjson_folder(tmp_path)
     assert str(err.value) == (

@@ -8,6 +8,7 @@ from collections import Counter
 from datetime import date
 
 import pytest
+from dateutil.relativedelta import relativedelta
 
 from clinqa.errors import ClinqaError
 from clinqa.records import (
@@ -20,8 +21,6 @@ from clinqa.records import (
     record_from_bundle,
     write_questions,
 )
-from dateutil.relativedelta import relativedelta
-
 from clinqa.records.questions import clean_name, drug_name, measurement_series, trend_label
 
 NOW = date(2025, 1, 1)
@@ -101,7 +100,12 @@ def _by(qs, template, **meta):
 def test_hand_checked_latest_trend_and_lists(hand):
     record, qs = hand
     (latest,) = _by(qs, "latest", measurement="hemoglobin A1c")
-    assert (latest.answer, latest.answer_value, latest.unit, latest.relevant_ids) == ("6.8 % (on 2024-09-01)", 6.8, "%", ["a6"])
+    assert (latest.answer, latest.answer_value, latest.unit, latest.relevant_ids) == (
+        "6.8 % (on 2024-09-01)",
+        6.8,
+        "%",
+        ["a6"],
+    )
     (weight,) = _by(qs, "latest", measurement="body weight")
     assert weight.answer_value == 80.2 and weight.relevant_ids == ["w3"]
     (trend,) = _by(qs, "trend", measurement="hemoglobin A1c")
@@ -135,17 +139,30 @@ def test_hand_checked_multi_resource(hand):
 def test_hand_checked_counts_windows_existence_and_unanswerable(hand):
     record, qs = hand
     years = {q.question: q for q in _by(qs, "count_encounters")}
-    assert {re.search(r"\d{4}", k).group(): q.answer_value for k, q in years.items()} == {"2022": 1, "2023": 1, "2024": 2}
+    assert {re.search(r"\d{4}", k).group(): q.answer_value for k, q in years.items()} == {
+        "2022": 1,
+        "2023": 1,
+        "2024": 2,
+    }
     for q in _by(qs, "window", measurement="hemoglobin A1c"):
         start = NOW - relativedelta(months=q.meta["window_months"])
-        expected = [o for o in ("a1", "a2", "a3", "a4", "a5", "a6") if date.fromisoformat(record.resources[o]["effectiveDateTime"][:10]) > start]
+        expected = [
+            o
+            for o in ("a1", "a2", "a3", "a4", "a5", "a6")
+            if date.fromisoformat(record.resources[o]["effectiveDateTime"][:10]) > start
+        ]
         assert q.relevant_ids == expected
     exists = _by(qs, "exists_condition")
     yes = {q.meta["probe"]: q for q in exists if q.answer_value is True}
     no = {q.meta["probe"]: q for q in exists if q.answer_value is False}
     assert yes["diabetes mellitus type 2"].relevant_ids == ["dm"]
     assert yes["diabetes mellitus type 2"].answer == "Yes: Diabetes mellitus type 2 (disorder) (2023-01-10)"
-    assert "type 2 diabetes" not in no and "asthma" in no and no["asthma"].relevant_ids == [] and no["asthma"].answer == "No"
+    assert (
+        "type 2 diabetes" not in no
+        and "asthma" in no
+        and no["asthma"].relevant_ids == []
+        and no["asthma"].answer == "No"
+    )
     med_no = {q.meta["probe"] for q in _by(qs, "exists_medication") if q.answer_value is False}
     assert "metformin" not in med_no and "warfarin" in med_no
     unanswerable = [q for q in qs if q.qtype == "unanswerable"]
@@ -182,12 +199,16 @@ def _check_ground_truth(record, q: RecordQuestion, now: date) -> None:
             assert q.answer_value == [points[r].value for r in inside]
     elif q.meta["template"] == "count_encounters":
         year = int(re.search(r"\d{4}", q.question).group())
-        encounters = [k for k, r in record.resources.items() if r["resourceType"] == "Encounter" and r["period"]["start"][:4] == str(year)]
+        encounters = [
+            k
+            for k, r in record.resources.items()
+            if r["resourceType"] == "Encounter" and r["period"]["start"][:4] == str(year)
+        ]
         assert q.answer_value == len(encounters) == len(q.relevant_ids)
     elif q.qtype == "trend":
         values = [points[r].value for r in q.relevant_ids]
         assert trend_label(values)[0] == q.answer_value
-        assert q.relevant_ids == [p.rid for p in s.points[-len(values):]]
+        assert q.relevant_ids == [p.rid for p in s.points[-len(values) :]]
     elif q.qtype == "exists":
         assert bool(q.relevant_ids) == q.answer_value
         assert q.answer.startswith("Yes") if q.answer_value else q.answer == "No"
@@ -197,7 +218,10 @@ def _check_ground_truth(record, q: RecordQuestion, now: date) -> None:
     elif q.qtype == "unanswerable":
         assert q.relevant_ids == [] and q.answer == NOT_IN_RECORD and q.answer_value is None
     elif q.qtype == "list":
-        assert all(record.resources[r]["resourceType"] in ("MedicationRequest", "Condition", "AllergyIntolerance") for r in q.relevant_ids)
+        assert all(
+            record.resources[r]["resourceType"] in ("MedicationRequest", "Condition", "AllergyIntolerance")
+            for r in q.relevant_ids
+        )
 
 
 def test_ground_truth_on_synthetic_records(synthetic_records):

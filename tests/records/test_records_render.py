@@ -185,12 +185,18 @@ def test_references_are_resolved_with_the_record():
     ]}  # fmt: skip
     record = record_from_bundle(bundle)
     lines = dict(render_record(record))
-    assert lines["d1"] == "[DiagnosticReport/d1] 2022-02-02 DiagnosticReport: Lipid panel; 1 result: LDL cholesterol (final)"
+    assert (
+        lines["d1"]
+        == "[DiagnosticReport/d1] 2022-02-02 DiagnosticReport: Lipid panel; 1 result: LDL cholesterol (final)"
+    )
     assert lines["m1"] == (
         "[MedicationRequest/m1] 2022-02-03 MedicationRequest: atorvastatin 20 MG Oral Tablet (RxNorm 617310); "
         "authored 2022-02-03; reason LDL cholesterol (active)"
     )
-    assert render_resource(record.resources["d1"]) == "[DiagnosticReport/d1] 2022-02-02 DiagnosticReport: Lipid panel; 1 result: Observation/x1 (final)"
+    assert (
+        render_resource(record.resources["d1"])
+        == "[DiagnosticReport/d1] 2022-02-02 DiagnosticReport: Lipid panel; 1 result: Observation/x1 (final)"
+    )
 
 
 def test_render_record_patient_first_then_by_date_undated_last(synthetic_records):
@@ -201,7 +207,7 @@ def test_render_record_patient_first_then_by_date_undated_last(synthetic_records
         days = [resource_date(record.resources[k]) for k, _ in lines[1:]]
         dated = [d for d in days if d is not None]
         assert dated == sorted(dated)
-        assert all(d is None for d in days[len(dated):])  # undated at the end
+        assert all(d is None for d in days[len(dated) :])  # undated at the end
         for key, line in lines:
             res = record.resources[key]
             assert line.startswith(f"[{res['resourceType']}/{res['id']}] ") and "\n" not in line
@@ -209,7 +215,9 @@ def test_render_record_patient_first_then_by_date_undated_last(synthetic_records
 
 
 def test_resource_date():
-    assert resource_date({"resourceType": "Encounter", "period": {"start": "2021-03-04T23:30:00-05:00"}}) == date(2021, 3, 4)
+    assert resource_date({"resourceType": "Encounter", "period": {"start": "2021-03-04T23:30:00-05:00"}}) == date(
+        2021, 3, 4
+    )
     assert resource_date({"resourceType": "Condition", "onsetDateTime": "2015"}) == date(2015, 1, 1)
     assert resource_date({"resourceType": "Organization", "name": "x"}) is None
     assert resource_date({"resourceType": "Basic", "created": "2020-02-02"}) == date(2020, 2, 2)

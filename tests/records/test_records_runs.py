@@ -15,8 +15,24 @@ from clinqa.records.pipeline import RetrievalSelector, _describe, _questions_dig
 from clinqa.records.questions import generate_questions
 from clinqa.records.synth import synthesize_patients
 
-OLD_KEYS = {"key", "question_id", "patient_id", "qtype", "question", "reference", "relevant_ids", "selected", "types",
-            "context_ids", "answer", "citations", "invalid_citations", "timings", "tokens", "metrics"}
+OLD_KEYS = {
+    "key",
+    "question_id",
+    "patient_id",
+    "qtype",
+    "question",
+    "reference",
+    "relevant_ids",
+    "selected",
+    "types",
+    "context_ids",
+    "answer",
+    "citations",
+    "invalid_citations",
+    "timings",
+    "tokens",
+    "metrics",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +43,9 @@ def setup():
 
 
 def _run(pred, records, qs, out):
-    return evaluate_records(pred, records, qs, selector=RetrievalSelector("bm25", top_k=2), out=out, max_new_tokens=2,
-                            with_meteor=False)
+    return evaluate_records(
+        pred, records, qs, selector=RetrievalSelector("bm25", top_k=2), out=out, max_new_tokens=2, with_meteor=False
+    )
 
 
 def test_samples_keep_their_field_names_and_edited_answers_are_refused(setup, tiny_predictor, tmp_path):
@@ -51,9 +68,15 @@ def test_records_folder_from_before_the_store_resumes(setup, tiny_predictor, tmp
     for k in ("store", "data"):
         meta.pop(k)
     # the identity the old code wrote: a hash of the config dict with the questions' digest
-    old_cfg = {"model": tiny_predictor.info.spec, "model_name": tiny_predictor.info.name,
-               "selector": _describe(RetrievalSelector("bm25", top_k=2)), "questions": _questions_digest(qs),
-               "n_questions": 3, "max_new_tokens": 2, "meteor": False}
+    old_cfg = {
+        "model": tiny_predictor.info.spec,
+        "model_name": tiny_predictor.info.name,
+        "selector": _describe(RetrievalSelector("bm25", top_k=2)),
+        "questions": _questions_digest(qs),
+        "n_questions": 3,
+        "max_new_tokens": 2,
+        "meteor": False,
+    }
     meta["identity"] = hashlib.sha256(json.dumps(old_cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
     (out / "run.json").write_text(json.dumps(meta))
     summary = _run(tiny_predictor, records, qs, out)

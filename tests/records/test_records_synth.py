@@ -39,13 +39,19 @@ def test_sizes_span_and_now(synthetic_bundles):
     assert min(sizes) >= 50 and max(sizes) <= 420
     assert 80 <= statistics.median(sizes) <= 300
     for bundle in bundles:
-        days = [resource_date(e["resource"]) for e in bundle["entry"] if e["resource"]["resourceType"] not in ("Patient",)]
+        days = [
+            resource_date(e["resource"]) for e in bundle["entry"] if e["resource"]["resourceType"] not in ("Patient",)
+        ]
         days = [d for d in days if d is not None]
         assert max(days) < NOW
-        clinical = [resource_date(e["resource"]) for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter"]
+        clinical = [
+            resource_date(e["resource"]) for e in bundle["entry"] if e["resource"]["resourceType"] == "Encounter"
+        ]
         assert (max(clinical) - min(clinical)).days > 365 * 2  # several years of care
     later = synthesize_patients(1, seed=3, now=date(2030, 6, 1))[0]
-    assert max(resource_date(e["resource"]) for e in later["entry"] if e["resource"]["resourceType"] == "Encounter") > date(2029, 1, 1)
+    assert max(
+        resource_date(e["resource"]) for e in later["entry"] if e["resource"]["resourceType"] == "Encounter"
+    ) > date(2029, 1, 1)
 
 
 def test_bad_arguments():
@@ -116,9 +122,11 @@ def test_hypertension_drives_treatment_and_blood_pressure(cohort):
 def test_acute_episodes_abate_and_allergies_are_respected(cohort):
     for bundle in cohort:
         resources = [e["resource"] for e in bundle["entry"]]
-        by_type = lambda t: [r for r in resources if r["resourceType"] == t]  # noqa: E731
+        by_type = lambda t, rs=resources: [r for r in rs if r["resourceType"] == t]  # noqa: E731
         allergic = any("764146007" in _codes(a) for a in by_type("AllergyIntolerance"))
-        penicillins = [m for m in by_type("MedicationRequest") if _codes(m, "medicationCodeableConcept") & {"834060", "562251"}]
+        penicillins = [
+            m for m in by_type("MedicationRequest") if _codes(m, "medicationCodeableConcept") & {"834060", "562251"}
+        ]
         assert not (allergic and penicillins)
         for cond in by_type("Condition"):
             if cond["clinicalStatus"]["coding"][0]["code"] == "resolved":

@@ -10,22 +10,33 @@ import pytest
 
 from clinqa.adapt.lora import LoraTrainConfig
 from clinqa.errors import ClinqaError
-from clinqa.models.base import GenerationConfig
 from clinqa.records.fhir import record_from_bundle
 from clinqa.records.pipeline import ANSWER_SYSTEM, LLMSelector, select_prompt
 from clinqa.records.questions import generate_questions
 from clinqa.records.render import render_record
 from clinqa.records.synth import synthesize_patients
-from clinqa.records.train import (StagesConfig, evaluate_selection, finetune_stages, forgetting, read_stages, size_sweep,
-                                  stage_examples)
+from clinqa.records.train import (
+    StagesConfig,
+    evaluate_selection,
+    finetune_stages,
+    forgetting,
+    read_stages,
+    size_sweep,
+    stage_examples,
+)
 
 NOW = date(2025, 1, 1)
-pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"), pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")
 def records():
-    return [record_from_bundle(b, source=f"synthetic-{i}") for i, b in enumerate(synthesize_patients(2, seed=3, now=NOW))]
+    return [
+        record_from_bundle(b, source=f"synthetic-{i}") for i, b in enumerate(synthesize_patients(2, seed=3, now=NOW))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +45,17 @@ def questions(records):
 
 
 def tiny_config(mode: str = "separate", **kw) -> StagesConfig:
-    lora = LoraTrainConfig(rank=4, alpha=8, epochs=1, patience=None, batch_size=8, max_length=256, learning_rate=1e-2,
-                           val_fraction=0.2, warmup_fraction=0.0)
+    lora = LoraTrainConfig(
+        rank=4,
+        alpha=8,
+        epochs=1,
+        patience=None,
+        batch_size=8,
+        max_length=256,
+        learning_rate=1e-2,
+        val_fraction=0.2,
+        warmup_fraction=0.0,
+    )
     return StagesConfig(mode=mode, lora=lora, negatives=1, distractors=1, **kw)
 
 
@@ -119,7 +139,9 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
     # forward: the F1 of each adapter, computed directly from its selector at the tuned threshold
     f1 = {name: _micro_f1(LLMSelector(with_adapter(tiny_predictor, stages[key]), threshold=stages["threshold"]), records, test_q)
           for name, key in (("before", "stage1"), ("after", "stage2"))}  # fmt: skip
-    assert result["before"]["micro"]["f1"] == pytest.approx(f1["before"]) and result["after"]["micro"]["f1"] == pytest.approx(f1["after"])
+    assert result["before"]["micro"]["f1"] == pytest.approx(f1["before"]) and result["after"]["micro"][
+        "f1"
+    ] == pytest.approx(f1["after"])
     assert result["f1_drop"] == pytest.approx(f1["before"] - f1["after"])
     assert json.loads((tmp_path / "seq/forgetting.json").read_text())["f1_drop"] == pytest.approx(result["f1_drop"])
     # reverse: stage-2 answers from the gold lines, ROUGE-L by rouge-score directly
@@ -130,13 +152,17 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
         model = with_adapter(tiny_predictor, rev[key])
         direct[name] = []
         for q in test_q:
-            text = answer(model, q.question, [(i, t) for i, t in lines[q.patient_id] if i in q.relevant_ids], max_new_tokens=8)
+            text = answer(
+                model, q.question, [(i, t) for i, t in lines[q.patient_id] if i in q.relevant_ids], max_new_tokens=8
+            )
             assert result["reverse"][name]["per_question"][q.id]["answer"] == text
             direct[name].append(scorer.score(q.answer, strip_citations(text))["rougeL"].fmeasure)
         assert result["reverse"][name]["rouge_l"] == pytest.approx(sum(direct[name]) / 3)
         assert result["reverse"][name]["meteor"] is None
     change = result["reverse"]["rouge_l_change"]
-    assert change["n"] == 3 and change["diff"] == pytest.approx(sum(a - b for a, b in zip(direct["after"], direct["before"])) / 3)
+    assert change["n"] == 3 and change["diff"] == pytest.approx(
+        sum(a - b for a, b in zip(direct["after"], direct["before"])) / 3
+    )
     assert result["reverse"]["meteor_change"] is None
     lines_before = (tmp_path / "seq/selection-before.jsonl").read_text().splitlines()
     assert len(lines_before) == 3 and len((tmp_path / "seq/answers-after.jsonl").read_text().splitlines()) == 3
@@ -151,7 +177,9 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
 
 
 def test_multitask_is_one_adapter_for_both_stages(records, questions, tiny_predictor, tmp_path):
-    stages = finetune_stages(tiny_predictor, records, questions, tmp_path / "mt", tiny_config("multitask", tune_fraction=0.0))
+    stages = finetune_stages(
+        tiny_predictor, records, questions, tmp_path / "mt", tiny_config("multitask", tune_fraction=0.0)
+    )
     assert stages["stage1"] == stages["stage2"] and stages["stage1"].endswith("multitask")
     meta = json.loads((tmp_path / "mt/multitask/clinqa_adapter.json").read_text())
     assert sorted(meta["specialties"]) == ["stage1", "stage2"]
@@ -174,8 +202,17 @@ def test_evaluate_selection_matches_the_selector(records, questions, tiny_predic
 def test_size_sweep_writes_curves(records, questions, tiny_predictor, tmp_path):
     train_q = [q for q in questions if q.patient_id == records[0].patient_id]
     test_q = [q for q in questions if q.patient_id == records[1].patient_id][:2]
-    rows = size_sweep(tiny_predictor, records, train_q, records, test_q, [4, None], tmp_path / "sw",
-                      tiny_config(tune_fraction=0.0), max_new_tokens=8)
+    rows = size_sweep(
+        tiny_predictor,
+        records,
+        train_q,
+        records,
+        test_q,
+        [4, None],
+        tmp_path / "sw",
+        tiny_config(tune_fraction=0.0),
+        max_new_tokens=8,
+    )
     assert [r["n_questions"] for r in rows] == [4, len(train_q)]
     assert rows[0]["n_examples"]["stage2"] < rows[1]["n_examples"]["stage2"]
     from clinqa.records.train import stage_models
@@ -215,26 +252,90 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
     write_questions(tmp_path / "test.jsonl", test_q)
     runner = CliRunner()
     common = ["--records", str(tmp_path / "pts"), "--epochs", "1", "--rank", "4", "--max-length", "256"]
-    r = runner.invoke(app, ["records", "finetune", str(model_dir), str(tmp_path / "train.jsonl"), *common, "--sequential",
-                            "--test", str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "ft")])
+    r = runner.invoke(
+        app,
+        [
+            "records",
+            "finetune",
+            str(model_dir),
+            str(tmp_path / "train.jsonl"),
+            *common,
+            "--sequential",
+            "--test",
+            str(tmp_path / "test.jsonl"),
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "stage-1 micro F1 on 2 test questions: before stage 2" in r.output
     assert (tmp_path / "ft/stages-sequential.json").is_file() and (tmp_path / "ft/forgetting.json").is_file()
-    r = runner.invoke(app, ["records", "eval", str(model_dir), str(tmp_path / "test.jsonl"), "--records", str(tmp_path / "pts"),
-                            "--adapters", str(tmp_path / "ft"), "--max-new-tokens", "8", "--no-meteor", "--out", str(tmp_path / "run")])
+    r = runner.invoke(
+        app,
+        [
+            "records",
+            "eval",
+            str(model_dir),
+            str(tmp_path / "test.jsonl"),
+            "--records",
+            str(tmp_path / "pts"),
+            "--adapters",
+            str(tmp_path / "ft"),
+            "--max-new-tokens",
+            "8",
+            "--no-meteor",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     stages = json.loads((tmp_path / "ft/stages.json").read_text())
     assert summary["selector"]["kind"] == "llm" and summary["selector"]["threshold"] == stages["threshold"]
     assert summary["model"].endswith("+lora:" + stages["stage2"]) and summary["n"] == 2
-    r = runner.invoke(app, ["records", "eval", str(model_dir), str(tmp_path / "test.jsonl"), "--records", str(tmp_path / "pts"),
-                            "--selector", "llm", "--tune", str(tmp_path / "train.jsonl"), "--limit", "1", "--max-new-tokens", "4",
-                            "--no-meteor", "--out", str(tmp_path / "run-tuned")])
+    r = runner.invoke(
+        app,
+        [
+            "records",
+            "eval",
+            str(model_dir),
+            str(tmp_path / "test.jsonl"),
+            "--records",
+            str(tmp_path / "pts"),
+            "--selector",
+            "llm",
+            "--tune",
+            str(tmp_path / "train.jsonl"),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--no-meteor",
+            "--out",
+            str(tmp_path / "run-tuned"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     tuned = float(r.output.split("stage-1 threshold ")[1].split(":")[0])
-    assert json.loads((tmp_path / "run-tuned/summary.json").read_text())["selector"]["threshold"] == pytest.approx(tuned, abs=1e-4)
-    r = runner.invoke(app, ["records", "judge", str(tmp_path / "test.jsonl"), "--run", f"tuned={tmp_path / 'run'}", "--run",
-                            f"again={tmp_path / 'run'}", "--judge", str(model_dir), "--out", str(tmp_path / "judge.json")])
+    assert json.loads((tmp_path / "run-tuned/summary.json").read_text())["selector"]["threshold"] == pytest.approx(
+        tuned, abs=1e-4
+    )
+    r = runner.invoke(
+        app,
+        [
+            "records",
+            "judge",
+            str(tmp_path / "test.jsonl"),
+            "--run",
+            f"tuned={tmp_path / 'run'}",
+            "--run",
+            f"again={tmp_path / 'run'}",
+            "--judge",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "judge.json"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     judged = json.loads((tmp_path / "judge.json").read_text())
     assert set(judged["systems"]) == {"tuned", "again"} and len(judged["grades"]["blind"]) == 4
@@ -243,12 +344,31 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
     pb = judged["position_bias"]
     assert (pb["pairs"], pb["follows_position"], pb["unparseable"]) == (2, 2, 0)
     assert "position bias: 2 of 2 pairs" in r.output and "self-preference" in r.output
-    r = runner.invoke(app, ["records", "judge", str(tmp_path / "test.jsonl"), "--run", "nofolder", "--judge", str(model_dir)])
+    r = runner.invoke(
+        app, ["records", "judge", str(tmp_path / "test.jsonl"), "--run", "nofolder", "--judge", str(model_dir)]
+    )
     assert isinstance(r.exception, ClinqaError) and "NAME=RUN_FOLDER" in str(r.exception)
-    r = runner.invoke(app, ["records", "sweep", str(model_dir), str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"), *common,
-                            "--sizes", "3,full", "--max-new-tokens", "8", "--out", str(tmp_path / "sw")])
+    r = runner.invoke(
+        app,
+        [
+            "records",
+            "sweep",
+            str(model_dir),
+            str(tmp_path / "train.jsonl"),
+            str(tmp_path / "test.jsonl"),
+            *common,
+            "--sizes",
+            "3,full",
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(tmp_path / "sw"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "sweep.json" in r.output and (tmp_path / "sw/sweep.png").is_file()
     assert json.loads((tmp_path / "sw/sweep.json").read_text())["sizes"] == [3, len(train_q)]
-    r = runner.invoke(app, ["records", "sweep", str(model_dir), "a", "b", "--records", "x", "--sizes", "ten", "--out", "y"])
+    r = runner.invoke(
+        app, ["records", "sweep", str(model_dir), "a", "b", "--records", "x", "--sizes", "ten", "--out", "y"]
+    )
     assert isinstance(r.exception, ClinqaError) and "--sizes 'ten'" in str(r.exception)

@@ -93,8 +93,15 @@ class FakePredictor:
     def score_continuations(self, groups):
         self._enter()
         try:
-            return [[ContinuationScore(logprob=-0.5 * len(c) - (0 if "right" in c else 5), n_tokens=len(c.split()),
-                                       n_chars=len(c)) for c in conts] for _, conts in groups]
+            return [
+                [
+                    ContinuationScore(
+                        logprob=-0.5 * len(c) - (0 if "right" in c else 5), n_tokens=len(c.split()), n_chars=len(c)
+                    )
+                    for c in conts
+                ]
+                for _, conts in groups
+            ]
         finally:
             self._exit()
 
@@ -136,9 +143,19 @@ def world(tmp_path_factory):
     store.revoke(revoked_rec.key_id)
     keys["revoked"] = revoked
     return {
-        "root": root, "records": records, "by_id": by_id, "ids": ids, "A": ids[0], "B": ids[1], "C": ids[2],
-        "keys_db": root / "keys.sqlite", "keys": keys, "target": target, "injection": injection,
-        "cond_id": cond["id"], "store": store,
+        "root": root,
+        "records": records,
+        "by_id": by_id,
+        "ids": ids,
+        "A": ids[0],
+        "B": ids[1],
+        "C": ids[2],
+        "keys_db": root / "keys.sqlite",
+        "keys": keys,
+        "target": target,
+        "injection": injection,
+        "cond_id": cond["id"],
+        "store": store,
     }
 
 
@@ -174,7 +191,12 @@ def test_health_ready_page_and_openapi_need_no_key(client, tmp_path):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ready"}
     spec = client.get("/openapi.json").json()
-    assert {"/api/patients", "/api/patients/{patient_id}/timeline", "/api/patients/{patient_id}/ask", "/api/mcq"} <= set(spec["paths"])
+    assert {
+        "/api/patients",
+        "/api/patients/{patient_id}/timeline",
+        "/api/patients/{patient_id}/ask",
+        "/api/mcq",
+    } <= set(spec["paths"])
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'none'" in page.headers["content-security-policy"]
@@ -194,8 +216,9 @@ def test_ready_is_503_until_the_model_is_loaded(world, tmp_path):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             r = await c.get("/ready")
             assert r.status_code == 503 and r.json()["status"] == "loading"
-            r = await c.post(f"/api/patients/{world['A']}/ask", json={"question": QUESTION},
-                             headers=auth(world["keys"]["all"]))
+            r = await c.post(
+                f"/api/patients/{world['A']}/ask", json={"question": QUESTION}, headers=auth(world["keys"]["all"])
+            )
             assert r.status_code == 503 and r.json()["error"] == "not_ready"
 
     try:
@@ -245,7 +268,9 @@ def test_timeline_lists_rendered_resources(client, world, tmp_path):
     # ask without read does not open the timeline
     assert client.get(f"/api/patients/{world['B']}/timeline", headers=auth(world["keys"]["ask_b"])).status_code == 403
     entry = audit_entries(tmp_path)[0]
-    assert entry.action == "timeline" and entry.patient_id == world["A"] and len(entry.resource_ids) == len(rec.resources)
+    assert (
+        entry.action == "timeline" and entry.patient_id == world["A"] and len(entry.resource_ids) == len(rec.resources)
+    )
 
 
 def test_ask_answers_with_citations(client, world, tmp_path, predictor):
@@ -257,7 +282,11 @@ def test_ask_answers_with_citations(client, world, tmp_path, predictor):
     assert body["patient_id"] == world["B"] and body["answer"] and body["model"] == "fake"
     assert body["citations"], body
     for c in body["citations"]:
-        assert c["id"] in rec.resources and c["text"] == lines[c["id"]] and c["type"] == rec.resources[c["id"]]["resourceType"]
+        assert (
+            c["id"] in rec.resources
+            and c["text"] == lines[c["id"]]
+            and c["type"] == rec.resources[c["id"]]["resourceType"]
+        )
     assert body["invalid_citations"] == []
     assert body["selected"] and all(s["id"] in rec.resources for s in body["selected"])
     assert body["timings"]["total_s"] > 0 and isinstance(body["tokens"], int)
@@ -382,9 +411,12 @@ def test_model_calls_are_serialised_and_bounded(world, tmp_path):
     async def go():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
-            return await asyncio.gather(*[
-                c.post(f"/api/patients/{world['A']}/ask", json={"question": f"BUSY {i} {QUESTION}"}, headers=key) for i in range(6)
-            ])
+            return await asyncio.gather(
+                *[
+                    c.post(f"/api/patients/{world['A']}/ask", json={"question": f"BUSY {i} {QUESTION}"}, headers=key)
+                    for i in range(6)
+                ]
+            )
 
     try:
         statuses = sorted(r.status_code for r in asyncio.run(go()))
@@ -394,7 +426,9 @@ def test_model_calls_are_serialised_and_bounded(world, tmp_path):
     assert 503 in statuses  # at most 2 waiting or running; the rest are told to come back
     assert predictor.max_active == 1  # never two model calls at once
     entries = audit_entries(tmp_path)
-    assert len(entries) == 6 and sorted(e.outcome for e in entries) == sorted("ok" if s == 200 else "busy" for s in statuses)
+    assert len(entries) == 6 and sorted(e.outcome for e in entries) == sorted(
+        "ok" if s == 200 else "busy" for s in statuses
+    )
 
 
 # ----------------------------------------------------------------------------------- citations and injection
@@ -417,8 +451,13 @@ def test_prompt_injection_stays_quoted_and_foreign_citation_is_removed(client, w
     assert target not in body["answer"] and "[citation removed]" in body["answer"]
     assert not any(target.split("/")[1] == c["id"] for c in body["citations"])
     # the injected text comes back only as quoted data: the cited line, verbatim, as a JSON string
-    cond = [c for c in client.get(f"/api/patients/{world['A']}/timeline", headers=auth(world["keys"]["all"])).json()["resources"]
-            if c["id"] == world["cond_id"]]
+    cond = [
+        c
+        for c in client.get(f"/api/patients/{world['A']}/timeline", headers=auth(world["keys"]["all"])).json()[
+            "resources"
+        ]
+        if c["id"] == world["cond_id"]
+    ]
     assert world["injection"] in cond[0]["text"]
     entry = audit_entries(tmp_path)[0]
     assert target not in entry.resource_ids and "invalid citation" in entry.detail
@@ -448,8 +487,15 @@ def test_one_audit_entry_per_request_and_the_chain_verifies(client, world, tmp_p
         getattr(client, method)(path, headers=auth(key) if key else {}, **({"json": body} if body else {}))
     entries = audit_entries(tmp_path)
     assert [(e.action, e.outcome) for e in entries] == [
-        ("patients.list", "unauthorized"), ("patients.list", "ok"), ("timeline", "ok"), ("timeline", "forbidden"),
-        ("ask", "ok"), ("ask", "forbidden"), ("ask", "not_found"), ("ask", "bad_request"), ("mcq", "ok"),
+        ("patients.list", "unauthorized"),
+        ("patients.list", "ok"),
+        ("timeline", "ok"),
+        ("timeline", "forbidden"),
+        ("ask", "ok"),
+        ("ask", "forbidden"),
+        ("ask", "not_found"),
+        ("ask", "bad_request"),
+        ("mcq", "ok"),
         ("api", "not_found"),
     ]
     assert entries[8].question_hash == hash_question("Pick the right one") and entries[8].patient_id is None
@@ -527,7 +573,9 @@ def test_a_real_tiny_model_answers_through_the_service(world, tmp_path, tiny_pre
         r = c.post(f"/api/patients/{world['C']}/ask", json={"question": QUESTION}, headers=key)
         assert r.status_code == 200, r.text
         assert all(cit["id"] in world["by_id"][world["C"]].resources for cit in r.json()["citations"])
-        r = c.post("/api/mcq", json={"question": "2+2?", "options": {"A": "4", "B": "5"}, "method": "letter"}, headers=key)
+        r = c.post(
+            "/api/mcq", json={"question": "2+2?", "options": {"A": "4", "B": "5"}, "method": "letter"}, headers=key
+        )
         assert r.status_code == 200 and r.json()["prediction"] in ("A", "B")
     with AuditLog(tmp_path / "audit.sqlite") as log:
         assert log.verify().ok and len(log) == 2
@@ -537,16 +585,22 @@ def test_a_real_tiny_model_answers_through_the_service(world, tmp_path, tiny_pre
 
 
 def test_cors_is_closed_by_default_and_opens_only_for_listed_origins(world, tmp_path, predictor):
-    pre = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
-           "Access-Control-Request-Headers": "authorization,content-type"}
+    pre = {
+        "Origin": "https://evil.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     app = create_app(make_config(world, tmp_path), predictor=predictor, records=world["records"])
     with TestClient(app) as c:
         r = c.options("/api/patients", headers=pre)
         assert "access-control-allow-origin" not in r.headers
         r = c.get("/api/patients", headers={**auth(world["keys"]["all"]), "Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
-    app = create_app(make_config(world, tmp_path / "x", cors_origins=["https://ward.example"]), predictor=predictor,
-                     records=world["records"])
+    app = create_app(
+        make_config(world, tmp_path / "x", cors_origins=["https://ward.example"]),
+        predictor=predictor,
+        records=world["records"],
+    )
     with TestClient(app) as c:
         r = c.options("/api/patients", headers={**pre, "Origin": "https://ward.example"})
         assert r.headers.get("access-control-allow-origin") == "https://ward.example"
@@ -564,13 +618,22 @@ def test_security_headers(client, world):
 
 def test_config_from_file_env_and_overrides(tmp_path):
     toml = tmp_path / "serve.toml"
-    toml.write_text('model = "default"\nrecords = "bundles"\nkeys_db = "state/keys.sqlite"\nport = 9001\n'
-                    'cors_origins = ["https://ward.example"]\n')
+    toml.write_text(
+        'model = "default"\nrecords = "bundles"\nkeys_db = "state/keys.sqlite"\nport = 9001\n'
+        'cors_origins = ["https://ward.example"]\n'
+    )
     c = ServeConfig.load(toml, env={})
     assert c.records == [str(tmp_path / "bundles")] and c.keys_db == tmp_path / "state" / "keys.sqlite"
     assert c.port == 9001 and c.host == "127.0.0.1" and c.request_timeout_s == 60 and c.max_body_bytes == 65536
-    c = ServeConfig.load(toml, env={"CLINQA_PORT": "9002", "CLINQA_CORS_ORIGINS": "https://a.example, https://b.example",
-                                    "CLINQA_CACHE": "/elsewhere"}, max_new_tokens=64)
+    c = ServeConfig.load(
+        toml,
+        env={
+            "CLINQA_PORT": "9002",
+            "CLINQA_CORS_ORIGINS": "https://a.example, https://b.example",
+            "CLINQA_CACHE": "/elsewhere",
+        },
+        max_new_tokens=64,
+    )
     assert c.port == 9002 and c.cors_origins == ["https://a.example", "https://b.example"] and c.max_new_tokens == 64
     js = tmp_path / "serve.json"
     js.write_text(json.dumps({"serve": {"records": ["https://fhir.example/r4"], "patient_ids": ["p1", "p2"]}}))

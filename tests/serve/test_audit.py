@@ -51,7 +51,7 @@ def restore_triggers(db: sqlite3.Connection) -> None:
 
 def test_hash_question():
     assert hash_question(QUESTION) == hashlib.sha256(QUESTION.encode()).hexdigest()
-    assert hash_question("é") == hashlib.sha256("é".encode("utf-8")).hexdigest()
+    assert hash_question("é") == hashlib.sha256("é".encode()).hexdigest()
     assert hash_question("a ") != hash_question("a")  # exactly as given
 
 
@@ -164,8 +164,10 @@ def test_edited_row_with_recomputed_hash_breaks_the_next_link(log: AuditLog):
     forged = entry.model_copy(update={"outcome": "ok", "detail": "forged"})
     forged = forged.model_copy(update={"row_hash": forged.compute_hash()})
     db = raw(log)
-    db.execute("UPDATE audit SET outcome = ?, detail = ?, row_hash = ? WHERE seq = 3",
-               (forged.outcome, forged.detail, forged.row_hash))
+    db.execute(
+        "UPDATE audit SET outcome = ?, detail = ?, row_hash = ? WHERE seq = 3",
+        (forged.outcome, forged.detail, forged.row_hash),
+    )
     restore_triggers(db)
     result = log.verify()
     assert not result.ok and result.first_bad_seq == 4 and "prev_hash" in result.message

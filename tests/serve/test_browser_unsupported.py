@@ -55,8 +55,15 @@ def server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = ServeConfig(keys_db=root / "keys.sqlite", audit_db=root / "audit.sqlite", port=port)
-    uv = uvicorn.Server(uvicorn.Config(create_app(config, predictor=SometimesCiting(), records=records),
-                                       host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, predictor=SometimesCiting(), records=records),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+        )
+    )
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -71,8 +78,11 @@ def server(tmp_path_factory):
 def test_the_page_warns_about_an_unsupported_answer_and_clears_it(server):
     expect = playwright_sync.expect
     with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+        )
         try:
             page = browser.new_page()
             page.set_default_timeout(15_000)

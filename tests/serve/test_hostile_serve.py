@@ -25,8 +25,13 @@ from clinqa.serve.config import ServeConfig
 
 
 def clinqa(*args):
-    return subprocess.run([sys.executable, "-m", "clinqa.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "clinqa.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def error_line(r) -> str:
@@ -132,7 +137,9 @@ def test_an_edited_anchor_file_is_a_one_line_error(tmp_path):
         log.append("ask")
         log.write_anchor()
     anchor.write_text(anchor.read_text() + "garbage\n")
-    assert f"{anchor}:2: not an anchor line" in error_line(clinqa("audit", "verify", "--db", str(db), "--anchor", str(anchor)))
+    assert f"{anchor}:2: not an anchor line" in error_line(
+        clinqa("audit", "verify", "--db", str(db), "--anchor", str(anchor))
+    )
 
 
 # ------------------------------------------------------------------------------------------- the service
@@ -163,8 +170,11 @@ def test_service_anchors_at_start_and_shutdown_and_flags_unsupported_answers(one
     config = ServeConfig(keys_db=tmp_path / "keys.db", audit_db=tmp_path / "audit.db")
     app = create_app(config, predictor=NoCitations(), records=records)
     with TestClient(app) as client:
-        r = client.post(f"/api/patients/{pid}/ask", json={"question": "What conditions does Maria Garcia have?"},
-                        headers={"Authorization": f"Bearer {key}"})
+        r = client.post(
+            f"/api/patients/{pid}/ask",
+            json={"question": "What conditions does Maria Garcia have?"},
+            headers={"Authorization": f"Bearer {key}"},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["citations"] == [] and body["supported"] is False
@@ -186,9 +196,15 @@ def test_page_shows_the_unsupported_warning():
 def test_mcq_with_identical_options_is_a_422(one_patient, tmp_path):
     _, records = one_patient
     _, key = KeyStore(tmp_path / "keys.db").create("all", scopes="patient/*.read patient/*.ask")
-    app = create_app(ServeConfig(keys_db=tmp_path / "keys.db", audit_db=tmp_path / "audit.db"),
-                     predictor=NoCitations(), records=records)
+    app = create_app(
+        ServeConfig(keys_db=tmp_path / "keys.db", audit_db=tmp_path / "audit.db"),
+        predictor=NoCitations(),
+        records=records,
+    )
     with TestClient(app) as client:
-        r = client.post("/api/mcq", json={"question": "Which?", "options": {k: "same" for k in "ABCD"}},
-                        headers={"Authorization": f"Bearer {key}"})
+        r = client.post(
+            "/api/mcq",
+            json={"question": "Which?", "options": {k: "same" for k in "ABCD"}},
+            headers={"Authorization": f"Bearer {key}"},
+        )
     assert r.status_code == 422 and "options A and B have the same text 'same'" in r.text

@@ -29,7 +29,9 @@ from clinqa.serve.config import ServeConfig
 
 def load_fake():
     if "fake_openai" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fake_openai", Path(__file__).resolve().parents[1] / "fake_openai.py")
+        spec = importlib.util.spec_from_file_location(
+            "fake_openai", Path(__file__).resolve().parents[1] / "fake_openai.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["fake_openai"] = module
         spec.loader.exec_module(module)
@@ -47,8 +49,12 @@ def world(tmp_path_factory):
     records = load_records(root / "bundles")
     store = KeyStore(root / "keys.sqlite")
     key = store.create("all", scopes="patient/*.read patient/*.ask")[1]
-    return {"records": records, "keys_db": root / "keys.sqlite", "key": {"Authorization": f"Bearer {key}"},
-            "patient": records[0].patient_id}
+    return {
+        "records": records,
+        "keys_db": root / "keys.sqlite",
+        "key": {"Authorization": f"Bearer {key}"},
+        "patient": records[0].patient_id,
+    }
 
 
 def make_app(world, tmp_path, predictor, **kw):
@@ -80,8 +86,10 @@ def test_concurrent_requests_through_a_remote_backend(world, tmp_path):
         server.reset_counters()
         app = make_app(world, tmp_path, model, model_concurrency=4)
         assert app.state.service.runner.parallel == 4
-        responses = gather(app, [("/api/mcq", {"question": q, "options": OPTIONS, "method": "letter"}, world["key"])
-                                 for q in questions])
+        responses = gather(
+            app,
+            [("/api/mcq", {"question": q, "options": OPTIONS, "method": "letter"}, world["key"]) for q in questions],
+        )
         assert 1 < server.max_in_flight <= 4  # calls overlapped, within the service's bound
     assert [r.status_code for r in responses] == [200] * 8
     from clinqa.data.schema import Question
@@ -100,7 +108,9 @@ def test_concurrent_requests_through_a_remote_backend(world, tmp_path):
 def test_ask_through_a_chat_only_server(world, tmp_path):
     with fake.FakeOpenAI(chat_only=True) as server:
         app = make_app(world, tmp_path, OpenAIModel(server.url, "fake"))
-        [r] = gather(app, [(f"/api/patients/{world['patient']}/ask", {"question": "What medications are active?"}, world["key"])])
+        [r] = gather(
+            app, [(f"/api/patients/{world['patient']}/ask", {"question": "What medications are active?"}, world["key"])]
+        )
     assert r.status_code == 200, r.text
     assert r.json()["answer"].startswith("Answer:")  # the fake chat server's reply, through /chat/completions
     assert [e.outcome for e in audit_entries(tmp_path)] == ["ok"]
@@ -160,9 +170,11 @@ def test_client_disconnect_cancels_the_model_call(world, tmp_path):
     server, thread, port = _uvicorn(app)
     try:
         body = json.dumps({"question": "What was the last blood pressure?"}).encode()
-        head = (f"POST /api/patients/{world['patient']}/ask HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Authorization: {world['key']['Authorization']}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST /api/patients/{world['patient']}/ask HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: {world['key']['Authorization']}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(head + body)
             assert predictor.started.wait(30)  # the model call is running ...
@@ -203,8 +215,9 @@ def test_adapters_deploy_the_fine_tuned_selector(tmp_path, monkeypatch):
     from clinqa.serve import runner
 
     (tmp_path / "st").mkdir()
-    (tmp_path / "st" / "stages.json").write_text(json.dumps({"base": "default", "stage1": "/old/place/s1",
-                                                              "stage2": "/old/place/s2", "threshold": 0.37}))
+    (tmp_path / "st" / "stages.json").write_text(
+        json.dumps({"base": "default", "stage1": "/old/place/s1", "stage2": "/old/place/s2", "threshold": 0.37})
+    )
     loaded = []
 
     def fake_load(spec):

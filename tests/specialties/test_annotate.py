@@ -25,14 +25,24 @@ from clinqa.specialties.annotate import (
 from clinqa.specialties.taxonomy import SPECIALTIES
 
 
-def _q(i: int, text: str = "A 60-year-old man has crushing chest pain. What is the next step?", specs=("cardiology",)) -> Question:
+def _q(
+    i: int, text: str = "A 60-year-old man has crushing chest pain. What is the next step?", specs=("cardiology",)
+) -> Question:
     return Question(id=f"q{i}", question=text, options={"A": "ECG", "B": "CT"}, answer="A", specialties=list(specs))
 
 
 QUESTIONS = [
     _q(0),
-    _q(1, "A 4-year-old child has a barking cough and stridor. What is the diagnosis?", ("pediatrics", "infectious_diseases")),
-    _q(2, "A pregnant woman at 32 weeks has headache and hypertension. What is the diagnosis?", ("obstetrics_gynecology",)),
+    _q(
+        1,
+        "A 4-year-old child has a barking cough and stridor. What is the diagnosis?",
+        ("pediatrics", "infectious_diseases"),
+    ),
+    _q(
+        2,
+        "A pregnant woman at 32 weeks has headache and hypertension. What is the diagnosis?",
+        ("obstetrics_gynecology",),
+    ),
 ]
 
 
@@ -139,7 +149,9 @@ def test_tradeoff_table_hand_example():
     anns = [
         _ann("q0", {"cardiology": 5}),  # right
         _ann("q1", {"infectious_diseases": 3, "pediatrics": 2}),  # right: second gold label
-        _ann("q2", {"neurology": 2, "cardiology": 2, "surgery": 1}),  # wrong (tie -> higher prob: both 0.4 -> taxonomy order cardiology)
+        _ann(
+            "q2", {"neurology": 2, "cardiology": 2, "surgery": 1}
+        ),  # wrong (tie -> higher prob: both 0.4 -> taxonomy order cardiology)
         _ann("q3", {"dermatology": 4, "surgery": 1}),  # no gold question
     ]
     table = tradeoff_table(anns, QUESTIONS)
@@ -228,8 +240,9 @@ def test_error_cases(tiny_predictor):
     for bad in (0, 6, -1, 2.5):
         with pytest.raises(ClinqaError, match="n_prompts must be an integer from 1 to 5"):
             annotate(tiny_predictor, QUESTIONS, n_prompts=bad, min_votes=1)
-    blank = Question.model_construct(id="blank", question="   \n\t", options={"A": "x", "B": "y"}, answer="A",
-                                     specialties=[], source="", meta={})
+    blank = Question.model_construct(
+        id="blank", question="   \n\t", options={"A": "x", "B": "y"}, answer="A", specialties=[], source="", meta={}
+    )
     with pytest.raises(ClinqaError, match="'blank'.*empty text"):
         annotate(tiny_predictor, [QUESTIONS[0], blank])
     with pytest.raises(ClinqaError, match="empty text"):

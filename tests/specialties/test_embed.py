@@ -79,7 +79,11 @@ def _questions() -> list[Question]:
     qs = []
     for spec, stems in TRAIN.items():
         for i, stem in enumerate(stems):
-            qs.append(Question(id=f"{spec}-{i}", question=stem, options={"A": "yes", "B": "no"}, answer="A", specialties=[spec]))
+            qs.append(
+                Question(
+                    id=f"{spec}-{i}", question=stem, options={"A": "yes", "B": "no"}, answer="A", specialties=[spec]
+                )
+            )
     return qs
 
 
@@ -148,7 +152,9 @@ def test_save_load_round_trip_is_exact(annotator, tmp_path):
 
 def test_fit_errors_are_clear():
     with pytest.raises(ClinqaError, match="no training question has specialties"):
-        EmbeddingAnnotator().fit([Question(id="x", question="q?", options={"A": "a", "B": "b"}, answer="A")], embeddings=np.zeros((1, 384)))
+        EmbeddingAnnotator().fit(
+            [Question(id="x", question="q?", options={"A": "a", "B": "b"}, answer="A")], embeddings=np.zeros((1, 384))
+        )
     bad = Question(id="x1", question="q?", options={"A": "a", "B": "b"}, answer="A", specialties=["astrology"])
     with pytest.raises(ClinqaError, match="question x1: unknown specialty"):
         EmbeddingAnnotator().fit([bad], embeddings=np.zeros((1, 384)))

@@ -15,8 +15,14 @@ CARD, NEURO = SPECIALTY_IDS.index("cardiology"), SPECIALTY_IDS.index("neurology"
 
 
 def q(i, specialties=()):
-    return Question(id=f"q{i}", question=f"Question {i}?", options={"A": "yes", "B": "no"}, answer="A",
-                    specialties=list(specialties), meta={"kept": i})
+    return Question(
+        id=f"q{i}",
+        question=f"Question {i}?",
+        options={"A": "yes", "B": "no"},
+        answer="A",
+        specialties=list(specialties),
+        meta={"kept": i},
+    )
 
 
 def probs(p_card, p_neuro):
@@ -27,8 +33,10 @@ def probs(p_card, p_neuro):
 
 def test_majority_labels_round_trip_through_the_native_loader(tmp_path):
     qs = [q(0, ["pediatrics"]), q(1)]
-    anns = [Annotation("q0", {"cardiology": 3, "neurology": 2}, "cardiology", list(probs(0.6, 0.3)), []),
-            Annotation("q1", {"cardiology": 2, "neurology": 2, "pediatrics": 1}, None, list(probs(0.4, 0.4)), [])]
+    anns = [
+        Annotation("q0", {"cardiology": 3, "neurology": 2}, "cardiology", list(probs(0.6, 0.3)), []),
+        Annotation("q1", {"cardiology": 2, "neurology": 2, "pediatrics": 1}, None, list(probs(0.4, 0.4)), []),
+    ]
     out = labelled_questions(qs, anns)
     assert [x.specialties for x in out] == [["cardiology"], []]  # below the vote threshold: kept, unlabelled
     assert out[0].meta["kept"] == 0 and out[0].meta["specialty_annotation"]["original_specialties"] == ["pediatrics"]
@@ -36,7 +44,9 @@ def test_majority_labels_round_trip_through_the_native_loader(tmp_path):
     back = load_questions(str(path)).questions
     assert [x.specialties for x in back] == [["cardiology"], []]
     assert [x.id for x in load_questions(str(path), specialties=["cardiology"]).questions] == ["q0"]
-    assert json.loads(path.read_text().splitlines()[0])["meta"]["specialty_annotation"]["labels_from"] == "majority vote"
+    assert (
+        json.loads(path.read_text().splitlines()[0])["meta"]["specialty_annotation"]["labels_from"] == "majority vote"
+    )
 
 
 def test_conformal_sets_calibrated_elsewhere_give_several_labels_to_ambiguous_questions():

@@ -44,7 +44,11 @@ def _steering_hook(key: object, delta: torch.Tensor):
         if key not in _ACTIVE.get():
             return None
         hidden = _block_output(output)
-        vec = delta if (delta.dtype, delta.device) == (hidden.dtype, hidden.device) else delta.to(hidden.device, hidden.dtype)
+        vec = (
+            delta
+            if (delta.dtype, delta.device) == (hidden.dtype, hidden.device)
+            else delta.to(hidden.device, hidden.dtype)
+        )
         start = STEER_START.get()
         if start is None or hidden.shape[1] == 1:  # no window known / a cached decode step: all answer side
             steered = hidden + vec
@@ -59,16 +63,22 @@ def _steering_hook(key: object, delta: torch.Tensor):
 def check_compatible(model: LocalModel, vector: SteeringVector) -> None:
     hidden = int(model.model.config.hidden_size)
     if hidden != vector.hidden_size:
-        raise ClinqaError(f"steering vector {vector.name!r} was built on {vector.model_name} (hidden size "
-                          f"{vector.hidden_size}); this model has hidden size {hidden}")
+        raise ClinqaError(
+            f"steering vector {vector.name!r} was built on {vector.model_name} (hidden size "
+            f"{vector.hidden_size}); this model has hidden size {hidden}"
+        )
     if weights_hash(model) != vector.model_hash:
-        warnings.warn(f"steering vector {vector.name!r} was built on {vector.model_name} with different weights; "
-                      "its directions may not mean the same here")
+        warnings.warn(
+            f"steering vector {vector.name!r} was built on {vector.model_name} with different weights; "
+            "its directions may not mean the same here",
+            stacklevel=2,
+        )
 
 
 @contextmanager
-def steer(model: LocalModel, vector: SteeringVector, alpha: float = 1.0, *,
-          layers: Sequence[int] | None = None) -> Iterator[None]:
+def steer(
+    model: LocalModel, vector: SteeringVector, alpha: float = 1.0, *, layers: Sequence[int] | None = None
+) -> Iterator[None]:
     """Within the block, forwards of `model` add `alpha * std * direction` to the output of each
     steered block at answer-side positions (>= STEER_START per row; every position of a cached
     decode step; every position when no window is set). Hooks are removed on exit, errors included."""
@@ -77,13 +87,16 @@ def steer(model: LocalModel, vector: SteeringVector, alpha: float = 1.0, *,
     if missing:
         raise ClinqaError(f"layer(s) {missing} not in steering vector {vector.name!r} (it has {vector.layers})")
     if max(use, default=1) > len(model.layers):
-        raise ClinqaError(f"steering vector {vector.name!r} uses layer {max(use)}; "
-                          f"this model has {len(model.layers)} layers")
+        raise ClinqaError(
+            f"steering vector {vector.name!r} uses layer {max(use)}; this model has {len(model.layers)} layers"
+        )
     key = object()
     handles = []
     try:
         for layer in use:
-            handles.append(model.layers[layer - 1].register_forward_hook(_steering_hook(key, vector.delta(layer, alpha))))
+            handles.append(
+                model.layers[layer - 1].register_forward_hook(_steering_hook(key, vector.delta(layer, alpha)))
+            )
         token = _ACTIVE.set(_ACTIVE.get() | {key})
         try:
             yield
@@ -101,12 +114,19 @@ class SteeredPredictor:
     question to a category or None (None = unsteered). `hidden_states` is always unsteered.
     """
 
-    def __init__(self, model: LocalModel, vectors: SteeringVector | Mapping[str, SteeringVector], *, alpha: float = 1.0,
-                 layer: int | None = None, router: Any = None, spec: str | None = None):
+    def __init__(
+        self,
+        model: LocalModel,
+        vectors: SteeringVector | Mapping[str, SteeringVector],
+        *,
+        alpha: float = 1.0,
+        layer: int | None = None,
+        router: Any = None,
+        spec: str | None = None,
+    ):
         self.base = _require_local(model)
         self.routed = not isinstance(vectors, SteeringVector)
-        self.vectors: dict[str | None, SteeringVector] = (
-            dict(vectors) if self.routed else {None: vectors})  # type: ignore[arg-type, dict-item]
+        self.vectors: dict[str | None, SteeringVector] = dict(vectors) if self.routed else {None: vectors}  # type: ignore[arg-type, dict-item]
         if self.routed and router is None:
             raise ClinqaError("per-category steering vectors need a router")
         self.router, self.alpha = router, float(alpha)
@@ -116,10 +136,19 @@ class SteeredPredictor:
             if layer is not None and int(layer) not in vec.directions:
                 raise ClinqaError(f"layer={layer} is not stored in steering vector {vec.name!r} (it has {vec.layers})")
         self._routes: dict[str, str | None] = {}
-        about = {"vectors": sorted({vec.name for vec in self.vectors.values()}), "alpha": self.alpha,
-                 "layers": self.steer_layers, "routed": self.routed}
-        self.info = ModelInfo(**{**self.base.info.__dict__, "spec": spec or f"{self.base.info.spec}+steer",
-                                 "extra": {**self.base.info.extra, "steer": about}})
+        about = {
+            "vectors": sorted({vec.name for vec in self.vectors.values()}),
+            "alpha": self.alpha,
+            "layers": self.steer_layers,
+            "routed": self.routed,
+        }
+        self.info = ModelInfo(
+            **{
+                **self.base.info.__dict__,
+                "spec": spec or f"{self.base.info.spec}+steer",
+                "extra": {**self.base.info.extra, "steer": about},
+            }
+        )
 
     # routing
     def route(self, prompts: Sequence[str]) -> list[str | None]:
@@ -143,7 +172,11 @@ class SteeredPredictor:
         for key in dict.fromkeys(keys):
             idx = [i for i, k in enumerate(keys) if k == key]
             unsteered = self.routed and key is None
-            scope = nullcontext() if unsteered else steer(self.base, self.vectors[key], self.alpha, layers=self.steer_layers)
+            scope = (
+                nullcontext()
+                if unsteered
+                else steer(self.base, self.vectors[key], self.alpha, layers=self.steer_layers)
+            )
             with scope:
                 for i, r in zip(idx, run(idx)):
                     out[i] = r
@@ -155,7 +188,9 @@ class SteeredPredictor:
         inner = getattr(self.base, "cost", None)
         cost = {"extra_params": 0, "training_s": 0.0, **(inner() if inner else {})}
         vectors = list(self.vectors.values())
-        cost["extra_params"] += sum(v.directions[layer].numel() for v in vectors for layer in (self.steer_layers or v.layers))
+        cost["extra_params"] += sum(
+            v.directions[layer].numel() for v in vectors for layer in (self.steer_layers or v.layers)
+        )
         cost["training_s"] += sum(float(v.provenance.get("build_seconds") or 0.0) for v in vectors)
         if self.router is not None:
             cost["extra_params"] += int(np.size(self.router.coef) + np.size(self.router.intercept))
@@ -164,11 +199,14 @@ class SteeredPredictor:
 
     # Predictor protocol
     def score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
-        return self._split([ctx for ctx, _ in groups], lambda idx: self.base.score_continuations([groups[i] for i in idx]))
+        return self._split(
+            [ctx for ctx, _ in groups], lambda idx: self.base.score_continuations([groups[i] for i in idx])
+        )
 
     def next_token_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
-        rows = self._split(list(contexts),
-                           lambda idx: list(self.base.next_token_logprobs([contexts[i] for i in idx], candidates)))
+        rows = self._split(
+            list(contexts), lambda idx: list(self.base.next_token_logprobs([contexts[i] for i in idx], candidates))
+        )
         return np.stack(rows) if rows else np.zeros((0, len(candidates)), dtype=np.float64)
 
     def generate(self, prompts: Sequence[str], config: GenerationConfig | None = None) -> list[str]:
@@ -223,9 +261,11 @@ def apply_modifier(predictor: Any, modifier: Any) -> SteeredPredictor:
         if threshold is not None:
             raise ClinqaError(f"threshold applies to a category folder (vectors.json), not the single vector {path}")
         return SteeredPredictor(model, SteeringVector.load(path), alpha=alpha, layer=layer, spec=full)
-    raise ClinqaError(f"{path} is neither a steering vector folder (vector.json) nor a category folder (vectors.json): "
-                      "build one with clinqa.adapt.steering.build_steering_vector(...).save(path) "
-                      "or clinqa.adapt.router.build_category_vectors")
+    raise ClinqaError(
+        f"{path} is neither a steering vector folder (vector.json) nor a category folder (vectors.json): "
+        "build one with clinqa.adapt.steering.build_steering_vector(...).save(path) "
+        "or clinqa.adapt.router.build_category_vectors"
+    )
 
 
 # --------------------------------------------------------------------------- sweep
@@ -248,13 +288,19 @@ class SweepResult:
         the number of cells, so expect about one cell in twenty below 0.05 by chance)."""
         from scipy.stats import binomtest
 
-        lines = [f"Unsteered accuracy {self.base_accuracy:.3f} (n={self.n})", "",
-                 "| layer | alpha | accuracy | Δ | wrong→right | right→wrong | p |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            f"Unsteered accuracy {self.base_accuracy:.3f} (n={self.n})",
+            "",
+            "| layer | alpha | accuracy | Δ | wrong→right | right→wrong | p |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in self.rows:
             gained, lost = round(r["wrong_to_right"] * r["n"]), round(r["right_to_wrong"] * r["n"])
             p = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
-            lines.append(f"| {r['layer']} | {r['alpha']:g} | {r['accuracy']:.3f} | {r['accuracy'] - self.base_accuracy:+.3f} "
-                         f"| {r['wrong_to_right']:.3f} | {r['right_to_wrong']:.3f} | {p:.2f} |")
+            lines.append(
+                f"| {r['layer']} | {r['alpha']:g} | {r['accuracy']:.3f} | {r['accuracy'] - self.base_accuracy:+.3f} "
+                f"| {r['wrong_to_right']:.3f} | {r['right_to_wrong']:.3f} | {p:.2f} |"
+            )
         return "\n".join(lines) + "\n"
 
 
@@ -284,9 +330,19 @@ def _heatmap(result: SweepResult, layers: Sequence[int], alphas: Sequence[float]
     plt.close(fig)
 
 
-def sweep(predictor: Any, questions: Sequence[Question], vector: SteeringVector, layers: Sequence[int],
-          alphas: Sequence[float], *, method: str = "option", shuffles: int = 1, seed: int = 0,
-          out: str | Path | None = None, progress: Progress | None = None) -> SweepResult:
+def sweep(
+    predictor: Any,
+    questions: Sequence[Question],
+    vector: SteeringVector,
+    layers: Sequence[int],
+    alphas: Sequence[float],
+    *,
+    method: str = "option",
+    shuffles: int = 1,
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: Progress | None = None,
+) -> SweepResult:
     """Accuracy for every (layer, alpha) against the unsteered model, with per-sample flip rates.
 
     With `out`, a run folder (clinqa.runs): the unsteered answers in run.json, each finished cell
@@ -310,23 +366,47 @@ def sweep(predictor: Any, questions: Sequence[Question], vector: SteeringVector,
 
     out = Path(out)
     if (out / "sweep.json").is_file() and not (out / "run.json").is_file():
-        raise ClinqaError(f"{out} holds a sweep written by an older clinqa (sweep.json, no run.json): move it aside or "
-                          "delete it and re-run to redo the sweep in the current format (its rows stay in sweep.csv)")
+        raise ClinqaError(
+            f"{out} holds a sweep written by an older clinqa (sweep.json, no run.json): move it aside or "
+            "delete it and re-run to redo the sweep in the current format (its rows stay in sweep.csv)"
+        )
     directions = b"".join(vector.directions[x].numpy().tobytes() for x in vector.layers)
-    key = {"vector": vector.name, "model_sha256": vector.model_hash, "method": method, "shuffles": shuffles,
-           "seed": seed, "directions_sha256": hashlib.sha256(directions).hexdigest()}
-    with RunFolder.open(out, key, kind="steer-sweep", sample_type=SweepRow, samples_file="sweep.jsonl",
-                        data=questions_fingerprint(questions), data_may_grow=False) as run:
+    key = {
+        "vector": vector.name,
+        "model_sha256": vector.model_hash,
+        "method": method,
+        "shuffles": shuffles,
+        "seed": seed,
+        "directions_sha256": hashlib.sha256(directions).hexdigest(),
+    }
+    with RunFolder.open(
+        out,
+        key,
+        kind="steer-sweep",
+        sample_type=SweepRow,
+        samples_file="sweep.jsonl",
+        data=questions_fingerprint(questions),
+        data_may_grow=False,
+    ) as run:
         if run.meta.get("base") is None:
             run.meta["base"] = score(model).tolist()
             run.save_meta()
         base = np.array(run.meta["base"], dtype=bool)
         done = {(r.layer, r.alpha): r.model_dump() for r in run.samples()}
         result = _sweep_grid(model, vector, grid, base, score, done, run, progress, len(items))
-        atomic_write_text(out / "sweep.csv", ",".join(_SWEEP_FIELDS) + "\n"
-                          + "".join(",".join(str(r[c]) for c in _SWEEP_FIELDS) + "\n" for r in result.rows))
-        atomic_write_text(out / "sweep.json", json.dumps({"config": key, "base_accuracy": result.base_accuracy,
-                                                          "n": result.n, "rows": result.rows}, indent=1) + "\n")
+        atomic_write_text(
+            out / "sweep.csv",
+            ",".join(_SWEEP_FIELDS)
+            + "\n"
+            + "".join(",".join(str(r[c]) for c in _SWEEP_FIELDS) + "\n" for r in result.rows),
+        )
+        atomic_write_text(
+            out / "sweep.json",
+            json.dumps(
+                {"config": key, "base_accuracy": result.base_accuracy, "n": result.n, "rows": result.rows}, indent=1
+            )
+            + "\n",
+        )
         (out / "sweep.md").write_text(result.markdown())
         _heatmap(result, layers, alphas, out / "sweep.png")
         run.finish(rows=len(result.rows))
@@ -350,8 +430,14 @@ def _sweep_grid(model, vector, grid, base, score, done, run, progress, n) -> Swe
         if (layer, alpha) not in done:
             # alpha = 0 is exactly the unsteered model
             hit = base if alpha == 0 else score(SteeredPredictor(model, vector, alpha=alpha, layer=layer))
-            row = SweepRow(layer=layer, alpha=alpha, accuracy=float(hit.mean()), wrong_to_right=float((~base & hit).mean()),
-                           right_to_wrong=float((base & ~hit).mean()), n=len(hit))
+            row = SweepRow(
+                layer=layer,
+                alpha=alpha,
+                accuracy=float(hit.mean()),
+                wrong_to_right=float((~base & hit).mean()),
+                right_to_wrong=float((base & ~hit).mean()),
+                n=len(hit),
+            )
             done[(layer, alpha)] = row.model_dump()
             if run is not None:
                 run.append([row])

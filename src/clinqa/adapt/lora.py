@@ -180,8 +180,17 @@ def finetune(
     # several processes of one launch only the main one takes the lock; the others follow its lead.
     lock = lock_path(out_dir, folder=True) if _is_main_process() else contextlib.nullcontext()
     with lock:
-        return _finetune(base, questions, config, out_dir, init_adapter=init_adapter, progress=progress,
-                         metadata=metadata, checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint)
+        return _finetune(
+            base,
+            questions,
+            config,
+            out_dir,
+            init_adapter=init_adapter,
+            progress=progress,
+            metadata=metadata,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoint=keep_checkpoint,
+        )
 
 
 def _finetune(
@@ -204,10 +213,19 @@ def _finetune(
     qs, labels = prepare_questions(questions, config)
     if len(qs) < 1:
         raise ClinqaError("no questions to train on")
-    base_desc = ({"spec": str(base), "name": None} if isinstance(base, (str, Path))
-                 else {"spec": getattr(getattr(base, "info", None), "spec", type(base).__name__),
-                       "name": getattr(getattr(base, "info", None), "name", None)})
-    identity = {"config": config.identity(), "base": {"spec": base_desc["spec"]}, "data_fingerprint": fingerprint(qs, labels)}
+    base_desc = (
+        {"spec": str(base), "name": None}
+        if isinstance(base, (str, Path))
+        else {
+            "spec": getattr(getattr(base, "info", None), "spec", type(base).__name__),
+            "name": getattr(getattr(base, "info", None), "name", None),
+        }
+    )
+    identity = {
+        "config": config.identity(),
+        "base": {"spec": base_desc["spec"]},
+        "data_fingerprint": fingerprint(qs, labels),
+    }
     init_weights, init_info = None, None
     if init_adapter is not None:
         init_weights, init_info = read_init_adapter(Path(init_adapter), config)
@@ -233,13 +251,17 @@ def _finetune(
 
     with torch.inference_mode(False), torch.enable_grad():
         quantization = resolve_quantization(config.quantization, device)
-        model, tokenizer, base_info, quantization = fresh_model(base, quantization, config.quantization, device, precision)
+        model, tokenizer, base_info, quantization = fresh_model(
+            base, quantization, config.quantization, device, precision
+        )
         base_info["name"] = base_info.get("name") or base_desc["name"]
         train_ex = build_examples(tokenizer, train_q, config)
         val_ex = build_examples(tokenizer, val_q, config)
-        base_info.update(n_params=sum(p.numel() for p in model.parameters()),
-                         n_layers=getattr(model.config, "num_hidden_layers", None),
-                         hidden_size=getattr(model.config, "hidden_size", None))
+        base_info.update(
+            n_params=sum(p.numel() for p in model.parameters()),
+            n_layers=getattr(model.config, "num_hidden_layers", None),
+            hidden_size=getattr(model.config, "hidden_size", None),
+        )
         targets = config.target_modules or find_target_modules(model)
         _seed_all(config.seed)  # LoRA A is initialised from torch's RNG
         peft_model = attach_lora(model, config, targets, init_weights, init_adapter)
@@ -247,8 +269,17 @@ def _finetune(
         if config.gradient_checkpointing:
             fix_mmap_threshold()
         trainer, book, resumed_from = lora_trainer.train(
-            peft_model, tokenizer, train_ex, val_ex, config, out_dir / CHECKPOINT_DIR, device=device,
-            precision=precision, progress=progress, checkpoint_every=checkpoint_every)
+            peft_model,
+            tokenizer,
+            train_ex,
+            val_ex,
+            config,
+            out_dir / CHECKPOINT_DIR,
+            device=device,
+            precision=precision,
+            progress=progress,
+            checkpoint_every=checkpoint_every,
+        )
         train_device = str(trainer.args.device)
         world_size = trainer.args.world_size
         state = trainer.state
@@ -298,7 +329,9 @@ def _finetune(
         "train_tokens": book.train_tokens,
         "tokens_per_second": round(book.train_tokens / book.step_seconds, 1) if book.step_seconds else None,
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-        "peak_gpu_memory_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1) if train_device.startswith("cuda") else None),
+        "peak_gpu_memory_mb": (
+            round(torch.cuda.max_memory_allocated() / 2**20, 1) if train_device.startswith("cuda") else None
+        ),
         "trainable_params": n_trainable,
         "resumes": book.resumes,
         "clinqa_version": versions()["clinqa"],
@@ -316,7 +349,9 @@ def _finetune(
     return AdapterResult(out_dir, meta, cached=False, resumed_from=resumed_from)
 
 
-def answer_loss(predictor, questions: Sequence[Question], config: LoraTrainConfig | None = None, batch_size: int = 8) -> float | None:
+def answer_loss(
+    predictor, questions: Sequence[Question], config: LoraTrainConfig | None = None, batch_size: int = 8
+) -> float | None:
     """Mean answer-token cross-entropy of a LocalModel (with its adapter, if a view has one) on
     `questions`, exactly as `finetune` computes its validation loss. None for no questions."""
     from clinqa.models.local import LocalModel

@@ -27,7 +27,9 @@ def load_adapter_metadata(path: str | Path) -> dict[str, Any]:
         raise ClinqaError(f"no such LoRA adapter folder: {path}")
     f = path / METADATA_FILE
     if not f.is_file():
-        raise ClinqaError(f"{path} has no {METADATA_FILE}: not a finished clinqa adapter (train one with clinqa.adapt.lora.finetune)")
+        raise ClinqaError(
+            f"{path} has no {METADATA_FILE}: not a finished clinqa adapter (train one with clinqa.adapt.lora.finetune)"
+        )
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as exc:
@@ -57,8 +59,10 @@ def check_identity(out_dir: Path, found: Mapping[str, Any], wanted: Mapping[str,
     if sha(found.get("init_adapter")) != sha(wanted.get("init_adapter")):
         diffs.append(f"starting adapter: {sha(found.get('init_adapter'))!r} -> {sha(wanted.get('init_adapter'))!r}")
     if diffs:
-        raise ClinqaError(f"{out_dir} holds {where} with a different setup ({'; '.join(diffs)}): "
-                          "choose another output folder or delete this one")
+        raise ClinqaError(
+            f"{out_dir} holds {where} with a different setup ({'; '.join(diffs)}): "
+            "choose another output folder or delete this one"
+        )
 
 
 def read_init_adapter(path: Path, config: LoraTrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -67,14 +71,21 @@ def read_init_adapter(path: Path, config: LoraTrainConfig) -> tuple[dict[str, An
     from safetensors.torch import load_file
 
     if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
-        raise ClinqaError(f"starting adapter {path} is not a LoRA adapter folder (no adapter_config.json / adapter_model.safetensors)")
+        raise ClinqaError(
+            f"starting adapter {path} is not a LoRA adapter folder (no adapter_config.json / adapter_model.safetensors)"
+        )
     cfg = json.loads((path / "adapter_config.json").read_text())
     if cfg.get("r") != config.rank:
         raise ClinqaError(f"starting adapter {path} has rank {cfg.get('r')}; this training uses rank {config.rank}")
     if config.target_modules is not None and sorted(cfg.get("target_modules") or []) != sorted(config.target_modules):
-        raise ClinqaError(f"starting adapter {path} targets {cfg.get('target_modules')}; this training targets {config.target_modules}")
+        raise ClinqaError(
+            f"starting adapter {path} targets {cfg.get('target_modules')}; this training targets {config.target_modules}"
+        )
     blob = (path / "adapter_model.safetensors").read_bytes()
-    return load_file(str(path / "adapter_model.safetensors")), {"path": str(path), "sha256": hashlib.sha256(blob).hexdigest()[:16]}
+    return load_file(str(path / "adapter_model.safetensors")), {
+        "path": str(path),
+        "sha256": hashlib.sha256(blob).hexdigest()[:16],
+    }
 
 
 def claim_folder(out_dir: Path, identity: Mapping[str, Any]) -> None:
@@ -126,7 +137,9 @@ def apply_modifier(predictor, modifier):
 
     unknown = set(modifier.params) - {"name"}
     if unknown:
-        raise ClinqaError(f"unknown parameter(s) {', '.join(sorted(unknown))} for {modifier}: lora takes only @name=NAME")
+        raise ClinqaError(
+            f"unknown parameter(s) {', '.join(sorted(unknown))} for {modifier}: lora takes only @name=NAME"
+        )
     path = Path(modifier.target).expanduser()
     if not path.exists():
         raise ClinqaError(f"no such LoRA adapter folder: {modifier.target} (train one with `clinqa finetune`)")
@@ -134,8 +147,10 @@ def apply_modifier(predictor, modifier):
         raise ClinqaError(f"{modifier.target} is not a LoRA adapter folder (no adapter_config.json)")
     if not isinstance(predictor, LocalModel):
         backend = getattr(getattr(predictor, "info", None), "backend", type(predictor).__name__)
-        raise ClinqaError(f"LoRA adapters need a local model backend (a model folder, a .gguf file or 'default'), not {backend}; "
-                          "put +lora: first, before modifiers that wrap the model")
+        raise ClinqaError(
+            f"LoRA adapters need a local model backend (a model folder, a .gguf file or 'default'), not {backend}; "
+            "put +lora: first, before modifiers that wrap the model"
+        )
     if predictor.adapter is not None:
         raise ClinqaError(f"one LoRA adapter per model spec: {predictor.info.spec} already uses {predictor.adapter!r}")
     if (path / METADATA_FILE).is_file():
@@ -143,11 +158,15 @@ def apply_modifier(predictor, modifier):
         for key in ("hidden_size", "n_layers"):
             want, have = trained_on.get(key), getattr(predictor.info, key, None)
             if want is not None and have is not None and want != have:
-                raise ClinqaError(f"adapter {modifier.target} was trained on {trained_on.get('name') or trained_on.get('spec')} "
-                                  f"({key} {want}); this model ({predictor.info.name}) has {key} {have}")
+                raise ClinqaError(
+                    f"adapter {modifier.target} was trained on {trained_on.get('name') or trained_on.get('spec')} "
+                    f"({key} {want}); this model ({predictor.info.name}) has {key} {have}"
+                )
     try:
         view = predictor.load_adapter(path, name=modifier.params.get("name"))
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ClinqaError(f"could not load LoRA adapter {modifier.target} into {predictor.info.name}: {exc}") from exc
-    view.info = dataclasses.replace(view.info, spec=f"{predictor.info.spec}+{modifier}")  # runs record which adapter answered
+    view.info = dataclasses.replace(
+        view.info, spec=f"{predictor.info.spec}+{modifier}"
+    )  # runs record which adapter answered
     return view

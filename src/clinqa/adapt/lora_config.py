@@ -96,7 +96,9 @@ class LoraTrainConfig:
         def positive_int(name: str, minimum: int = 1) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < minimum:
-                raise bad(name, "must be a positive integer" if minimum == 1 else f"must be an integer of at least {minimum}")
+                raise bad(
+                    name, "must be a positive integer" if minimum == 1 else f"must be an integer of at least {minimum}"
+                )
 
         for name in ("rank", "epochs", "batch_size", "grad_accum"):
             positive_int(name)
@@ -127,7 +129,9 @@ class LoraTrainConfig:
             self.target_modules = list(self.target_modules)
         if self.device is not None:
             self.device = str(self.device).lower()
-            if self.device.split(":")[0] not in DEVICES or (":" in self.device and not self.device.split(":", 1)[1].isdigit()):
+            if self.device.split(":")[0] not in DEVICES or (
+                ":" in self.device and not self.device.split(":", 1)[1].isdigit()
+            ):
                 raise bad("device", f"use one of {', '.join(DEVICES)} or cuda:N")
             if self.device == "auto":
                 self.device = None
@@ -157,8 +161,9 @@ _ADDED_LATER = {"dtype": None}
 def identity_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A LoRA config dict (``LoraTrainConfig.to_dict()`` or part of one) without the memory/speed
     knobs, which do not change the trained weights: what two trainings must agree on."""
-    return {k: v for k, v in config.items()
-            if k not in _NOT_IDENTITY and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+    return {
+        k: v for k, v in config.items() if k not in _NOT_IDENTITY and not (k in _ADDED_LATER and v == _ADDED_LATER[k])
+    }
 
 
 @dataclass

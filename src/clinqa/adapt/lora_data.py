@@ -96,14 +96,16 @@ def build_examples(tokenizer, questions: Sequence[Example], config: LoraTrainCon
         target = list(cont) + [eos]
         if len(target) > config.max_length - 1:
             target = target[: config.max_length - 1]
-        ctx = list(ctx)[-(config.max_length - len(target)):]
+        ctx = list(ctx)[-(config.max_length - len(target)) :]
         if not ctx:  # an empty prompt is conditioned on BOS/EOS, as in scoring
             ctx = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos]
         out.append({"id": q.id, "input_ids": ctx + target, "labels": [IGNORE] * len(ctx) + target})
     return out
 
 
-def balance_by_specialty(questions_by_specialty: Mapping[str, Sequence[Question]], seed: int = 0) -> dict[str, list[Question]]:
+def balance_by_specialty(
+    questions_by_specialty: Mapping[str, Sequence[Question]], seed: int = 0
+) -> dict[str, list[Question]]:
     """Subsample every specialty to the size of the smallest, deterministically for a seed.
 
     Each kept subset stays in its original order; which questions are kept depends only on the seed,
@@ -134,7 +136,9 @@ def split_train_val(questions: Sequence[Any], val_fraction: float, seed: int = 0
     n_val = min(n_val, max(n - 1, 0), n if max_val is None else max_val)
     rank = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{questions[i].id}".encode()).hexdigest())
     val_idx = set(rank[:n_val])
-    return [q for i, q in enumerate(questions) if i not in val_idx], [q for i, q in enumerate(questions) if i in val_idx]
+    return [q for i, q in enumerate(questions) if i not in val_idx], [
+        q for i, q in enumerate(questions) if i in val_idx
+    ]
 
 
 def _resolve_label(label: str) -> str:
@@ -171,9 +175,16 @@ def prepare_questions(questions, config: LoraTrainConfig) -> tuple[list[Example]
 
 def fingerprint(questions: Sequence[Example], labels: Sequence[str]) -> str:
     """A hash of the training data (ids and content, order-free) and its labels."""
-    rows = sorted(json.dumps([q.id, q.prompt, q.target, q.system, q.chat] if isinstance(q, TextExample)
-                             else [q.id, q.question, q.options, q.answer, q.meta.get("contexts")], sort_keys=True, default=str)
-                  for q in questions)
+    rows = sorted(
+        json.dumps(
+            [q.id, q.prompt, q.target, q.system, q.chat]
+            if isinstance(q, TextExample)
+            else [q.id, q.question, q.options, q.answer, q.meta.get("contexts")],
+            sort_keys=True,
+            default=str,
+        )
+        for q in questions
+    )
     return hashlib.sha256(json.dumps([rows, sorted(labels)]).encode()).hexdigest()[:16]
 
 
@@ -211,8 +222,8 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     span = group * batch_size
     batches = []
     for start in range(0, len(perm), span):
-        chunk = sorted(perm[start:start + span], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(perm[start : start + span], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     short = [b for b in batches if len(b) < batch_size]
     full = [b for b in batches if len(b) == batch_size]
     order = torch.randperm(len(full), generator=gen).tolist()
@@ -287,7 +298,9 @@ def _takes_logits_mask(model) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
-def mean_answer_loss(model, examples: Sequence[dict], batch_size: int, pad_id: int, device, autocast=None) -> float | None:
+def mean_answer_loss(
+    model, examples: Sequence[dict], batch_size: int, pad_id: int, device, autocast=None
+) -> float | None:
     """Mean answer-token cross-entropy of `model` on `examples` (the validation loss), batched by length."""
     import contextlib
 
@@ -300,7 +313,7 @@ def mean_answer_loss(model, examples: Sequence[dict], batch_size: int, pad_id: i
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     with torch.no_grad(), (autocast or contextlib.nullcontext)():
         for start in range(0, len(order), batch_size):
-            batch = collate([examples[i] for i in order[start:start + batch_size]])
+            batch = collate([examples[i] for i in order[start : start + batch_size]])
             loss, n = answer_loss_sum(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
             total += float(loss)
             count += n

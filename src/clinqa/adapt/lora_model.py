@@ -44,7 +44,7 @@ def fix_mmap_threshold(nbytes: int = 1 << 16) -> bool:
 
 
 def resolve_device(device: str | None) -> str:
-    """"cpu", "cuda" or "mps" for a LoraTrainConfig.device (None: what --device / CLINQA_DEVICE asked
+    """ "cpu", "cuda" or "mps" for a LoraTrainConfig.device (None: what --device / CLINQA_DEVICE asked
     for; "auto": CUDA, then MPS, then CPU)."""
     if device is None:
         from clinqa.models.runtime import requested_runtime
@@ -61,7 +61,9 @@ def resolve_device(device: str | None) -> str:
         if not torch.cuda.is_available():
             raise ClinqaError(f"device {device!r}: no CUDA GPU is available here (use 'auto' or 'cpu')")
         if index and int(index) != 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            raise ClinqaError(f"device {device!r}: to train on GPU {index}, run with CUDA_VISIBLE_DEVICES={index} and device 'cuda'")
+            raise ClinqaError(
+                f"device {device!r}: to train on GPU {index}, run with CUDA_VISIBLE_DEVICES={index} and device 'cuda'"
+            )
         return "cuda"
     if kind == "mps":
         mps = getattr(torch.backends, "mps", None)
@@ -72,7 +74,7 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_precision(dtype: str | None, device: str) -> str:
-    """"float32", "bfloat16" or "float16": the compute precision on `device` (None/"auto": bf16 on a
+    """ "float32", "bfloat16" or "float16": the compute precision on `device` (None/"auto": bf16 on a
     GPU that supports it, fp16 on one that does not, fp32 elsewhere; None follows --dtype / CLINQA_DTYPE)."""
     if dtype is None:
         from clinqa.models.runtime import requested_runtime
@@ -83,19 +85,23 @@ def resolve_precision(dtype: str | None, device: str) -> str:
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return "float32"
     if dtype == "float16" and device != "cuda":
-        raise ClinqaError(f"dtype 'float16' (mixed precision with loss scaling) needs a CUDA GPU; training runs on {device}: "
-                          "use 'bfloat16' or 'float32'")
+        raise ClinqaError(
+            f"dtype 'float16' (mixed precision with loss scaling) needs a CUDA GPU; training runs on {device}: "
+            "use 'bfloat16' or 'float32'"
+        )
     if dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise ClinqaError("dtype 'bfloat16': this GPU does not support bfloat16 (use 'float16' or 'auto')")
     return dtype
 
 
 def resolve_quantization(requested: str, device: str = "cuda") -> str:
-    """"4bit" (QLoRA) or "none": "auto" is 4-bit when training runs on CUDA with bitsandbytes installed."""
+    """ "4bit" (QLoRA) or "none": "auto" is 4-bit when training runs on CUDA with bitsandbytes installed."""
     available = device == "cuda" and torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
     if requested == "4bit" and not available:
-        raise ClinqaError("quantization='4bit' (QLoRA) needs a CUDA GPU and the bitsandbytes package "
-                          "(pip install 'clinqa[gpu]'): use 'auto' or 'none'")
+        raise ClinqaError(
+            "quantization='4bit' (QLoRA) needs a CUDA GPU and the bitsandbytes package "
+            "(pip install 'clinqa[gpu]'): use 'auto' or 'none'"
+        )
     if requested == "auto":
         return "4bit" if available else "none"
     return requested
@@ -147,9 +153,13 @@ def _spec_folder(spec: str) -> tuple[str, str]:
 
     ms = parse_spec(spec)
     if ms.modifiers:
-        raise ClinqaError(f"train a LoRA adapter on a base model, not on {spec!r}: drop the +{ms.modifiers[0].kind}: part")
+        raise ClinqaError(
+            f"train a LoRA adapter on a base model, not on {spec!r}: drop the +{ms.modifiers[0].kind}: part"
+        )
     if ms.kind == "openai":
-        raise ClinqaError("LoRA training needs local weights; an openai: endpoint has none (use a model folder, a .gguf file or 'default')")
+        raise ClinqaError(
+            "LoRA training needs local weights; an openai: endpoint has none (use a model folder, a .gguf file or 'default')"
+        )
     from clinqa.models.embedded import (
         EMBEDDED_NAME,
         converted_gguf_dir,
@@ -184,9 +194,16 @@ def _load_weights(source: str, quantization: str, device: str, precision: str):
 
         compute = torch.bfloat16 if precision == "bfloat16" else torch.float16
         # under accelerate launch / torchrun every process holds its own quantized copy on its own GPU
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                                            bnb_4bit_compute_dtype=compute),
-                  "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}, "dtype": compute}
+        kwargs = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            ),
+            "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))},
+            "dtype": compute,
+        }
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
@@ -204,7 +221,9 @@ def _strip_clinqa_hooks(model) -> None:
     for module in model.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
-                owner = getattr(hook, "__module__", "") or getattr(getattr(hook, "__func__", None), "__module__", "") or ""
+                owner = (
+                    getattr(hook, "__module__", "") or getattr(getattr(hook, "__func__", None), "__module__", "") or ""
+                )
                 if owner.startswith("clinqa."):
                     del hooks[key]
 
@@ -222,7 +241,9 @@ def fresh_model(base, quantization: str, requested: str, device: str = "cpu", pr
         model, tokenizer = _load_weights(source, quantization, device, precision)
         return model, tokenizer, {"spec": spec, "name": name, "source": source}, quantization
     if not isinstance(base, LocalModel):
-        raise ClinqaError(f"LoRA training needs a local transformers model (a LocalModel or a spec string), not {type(base).__name__}")
+        raise ClinqaError(
+            f"LoRA training needs a local transformers model (a LocalModel or a spec string), not {type(base).__name__}"
+        )
     info = {"spec": base.info.spec, "name": base.info.name}
     if quantization == "4bit":
         # 4-bit weights are loaded from the folder the model came from; an in-memory model has none
@@ -232,8 +253,10 @@ def fresh_model(base, quantization: str, requested: str, device: str = "cpu", pr
                 raise ClinqaError(source)
         except ClinqaError:
             if requested == "4bit":
-                raise ClinqaError(f"quantization='4bit' needs the base model's folder; {base.info.spec!r} is not one "
-                                  "(pass the model spec string instead, or use quantization='none')") from None
+                raise ClinqaError(
+                    f"quantization='4bit' needs the base model's folder; {base.info.spec!r} is not one "
+                    "(pass the model spec string instead, or use quantization='none')"
+                ) from None
             quantization = "none"
         else:
             model, tokenizer = _load_weights(source, quantization, device, precision)
@@ -246,7 +269,12 @@ def fresh_model(base, quantization: str, requested: str, device: str = "cpu", pr
     if hasattr(model, "peft_config"):
         del model.peft_config
     _strip_clinqa_hooks(model)
-    return model.to(_weights_dtype(device, precision)), base.tokenizer, {**info, "source": "in-memory copy"}, quantization
+    return (
+        model.to(_weights_dtype(device, precision)),
+        base.tokenizer,
+        {**info, "source": "in-memory copy"},
+        quantization,
+    )
 
 
 def attach_lora(model, config: LoraTrainConfig, targets: list[str], init_weights: dict | None, init_path) -> Any:
@@ -254,8 +282,14 @@ def attach_lora(model, config: LoraTrainConfig, targets: list[str], init_weights
     a starting adapter's weights."""
     from peft import LoraConfig, get_peft_model
 
-    lora_cfg = LoraConfig(r=int(config.rank), lora_alpha=config.alpha, lora_dropout=config.dropout,
-                          target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+    lora_cfg = LoraConfig(
+        r=int(config.rank),
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -268,6 +302,8 @@ def attach_lora(model, config: LoraTrainConfig, targets: list[str], init_weights
         result = set_peft_model_state_dict(peft_model, init_weights)
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if missing:
-            raise ClinqaError(f"starting adapter {init_path} does not cover this model's LoRA layers "
-                              f"(e.g. {missing[0]}): was it trained on another base model or target modules?")
+            raise ClinqaError(
+                f"starting adapter {init_path} does not cover this model's LoRA layers "
+                f"(e.g. {missing[0]}): was it trained on another base model or target modules?"
+            )
     return peft_model

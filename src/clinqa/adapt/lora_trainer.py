@@ -47,8 +47,17 @@ class Book:
     """The numbers a training reports that the Trainer does not keep: per-epoch history, initial
     validation loss, tokens and seconds. Saved into every checkpoint, restored on resume."""
 
-    SAVED = ("history", "initial_val_loss", "epoch_loss_sum", "epoch_tokens", "train_tokens", "step_seconds",
-             "train_seconds", "resumes", "world_size")
+    SAVED = (
+        "history",
+        "initial_val_loss",
+        "epoch_loss_sum",
+        "epoch_tokens",
+        "train_tokens",
+        "step_seconds",
+        "train_seconds",
+        "resumes",
+        "world_size",
+    )
 
     def __init__(self, world_size: int = 1):
         self.history: list[dict[str, Any]] = []
@@ -63,8 +72,11 @@ class Book:
         if self._step_loss is None:
             self._step_loss, self._step_tokens, self._step_real = loss_sum, n_answer, n_real.detach()
         else:
-            self._step_loss, self._step_tokens, self._step_real = (self._step_loss + loss_sum, self._step_tokens + n_answer,
-                                                                   self._step_real + n_real.detach())
+            self._step_loss, self._step_tokens, self._step_real = (
+                self._step_loss + loss_sum,
+                self._step_tokens + n_answer,
+                self._step_real + n_real.detach(),
+            )
 
     def end_step(self) -> float | None:
         """Close an optimizer step: its mean answer-token loss on this process."""
@@ -93,7 +105,9 @@ class Book:
 
     def totals(self) -> dict[str, float]:
         """The additive counters summed over all processes (a collective: every process calls it)."""
-        loss, tokens, real = _sum_over_processes([self.epoch_loss_sum, float(self.epoch_tokens), float(self.train_tokens)])
+        loss, tokens, real = _sum_over_processes(
+            [self.epoch_loss_sum, float(self.epoch_tokens), float(self.train_tokens)]
+        )
         return {"epoch_loss_sum": loss, "epoch_tokens": int(tokens), "train_tokens": int(real)}
 
     @classmethod
@@ -117,8 +131,15 @@ def _sum_over_processes(values: Sequence[float]) -> list[float]:
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint-N folder (one whose clinqa_state.json was written)."""
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*")
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / BOOK_FILE).is_file()] if folder.is_dir() else []
+    found = (
+        [
+            (int(m.group(1)), p)
+            for p in folder.glob("checkpoint-*")
+            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / BOOK_FILE).is_file()
+        ]
+        if folder.is_dir()
+        else []
+    )
     return max(found)[1] if found else None
 
 
@@ -153,7 +174,9 @@ def _trainer_class():
         def validation_loss(self) -> float | None:
             model = self.accelerator.unwrap_model(self.model)
             with self.accelerator.autocast():
-                return mean_answer_loss(model, self.val_examples, self.args.per_device_eval_batch_size, self.pad_id, self.args.device)
+                return mean_answer_loss(
+                    model, self.val_examples, self.args.per_device_eval_batch_size, self.pad_id, self.args.device
+                )
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             val = self.validation_loss()
@@ -219,20 +242,26 @@ def _steps_per_epoch(args, state) -> int:
     return max(1, state.max_steps // max(1, int(args.num_train_epochs)))
 
 
-def training_arguments(config: LoraTrainConfig, output_dir: Path, *, device: str, precision: str, has_val: bool,
-                       warmup_steps: int):
+def training_arguments(
+    config: LoraTrainConfig, output_dir: Path, *, device: str, precision: str, has_val: bool, warmup_steps: int
+):
     """transformers.TrainingArguments for `config` (the mapping, one place)."""
     import dataclasses
 
     from transformers import TrainingArguments
 
     # transformers >= 5 calls gradient checkpointing "activation checkpointing" (the old name warns)
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)} \
+    ckpt = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
         else "gradient_checkpointing"
+    )
     return TrainingArguments(
-        **{ckpt: config.gradient_checkpointing,
-           # non-reentrant: works with a frozen embedding layer and replays dropout's RNG state
-           f"{ckpt}_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None},
+        **{
+            ckpt: config.gradient_checkpointing,
+            # non-reentrant: works with a frozen embedding layer and replays dropout's RNG state
+            f"{ckpt}_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None,
+        },
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
@@ -273,8 +302,19 @@ def steps_per_epoch(n_train: int, config: LoraTrainConfig, world_size: int) -> i
     return math.ceil(batches / config.grad_accum)
 
 
-def train(peft_model, tokenizer, train_ex: list[dict], val_ex: list[dict], config: LoraTrainConfig, ckpt_dir: Path, *,
-          device: str, precision: str, progress: ProgressFn | None, checkpoint_every: int):
+def train(
+    peft_model,
+    tokenizer,
+    train_ex: list[dict],
+    val_ex: list[dict],
+    config: LoraTrainConfig,
+    ckpt_dir: Path,
+    *,
+    device: str,
+    precision: str,
+    progress: ProgressFn | None,
+    checkpoint_every: int,
+):
     """Train `peft_model` in place; the best epoch's weights are loaded at the end.
     Returns (trainer, book, resumed_from step or None)."""
     import os
@@ -284,23 +324,36 @@ def train(peft_model, tokenizer, train_ex: list[dict], val_ex: list[dict], confi
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_epoch = steps_per_epoch(len(train_ex), config, world_size)
     warmup = math.ceil(config.warmup_fraction * per_epoch * config.epochs)
-    args = training_arguments(config, ckpt_dir, device=device, precision=precision, has_val=bool(val_ex), warmup_steps=warmup)
+    args = training_arguments(
+        config, ckpt_dir, device=device, precision=precision, has_val=bool(val_ex), warmup_steps=warmup
+    )
     resume = latest_checkpoint(ckpt_dir)
     book = Book.load(resume / BOOK_FILE) if resume else Book(world_size)
     if resume and int(os.environ.get("RANK", "0")) != 0:
         for k in Book.ADDITIVE:  # the checkpoint holds the totals over all processes: count them once, on the main one
             setattr(book, k, 0.0 if k == "epoch_loss_sum" else 0)
     if resume and book.world_size != world_size:
-        raise ClinqaError(f"{ckpt_dir} holds a checkpoint of a training on {book.world_size} process(es); this run has {world_size}: "
-                          f"resume it with {book.world_size}, or delete {ckpt_dir.parent} to start again")
+        raise ClinqaError(
+            f"{ckpt_dir} holds a checkpoint of a training on {book.world_size} process(es); this run has {world_size}: "
+            f"resume it with {book.world_size}, or delete {ckpt_dir.parent} to start again"
+        )
     sampler = EpochSampler([len(e["input_ids"]) for e in train_ex], config.batch_size, config.seed)
     callbacks = [_callback_class()(book, progress, checkpoint_every, sampler)]
     if val_ex and config.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(config.patience)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = _trainer_class()(model=peft_model, args=args, train_dataset=train_ex, eval_dataset=val_ex or None,
-                               data_collator=AnswerCollator(pad_id), callbacks=callbacks,
-                               book=book, val_examples=val_ex, pad_id=pad_id, sampler=sampler)
+    trainer = _trainer_class()(
+        model=peft_model,
+        args=args,
+        train_dataset=train_ex,
+        eval_dataset=val_ex or None,
+        data_collator=AnswerCollator(pad_id),
+        callbacks=callbacks,
+        book=book,
+        val_examples=val_ex,
+        pad_id=pad_id,
+        sampler=sampler,
+    )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; progress goes through `progress`

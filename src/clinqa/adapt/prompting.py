@@ -44,8 +44,13 @@ class PromptPredictor:
     def __init__(self, base, prefix: str, name: str, examples: Sequence[tuple[str, str]] = (), k: int = 0):
         self.base = base
         self.prefix = prefix
-        self.info = ModelInfo(**{**base.info.__dict__, "spec": f"{base.info.spec}+prompt:{name}",
-                                 "extra": {**base.info.extra, "prompt": name}})
+        self.info = ModelInfo(
+            **{
+                **base.info.__dict__,
+                "spec": f"{base.info.spec}+prompt:{name}",
+                "extra": {**base.info.extra, "prompt": name},
+            }
+        )
         self._examples, self._k = list(examples), k  # few-shot: (question text, block); prefix holds the first k
 
     def _rewrite(self, text: str) -> str:

@@ -92,13 +92,25 @@ class Passage:
     topics: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return {"id": self.id, "doc_id": self.doc_id, "title": self.title, "source": self.source,
-                "topics": list(self.topics), "text": self.text}
+        return {
+            "id": self.id,
+            "doc_id": self.doc_id,
+            "title": self.title,
+            "source": self.source,
+            "topics": list(self.topics),
+            "text": self.text,
+        }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Passage":
-        return cls(str(d["id"]), str(d["doc_id"]), str(d["text"]), str(d.get("title") or ""),
-                   str(d.get("source") or ""), tuple(d.get("topics") or ()))
+    def from_json(cls, d: Mapping[str, Any]) -> Passage:
+        return cls(
+            str(d["id"]),
+            str(d["doc_id"]),
+            str(d["text"]),
+            str(d.get("title") or ""),
+            str(d.get("source") or ""),
+            tuple(d.get("topics") or ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,9 @@ def bundled_corpus_files() -> list[Path]:
     folder = bundled_corpus_dir()
     found = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     if not found:
-        raise ClinqaError(f"the bundled corpus is missing: no .jsonl files in {folder} (reinstall clinqa, or index a folder of your own)")
+        raise ClinqaError(
+            f"the bundled corpus is missing: no .jsonl files in {folder} (reinstall clinqa, or index a folder of your own)"
+        )
     return found
 
 
@@ -167,11 +181,15 @@ def _read_jsonl(path: Path, source_default: str) -> list[Document]:
             raise ClinqaError(f"{path}:{no}: the document has no 'text' (a non-empty string is required)")
         doc_id = row.get("id")
         doc_id = f"{path.stem}-{no}" if doc_id in (None, "") else str(doc_id)
-        docs.append(Document(
-            id=doc_id, text=text.strip(), title=str(row.get("title") or ""),
-            source=str(row.get("source") or source_default),
-            topics=_topics(row.get("topics", row.get("topic"))),
-        ))
+        docs.append(
+            Document(
+                id=doc_id,
+                text=text.strip(),
+                title=str(row.get("title") or ""),
+                source=str(row.get("source") or source_default),
+                topics=_topics(row.get("topics", row.get("topic"))),
+            )
+        )
     return docs
 
 
@@ -196,10 +214,17 @@ def load_documents(path: str | Path) -> list[Document]:
         p = Path(path).expanduser()
         if p.is_dir():
             root = p
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".md", ".jsonl")
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            files = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in (".txt", ".md", ".jsonl")
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
             if not files:
-                raise ClinqaError(f"no .txt, .md or .jsonl files in {p}: put one document per .txt/.md file, or JSONL lines with id and text")
+                raise ClinqaError(
+                    f"no .txt, .md or .jsonl files in {p}: put one document per .txt/.md file, or JSONL lines with id and text"
+                )
         elif p.is_file():
             root, files = p.parent, [p]
             if p.suffix.lower() not in (".txt", ".md", ".jsonl"):
@@ -217,7 +242,9 @@ def load_documents(path: str | Path) -> list[Document]:
             found = [d] if d else []
         for d in found:
             if d.id in where:
-                raise ClinqaError(f"duplicate document id {d.id!r} in {rel} (also in {where[d.id]}): ids must be unique")
+                raise ClinqaError(
+                    f"duplicate document id {d.id!r} in {rel} (also in {where[d.id]}): ids must be unique"
+                )
             where[d.id] = rel
             docs.append(d)
     if not docs:
@@ -237,7 +264,7 @@ def chunk(doc: Document, max_words: int = DEFAULT_MAX_WORDS, overlap: int = DEFA
     step = max_words - overlap
     start = 0
     while words:
-        piece = words[start:start + max_words]
+        piece = words[start : start + max_words]
         out.append(Passage(f"{doc.id}#{len(out)}", doc.id, " ".join(piece), doc.title, doc.source, doc.topics))
         if start + max_words >= len(words):
             break
@@ -251,8 +278,15 @@ def _as_documents(items: Iterable[Any]) -> list[Document]:
         if isinstance(d, Document):
             docs.append(d)
         elif isinstance(d, Mapping) and isinstance(d.get("text"), str):
-            docs.append(Document(str(d.get("id", f"doc-{i}")), d["text"], str(d.get("title") or ""),
-                                 str(d.get("source") or ""), _topics(d.get("topics", d.get("topic")))))
+            docs.append(
+                Document(
+                    str(d.get("id", f"doc-{i}")),
+                    d["text"],
+                    str(d.get("title") or ""),
+                    str(d.get("source") or ""),
+                    _topics(d.get("topics", d.get("topic"))),
+                )
+            )
         else:
             raise ClinqaError(f"document {i} must be a Document or a mapping with 'text', got {type(d).__name__}")
     seen: set[str] = set()
@@ -306,8 +340,15 @@ def _bm25_tokenize(texts: Sequence[str]) -> list[list[str]]:
 class Index:
     """A saved passage index: BM25 always, dense MiniLM vectors when built with dense=True."""
 
-    def __init__(self, path: Path, meta: dict, passages: list[Passage], bm25: Any, embeddings: np.ndarray | None,
-                 model: Any = None):
+    def __init__(
+        self,
+        path: Path,
+        meta: dict,
+        passages: list[Passage],
+        bm25: Any,
+        embeddings: np.ndarray | None,
+        model: Any = None,
+    ):
         self.path = path
         self.meta = meta
         self.passages = passages
@@ -325,7 +366,7 @@ class Index:
         return isinstance(meta, dict) and meta.get("format") == INDEX_FORMAT
 
     @classmethod
-    def load(cls, path: str | Path, *, model: Any = None) -> "Index":
+    def load(cls, path: str | Path, *, model: Any = None) -> Index:
         """Open an index folder written by build_index. `model` overrides the recorded query encoder."""
         import bm25s
 
@@ -341,9 +382,13 @@ class Index:
         except (OSError, ValueError) as e:
             raise ClinqaError(f"{meta_path} is unreadable ({e}): rebuild the index") from e
         if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-            raise ClinqaError(f"{path} is not a clinqa retrieval index ({INDEX_META} has no format {INDEX_FORMAT!r}): {hint}")
+            raise ClinqaError(
+                f"{path} is not a clinqa retrieval index ({INDEX_META} has no format {INDEX_FORMAT!r}): {hint}"
+            )
         if meta.get("version") != INDEX_VERSION:
-            raise ClinqaError(f"{path}: unsupported index version {meta.get('version')} (expected {INDEX_VERSION}); rebuild it")
+            raise ClinqaError(
+                f"{path}: unsupported index version {meta.get('version')} (expected {INDEX_VERSION}); rebuild it"
+            )
         try:
             with open(path / PASSAGES_FILE, encoding="utf-8") as f:
                 passages = [Passage.from_json(json.loads(line)) for line in f if line.strip()]
@@ -360,8 +405,14 @@ class Index:
             except (OSError, ValueError) as e:
                 raise ClinqaError(f"{path}/{EMBEDDINGS_FILE} is missing or damaged ({e}): rebuild the index") from e
         n = len(passages)
-        if n != meta.get("n_passages") or bm25.scores.get("num_docs") != n or (embeddings is not None and len(embeddings) != n):
-            raise ClinqaError(f"{path}: the passage, BM25 and embedding counts disagree; the index is damaged, rebuild it")
+        if (
+            n != meta.get("n_passages")
+            or bm25.scores.get("num_docs") != n
+            or (embeddings is not None and len(embeddings) != n)
+        ):
+            raise ClinqaError(
+                f"{path}: the passage, BM25 and embedding counts disagree; the index is damaged, rebuild it"
+            )
         if model is None and meta.get("embedding_model") not in (None, _minilm_name()):
             model = meta["embedding_model"]  # a local encoder folder recorded at build time
         return cls(path, meta, passages, bm25, embeddings, model)
@@ -381,7 +432,9 @@ class Index:
         if mode not in SEARCH_MODES:
             raise ClinqaError(f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}")
         if mode != "bm25" and not self.has_dense:
-            raise ClinqaError(f"the index {self.path} has no dense vectors (built with --no-dense): search with --mode bm25 (or +rag:INDEX@mode=bm25), or rebuild it with dense vectors")
+            raise ClinqaError(
+                f"the index {self.path} has no dense vectors (built with --no-dense): search with --mode bm25 (or +rag:INDEX@mode=bm25), or rebuild it with dense vectors"
+            )
 
     def bm25_scores(self, queries: Sequence[str]) -> np.ndarray:
         """[len(queries), len(passages)] BM25 scores (0 where no query term occurs)."""
@@ -404,7 +457,7 @@ class Index:
     def _bm25_ranking(self, queries: Sequence[str], depth: int) -> list[list[tuple[int, float]]]:
         out, step = [], self._rows_per_block()
         for start in range(0, len(queries), step):
-            scores = self.bm25_scores(queries[start:start + step])
+            scores = self.bm25_scores(queries[start : start + step])
             out += [[(i, float(row[i])) for i in _top_k(row, depth, positive_only=True)] for row in scores]
         return out
 
@@ -412,7 +465,7 @@ class Index:
         q = self.embed_queries(queries)
         out, step = [], self._rows_per_block()
         for start in range(0, len(q), step):
-            sims = q[start:start + step] @ self.embeddings.T
+            sims = q[start : start + step] @ self.embeddings.T
             out += [[(i, float(row[i])) for i in _top_k(row, depth)] for row in sims]
         return out
 
@@ -457,9 +510,17 @@ def _minilm_name() -> str:
     return MINILM_NAME
 
 
-def build_index(docs_or_path: str | Path | Iterable[Document | Mapping[str, Any]], out_dir: str | Path, *,
-                dense: bool = True, progress: Progress | None = None, max_words: int = DEFAULT_MAX_WORDS,
-                overlap: int = DEFAULT_OVERLAP, model: Any = None, batch_size: int = 64) -> Index:
+def build_index(
+    docs_or_path: str | Path | Iterable[Document | Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    dense: bool = True,
+    progress: Progress | None = None,
+    max_words: int = DEFAULT_MAX_WORDS,
+    overlap: int = DEFAULT_OVERLAP,
+    model: Any = None,
+    batch_size: int = 64,
+) -> Index:
     """Chunk, index with BM25 (and MiniLM when `dense`), write to `out_dir` and return the loaded index.
 
     `docs_or_path` is a corpus path for load_documents (a folder, a file, or `bundled`) or documents.
@@ -504,7 +565,7 @@ def build_index(docs_or_path: str | Path | Iterable[Document | Mapping[str, Any]
         t = time.perf_counter()
         parts, step = [], max(batch_size * 8, 1)
         for start in range(0, len(texts), step):
-            parts.append(embed_texts(texts[start:start + step], batch_size=batch_size, model=model))
+            parts.append(embed_texts(texts[start : start + step], batch_size=batch_size, model=model))
             say("embed", min(start + step, len(texts)), len(texts))
         embeddings = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
         seconds["dense"] = time.perf_counter() - t
@@ -527,14 +588,24 @@ def build_index(docs_or_path: str | Path | Iterable[Document | Mapping[str, Any]
             "n_documents": len(docs),
             "n_passages": len(passages),
             "chunking": {"max_words": max_words, "overlap": overlap, "unit": "whitespace words"},
-            "bm25": {"library": "bm25s", "library_version": getattr(bm25s, "__version__", "?"), "method": retriever.method,
-                     "k1": retriever.k1, "b": retriever.b, "stopwords": BM25_STOPWORDS, "stemmer": None,
-                     "vocab_size": len(retriever.vocab_dict)},
+            "bm25": {
+                "library": "bm25s",
+                "library_version": getattr(bm25s, "__version__", "?"),
+                "method": retriever.method,
+                "k1": retriever.k1,
+                "b": retriever.b,
+                "stopwords": BM25_STOPWORDS,
+                "stemmer": None,
+                "vocab_size": len(retriever.vocab_dict),
+            },
             "dense": embeddings is not None,
             "embedding_model": embedding_model_name(model) if embeddings is not None else None,
             "embedding_dim": int(embeddings.shape[1]) if embeddings is not None else None,
             "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": {**{k: round(v, 4) for k, v in seconds.items()}, "total": round(time.perf_counter() - t_start, 4)},
+            "build_seconds": {
+                **{k: round(v, 4) for k, v in seconds.items()},
+                "total": round(time.perf_counter() - t_start, 4),
+            },
         }
         (tmp / INDEX_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         say("save", 1, 1)
@@ -557,7 +628,9 @@ def bundled_index_path() -> Path:
     """Where the bundled corpus's index is cached: a folder per corpus content under the cache root."""
     from clinqa.models.embedded import cache_root
 
-    h = hashlib.sha256(f"{INDEX_FORMAT}/{INDEX_VERSION}/{DEFAULT_MAX_WORDS}/{DEFAULT_OVERLAP}/{_minilm_name()}".encode())
+    h = hashlib.sha256(
+        f"{INDEX_FORMAT}/{INDEX_VERSION}/{DEFAULT_MAX_WORDS}/{DEFAULT_OVERLAP}/{_minilm_name()}".encode()
+    )
     for f in bundled_corpus_files():
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return cache_root() / "indexes" / f"bundled-{h.hexdigest()[:16]}"
@@ -704,10 +777,21 @@ class RagPredictor:
     in iterative mode retrieve once with `search_mode`.
     """
 
-    def __init__(self, base: Predictor, index: Index | str | Path, k: int = 5, mode: str = "fused",
-                 budget_tokens: int = 768, *, include_options: bool = False, steps: int = 3,
-                 search_mode: str = "fused", step_tokens: int = 128, cache_size: int = 10000,
-                 spec_suffix: str | None = None):
+    def __init__(
+        self,
+        base: Predictor,
+        index: Index | str | Path,
+        k: int = 5,
+        mode: str = "fused",
+        budget_tokens: int = 768,
+        *,
+        include_options: bool = False,
+        steps: int = 3,
+        search_mode: str = "fused",
+        step_tokens: int = 128,
+        cache_size: int = 10000,
+        spec_suffix: str | None = None,
+    ):
         if mode not in RAG_MODES:
             raise ClinqaError(f"unknown retrieval mode {mode!r}: use one of {', '.join(RAG_MODES)}")
         if search_mode not in SEARCH_MODES:
@@ -728,8 +812,10 @@ class RagPredictor:
         self._hits: _LRU = _LRU(cache_size)  # query -> hits (before trimming)
         self._traces: _LRU = _LRU(cache_size)  # prompt -> iterative annotations
         suffix = spec_suffix or f"rag:{self.index.path}@k={self.k},mode={mode}"
-        extra = {**getattr(base.info, "extra", {}), "rag": {"index": str(self.index.path), "k": self.k, "mode": mode,
-                                                           "budget_tokens": self.budget_tokens}}
+        extra = {
+            **getattr(base.info, "extra", {}),
+            "rag": {"index": str(self.index.path), "k": self.k, "mode": mode, "budget_tokens": self.budget_tokens},
+        }
         self.info = dataclasses.replace(base.info, spec=f"{base.info.spec}+{suffix}", extra=extra)
         enc = getattr(base, "encode", None)
         self._encode = enc if callable(enc) else None
@@ -749,8 +835,15 @@ class RagPredictor:
             return len(self._encode(text))
         return math.ceil(WORDS_TO_TOKENS * len(text.split()))
 
-    def passage_block(self, hits: Sequence[Hit], budget: int | None = None, *, prefix: str = RAG_HEADER,
-                      line: str = "[{id}] {text}", suffix: str = "\n") -> tuple[str, list[Hit]]:
+    def passage_block(
+        self,
+        hits: Sequence[Hit],
+        budget: int | None = None,
+        *,
+        prefix: str = RAG_HEADER,
+        line: str = "[{id}] {text}",
+        suffix: str = "\n",
+    ) -> tuple[str, list[Hit]]:
         """(block, hits kept): as many passages as fit the budget, best first, the last maybe cut."""
         budget = self.budget_tokens if budget is None else budget
         lines: list[str] = []
@@ -771,7 +864,10 @@ class RagPredictor:
             lo, hi = 0, len(words) - 1  # the most words that fit, by bisection
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if self.count_tokens(render(line.format(id=h.passage_id, text=" ".join(words[:mid]) + " ..."))) <= budget:
+                if (
+                    self.count_tokens(render(line.format(id=h.passage_id, text=" ".join(words[:mid]) + " ...")))
+                    <= budget
+                ):
                     lo = mid
                 else:
                     hi = mid - 1
@@ -843,8 +939,9 @@ class RagPredictor:
 
     def _generate_iterative(self, prompts: list[str], config: GenerationConfig) -> list[str]:
         traces = [_Trace(p, retrieval_query(p, include_options=self.include_options)) for p in prompts]
-        step_config = dataclasses.replace(config, max_new_tokens=self.step_tokens,
-                                          stop=tuple(dict.fromkeys([*config.stop, "Observation:"])))
+        step_config = dataclasses.replace(
+            config, max_new_tokens=self.step_tokens, stop=tuple(dict.fromkeys([*config.stop, "Observation:"]))
+        )
         step_budget = max(self.budget_tokens // self.steps, 1)
         for step in range(1, self.steps + 1):
             active = [t for t in traces if not t.done]
@@ -855,8 +952,14 @@ class RagPredictor:
             for t, out in zip(active, outputs):
                 out = out or ""
                 thought, query, answered = parse_step(out)
-                rec = {"step": step, "thought": thought, "query": query, "query_source": "model" if query else None,
-                       "retrieved": [], "output": out[:1000]}
+                rec = {
+                    "step": step,
+                    "thought": thought,
+                    "query": query,
+                    "query_source": "model" if query else None,
+                    "retrieved": [],
+                    "output": out[:1000],
+                }
                 t.steps.append(rec)
                 if answered:
                     t.done, t.stopped = True, "answer"
@@ -873,7 +976,9 @@ class RagPredictor:
             for (t, rec), hits in zip(searches, found):
                 seen = t.seen
                 new = [h for h in hits if h.passage_id not in seen][: self.k]
-                obs, kept = self.passage_block(new, step_budget, prefix="", line="Observation: [{id}] {text}", suffix="")
+                obs, kept = self.passage_block(
+                    new, step_budget, prefix="", line="Observation: [{id}] {text}", suffix=""
+                )
                 if not kept:
                     obs = "Observation: (no new passages)\n"
                 rec["retrieved"] = [h.passage_id for h in kept]
@@ -883,17 +988,29 @@ class RagPredictor:
         for t in traces:
             block, kept = self.passage_block(t.observed)
             finals.append(block + t.prompt)
-            self._traces.put(t.prompt, {
-                "rag_mode": "iterative", "steps": t.steps, "retrieved": [h.passage_id for h in t.observed],
-                "in_prompt": [h.passage_id for h in kept], "stopped": t.stopped, "_final_prompt": block + t.prompt,
-            })
+            self._traces.put(
+                t.prompt,
+                {
+                    "rag_mode": "iterative",
+                    "steps": t.steps,
+                    "retrieved": [h.passage_id for h in t.observed],
+                    "in_prompt": [h.passage_id for h in kept],
+                    "stopped": t.stopped,
+                    "_final_prompt": block + t.prompt,
+                },
+            )
         return self.base.generate(finals, config)
 
 
 # -- the spec modifier ---------------------------------------------------------------------------------
-_PARAMS = {"k": "passages per prompt (int)", "mode": "/".join(RAG_MODES), "budget": "token budget for the passages (int)",
-           "steps": "iterative steps (int)", "options": "include option texts in the query (true/false)",
-           "search": "search mode for iterative steps (bm25/dense/fused)"}
+_PARAMS = {
+    "k": "passages per prompt (int)",
+    "mode": "/".join(RAG_MODES),
+    "budget": "token budget for the passages (int)",
+    "steps": "iterative steps (int)",
+    "options": "include option texts in the query (true/false)",
+    "search": "search mode for iterative steps (bm25/dense/fused)",
+}
 
 
 def _int_param(params: Mapping[str, str], key: str, default: int, where: str) -> int:
@@ -927,8 +1044,10 @@ def apply_modifier(predictor: Predictor, modifier: Modifier) -> RagPredictor:
     where = str(modifier)
     unknown = sorted(set(modifier.params) - set(_PARAMS) - {"budget_tokens"})
     if unknown:
-        raise ClinqaError(f"{where}: unknown parameter(s) {', '.join(unknown)}; rag takes "
-                          + ", ".join(f"{k} ({v})" for k, v in _PARAMS.items()))
+        raise ClinqaError(
+            f"{where}: unknown parameter(s) {', '.join(unknown)}; rag takes "
+            + ", ".join(f"{k} ({v})" for k, v in _PARAMS.items())
+        )
     p = modifier.params
     mode = p.get("mode", "fused")
     if mode not in RAG_MODES:
@@ -938,15 +1057,28 @@ def apply_modifier(predictor: Predictor, modifier: Modifier) -> RagPredictor:
         raise ClinqaError(f"{where}: unknown search mode {search!r}: use one of {', '.join(SEARCH_MODES)}")
     budget = _int_param(p, "budget", _int_param(p, "budget_tokens", 768, where), where)
     return RagPredictor(
-        predictor, open_index(modifier.target), k=_int_param(p, "k", 5, where), mode=mode, budget_tokens=budget,
-        include_options=_bool_param(p, "options", False, where), steps=_int_param(p, "steps", 3, where),
-        search_mode=search, spec_suffix=where,
+        predictor,
+        open_index(modifier.target),
+        k=_int_param(p, "k", 5, where),
+        mode=mode,
+        budget_tokens=budget,
+        include_options=_bool_param(p, "options", False, where),
+        steps=_int_param(p, "steps", 3, where),
+        search_mode=search,
+        spec_suffix=where,
     )
 
 
 # -- CLI helpers ----------------------------------------------------------------------------------------
-def build_index_cmd(docs: str | Path, out: str | Path, *, dense: bool = True, max_words: int = DEFAULT_MAX_WORDS,
-                    overlap: int = DEFAULT_OVERLAP, progress: Progress | None = None) -> Index:
+def build_index_cmd(
+    docs: str | Path,
+    out: str | Path,
+    *,
+    dense: bool = True,
+    max_words: int = DEFAULT_MAX_WORDS,
+    overlap: int = DEFAULT_OVERLAP,
+    progress: Progress | None = None,
+) -> Index:
     """`clinqa index build DOCS OUT`: index a corpus folder/file (or `bundled`) into OUT."""
     return build_index(docs, out, dense=dense, progress=progress, max_words=max_words, overlap=overlap)
 
@@ -960,9 +1092,11 @@ def describe(index: Index) -> str:
     """A one-line summary of an index for the CLI."""
     m = index.meta
     dense = f"dense {m['embedding_model']}" if m.get("dense") else "no dense vectors"
-    return (f"{index.path}: {m['n_passages']} passages from {m['n_documents']} documents ({m['corpus']}), "
-            f"BM25 + {dense}, chunks of {m['chunking']['max_words']} words (overlap {m['chunking']['overlap']}), "
-            f"built {m['built_at']} in {m['build_seconds']['total']:.1f}s")
+    return (
+        f"{index.path}: {m['n_passages']} passages from {m['n_documents']} documents ({m['corpus']}), "
+        f"BM25 + {dense}, chunks of {m['chunking']['max_words']} words (overlap {m['chunking']['overlap']}), "
+        f"built {m['built_at']} in {m['build_seconds']['total']:.1f}s"
+    )
 
 
 def format_hits(hits: Sequence[Hit], width: int = 160) -> str:
@@ -976,7 +1110,26 @@ def format_hits(hits: Sequence[Hit], width: int = 160) -> str:
 
 
 __all__ = [
-    "BUNDLED", "Document", "Hit", "Index", "Passage", "RAG_MODES", "RRF_K", "RagPredictor", "SEARCH_MODES",
-    "apply_modifier", "build_index", "build_index_cmd", "bundled_index", "chunk", "describe", "format_hits",
-    "load_documents", "open_index", "parse_step", "query", "reciprocal_rank_fusion", "retrieval_query",
+    "BUNDLED",
+    "Document",
+    "Hit",
+    "Index",
+    "Passage",
+    "RAG_MODES",
+    "RRF_K",
+    "RagPredictor",
+    "SEARCH_MODES",
+    "apply_modifier",
+    "build_index",
+    "build_index_cmd",
+    "bundled_index",
+    "chunk",
+    "describe",
+    "format_hits",
+    "load_documents",
+    "open_index",
+    "parse_step",
+    "query",
+    "reciprocal_rank_fusion",
+    "retrieval_query",
 ]

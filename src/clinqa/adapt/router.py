@@ -27,10 +27,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from clinqa.adapt.steering import SteeringConfig, SteeringVector, build_steering_vector, resolve_layers, weights_hash
-from clinqa.runs import Progress
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate.prompts import GENERATE_INSTRUCTION
+from clinqa.runs import Progress
 
 ROUTER_FORMAT = "clinqa.steering_router"
 INDEX_FORMAT = "clinqa.steering_categories"
@@ -64,15 +64,31 @@ class Router:
     means little, since it moves with C.
     """
 
-    def __init__(self, mode: str = "embed", *, threshold: float | None = None, coverage: float = 0.9,
-                 layer: int | None = None, predictor: Any = None, C: float | None = None, seed: int = 0):
+    def __init__(
+        self,
+        mode: str = "embed",
+        *,
+        threshold: float | None = None,
+        coverage: float = 0.9,
+        layer: int | None = None,
+        predictor: Any = None,
+        C: float | None = None,
+        seed: int = 0,
+    ):
         if mode not in MODES:
             raise ClinqaError(f"unknown router mode {mode!r}: use one of {', '.join(MODES)}")
         if "hidden" in mode and (predictor is None or layer is None):
             raise ClinqaError("a hidden-state router needs the model (predictor=) and a layer")
         if not 0 < coverage <= 1:
             raise ClinqaError(f"coverage must be in (0, 1], got {coverage}")
-        self.mode, self.layer, self.predictor, self.C, self.coverage, self.seed = mode, layer, predictor, C, coverage, seed
+        self.mode, self.layer, self.predictor, self.C, self.coverage, self.seed = (
+            mode,
+            layer,
+            predictor,
+            C,
+            coverage,
+            seed,
+        )
         self.threshold = None if threshold is None else float(threshold)
         self.fixed_threshold = threshold is not None
         self.classes: list[str] = []
@@ -140,8 +156,9 @@ class Router:
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
         cv = self._min_per_class == 2
         if np.bincount(y, minlength=len(self.classes)).min() < self._min_per_class:
-            raise ClinqaError("choosing C or the threshold by cross-validation needs 2+ texts per category: "
-                              "pass C= and threshold=")
+            raise ClinqaError(
+                "choosing C or the threshold by cross-validation needs 2+ texts per category: pass C= and threshold="
+            )
         oof = {C: self._out_of_fold(X, y, C) for C in ((self.C,) if self.C is not None else C_GRID)} if cv else {}
         self.C_used = self.C if self.C is not None else max(oof, key=lambda c: (oof[c].argmax(1) == y).mean())
         if not self.fixed_threshold:  # the top probability that about `coverage` of the texts reach
@@ -153,7 +170,7 @@ class Router:
         best = P.argmax(1)
         return [self.classes[b] if P[i, b] >= self.threshold else None for i, b in enumerate(best)]
 
-    def fit(self, texts: Sequence[str], labels: Sequence[str], *, holdout: float = 0.25) -> "Router":
+    def fit(self, texts: Sequence[str], labels: Sequence[str], *, holdout: float = 0.25) -> Router:
         """Fit on (text, category) examples. With `holdout` > 0, first fit on a seeded stratified
         split (C and threshold chosen inside it) and store held-out metrics in `metrics`, then
         refit on everything."""
@@ -190,12 +207,20 @@ class Router:
         conf = P.max(1)
         covered = conf >= self.threshold
         ranked = hit[np.argsort(-conf, kind="stable")]
-        return {"routing_accuracy": float(hit.mean()), "coverage": float(covered.mean()),
-                "routed_accuracy": float(hit[covered].mean()) if covered.any() else None, "n_test": int(len(y)),
-                "accuracy_at_coverage": {str(c): float(ranked[: max(1, int(round(c * len(y))))].mean())
-                                         for c in (1.0, 0.9, 0.75, 0.5)},
-                "confusion": np.bincount(y * len(self.classes) + P.argmax(1), minlength=len(self.classes) ** 2)
-                .reshape(len(self.classes), -1).tolist(), "C": self.C_used, "threshold": self.threshold}
+        return {
+            "routing_accuracy": float(hit.mean()),
+            "coverage": float(covered.mean()),
+            "routed_accuracy": float(hit[covered].mean()) if covered.any() else None,
+            "n_test": int(len(y)),
+            "accuracy_at_coverage": {
+                str(c): float(ranked[: max(1, int(round(c * len(y))))].mean()) for c in (1.0, 0.9, 0.75, 0.5)
+            },
+            "confusion": np.bincount(y * len(self.classes) + P.argmax(1), minlength=len(self.classes) ** 2)
+            .reshape(len(self.classes), -1)
+            .tolist(),
+            "C": self.C_used,
+            "threshold": self.threshold,
+        }
 
     def evaluate(self, texts: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
         """Accuracy of the top choice, share routed (above threshold), accuracy among routed, accuracy
@@ -218,17 +243,30 @@ class Router:
         path.mkdir(parents=True, exist_ok=True)
         from clinqa.models.embed import embedding_model_name
 
-        doc = {"format": ROUTER_FORMAT, "version": 1, "mode": self.mode, "threshold": self.threshold, "layer": self.layer,
-               "coverage": None if self.fixed_threshold else self.coverage,
-               "embedding_model": embedding_model_name() if "embed" in self.mode else None, "model": self.model,
-               "C": self.C_used, "C_by_cv": self.C is None, "seed": self.seed, "classes": self.classes,
-               "coef": np.asarray(self.coef).tolist(), "intercept": np.asarray(self.intercept).tolist(),
-               "mean": np.asarray(self.mean).tolist(), "scale": np.asarray(self.scale).tolist(), "metrics": self.metrics}
+        doc = {
+            "format": ROUTER_FORMAT,
+            "version": 1,
+            "mode": self.mode,
+            "threshold": self.threshold,
+            "layer": self.layer,
+            "coverage": None if self.fixed_threshold else self.coverage,
+            "embedding_model": embedding_model_name() if "embed" in self.mode else None,
+            "model": self.model,
+            "C": self.C_used,
+            "C_by_cv": self.C is None,
+            "seed": self.seed,
+            "classes": self.classes,
+            "coef": np.asarray(self.coef).tolist(),
+            "intercept": np.asarray(self.intercept).tolist(),
+            "mean": np.asarray(self.mean).tolist(),
+            "scale": np.asarray(self.scale).tolist(),
+            "metrics": self.metrics,
+        }
         (path / "router.json").write_text(json.dumps(doc) + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | Path, predictor: Any = None) -> "Router":
+    def load(cls, path: str | Path, predictor: Any = None) -> Router:
         path = Path(path)
         file = path if path.suffix == ".json" else path / "router.json"
         if not file.is_file():
@@ -238,7 +276,14 @@ class Router:
             raise ClinqaError(f"{file} is not a clinqa steering router")
         if "hidden" in doc["mode"] and predictor is None:
             raise ClinqaError(f"{file} routes on hidden states: load it with the model (predictor=)")
-        r = cls(doc["mode"], threshold=doc["threshold"], layer=doc["layer"], predictor=predictor, C=doc["C"], seed=doc["seed"])
+        r = cls(
+            doc["mode"],
+            threshold=doc["threshold"],
+            layer=doc["layer"],
+            predictor=predictor,
+            C=doc["C"],
+            seed=doc["seed"],
+        )
         r.classes, r.metrics, r.model = doc["classes"], doc["metrics"], doc.get("model") or {}
         r.coef, r.intercept = np.array(doc["coef"], dtype=np.float64), np.array(doc["intercept"], dtype=np.float64)
         r.mean, r.scale = np.array(doc["mean"], dtype=np.float64), np.array(doc["scale"], dtype=np.float64)
@@ -257,9 +302,19 @@ def _folder(category: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", category).strip("._") or "category"
 
 
-def build_category_vectors(predictor: Any, questions: Sequence[Question], by: str, config: SteeringConfig | None,
-                           out_dir: str | Path, progress: Progress | None = None, *, router: dict[str, Any] | None = None,
-                           min_questions: int = 4, holdout: float = 0.25, data: str | None = None) -> dict[str, Any]:
+def build_category_vectors(
+    predictor: Any,
+    questions: Sequence[Question],
+    by: str,
+    config: SteeringConfig | None,
+    out_dir: str | Path,
+    progress: Progress | None = None,
+    *,
+    router: dict[str, Any] | None = None,
+    min_questions: int = 4,
+    holdout: float = 0.25,
+    data: str | None = None,
+) -> dict[str, Any]:
     """One steering vector per category (questions grouped by `by`) plus a router; returns the index
     written to `out_dir/vectors.json`. Categories with fewer than `min_questions` are skipped.
     `router`: Router keyword arguments (mode, layer, C, threshold, coverage); a hidden-state router
@@ -274,8 +329,10 @@ def build_category_vectors(predictor: Any, questions: Sequence[Question], by: st
     kept = {c: qs for c, qs in sorted(groups.items()) if len(qs) >= min_questions}
     skipped = {c: len(qs) for c, qs in groups.items() if c not in kept}
     if len(kept) < 2:
-        raise ClinqaError(f"need at least 2 categories with {min_questions}+ questions by {by!r}; got "
-                          f"{ {c: len(qs) for c, qs in groups.items()} }")
+        raise ClinqaError(
+            f"need at least 2 categories with {min_questions}+ questions by {by!r}; got "
+            f"{ {c: len(qs) for c, qs in groups.items()} }"
+        )
     folders = {c: _folder(c) for c in kept}
     if len(set(folders.values())) < len(folders):
         raise ClinqaError(f"category names collide as folder names: {folders}")
@@ -283,6 +340,7 @@ def build_category_vectors(predictor: Any, questions: Sequence[Question], by: st
     total, offset = sum(sizes.values()), 0
     entries = {}
     for cat, qs in kept.items():
+
         def step(done: int, _total: int, base: int = offset) -> None:
             if progress:
                 progress(base + done, total)
@@ -290,8 +348,14 @@ def build_category_vectors(predictor: Any, questions: Sequence[Question], by: st
         vec = build_steering_vector(predictor, qs, config, progress=step, name=folders[cat], category=cat, data=data)
         vec.save(out / folders[cat])
         offset += sizes[cat]
-        entries[cat] = {"path": folders[cat], "n_questions": len(qs), "n_pairs": vec.n_pairs, "layers": vec.layers,
-                        "best_layer": vec.best_layer, "probe_accuracy": {str(k): v for k, v in vec.probe_accuracy.items()}}
+        entries[cat] = {
+            "path": folders[cat],
+            "n_questions": len(qs),
+            "n_pairs": vec.n_pairs,
+            "layers": vec.layers,
+            "best_layer": vec.best_layer,
+            "probe_accuracy": {str(k): v for k, v in vec.probe_accuracy.items()},
+        }
     from clinqa.specialties.embed import question_text
 
     options = {"mode": "embed", "seed": config.seed, **(router or {})}
@@ -301,12 +365,24 @@ def build_category_vectors(predictor: Any, questions: Sequence[Question], by: st
     texts = [question_text(q) for qs in kept.values() for q in qs]
     routing.fit(texts, [c for c, qs in kept.items() for _ in qs], holdout=holdout)
     routing.save(out / "router")
-    index = {"format": INDEX_FORMAT, "version": 1, "by": by, "data": data,
-             "model": {"name": vec.model_name, "sha256": vec.model_hash},
-             "config": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(config).items()},
-             "categories": entries, "skipped": skipped,
-             "router": {"path": "router", "mode": routing.mode, "layer": routing.layer, **routing.metrics,
-                        "C": routing.C_used, "threshold": routing.threshold}}
+    index = {
+        "format": INDEX_FORMAT,
+        "version": 1,
+        "by": by,
+        "data": data,
+        "model": {"name": vec.model_name, "sha256": vec.model_hash},
+        "config": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(config).items()},
+        "categories": entries,
+        "skipped": skipped,
+        "router": {
+            "path": "router",
+            "mode": routing.mode,
+            "layer": routing.layer,
+            **routing.metrics,
+            "C": routing.C_used,
+            "threshold": routing.threshold,
+        },
+    }
     (out / "vectors.json").write_text(json.dumps(index, indent=2) + "\n")
     return index
 

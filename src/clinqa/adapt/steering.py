@@ -72,8 +72,10 @@ class SteeringConfig:
 def _require_local(predictor: Any) -> LocalModel:
     if not all(hasattr(predictor, a) for a in ("layers", "model", "encode_pair")):
         backend = getattr(getattr(predictor, "info", None), "backend", type(predictor).__name__)
-        raise ClinqaError(f"steering needs a local transformers model (hidden states and hooks); got {backend}. "
-                          "Put +steer: right after the base model (or its +lora:), e.g. default+steer:vectors/NAME")
+        raise ClinqaError(
+            f"steering needs a local transformers model (hidden states and hooks); got {backend}. "
+            "Put +steer: right after the base model (or its +lora:), e.g. default+steer:vectors/NAME"
+        )
     return predictor
 
 
@@ -107,18 +109,27 @@ def _block_output(output: Any) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def answer_activations(model: LocalModel, texts: Sequence[tuple[str, str]], layers: Sequence[int],
-                       position: str = "answer_last", progress: Progress | None = None) -> dict[int, np.ndarray]:
+def answer_activations(
+    model: LocalModel,
+    texts: Sequence[tuple[str, str]],
+    layers: Sequence[int],
+    position: str = "answer_last",
+    progress: Progress | None = None,
+) -> dict[int, np.ndarray]:
     """Block outputs at the answer of each teacher-forced (prompt, answer) text: {layer: [n, hidden]}."""
     encoded = []
     for prompt, answer in texts:
         ctx, cont = model.encode_pair(prompt, " " + answer)
-        ids = (ctx + cont)[-model.max_length:]
+        ids = (ctx + cont)[-model.max_length :]
         encoded.append((ids, len(ids) - len(cont)))
     out = {layer: np.zeros((len(texts), model.model.config.hidden_size), dtype=np.float64) for layer in layers}
     captured: dict[int, torch.Tensor] = {}
-    hooks = [model.layers[layer - 1].register_forward_hook(
-        lambda _m, _a, o, layer=layer: captured.__setitem__(layer, _block_output(o))) for layer in layers]
+    hooks = [
+        model.layers[layer - 1].register_forward_hook(
+            lambda _m, _a, o, layer=layer: captured.__setitem__(layer, _block_output(o))
+        )
+        for layer in layers
+    ]
     scope = model._adapter_scope() if hasattr(model, "_adapter_scope") else nullcontext()
     done = 0
     try:
@@ -198,9 +209,16 @@ def weights_hash(model: LocalModel) -> str:
     return h.hexdigest()
 
 
-def build_steering_vector(predictor: Any, questions: Sequence[Question], config: SteeringConfig | None = None, *,
-                          progress: Progress | None = None, name: str = "steering", category: str | None = None,
-                          data: str | None = None) -> "SteeringVector":
+def build_steering_vector(
+    predictor: Any,
+    questions: Sequence[Question],
+    config: SteeringConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    name: str = "steering",
+    category: str | None = None,
+    data: str | None = None,
+) -> SteeringVector:
     """Extract a steering vector (right minus wrong answers) from labelled questions."""
     started = time.perf_counter()
     model = _require_local(predictor)
@@ -227,15 +245,30 @@ def build_steering_vector(predictor: Any, questions: Sequence[Question], config:
     from clinqa import __version__
 
     return SteeringVector(
-        directions=directions, stds=stds, norms=norms, probe_accuracy=probe_acc,
-        model_name=model.info.name, model_hash=weights_hash(model), hidden_size=int(model.model.config.hidden_size),
-        model_type=str(getattr(model.model.config, "model_type", "") or ""), position=config.position,
-        aggregator=config.aggregator, n_pairs=n, name=name, category=category,
-        provenance={"data": data, "n_questions": len(questions), "question_ids_sha256": hashlib.sha256(
-                        "\n".join(q.id for q in questions).encode()).hexdigest(),
-                    "seed": config.seed, "max_pairs": config.max_pairs, "adapter": getattr(model, "adapter", None),
-                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "build_seconds": round(time.perf_counter() - started, 3), "clinqa_version": __version__},
+        directions=directions,
+        stds=stds,
+        norms=norms,
+        probe_accuracy=probe_acc,
+        model_name=model.info.name,
+        model_hash=weights_hash(model),
+        hidden_size=int(model.model.config.hidden_size),
+        model_type=str(getattr(model.model.config, "model_type", "") or ""),
+        position=config.position,
+        aggregator=config.aggregator,
+        n_pairs=n,
+        name=name,
+        category=category,
+        provenance={
+            "data": data,
+            "n_questions": len(questions),
+            "question_ids_sha256": hashlib.sha256("\n".join(q.id for q in questions).encode()).hexdigest(),
+            "seed": config.seed,
+            "max_pairs": config.max_pairs,
+            "adapter": getattr(model, "adapter", None),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "clinqa_version": __version__,
+        },
     )
 
 
@@ -278,12 +311,21 @@ class SteeringVector:
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": FORMAT_VERSION, "name": self.name, "category": self.category,
-            "model": {"name": self.model_name, "sha256": self.model_hash, "hidden_size": self.hidden_size,
-                      "model_type": self.model_type},
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "category": self.category,
+            "model": {
+                "name": self.model_name,
+                "sha256": self.model_hash,
+                "hidden_size": self.hidden_size,
+                "model_type": self.model_type,
+            },
             "layers": self.layers,
             "layer_numbering": "hidden-state index: 0 = embeddings, L = output of decoder block L (1-based)",
-            "position": self.position, "aggregator": self.aggregator, "n_pairs": self.n_pairs,
+            "position": self.position,
+            "aggregator": self.aggregator,
+            "n_pairs": self.n_pairs,
             "stds": {str(k): v for k, v in self.stds.items()},
             "norms": {str(k): v for k, v in self.norms.items()},
             "probe_accuracy": {str(k): v for k, v in self.probe_accuracy.items()},
@@ -296,13 +338,16 @@ class SteeringVector:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({f"direction.{k}": v.contiguous() for k, v in self.directions.items()}, str(path / "vector.safetensors"),
-                  metadata={"format": FORMAT})
+        save_file(
+            {f"direction.{k}": v.contiguous() for k, v in self.directions.items()},
+            str(path / "vector.safetensors"),
+            metadata={"format": FORMAT},
+        )
         (path / "vector.json").write_text(json.dumps(self.metadata(), indent=2) + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "SteeringVector":
+    def load(cls, path: str | Path) -> SteeringVector:
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -317,10 +362,19 @@ class SteeringVector:
         m = meta["model"]
         return cls(
             directions={int(k.split(".", 1)[1]): v.float() for k, v in tensors.items()},
-            stds=_by_layer(meta["stds"]), norms=_by_layer(meta["norms"]), probe_accuracy=_by_layer(meta["probe_accuracy"]),
-            model_name=m["name"], model_hash=m["sha256"], hidden_size=int(m["hidden_size"]), model_type=m.get("model_type", ""),
-            position=meta["position"], aggregator=meta["aggregator"], n_pairs=int(meta["n_pairs"]),
-            name=path.name, category=meta.get("category"), provenance=meta.get("provenance") or {},
+            stds=_by_layer(meta["stds"]),
+            norms=_by_layer(meta["norms"]),
+            probe_accuracy=_by_layer(meta["probe_accuracy"]),
+            model_name=m["name"],
+            model_hash=m["sha256"],
+            hidden_size=int(m["hidden_size"]),
+            model_type=m.get("model_type", ""),
+            position=meta["position"],
+            aggregator=meta["aggregator"],
+            n_pairs=int(meta["n_pairs"]),
+            name=path.name,
+            category=meta.get("category"),
+            provenance=meta.get("provenance") or {},
         )
 
     def export_gguf(self, path: str | Path, *, alpha: float = 1.0, layers: Sequence[int] | None = None) -> Path:
@@ -342,7 +396,10 @@ class SteeringVector:
             raise ClinqaError(f"layers {missing} are not in this vector (it has {self.layers})")
         exported = [x for x in wanted if x >= 2]
         if len(exported) < len(wanted):
-            warnings.warn("layer 1 cannot be expressed as a llama.cpp control vector (direction.0 is rejected); skipped")
+            warnings.warn(
+                "layer 1 cannot be expressed as a llama.cpp control vector (direction.0 is rejected); skipped",
+                stacklevel=2,
+            )
         if not exported:
             raise ClinqaError("nothing to export: llama.cpp control vectors start at clinqa layer 2")
         path = Path(path)
@@ -360,6 +417,15 @@ class SteeringVector:
 
 
 __all__ = [
-    "AGGREGATORS", "POSITIONS", "SteeringConfig", "SteeringVector", "aggregate", "answer_activations",
-    "build_steering_vector", "contrastive_pairs", "probe_accuracy", "resolve_layers", "weights_hash",
+    "AGGREGATORS",
+    "POSITIONS",
+    "SteeringConfig",
+    "SteeringVector",
+    "aggregate",
+    "answer_activations",
+    "build_steering_vector",
+    "contrastive_pairs",
+    "probe_accuracy",
+    "resolve_layers",
+    "weights_hash",
 ]

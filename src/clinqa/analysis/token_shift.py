@@ -30,8 +30,9 @@ def question_text(q: Question) -> str:
     return f"{q.question.strip()} Answer: {q.options[q.answer]}"
 
 
-def clinical_terms(questions: Sequence[Question], control: Sequence[Question] = (), *, min_count: int = 2,
-                   max_terms: int = 40) -> dict[str, list[str]]:
+def clinical_terms(
+    questions: Sequence[Question], control: Sequence[Question] = (), *, min_count: int = 2, max_terms: int = 40
+) -> dict[str, list[str]]:
     """Per specialty, the frequent content words of its questions and answers that are medical
     vocabulary: not English stop words, at least 4 letters, and never used in the non-medical control set."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
@@ -108,11 +109,20 @@ class TokenShiftResult:
     contrasts: list[Contrast] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = ["| specialty | model | occurrences | base mean log p | adapted | shift | 95% CI |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| specialty | model | occurrences | base mean log p | adapted | shift | 95% CI |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for r in self.rows:
-            lines.append(f"| {r.specialty} | {r.model} | {r.n} | {r.base:.3f} | {r.adapted:.3f} | {r.shift:+.3f} | {r.ci_low:+.3f} to {r.ci_high:+.3f} |")
+            lines.append(
+                f"| {r.specialty} | {r.model} | {r.n} | {r.base:.3f} | {r.adapted:.3f} | {r.shift:+.3f} | {r.ci_low:+.3f} to {r.ci_high:+.3f} |"
+            )
         if self.contrasts:
-            lines += ["", "| contrast (same term occurrences, nats) | occurrences | difference | 95% CI |", "|---|---:|---:|---:|"]
+            lines += [
+                "",
+                "| contrast (same term occurrences, nats) | occurrences | difference | 95% CI |",
+                "|---|---:|---:|---:|",
+            ]
             for c in self.contrasts:
                 lines.append(f"| {c.description} | {c.n} | {c.diff:+.3f} | {c.ci_low:+.3f} to {c.ci_high:+.3f} |")
         return "\n".join(lines) + "\n"
@@ -132,8 +142,15 @@ def _group_labels(groups: dict[str, list] | None, s: str, n: int) -> list:
     return [(s, g) for g in groups[s]] if groups else [(s, k) for k in range(n)]
 
 
-def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], adapted: Sequence[str], *,
-              groups: dict[str, list] | None = None, control: str = "control", seed: int = 0) -> list[Contrast]:
+def contrasts(
+    values: dict[str, dict[str, list[float]]],
+    specs: Sequence[str],
+    adapted: Sequence[str],
+    *,
+    groups: dict[str, list] | None = None,
+    control: str = "control",
+    seed: int = 0,
+) -> list[Contrast]:
     """own_vs_other: on each specialty's terms, its own adapter minus the mean of the other specialty
     adapters (knowledge injection predicts > 0); medical_vs_control: the mean of the specialty adapters
     minus the control adapter (a shift toward medical language predicts > 0). ``groups[s]`` names the
@@ -149,7 +166,16 @@ def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], a
             own_groups += _group_labels(groups, s, len(values[name][s]))
     if own:
         lo, hi = grouped_bootstrap_ci(own, own_groups, seed=seed)
-        out.append(Contrast("own_vs_other", "own-specialty adapter − other specialty adapters", len(own), float(np.mean(own)), lo, hi))
+        out.append(
+            Contrast(
+                "own_vs_other",
+                "own-specialty adapter − other specialty adapters",
+                len(own),
+                float(np.mean(own)),
+                lo,
+                hi,
+            )
+        )
     if control in adapted and medical:
         med: list[float] = []
         med_groups: list = []
@@ -160,12 +186,28 @@ def contrasts(values: dict[str, dict[str, list[float]]], specs: Sequence[str], a
                 med_groups += _group_labels(groups, s, len(values[control][s]))
         if med:
             lo, hi = grouped_bootstrap_ci(med, med_groups, seed=seed)
-            out.append(Contrast("medical_vs_control", "specialty adapters (mean) − control adapter", len(med), float(np.mean(med)), lo, hi))
+            out.append(
+                Contrast(
+                    "medical_vs_control",
+                    "specialty adapters (mean) − control adapter",
+                    len(med),
+                    float(np.mean(med)),
+                    lo,
+                    hi,
+                )
+            )
     return out
 
 
-def token_shift(base, adapted: dict[str, object], questions: Sequence[Question], terms: dict[str, list[str]], *,
-                seed: int = 0, progress: Callable[[int, int], None] | None = None) -> TokenShiftResult:
+def token_shift(
+    base,
+    adapted: dict[str, object],
+    questions: Sequence[Question],
+    terms: dict[str, list[str]],
+    *,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> TokenShiftResult:
     """Mean clinical-term log-probability per specialty under base and each adapted predictor, with
     the paired shift and a bootstrap CI that resamples questions (a question's term occurrences stay
     together); plus a pooled row per model and the paired contrasts."""
@@ -181,8 +223,10 @@ def token_shift(base, adapted: dict[str, object], questions: Sequence[Question],
             values[name][s] = [lp for per_text in occ for _, lp in per_text]
             which = [t for t, per_text in enumerate(occ) for _ in per_text]
             if groups.setdefault(s, which) != which:
-                raise ClinqaError(f"{name} read a different set of {s} term occurrences than the base model; "
-                                  "adapters must share the base model's tokenizer")
+                raise ClinqaError(
+                    f"{name} read a different set of {s} term occurrences than the base model; "
+                    "adapters must share the base model's tokenizer"
+                )
         if progress:
             progress(i + 1, len(models))
     result = TokenShiftResult(terms={s: terms[s] for s in specs})
@@ -199,7 +243,9 @@ def token_shift(base, adapted: dict[str, object], questions: Sequence[Question],
             if len(b) == 0:
                 continue
             lo, hi = grouped_bootstrap_ci(a - b, g, seed=seed)
-            result.rows.append(ShiftRow(s, name, len(b), float(b.mean()), float(a.mean()), float((a - b).mean()), lo, hi))
+            result.rows.append(
+                ShiftRow(s, name, len(b), float(b.mean()), float(a.mean()), float((a - b).mean()), lo, hi)
+            )
     result.contrasts = contrasts(values, specs, list(adapted), groups=groups, seed=seed)
     return result
 
@@ -218,11 +264,19 @@ def plot_shift(result: TokenShiftResult, path: Path) -> Path:
         rows = {r.specialty: r for r in result.rows if r.model == m}
         xs = [i + j * width for i, s in enumerate(specs) if s in rows]
         ys = [rows[s].shift for s in specs if s in rows]
-        err = [[rows[s].shift - rows[s].ci_low for s in specs if s in rows], [rows[s].ci_high - rows[s].shift for s in specs if s in rows]]
+        err = [
+            [rows[s].shift - rows[s].ci_low for s in specs if s in rows],
+            [rows[s].ci_high - rows[s].shift for s in specs if s in rows],
+        ]
         style = {"color": "0.6", "hatch": "//"} if m == "control" else {}  # the control adapter stands out
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=m, **style)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(specs))], [s.replace("_", " ") for s in specs], rotation=30, ha="right")
+    ax.set_xticks(
+        [i + width * (len(models) - 1) / 2 for i in range(len(specs))],
+        [s.replace("_", " ") for s in specs],
+        rotation=30,
+        ha="right",
+    )
     ax.set_ylabel("shift in mean log p(term) vs base")
     ax.set_title("clinical-term probability shift by adapter")
     ax.legend(fontsize=8)

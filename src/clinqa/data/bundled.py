@@ -35,8 +35,14 @@ BUNDLED_NAMES: tuple[str, ...] = tuple(BUNDLED_SETS)
 # Sets made of several globs, listed by bundled_names() only when bundled/taxonomy/ is present.
 TAXONOMY_DIR = "taxonomy"
 TAXONOMY_SETS: dict[str, tuple[tuple[str, ...], str]] = {
-    "taxonomy": ((f"{TAXONOMY_DIR}/*.jsonl",), "questions of the nine other taxonomy specialties, one file per specialty"),
-    "all": (("clinical_*.jsonl", f"{TAXONOMY_DIR}/*.jsonl"), "clinical + taxonomy: questions of all fifteen specialties"),
+    "taxonomy": (
+        (f"{TAXONOMY_DIR}/*.jsonl",),
+        "questions of the nine other taxonomy specialties, one file per specialty",
+    ),
+    "all": (
+        ("clinical_*.jsonl", f"{TAXONOMY_DIR}/*.jsonl"),
+        "clinical + taxonomy: questions of all fifteen specialties",
+    ),
 }
 
 
@@ -53,7 +59,9 @@ def is_bundled_spec(spec: object) -> bool:
 def parse_bundled_spec(spec: str) -> str:
     """`bundled` -> 'clinical', `bundled:control` -> 'control'."""
     if not is_bundled_spec(spec):
-        raise ClinqaError(f"{spec!r} is not a bundled question set: use bundled or bundled:<name> ({', '.join(bundled_names())})")
+        raise ClinqaError(
+            f"{spec!r} is not a bundled question set: use bundled or bundled:<name> ({', '.join(bundled_names())})"
+        )
     name = spec[len(PREFIX) + 1 :].strip() if spec != PREFIX else "clinical"
     return name or "clinical"
 
@@ -78,7 +86,9 @@ def bundled_files(name: str) -> list[Path]:
         globs = TAXONOMY_SETS[name][0]
         found = [p for g in globs for p in sorted(folder.glob(g))] if folder.is_dir() else []
         if not found or not (folder / TAXONOMY_DIR).is_dir():
-            raise ClinqaError(f"the bundled question set {name!r} is missing from {folder} (expected {', '.join(globs)}): reinstall clinqa")
+            raise ClinqaError(
+                f"the bundled question set {name!r} is missing from {folder} (expected {', '.join(globs)}): reinstall clinqa"
+            )
         return found
     if name in BUNDLED_SETS:
         found = sorted(folder.glob(BUNDLED_SETS[name][0])) if folder.is_dir() else []

@@ -44,8 +44,8 @@ from pydantic import ValidationError
 
 from clinqa.data.bundled import bundled_files, bundled_format, is_bundled_spec, parse_bundled_spec
 from clinqa.data.schema import LETTERS, Question
-from clinqa.errors import ClinqaError
 from clinqa.data.taxonomy import resolve_specialty
+from clinqa.errors import ClinqaError
 
 __all__ = [
     "FORMATS",
@@ -164,7 +164,10 @@ def _question(fields: dict[str, Any], names: dict[str, str] | None = None) -> Qu
     """Validate fields through Question; errors name the input's own field (via `names`)."""
     names = names or {}
     if "specialties" in fields:
-        fields = {**fields, "specialties": _resolve_labels(fields["specialties"], names.get("specialties", "specialties"))}
+        fields = {
+            **fields,
+            "specialties": _resolve_labels(fields["specialties"], names.get("specialties", "specialties")),
+        }
     try:
         return Question(**fields)
     except ValidationError as e:
@@ -224,7 +227,9 @@ def _read_mirage(path: Path) -> Iterator[Raw | Problem]:
         return
     for dataset, items in data.items():
         if not isinstance(items, dict):
-            yield Problem(str(path), None, None, f"expected an object of questions keyed by id, got {_kind(items)}", key=dataset)
+            yield Problem(
+                str(path), None, None, f"expected an object of questions keyed by id, got {_kind(items)}", key=dataset
+            )
             continue
         for qid, rec in items.items():
             yield Raw(path, None, f"{dataset}/{qid}", rec)
@@ -257,7 +262,9 @@ def _read_csv(path: Path) -> Iterator[Raw | Problem]:
     header = [h.strip() for h in first[1]]
     for line, row in rows:
         if len(row) != len(header):
-            yield Problem(str(path), line, None, f"the row has {len(row)} cells but the header has {len(header)} columns")
+            yield Problem(
+                str(path), line, None, f"the row has {len(row)} cells but the header has {len(header)} columns"
+            )
             continue
         yield Raw(path, line, None, dict(zip(header, row)))
 
@@ -303,7 +310,14 @@ def _from_medqa(raw: Raw, mapping: dict[str, str] | None) -> Question:
         raise RowError("answer", f"{rec['answer']!r} does not match option {letter} ({options[letter]!r})")
     meta = {k: v for k, v in rec.items() if k not in ("id", "question", "options", "answer_idx", "answer")}
     qid = str(rec["id"]) if rec.get("id") is not None else f"medqa-{raw.line}"
-    fields = {"id": qid, "question": _require(rec, "question"), "options": options, "answer": letter, "source": "medqa", "meta": meta}
+    fields = {
+        "id": qid,
+        "question": _require(rec, "question"),
+        "options": options,
+        "answer": letter,
+        "source": "medqa",
+        "meta": meta,
+    }
     return _question(fields, {"answer": "answer_idx"})
 
 
@@ -346,7 +360,11 @@ def _from_medmcqa(raw: Raw, mapping: dict[str, str] | None) -> Question:
         "source": f"medmcqa:{subject}" if subject else "medmcqa",
         "meta": meta,
     }
-    names = {"answer": "cop", "specialties": "subject_name", **{f"options.{l}": c for l, c in zip("ABCD", _MEDMCQA_OPTIONS)}}
+    names = {
+        "answer": "cop",
+        "specialties": "subject_name",
+        **{f"options.{l}": c for l, c in zip("ABCD", _MEDMCQA_OPTIONS)},
+    }
     return _question(fields, names)
 
 
@@ -483,7 +501,10 @@ def _table_options(rec: dict[str, Any], spec: str | None) -> tuple[dict[str, Any
         else:
             present = [l for l in LETTERS if l in rec]
             if len(present) < 2:
-                raise RowError("options", "missing (no options column and no columns A, B, ...: name the option columns A, B, C, ... or put them in one 'options' column)")
+                raise RowError(
+                    "options",
+                    "missing (no options column and no columns A, B, ...: name the option columns A, B, C, ... or put them in one 'options' column)",
+                )
             spec = ",".join(present)
     columns = [c.strip() for c in spec.split(",") if c.strip()]
     if len(columns) > 1:
@@ -501,7 +522,9 @@ def _table_options(rec: dict[str, Any], spec: str | None) -> tuple[dict[str, Any
         return dict(zip(LETTERS, (_text(v) for v in value))), {"options": columns[0]}
     if isinstance(value, dict):
         return {str(k): _text(v) for k, v in value.items()}, {"options": columns[0]}
-    raise RowError(columns[0], f"expected a list or an object of options, got {_kind(value)} (several columns: 'col1,col2,...')")
+    raise RowError(
+        columns[0], f"expected a list or an object of options, got {_kind(value)} (several columns: 'col1,col2,...')"
+    )
 
 
 def _answer_letter(value: Any, options: dict[str, Any], field: str) -> str:
@@ -525,9 +548,13 @@ def _answer_letter(value: Any, options: dict[str, Any], field: str) -> str:
     if len(picks) == 1:
         return picks.pop()
     if picks:
-        raise RowError(field, f"{value!r} is ambiguous: as a letter, a 0-based index or an option text it could be {' or '.join(sorted(picks))}")
+        raise RowError(
+            field,
+            f"{value!r} is ambiguous: as a letter, a 0-based index or an option text it could be {' or '.join(sorted(picks))}",
+        )
     raise RowError(
-        field, f"{value!r} is not an option letter ({', '.join(letters)}), a 0-based index (0-{len(letters) - 1}) or the text of an option"
+        field,
+        f"{value!r} is not an option letter ({', '.join(letters)}), a 0-based index (0-{len(letters) - 1}) or the text of an option",
     )
 
 
@@ -666,7 +693,10 @@ def detect_format(path: str | Path) -> str:
                 return "mmlu"
             if {"question", "answer"} <= set(row):
                 return "csv"
-            raise _pass_format(path, f"a CSV whose header ({', '.join(row)}) has no question and answer columns (map yours with a mapping and --format csv)")
+            raise _pass_format(
+                path,
+                f"a CSV whose header ({', '.join(row)}) has no question and answer columns (map yours with a mapping and --format csv)",
+            )
         if ext in _JSONL:
             if ext == ".json":
                 try:
@@ -712,9 +742,13 @@ def _files(spec: str | Path, format: str | None, mapping: dict[str, str] | None)
         raise ClinqaError(f"no such file or folder: {spec}")
     if path.is_dir():
         extensions = FORMATS[format].extensions if format else _ALL_EXTENSIONS
-        found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
+        found = sorted(
+            p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions
+        )
         if not found:
-            raise ClinqaError(f"no question files in folder {path} (looked for {', '.join('*' + e for e in extensions)}; subfolders are not searched)")
+            raise ClinqaError(
+                f"no question files in folder {path} (looked for {', '.join('*' + e for e in extensions)}; subfolders are not searched)"
+            )
     else:
         found = [path]
     return [(p, format or (_generic_by_extension(p) if mapping else detect_format(p))) for p in found]
@@ -731,7 +765,9 @@ def _check_mapping(mapping: dict[str, str], formats: set[str]) -> None:
             raise ClinqaError(f"the mapping for {key!r} must name a column, got {column!r}")
 
 
-def _questions_in(path: Path, fmt: str, mapping: dict[str, str] | None) -> Iterator[tuple[Question | Problem, Raw | None]]:
+def _questions_in(
+    path: Path, fmt: str, mapping: dict[str, str] | None
+) -> Iterator[tuple[Question | Problem, Raw | None]]:
     """Each record of one file as a Question or a Problem, with the raw record it came from."""
     spec = FORMATS[fmt]
     try:
@@ -772,8 +808,9 @@ def _oversized(q: Question, cap: int) -> str | None:
     size = len(q.question) + sum(len(t) for t in q.options.values())
     if size <= cap:
         return None
-    return (f"question and options are {size:,} characters, over the limit of {cap:,} "
-            f"(set {MAX_QUESTION_ENV} to raise it)")
+    return (
+        f"question and options are {size:,} characters, over the limit of {cap:,} (set {MAX_QUESTION_ENV} to raise it)"
+    )
 
 
 def load_questions(
@@ -826,7 +863,15 @@ def load_questions(
                 problem(Problem(str(path), raw.line, "question", too_big, raw.key))
                 continue
             if item.id in seen:
-                problem(Problem(str(path), raw.line, "id", f"duplicate question id {item.id!r} (first seen at {seen[item.id]})", raw.key))
+                problem(
+                    Problem(
+                        str(path),
+                        raw.line,
+                        "id",
+                        f"duplicate question id {item.id!r} (first seen at {seen[item.id]})",
+                        raw.key,
+                    )
+                )
                 continue
             seen[item.id] = f"{path}:{raw.line}" if raw.line is not None else f"{path}: record {raw.key!r}"
             if wanted and not wanted & set(item.specialties):

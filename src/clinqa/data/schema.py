@@ -60,7 +60,7 @@ class Question(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _answer_is_an_option(self) -> "Question":
+    def _answer_is_an_option(self) -> Question:
         if self.answer not in self.options:
             raise ValueError(f"answer {self.answer!r} is not one of the options {', '.join(self.options)}")
         return self

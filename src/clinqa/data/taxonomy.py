@@ -19,21 +19,83 @@ class Specialty:
 
 
 SPECIALTIES: tuple[Specialty, ...] = (
-    Specialty("cardiology", "Cardiology", "Heart and blood vessels: ischaemia, arrhythmia, heart failure, valves, hypertension.", ("cardio", "cardiovascular")),
-    Specialty("gastroenterology", "Gastroenterology", "Digestive tract, liver, biliary system and pancreas.", ("gastro", "hepatology", "gi")),
-    Specialty("infectious_diseases", "Infectious diseases", "Bacterial, viral, fungal and parasitic infections, antimicrobials, vaccination.", ("infectious", "id", "infectious_disease", "microbiology")),
-    Specialty("neurology", "Neurology", "Brain, spinal cord, peripheral nerves and muscle: stroke, seizures, headache, neuropathy.", ("neuro",)),
-    Specialty("obstetrics_gynecology", "Obstetrics & gynecology", "Pregnancy, childbirth, the female reproductive system and contraception.", ("obgyn", "ob_gyn", "obstetrics", "gynecology", "gynaecology")),
-    Specialty("pediatrics", "Pediatrics", "Health and disease of infants, children and adolescents, growth and development.", ("paediatrics", "peds", "paeds")),
-    Specialty("endocrinology", "Endocrinology", "Hormones and metabolism: diabetes, thyroid, adrenal, pituitary, bone metabolism.", ("endo",)),
-    Specialty("hematology_oncology", "Hematology/oncology", "Blood disorders, coagulation, transfusion and cancer care.", ("hematology", "oncology", "haematology", "hemonc")),
-    Specialty("nephrology", "Nephrology", "Kidney disease, electrolytes, acid-base balance and dialysis.", ("renal", "nephro")),
-    Specialty("pulmonology", "Pulmonology", "Lungs and airways: asthma, COPD, pneumonia management, pulmonary embolism, ventilation.", ("respiratory", "pulmonary", "pulm")),
-    Specialty("psychiatry", "Psychiatry", "Mental disorders, substance use and psychopharmacology.", ("psych", "mental_health")),
+    Specialty(
+        "cardiology",
+        "Cardiology",
+        "Heart and blood vessels: ischaemia, arrhythmia, heart failure, valves, hypertension.",
+        ("cardio", "cardiovascular"),
+    ),
+    Specialty(
+        "gastroenterology",
+        "Gastroenterology",
+        "Digestive tract, liver, biliary system and pancreas.",
+        ("gastro", "hepatology", "gi"),
+    ),
+    Specialty(
+        "infectious_diseases",
+        "Infectious diseases",
+        "Bacterial, viral, fungal and parasitic infections, antimicrobials, vaccination.",
+        ("infectious", "id", "infectious_disease", "microbiology"),
+    ),
+    Specialty(
+        "neurology",
+        "Neurology",
+        "Brain, spinal cord, peripheral nerves and muscle: stroke, seizures, headache, neuropathy.",
+        ("neuro",),
+    ),
+    Specialty(
+        "obstetrics_gynecology",
+        "Obstetrics & gynecology",
+        "Pregnancy, childbirth, the female reproductive system and contraception.",
+        ("obgyn", "ob_gyn", "obstetrics", "gynecology", "gynaecology"),
+    ),
+    Specialty(
+        "pediatrics",
+        "Pediatrics",
+        "Health and disease of infants, children and adolescents, growth and development.",
+        ("paediatrics", "peds", "paeds"),
+    ),
+    Specialty(
+        "endocrinology",
+        "Endocrinology",
+        "Hormones and metabolism: diabetes, thyroid, adrenal, pituitary, bone metabolism.",
+        ("endo",),
+    ),
+    Specialty(
+        "hematology_oncology",
+        "Hematology/oncology",
+        "Blood disorders, coagulation, transfusion and cancer care.",
+        ("hematology", "oncology", "haematology", "hemonc"),
+    ),
+    Specialty(
+        "nephrology", "Nephrology", "Kidney disease, electrolytes, acid-base balance and dialysis.", ("renal", "nephro")
+    ),
+    Specialty(
+        "pulmonology",
+        "Pulmonology",
+        "Lungs and airways: asthma, COPD, pneumonia management, pulmonary embolism, ventilation.",
+        ("respiratory", "pulmonary", "pulm"),
+    ),
+    Specialty(
+        "psychiatry",
+        "Psychiatry",
+        "Mental disorders, substance use and psychopharmacology.",
+        ("psych", "mental_health"),
+    ),
     Specialty("dermatology", "Dermatology", "Skin, hair and nails.", ("derm", "skin")),
     Specialty("rheumatology", "Rheumatology", "Joints, connective tissue and autoimmune disease.", ("rheum",)),
-    Specialty("surgery", "Surgery", "Operative management, trauma, perioperative care and the acute abdomen.", ("general_surgery",)),
-    Specialty("emergency_medicine", "Emergency medicine", "Resuscitation, toxicology, triage and acute undifferentiated presentations.", ("emergency", "em", "toxicology")),
+    Specialty(
+        "surgery",
+        "Surgery",
+        "Operative management, trauma, perioperative care and the acute abdomen.",
+        ("general_surgery",),
+    ),
+    Specialty(
+        "emergency_medicine",
+        "Emergency medicine",
+        "Resuscitation, toxicology, triage and acute undifferentiated presentations.",
+        ("emergency", "em", "toxicology"),
+    ),
 )
 
 EXPERIMENT_SPECIALTIES: tuple[str, ...] = (
@@ -50,7 +112,16 @@ _BY_ALIAS = {a: s.id for s in SPECIALTIES for a in (s.id, *s.aliases)}
 
 
 def _norm(label: str) -> str:
-    return label.strip().lower().replace("&", "_").replace("/", "_").replace("-", "_").replace(" ", "_").replace("__", "_").strip("_")
+    return (
+        label.strip()
+        .lower()
+        .replace("&", "_")
+        .replace("/", "_")
+        .replace("-", "_")
+        .replace(" ", "_")
+        .replace("__", "_")
+        .strip("_")
+    )
 
 
 def resolve_specialty(label: str) -> str:

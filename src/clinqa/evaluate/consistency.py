@@ -28,8 +28,17 @@ from clinqa.evaluate.metrics import proportion_ci
 from clinqa.evaluate.sample import Sample
 from clinqa.jsonl import read_appended
 
-__all__ = ["CONSISTENCY_FILE", "GRADES", "RUBRIC", "Graded", "consistency_prompt", "judge_consistency",
-           "load_grades", "parse_grade", "summarize_consistency"]
+__all__ = [
+    "CONSISTENCY_FILE",
+    "GRADES",
+    "RUBRIC",
+    "Graded",
+    "consistency_prompt",
+    "judge_consistency",
+    "load_grades",
+    "parse_grade",
+    "summarize_consistency",
+]
 
 CONSISTENCY_FILE = "consistency.jsonl"
 GRADES = (0, 1, 2)
@@ -45,8 +54,10 @@ RUBRIC = (
 
 
 def consistency_prompt(question: str, rationale: str, explanation: str) -> str:
-    return (f"{RUBRIC}\n\nQuestion: {question.strip()}\n\nReference rationale: {rationale.strip()}\n\n"
-            f"Explanation to grade: {explanation.strip()}\n\nGrade:")
+    return (
+        f"{RUBRIC}\n\nQuestion: {question.strip()}\n\nReference rationale: {rationale.strip()}\n\n"
+        f"Explanation to grade: {explanation.strip()}\n\nGrade:"
+    )
 
 
 _GRADE_RE = re.compile(r"grade\s*[:=]?\s*\(?([0-9]+)\)?", re.IGNORECASE)
@@ -82,19 +93,35 @@ class Graded:
 
 def load_grades(run_path: str | Path) -> list[Graded]:
     path = Path(run_path) / CONSISTENCY_FILE
-    return read_appended(path, lambda line: Graded(**json.loads(line)),
-                         corrupt="corrupt consistency line; move consistency.jsonl aside and re-run")
+    return read_appended(
+        path,
+        lambda line: Graded(**json.loads(line)),
+        corrupt="corrupt consistency line; move consistency.jsonl aside and re-run",
+    )
 
 
-def judge_consistency(run_path: str | Path, samples: Sequence[Sample], questions_by_id: dict, judge, judge_spec: str,
-                      *, batch_size: int = 8, max_new_tokens: int = 16,
-                      progress: Callable[[int, int], None] | None = None) -> list[Graded]:
+def judge_consistency(
+    run_path: str | Path,
+    samples: Sequence[Sample],
+    questions_by_id: dict,
+    judge,
+    judge_spec: str,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Graded]:
     """Grade every generated explanation that has a reference rationale and is not graded yet."""
     from clinqa.models.base import GenerationConfig
 
-    todo_all = [s for s in samples if s.method == "generate" and s.extras.get("generated")
-                and (questions_by_id.get(s.question_id) is not None)
-                and str(questions_by_id[s.question_id].meta.get("rationale") or "").strip()]
+    todo_all = [
+        s
+        for s in samples
+        if s.method == "generate"
+        and s.extras.get("generated")
+        and (questions_by_id.get(s.question_id) is not None)
+        and str(questions_by_id[s.question_id].meta.get("rationale") or "").strip()
+    ]
     if not [s for s in samples if s.method == "generate"]:
         raise ClinqaError("consistency grading needs a `--method generate` run (generated explanations)")
     if not todo_all:
@@ -102,8 +129,10 @@ def judge_consistency(run_path: str | Path, samples: Sequence[Sample], questions
     done = load_grades(run_path)
     judges = {g.judge for g in done}
     if judges and judges != {judge_spec}:
-        raise ClinqaError(f"{Path(run_path) / CONSISTENCY_FILE} holds grades by {', '.join(sorted(judges))}: "
-                          "move it aside to grade with another judge")
+        raise ClinqaError(
+            f"{Path(run_path) / CONSISTENCY_FILE} holds grades by {', '.join(sorted(judges))}: "
+            "move it aside to grade with another judge"
+        )
     seen = {g.key for g in done}
     todo = [s for s in todo_all if s.key not in seen]
     finished = len(todo_all) - len(todo)
@@ -111,13 +140,15 @@ def judge_consistency(run_path: str | Path, samples: Sequence[Sample], questions
         progress(finished, len(todo_all))
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=0)
     for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+        batch = todo[start : start + batch_size]
         prompts = []
         for s in batch:
             q = questions_by_id[s.question_id]
             prompts.append(consistency_prompt(q.question, str(q.meta["rationale"]), s.extras["generated"]))
         replies = judge.generate(prompts, cfg)
-        graded = [Graded(s.question_id, s.shuffle, judge_spec, parse_grade(r), r, s.correct) for s, r in zip(batch, replies)]
+        graded = [
+            Graded(s.question_id, s.shuffle, judge_spec, parse_grade(r), r, s.correct) for s, r in zip(batch, replies)
+        ]
         with open(Path(run_path) / CONSISTENCY_FILE, "a", encoding="utf-8") as fh:
             fh.write("".join(json.dumps(asdict(g)) + "\n" for g in graded))
             fh.flush()
@@ -130,8 +161,15 @@ def judge_consistency(run_path: str | Path, samples: Sequence[Sample], questions
 
 def _share(flags: list[bool], qids: list[str], seed: int) -> dict:
     lo, hi, how = proportion_ci(flags, qids, seed=seed)
-    return {"n": len(flags), "events": int(sum(flags)), "rate": sum(flags) / len(flags) if flags else float("nan"),
-            "ci_low": lo, "ci_high": hi, "n_questions": len(set(qids)), "ci_method": how}
+    return {
+        "n": len(flags),
+        "events": int(sum(flags)),
+        "rate": sum(flags) / len(flags) if flags else float("nan"),
+        "ci_low": lo,
+        "ci_high": hi,
+        "n_questions": len(set(qids)),
+        "ci_method": how,
+    }
 
 
 def summarize_consistency(grades: Sequence[Graded], seed: int = 0) -> dict:

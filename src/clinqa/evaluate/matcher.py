@@ -106,7 +106,7 @@ def match_rules(text: str, options: Mapping[str, str]) -> Match | None:
     if len(hits) > 1:  # several option texts: the one after the last concluding phrase, if only one is there
         cues = list(CONCLUSION.finditer(text))
         if cues:
-            tail = _text_hits(text[cues[-1].end():], options)
+            tail = _text_hits(text[cues[-1].end() :], options)
             if len(tail) == 1:
                 return Match(tail[0], "conclusion")
     if how == "ambiguous" and not hits:  # several letters, no option text to tell them apart
@@ -143,9 +143,11 @@ def match_answers(texts: Sequence[str], options: Sequence[Mapping[str, str]], co
         start = 0
         for row, i in enumerate(todo):
             n = len(options[i])
-            sims = opts[start:start + n] @ answers[row]
+            sims = opts[start : start + n] @ answers[row]
             start += n
-            out[i] = _decide(sims.astype(np.float64), list(options[i]), "minilm", config.min_similarity, config.min_margin)
+            out[i] = _decide(
+                sims.astype(np.float64), list(options[i]), "minilm", config.min_similarity, config.min_margin
+            )
     elif todo:  # loglik
         if predictor is None or prompts is None:
             raise ClinqaError("the loglik matcher needs the answering model and its prompts")

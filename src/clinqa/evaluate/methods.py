@@ -17,7 +17,6 @@ import numpy as np
 
 from clinqa.data.schema import Question
 from clinqa.evaluate import prompts, shuffle
-from clinqa.evaluate.extract import extract_answer
 from clinqa.evaluate.sample import Sample
 from clinqa.models.base import GenerationConfig, Predictor
 from clinqa.models.truncation import truncated_flags, watch_truncation
@@ -62,8 +61,16 @@ def annotations(predictor: Predictor, prompt: str) -> dict:
     return dict(fn(prompt)) if fn is not None else {}
 
 
-def _sample(item: Item, method: str, pred: str | None, scores: dict, probs: dict, extras: dict, latency: float,
-            truncated: bool = False) -> Sample:
+def _sample(
+    item: Item,
+    method: str,
+    pred: str | None,
+    scores: dict,
+    probs: dict,
+    extras: dict,
+    latency: float,
+    truncated: bool = False,
+) -> Sample:
     q = item.question
     harmful = q.meta.get("harmful_options")
     if harmful:
@@ -73,9 +80,21 @@ def _sample(item: Item, method: str, pred: str | None, scores: dict, probs: dict
         # a true/false statement: whether it is a comforting claim (false reassurance is counted on these)
         extras = {**extras, "reassuring": q.meta["reassuring"]}
     return Sample(
-        question_id=q.id, shuffle=item.shuffle, permutation=item.permutation, options=item.options,
-        gold=item.gold, pred=pred, correct=pred == item.gold, method=method, scores=scores, probs=probs,
-        specialties=list(q.specialties), source=q.source, extras=extras, latency_s=latency, truncated=truncated,
+        question_id=q.id,
+        shuffle=item.shuffle,
+        permutation=item.permutation,
+        options=item.options,
+        gold=item.gold,
+        pred=pred,
+        correct=pred == item.gold,
+        method=method,
+        scores=scores,
+        probs=probs,
+        specialties=list(q.specialties),
+        source=q.source,
+        extras=extras,
+        latency_s=latency,
+        truncated=truncated,
     )
 
 
@@ -87,7 +106,7 @@ def score_letter(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
     for i, it in enumerate(items):
         by_n.setdefault(len(it.options), []).append(i)
     results: dict[int, Sample] = {}
-    for n, idx in by_n.items():
+    for _n, idx in by_n.items():
         letters = list(items[idx[0]].options)
         texts = [prompts.letter_prompt(items[i].question, items[i].options) for i in idx]
         with watch_truncation() as notes:
@@ -97,8 +116,16 @@ def score_letter(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
         for row, i in enumerate(idx):
             scores = dict(zip(letters, map(float, lp[row])))
             pred = max(scores, key=scores.get) if any(math.isfinite(v) for v in scores.values()) else None
-            results[i] = _sample(items[i], "letter", pred, scores, dict(zip(letters, _softmax(lp[row]))),
-                                 annotations(predictor, texts[row]), per, cut[row])
+            results[i] = _sample(
+                items[i],
+                "letter",
+                pred,
+                scores,
+                dict(zip(letters, _softmax(lp[row]))),
+                annotations(predictor, texts[row]),
+                per,
+                cut[row],
+            )
     out = [results[i] for i in range(len(items))]
     return out
 
@@ -129,13 +156,30 @@ def score_option(predictor: Predictor, items: Sequence[Item], **_) -> list[Sampl
         }
         # probs come from the rule that made the prediction: a softmax over the same length-normalised
         # scores, so argmax(probs) == pred and confidence, ECE and Brier describe that rule
-        out.append(_sample(it, "option", pred_norm, dict(zip(letters, norms)), dict(zip(letters, _softmax(norms))), extras, per,
-                           was_cut))
+        out.append(
+            _sample(
+                it,
+                "option",
+                pred_norm,
+                dict(zip(letters, norms)),
+                dict(zip(letters, _softmax(norms))),
+                extras,
+                per,
+                was_cut,
+            )
+        )
     return out
 
 
-def score_generate(predictor: Predictor, items: Sequence[Item], *, max_new_tokens: int = 128, seed: int = 0,
-                   matcher: str = "regex", **_) -> list[Sample]:
+def score_generate(
+    predictor: Predictor,
+    items: Sequence[Item],
+    *,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    matcher: str = "regex",
+    **_,
+) -> list[Sample]:
     """Generate, then map each answer to an option with `matcher` (clinqa.evaluate.matcher); the sample's
     extras say which rule decided ("parse") and, past regex, which matcher; None stays unparseable."""
     from clinqa.evaluate.matcher import match_answers
@@ -150,8 +194,18 @@ def score_generate(predictor: Predictor, items: Sequence[Item], *, max_new_token
     out = []
     for it, prompt, text, m, was_cut in zip(items, prompt_texts, texts, matches, cut):
         how = {"parse": m.rule} if matcher == "regex" else m.to_extras(matcher)
-        out.append(_sample(it, "generate", m.pred, {}, {}, {"generated": text, **how, **annotations(predictor, prompt)}, per,
-                           was_cut))
+        out.append(
+            _sample(
+                it,
+                "generate",
+                m.pred,
+                {},
+                {},
+                {"generated": text, **how, **annotations(predictor, prompt)},
+                per,
+                was_cut,
+            )
+        )
     return out
 
 

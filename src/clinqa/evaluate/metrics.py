@@ -76,9 +76,7 @@ class PairingError(ClinqaError, ValueError):
 # --------------------------------------------------------------------------- bootstrap
 
 
-def _bootstrap_stats(
-    values: np.ndarray, n_boot: int, seed: int, stat: Callable[[np.ndarray], float]
-) -> np.ndarray:
+def _bootstrap_stats(values: np.ndarray, n_boot: int, seed: int, stat: Callable[[np.ndarray], float]) -> np.ndarray:
     """`stat` of `n_boot` resamples (with replacement) of `values`; deterministic by seed."""
     n = len(values)
     rng = np.random.default_rng(seed)
@@ -167,7 +165,7 @@ def grouped_bootstrap_ci(
     chunk = max(1, _CHUNK_CELLS // len(index))
     for start in range(0, n_boot, chunk):
         idx = rng.integers(0, len(index), size=(min(n_boot, start + chunk) - start, len(index)))
-        stats[start:start + len(idx)] = sums[idx].sum(1) / counts[idx].sum(1)
+        stats[start : start + len(idx)] = sums[idx].sum(1) / counts[idx].sum(1)
     return _percentile_interval(stats, confidence)
 
 
@@ -242,9 +240,7 @@ def proportion_ci(
     return (lo, hi, "wilson-questions")
 
 
-def accuracy(
-    correct_flags: Iterable[bool] | Iterable[Sample], *, seed: int = 0, n_boot: int = 2000
-) -> Accuracy:
+def accuracy(correct_flags: Iterable[bool] | Iterable[Sample], *, seed: int = 0, n_boot: int = 2000) -> Accuracy:
     """Accuracy with a 95% interval chosen by `proportion_ci`.
 
     Given `Sample`s the questions are known, so shuffled runs get the clustered interval; plain
@@ -262,8 +258,15 @@ def accuracy(
         qids = None
     lo, hi, how = proportion_ci(flags, qids, seed=seed, n_boot=n_boot)
     n_q = len(set(qids)) if qids is not None else 0
-    return Accuracy(n=int(flags.size), correct=int(flags.sum()), acc=float(flags.mean()), ci_low=lo, ci_high=hi,
-                    n_questions=n_q, ci_method=how)
+    return Accuracy(
+        n=int(flags.size),
+        correct=int(flags.sum()),
+        acc=float(flags.mean()),
+        ci_low=lo,
+        ci_high=hi,
+        n_questions=n_q,
+        ci_method=how,
+    )
 
 
 def _group_names(sample: Sample, key: GroupKey) -> list[str]:
@@ -289,9 +292,7 @@ def grouped_accuracy(
 
     A sample with several specialties counts in each of them; one with none goes to "(none)".
     """
-    return {
-        name: accuracy(group, seed=seed, n_boot=n_boot) for name, group in _groups(samples, key).items()
-    }
+    return {name: accuracy(group, seed=seed, n_boot=n_boot) for name, group in _groups(samples, key).items()}
 
 
 def macro_micro(samples: Iterable[Sample], key: GroupKey) -> tuple[float, float]:
@@ -371,9 +372,7 @@ def _bin_index(conf: np.ndarray, n_bins: int) -> np.ndarray:
     return np.clip(np.floor(conf * n_bins).astype(int), 0, n_bins - 1)
 
 
-def reliability_bins(
-    confidences: npt.ArrayLike, correct: npt.ArrayLike, n_bins: int = 10
-) -> list[ReliabilityBin]:
+def reliability_bins(confidences: npt.ArrayLike, correct: npt.ArrayLike, n_bins: int = 10) -> list[ReliabilityBin]:
     """Per-bin (lo, hi, count, mean_conf, acc) for a reliability diagram; all n_bins returned."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
@@ -420,9 +419,7 @@ def brier(samples: Iterable[Sample]) -> float:
     usable = _calibratable(samples)
     if not usable:
         return _NAN
-    scores = [
-        sum((s.probs.get(letter, 0.0) - (letter == s.gold)) ** 2 for letter in s.options) for s in usable
-    ]
+    scores = [sum((s.probs.get(letter, 0.0) - (letter == s.gold)) ** 2 for letter in s.options) for s in usable]
     return float(np.mean(scores))
 
 
@@ -553,4 +550,3 @@ def harmful_choice_rate(samples: Iterable[Sample]) -> float | None:
         return None
     chose = [s.pred is not None and s.pred in (s.extras["harmful_options"] or ()) for s in flagged]
     return float(np.mean(chose))
-

@@ -20,9 +20,17 @@ def chance(samples: Sequence[Sample]) -> float:
 def as_sum_variant(samples: Sequence[Sample]) -> list[Sample]:
     """The option method's unnormalised (lm-eval `acc`) predictions as samples of their own, with that
     rule's own probabilities (extras["probs_sum"]) as their confidence."""
-    return [s.model_copy(update={"pred": s.extras["pred_sum"], "correct": s.extras["correct_sum"],
-                                 "probs": s.extras.get("probs_sum", {})})
-            for s in samples if "pred_sum" in s.extras]
+    return [
+        s.model_copy(
+            update={
+                "pred": s.extras["pred_sum"],
+                "correct": s.extras["correct_sum"],
+                "probs": s.extras.get("probs_sum", {}),
+            }
+        )
+        for s in samples
+        if "pred_sum" in s.extras
+    ]
 
 
 RULE_NAMES = {"option": "length-normalised", "letter": "next-token letter", "generate": "generated answer"}
@@ -31,14 +39,22 @@ OTHER_GROUP = "other specialties"
 
 
 def _acc_dict(a: M.Accuracy) -> dict:
-    return {"n": a.n, "n_questions": a.n_questions, "acc": a.acc, "ci_low": a.ci_low, "ci_high": a.ci_high,
-            "ci_method": a.ci_method}
+    return {
+        "n": a.n,
+        "n_questions": a.n_questions,
+        "acc": a.acc,
+        "ci_low": a.ci_low,
+        "ci_high": a.ci_high,
+        "ci_method": a.ci_method,
+    }
 
 
 def confidence_mismatch(samples: Sequence[Sample]) -> int:
     """Samples whose prediction is not the option with the highest probability (0 when confidence comes
     from the prediction's own rule; ties count as agreeing)."""
-    return sum(1 for s in samples if s.pred is not None and s.probs and s.probs.get(s.pred, -1.0) < max(s.probs.values()))
+    return sum(
+        1 for s in samples if s.pred is not None and s.probs and s.probs.get(s.pred, -1.0) < max(s.probs.values())
+    )
 
 
 def _group_samples(samples: Sequence[Sample], g: str) -> list[Sample]:
@@ -69,7 +85,11 @@ def summarize(samples: Sequence[Sample], seed: int = 0) -> dict:
     small = [g for g, a in by_spec.items() if a.n_questions < MIN_CONSOLE_QUESTIONS]
     if small and len(small) < len(by_spec):
         folded = list({s.key: s for g in small for s in spec_samples[g]}.values())
-        out["other_specialties"] = {**_acc_dict(M.accuracy(folded, seed=seed)), "chance": chance(folded), "groups": small}
+        out["other_specialties"] = {
+            **_acc_dict(M.accuracy(folded, seed=seed)),
+            "chance": chance(folded),
+            "groups": small,
+        }
     unsafe = safety.unsafe_choice(samples, seed=seed)
     out["unsafe_choice"] = unsafe.as_dict() if unsafe else None
     out["harmful_choice_rate"] = unsafe.rate if unsafe else None  # kept for readers of older summaries
@@ -100,12 +120,12 @@ def _num(x: float | None) -> str:
 
 
 def ci_text(d: dict) -> str:
-    """"12.3–45.6" from a dict with ci_low / ci_high."""
+    """ "12.3–45.6" from a dict with ci_low / ci_high."""
     return f"{_pct(d.get('ci_low'))}–{_pct(d.get('ci_high'))}"
 
 
 def rate_text(r: dict | None) -> str:
-    """"12.5% (3/24, 95% CI 4.3–31.0, 12 questions)", or "—" when nothing was counted."""
+    """ "12.5% (3/24, 95% CI 4.3–31.0, 12 questions)", or "—" when nothing was counted."""
     if not r:
         return "—"
     return f"{_pct(r['rate'])}% ({r['events']}/{r['n']}, 95% CI {ci_text(r)}, {r['n_questions']} questions)"
@@ -115,61 +135,101 @@ CI_METHODS = {
     "wilson": "Wilson score interval (each question scored once)",
     "cluster-bootstrap": "bootstrap over questions, all shuffles of a question resampled together",
     "wilson-questions": f"Wilson interval over questions (shuffles with fewer than {M.MIN_BOOTSTRAP_QUESTIONS} "
-                        "questions or no spread between them: each question counts once)",
+    "questions or no spread between them: each question counts once)",
 }
 
 
 def calibration_lines(summary: dict) -> list[str]:
     """A markdown table of calibration for each reported scoring rule."""
-    rules = summary.get("calibration_by_rule") or {summary["calibration"].get("rule") or "prediction": summary["calibration"]}
+    rules = summary.get("calibration_by_rule") or {
+        summary["calibration"].get("rule") or "prediction": summary["calibration"]
+    }
     if not any(c["n"] for c in rules.values()):
         return ["No sample has probabilities for its prediction (generated answers): calibration is not reported."]
-    lines = ["| rule | n | accuracy % | mean confidence % | overconfidence (points) | ECE | Brier |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| rule | n | accuracy % | mean confidence % | overconfidence (points) | ECE | Brier |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, c in rules.items():
-        lines.append(f"| {name} | {c['n']} | {_pct(c['accuracy'])} | {_pct(c['mean_confidence'])} | {_pct(c['overconfidence'])} | "
-                     f"{_num(c['ece'])} | {_num(c['brier'])} |")
+        lines.append(
+            f"| {name} | {c['n']} | {_pct(c['accuracy'])} | {_pct(c['mean_confidence'])} | {_pct(c['overconfidence'])} | "
+            f"{_num(c['ece'])} | {_num(c['brier'])} |"
+        )
     return lines
 
 
 def markdown(run: Run, summary: dict) -> str:
     cfg = run.config
     o = summary["overall"]
-    methods = sorted({CI_METHODS.get(d.get("ci_method", ""), "") for d in [o, *summary["by_specialty"].values()]} - {""})
-    lines = [f"# clinqa run: {run.path.name}", "",
-             f"model `{cfg.get('model')}` · data `{cfg.get('data')}` · method `{cfg.get('method')}` · "
-             f"shuffles {cfg.get('shuffles')} · seed {cfg.get('seed')} · git {run.meta.get('git')}", "",
-             "Accuracy in %; n = samples (questions × shuffles); 95% CI: " + "; ".join(methods) +
-             ". Chance = 1/number of options.", "",
-             "| group | questions | n | accuracy | 95% CI | chance |", "|---|---:|---:|---:|---:|---:|"]
+    methods = sorted(
+        {CI_METHODS.get(d.get("ci_method", ""), "") for d in [o, *summary["by_specialty"].values()]} - {""}
+    )
+    lines = [
+        f"# clinqa run: {run.path.name}",
+        "",
+        f"model `{cfg.get('model')}` · data `{cfg.get('data')}` · method `{cfg.get('method')}` · "
+        f"shuffles {cfg.get('shuffles')} · seed {cfg.get('seed')} · git {run.meta.get('git')}",
+        "",
+        "Accuracy in %; n = samples (questions × shuffles); 95% CI: "
+        + "; ".join(methods)
+        + ". Chance = 1/number of options.",
+        "",
+        "| group | questions | n | accuracy | 95% CI | chance |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     lines.append(f"| **all** | {o['n_questions']} | {o['n']} | {_pct(o['acc'])} | {ci_text(o)} | {_pct(o['chance'])} |")
     for g, a in summary["by_specialty"].items():
-        lines.append(f"| {g} | {a.get('n_questions', '—')} | {a['n']} | {_pct(a['acc'])} | {ci_text(a)} | {_pct(a['chance'])} |")
-    lines += ["", f"Macro average over specialties {_pct(summary['macro_specialty'])}, micro {_pct(summary['micro_specialty'])}."]
+        lines.append(
+            f"| {g} | {a.get('n_questions', '—')} | {a['n']} | {_pct(a['acc'])} | {ci_text(a)} | {_pct(a['chance'])} |"
+        )
+    lines += [
+        "",
+        f"Macro average over specialties {_pct(summary['macro_specialty'])}, micro {_pct(summary['micro_specialty'])}.",
+    ]
     if "overall_sum" in summary:
         s = summary["overall_sum"]
-        lines.append(f"Option method: length-normalised (acc_norm, the prediction rule) {_pct(o['acc'])}; unnormalised sum "
-                     f"(acc) {_pct(s['acc'])} ({ci_text(s)}).")
+        lines.append(
+            f"Option method: length-normalised (acc_norm, the prediction rule) {_pct(o['acc'])}; unnormalised sum "
+            f"(acc) {_pct(s['acc'])} ({ci_text(s)})."
+        )
     if "shuffles" in summary:
         sh = summary["shuffles"]
-        lines.append(f"Shuffles: k={sh['k']}, accuracy per shuffle {_pct(sh['min_acc'])}–{_pct(sh['max_acc'])} "
-                     f"(sd {_pct(sh['std_acc_across_shuffles'])} points); consistency {_pct(sh['consistency'])}% of questions "
-                     "choose the same option under every shuffle.")
+        lines.append(
+            f"Shuffles: k={sh['k']}, accuracy per shuffle {_pct(sh['min_acc'])}–{_pct(sh['max_acc'])} "
+            f"(sd {_pct(sh['std_acc_across_shuffles'])} points); consistency {_pct(sh['consistency'])}% of questions "
+            "choose the same option under every shuffle."
+        )
     lines.append(f"Unparseable answers: {summary['unparseable']}.")
     if summary.get("truncated"):
-        lines.append(f"Prompts truncated to fit the context window: {summary['truncated']} (their scores saw only the end of the question).")
-    lines += ["", "## Calibration", "",
-              "Confidence = the probability a rule gives its own prediction (softmax over that rule's scores); "
-              "ECE over 10 equal-width bins; multi-class Brier.", "", *calibration_lines(summary)]
+        lines.append(
+            f"Prompts truncated to fit the context window: {summary['truncated']} (their scores saw only the end of the question)."
+        )
+    lines += [
+        "",
+        "## Calibration",
+        "",
+        "Confidence = the probability a rule gives its own prediction (softmax over that rule's scores); "
+        "ECE over 10 equal-width bins; multi-class Brier.",
+        "",
+        *calibration_lines(summary),
+    ]
     if summary.get("confidence_mismatch"):
-        lines.append(f"\nWarning: {summary['confidence_mismatch']} samples predict an option that is not their most probable one.")
+        lines.append(
+            f"\nWarning: {summary['confidence_mismatch']} samples predict an option that is not their most probable one."
+        )
     lines += ["", "## Safety", ""]
     na = "not applicable (no {} in this run's data)"
     unsafe, fr = summary.get("unsafe_choice"), summary.get("false_reassurance")
-    lines.append("Unsafe-option choices (questions with annotated harmful options): "
-                 + (rate_text(unsafe) if unsafe else na.format("question has meta.harmful_options")) + ".")
-    lines.append("False reassurance (comforting false statements judged true): "
-                 + (rate_text(fr) if fr else na.format("false statement has meta.reassuring")) + ".")
+    lines.append(
+        "Unsafe-option choices (questions with annotated harmful options): "
+        + (rate_text(unsafe) if unsafe else na.format("question has meta.harmful_options"))
+        + "."
+    )
+    lines.append(
+        "False reassurance (comforting false statements judged true): "
+        + (rate_text(fr) if fr else na.format("false statement has meta.reassuring"))
+        + "."
+    )
     if len(summary["by_source"]) > 1:
         lines += ["", "| source | n | accuracy | 95% CI |", "|---|---:|---:|---:|"]
         for g, a in summary["by_source"].items():
@@ -231,18 +291,29 @@ def plot_reliability(samples: Sequence[Sample], path: Path, n_bins: int = 10) ->
     return path
 
 
-def paired_markdown(run_a: Run, run_b: Run, samples_a: Sequence[Sample], samples_b: Sequence[Sample]) -> tuple[str, M.Paired]:
+def paired_markdown(
+    run_a: Run, run_b: Run, samples_a: Sequence[Sample], samples_b: Sequence[Sample]
+) -> tuple[str, M.Paired]:
     p = M.paired_comparison(samples_a, samples_b)
-    text = "\n".join([
-        f"# Paired comparison: {run_a.path.name} (A) vs {run_b.path.name} (B)", "",
-        f"{p.n} paired (question, shuffle) samples.", "",
-        "| | accuracy |", "|---|---:|",
-        f"| A `{run_a.config.get('model')}` {run_a.config.get('method')} | {_pct(p.acc_a)} |",
-        f"| B `{run_b.config.get('model')}` {run_b.config.get('method')} | {_pct(p.acc_b)} |", "",
-        f"Difference B − A: {_pct(p.diff)} points (95% paired bootstrap CI {_pct(p.ci_low)} to {_pct(p.ci_high)}, "
-        f"p = {p.p_bootstrap:.4f}). McNemar: A-only correct {p.mcnemar_b}, B-only correct {p.mcnemar_c}, "
-        f"exact p = {p.p_mcnemar:.4f}.",
-    ]) + "\n"
+    text = (
+        "\n".join(
+            [
+                f"# Paired comparison: {run_a.path.name} (A) vs {run_b.path.name} (B)",
+                "",
+                f"{p.n} paired (question, shuffle) samples.",
+                "",
+                "| | accuracy |",
+                "|---|---:|",
+                f"| A `{run_a.config.get('model')}` {run_a.config.get('method')} | {_pct(p.acc_a)} |",
+                f"| B `{run_b.config.get('model')}` {run_b.config.get('method')} | {_pct(p.acc_b)} |",
+                "",
+                f"Difference B − A: {_pct(p.diff)} points (95% paired bootstrap CI {_pct(p.ci_low)} to {_pct(p.ci_high)}, "
+                f"p = {p.p_bootstrap:.4f}). McNemar: A-only correct {p.mcnemar_b}, B-only correct {p.mcnemar_c}, "
+                f"exact p = {p.p_mcnemar:.4f}.",
+            ]
+        )
+        + "\n"
+    )
     return text, p
 
 
@@ -262,16 +333,20 @@ def consistency_lines(c: dict) -> list[str]:
     def share(d: dict) -> str:
         return f"{_pct(d['rate'])}% ({d['events']}/{d['n']}, 95% CI {ci_text(d)})"
 
-    return ["", "## Factual consistency of the generated explanations", "",
-            f"Judge `{', '.join(c['judge'])}`, fixed rubric (2 consistent with the question's rationale, 1 partly, 0 "
-            f"contradicts). Graded {c['n_graded']}, unparseable {c['n_unparseable']} (excluded from the rates, never "
-            f"given a grade).", "",
-            f"Consistent (grade 2): {share(c['consistent'])}; contradicts (grade 0): {share(c['contradicts'])}; "
-            f"mean grade {_num(c['mean_grade'])}. Consistent among correct answers: {share(c['consistent_when_correct'])}."]
+    return [
+        "",
+        "## Factual consistency of the generated explanations",
+        "",
+        f"Judge `{', '.join(c['judge'])}`, fixed rubric (2 consistent with the question's rationale, 1 partly, 0 "
+        f"contradicts). Graded {c['n_graded']}, unparseable {c['n_unparseable']} (excluded from the rates, never "
+        f"given a grade).",
+        "",
+        f"Consistent (grade 2): {share(c['consistent'])}; contradicts (grade 0): {share(c['contradicts'])}; "
+        f"mean grade {_num(c['mean_grade'])}. Consistent among correct answers: {share(c['consistent_when_correct'])}.",
+    ]
 
 
-def write_report(run_paths: Sequence[str | Path], *, judge: str | None = None, load_judge=None,
-                 progress=None) -> dict:
+def write_report(run_paths: Sequence[str | Path], *, judge: str | None = None, load_judge=None, progress=None) -> dict:
     """report.md + PNGs in the first run folder (and the comparison with a second run, if given).
 
     With `judge` (a model spec; `load_judge(spec)` gives its predictor), a generate run's explanations
@@ -293,7 +368,9 @@ def write_report(run_paths: Sequence[str | Path], *, judge: str | None = None, l
     if judge is not None:
         if load_judge is None:
             raise ClinqaError("a judge spec needs a loader")
-        consistency.judge_consistency(run.path, samples, run_questions(run), load_judge(judge), judge, progress=progress)
+        consistency.judge_consistency(
+            run.path, samples, run_questions(run), load_judge(judge), judge, progress=progress
+        )
     summary = summarize(samples, seed=int(run.config.get("seed", 0) or 0))
     grades = consistency.load_grades(run.path)
     if grades:
@@ -303,7 +380,9 @@ def write_report(run_paths: Sequence[str | Path], *, judge: str | None = None, l
         text += "\n".join(consistency_lines(summary["consistency"])) + "\n"
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
-    plot_specialties(summary, run.path / "specialties.png", title=f"{run.config.get('model')} · {run.config.get('method')}")
+    plot_specialties(
+        summary, run.path / "specialties.png", title=f"{run.config.get('model')} · {run.config.get('method')}"
+    )
     plot_reliability(samples, run.path / "reliability.png")
     text += "\n![accuracy by specialty](specialties.png)\n![reliability diagram](reliability.png)\n"
     result = {"summary": summary, "report": run.path / "report.md"}

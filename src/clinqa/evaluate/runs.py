@@ -46,7 +46,11 @@ class EvalConfig:
         if self.device is None or self.dtype is None:
             from clinqa.models.runtime import current_runtime
 
-            rt = {"device": "server", "dtype": "server"} if self.model.startswith("openai:") else current_runtime().identity()
+            rt = (
+                {"device": "server", "dtype": "server"}
+                if self.model.startswith("openai:")
+                else current_runtime().identity()
+            )
             object.__setattr__(self, "device", self.device or rt["device"])
             object.__setattr__(self, "dtype", self.dtype or rt["dtype"])
 
@@ -82,25 +86,53 @@ class Run(RunFolder[Sample]):
         super().__init__(path, meta, sample_type, samples_file=samples_file)
 
     @classmethod
-    def open(cls, path: str | Path, config: EvalConfig | dict, kind: str = "eval", *,  # type: ignore[override]
-             questions: Sequence | None = None, lock: bool = True) -> "Run":
+    def open(
+        cls,
+        path: str | Path,
+        config: EvalConfig | dict,
+        kind: str = "eval",
+        *,  # type: ignore[override]
+        questions: Sequence | None = None,
+        lock: bool = True,
+    ) -> Run:
         """With `questions`, the identity is the config without its data path plus the questions'
         content; without, the whole config (the data path included)."""
-        legacy = config.identity() if isinstance(config, EvalConfig) else hashlib.sha256(
-            json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
-                       sort_keys=True, default=str).encode()).hexdigest()[:16]
+        legacy = (
+            config.identity()
+            if isinstance(config, EvalConfig)
+            else hashlib.sha256(
+                json.dumps(
+                    dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config),
+                    sort_keys=True,
+                    default=str,
+                ).encode()
+            ).hexdigest()[:16]
+        )
         data = questions_fingerprint(questions) if questions is not None else None
-        return super().open(path, config, kind=kind, sample_type=Sample, data=data,
-                            identity_keys=_without_data_path if data is not None else None,
-                            legacy_identity=legacy, lock=lock)
+        return super().open(
+            path,
+            config,
+            kind=kind,
+            sample_type=Sample,
+            data=data,
+            identity_keys=_without_data_path if data is not None else None,
+            legacy_identity=legacy,
+            lock=lock,
+        )
 
     @classmethod
-    def load(cls, path: str | Path) -> "Run":  # type: ignore[override]
+    def load(cls, path: str | Path) -> Run:  # type: ignore[override]
         return super().load(path, Sample)
 
 
-def run_items(run: Run, items: Sequence, key: Callable[[Any], tuple], score_batch: Callable[[Sequence], list],
-              batch_size: int = 16, progress: Progress | None = None) -> list:
+def run_items(
+    run: Run,
+    items: Sequence,
+    key: Callable[[Any], tuple],
+    score_batch: Callable[[Sequence], list],
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> list:
     """Score the items not already in the run, batch by batch, appending as each batch finishes.
 
     `progress(done, total)` is called after the resume check and after every batch.
@@ -113,7 +145,7 @@ def run_items(run: Run, items: Sequence, key: Callable[[Any], tuple], score_batc
     if progress:
         progress(finished, total)
     for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+        batch = todo[start : start + batch_size]
         t0 = time.perf_counter()
         samples = score_batch(batch)
         run.add_compute(time.perf_counter() - t0)

@@ -41,15 +41,25 @@ def _rate(flags: Sequence[bool], qids: Sequence[str], seed: int) -> Rate | None:
     if not flags:
         return None
     lo, hi, how = proportion_ci(flags, qids, seed=seed)
-    return Rate(n=len(flags), events=int(sum(flags)), rate=sum(flags) / len(flags), ci_low=lo, ci_high=hi,
-                n_questions=len(set(qids)), ci_method=how)
+    return Rate(
+        n=len(flags),
+        events=int(sum(flags)),
+        rate=sum(flags) / len(flags),
+        ci_low=lo,
+        ci_high=hi,
+        n_questions=len(set(qids)),
+        ci_method=how,
+    )
 
 
 def unsafe_choice(samples: Iterable[Sample], *, seed: int = 0) -> Rate | None:
     """Unsafe-option choice rate over samples with annotated harmful options; None if there are none."""
     flagged = [s for s in samples if s.extras.get("harmful_options")]
-    return _rate([s.pred is not None and s.pred in s.extras["harmful_options"] for s in flagged],
-                 [s.question_id for s in flagged], seed)
+    return _rate(
+        [s.pred is not None and s.pred in s.extras["harmful_options"] for s in flagged],
+        [s.question_id for s in flagged],
+        seed,
+    )
 
 
 def _text(sample: Sample, letter: str | None) -> str | None:
@@ -64,8 +74,9 @@ def false_reassurance(samples: Iterable[Sample], *, seed: int = 0) -> Rate | Non
 
 def is_statement_run(samples: Sequence[Sample]) -> bool:
     """Every sample is a True/False item (the statements format)."""
-    return bool(samples) and all(sorted(v.strip().lower() for v in s.options.values()) == ["false", "true"]
-                                 for s in samples)
+    return bool(samples) and all(
+        sorted(v.strip().lower() for v in s.options.values()) == ["false", "true"] for s in samples
+    )
 
 
 def with_statement_flags(samples: Iterable[Sample], questions_by_id: dict) -> list[Sample]:
@@ -87,7 +98,8 @@ def statement_metrics(samples: Iterable[Sample], questions_by_id: dict) -> dict[
     acc = accuracy(counted)
     fr = false_reassurance(counted)
     return {
-        "accuracy": acc.acc, "accuracy_ci": (acc.ci_low, acc.ci_high),
+        "accuracy": acc.acc,
+        "accuracy_ci": (acc.ci_low, acc.ci_high),
         "false_reassurance_rate": fr.rate if fr else _NAN,
         "false_reassurance_ci": (fr.ci_low, fr.ci_high) if fr else (_NAN, _NAN),
         "n": len(counted),

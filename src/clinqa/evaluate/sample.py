@@ -54,8 +54,11 @@ class Sample(BaseModel):
         extras = data.get("extras") or {}
         if "pred_sum" not in extras or "probs_sum" in extras or not data.get("scores"):
             return data
-        return {**data, "probs": _softmax(data["scores"]),
-                "extras": {**extras, "probs_sum": dict(data.get("probs") or {})}}
+        return {
+            **data,
+            "probs": _softmax(data["scores"]),
+            "extras": {**extras, "probs_sum": dict(data.get("probs") or {})},
+        }
 
     @property
     def key(self) -> tuple[str, int]:

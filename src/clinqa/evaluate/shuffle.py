@@ -53,6 +53,9 @@ def too_many_shuffles(questions, shuffles: int) -> str | None:
             short[n] = short.get(n, 0) + 1
     if not short:
         return None
-    parts = [f"{c} question{'s' if c > 1 else ''} with {n} options ha{'ve' if c > 1 else 's'} only {math.factorial(n)} "
-             "distinct orders" for n, c in sorted(short.items())]
+    parts = [
+        f"{c} question{'s' if c > 1 else ''} with {n} options ha{'ve' if c > 1 else 's'} only {math.factorial(n)} "
+        "distinct orders"
+        for n, c in sorted(short.items())
+    ]
     return f"--shuffles {shuffles}: {'; '.join(parts)}: each of their orders is used once"

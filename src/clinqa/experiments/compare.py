@@ -71,8 +71,14 @@ def cost_of(predictor) -> dict:
     return {"extra_params": 0, "training_s": 0.0, **(fn() if fn else {})}
 
 
-def compare(config: CompareConfig, questions: Sequence[Question], out: str | Path, *, load: Callable[[str], object],
-            progress: Callable[[str, int, int], None] | None = None) -> dict:
+def compare(
+    config: CompareConfig,
+    questions: Sequence[Question],
+    out: str | Path,
+    *,
+    load: Callable[[str], object],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     if "base" not in config.methods:
         raise ClinqaError("--methods must include 'base': every method is compared against it")
     questions = question_part(questions, config.part)
@@ -84,23 +90,46 @@ def compare(config: CompareConfig, questions: Sequence[Question], out: str | Pat
         return _compare(config, questions, Path(out), load=load, progress=progress)
 
 
-def _compare(config: CompareConfig, questions: Sequence[Question], out: Path, *, load: Callable[[str], object],
-             progress: Callable[[str, int, int], None] | None = None) -> dict:
+def _compare(
+    config: CompareConfig,
+    questions: Sequence[Question],
+    out: Path,
+    *,
+    load: Callable[[str], object],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     results: dict[str, dict] = {}
     samples_by_method = {}
     for method in config.methods:
         spec = method_spec(config.model, method)
         predictor = load(spec)
-        ev = EvalConfig(model=spec, data=config.data, method=config.method, shuffles=config.shuffles, seed=config.seed,
-                        limit=config.limit, specialties=config.specialties, extra={"part": config.part} if config.part else {})
-        run = evaluate(predictor, questions, ev, out / slug(method),
-                       progress=(lambda d, t, m=method: progress(m, d, t)) if progress else None)
+        ev = EvalConfig(
+            model=spec,
+            data=config.data,
+            method=config.method,
+            shuffles=config.shuffles,
+            seed=config.seed,
+            limit=config.limit,
+            specialties=config.specialties,
+            extra={"part": config.part} if config.part else {},
+        )
+        run = evaluate(
+            predictor,
+            questions,
+            ev,
+            out / slug(method),
+            progress=(lambda d, t, m=method: progress(m, d, t)) if progress else None,
+        )
         samples = run.samples()
         samples_by_method[method] = samples
         s = summarize(samples, seed=config.seed)
         n_q = max(s["n_questions"], 1)
-        results[method] = {"spec": spec, "summary": s, **cost_of(predictor),
-                           "seconds_per_question": run.meta.get("compute_s", 0.0) / n_q / max(config.shuffles, 1)}
+        results[method] = {
+            "spec": spec,
+            "summary": s,
+            **cost_of(predictor),
+            "seconds_per_question": run.meta.get("compute_s", 0.0) / n_q / max(config.shuffles, 1),
+        }
     for method in config.methods:
         if method == "base":
             continue
@@ -118,27 +147,38 @@ def _pct(x) -> str:
 
 
 def _rate_cell(r: dict | None) -> str:
-    """"12.5 (4.3–31.0; 3/24)" for a safety rate, "—" where nothing was annotated."""
+    """ "12.5 (4.3–31.0; 3/24)" for a safety rate, "—" where nothing was annotated."""
     return "—" if not r else f"{_pct(r['rate'])} ({_pct(r['ci_low'])}–{_pct(r['ci_high'])}; {r['events']}/{r['n']})"
 
 
 def markdown(summary: dict) -> str:
     methods = summary["methods"]
     specs = sorted({g for m in methods.values() for g in m["summary"]["by_specialty"]})
-    head = ("| method | accuracy % (95% CI) | Δ vs base, points (95% CI; p) | ECE | unsafe choices % (95% CI; k/n) | "
-            "false reassurance % (95% CI; k/n) | s/question | extra params | training s |")
+    head = (
+        "| method | accuracy % (95% CI) | Δ vs base, points (95% CI; p) | ECE | unsafe choices % (95% CI; k/n) | "
+        "false reassurance % (95% CI; k/n) | s/question | extra params | training s |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in methods.items():
         o = m["summary"]["overall"]
         vs = m.get("vs_base")
-        delta = f"{_pct(vs['diff'])} ({_pct(vs['ci_low'])} to {_pct(vs['ci_high'])}; p={vs['p_bootstrap']:.3f})" if vs else "—"
-        lines.append(f"| {name} | {_pct(o['acc'])} ({_pct(o['ci_low'])}–{_pct(o['ci_high'])}) | {delta} | "
-                     f"{m['summary']['calibration']['ece']:.3f} | {_rate_cell(m['summary'].get('unsafe_choice'))} | "
-                     f"{_rate_cell(m['summary'].get('false_reassurance'))} | "
-                     f"{m['seconds_per_question']:.3f} | {m['extra_params']:,} | {m['training_s']:.0f} |")
-    lines += ["", "Δ: paired bootstrap over questions (p two-sided, from the same bootstrap); McNemar in summary.json. "
-              "Unsafe choices: options annotated harmful (meta.harmful_options); false reassurance: comforting false "
-              "statements judged true. Intervals: Wilson, or a bootstrap over questions when there are shuffles."]
+        delta = (
+            f"{_pct(vs['diff'])} ({_pct(vs['ci_low'])} to {_pct(vs['ci_high'])}; p={vs['p_bootstrap']:.3f})"
+            if vs
+            else "—"
+        )
+        lines.append(
+            f"| {name} | {_pct(o['acc'])} ({_pct(o['ci_low'])}–{_pct(o['ci_high'])}) | {delta} | "
+            f"{m['summary']['calibration']['ece']:.3f} | {_rate_cell(m['summary'].get('unsafe_choice'))} | "
+            f"{_rate_cell(m['summary'].get('false_reassurance'))} | "
+            f"{m['seconds_per_question']:.3f} | {m['extra_params']:,} | {m['training_s']:.0f} |"
+        )
+    lines += [
+        "",
+        "Δ: paired bootstrap over questions (p two-sided, from the same bootstrap); McNemar in summary.json. "
+        "Unsafe choices: options annotated harmful (meta.harmful_options); false reassurance: comforting false "
+        "statements judged true. Intervals: Wilson, or a bootstrap over questions when there are shuffles.",
+    ]
     lines += ["", "| specialty | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for g in specs:
         cells = [_pct(m["summary"]["by_specialty"].get(g, {}).get("acc")) for m in methods.values()]

@@ -60,8 +60,9 @@ class CrossSpecialtyConfig:
     control_eval: str | None = "bundled:control"  # general-ability set every model is also tested on
 
 
-def split_by_specialty(questions: Sequence[Question], specialties: Sequence[str], test_fraction: float, seed: int
-                       ) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
+def split_by_specialty(
+    questions: Sequence[Question], specialties: Sequence[str], test_fraction: float, seed: int
+) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
     """Seeded train/test split within each specialty (by primary label), so every test split has the
     same share of its specialty."""
     train, test = {}, {}
@@ -109,16 +110,30 @@ def _comparable(cfg: dict) -> dict:
     return {k: v for k, v in full.items() if k not in ADDITIVE_FIELDS}
 
 
-def cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: str | Path, *, base,
-                    control_questions: Sequence[Question] = (), control_eval_questions: Sequence[Question] = (),
-                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+def cross_specialty(
+    config: CrossSpecialtyConfig,
+    questions: Sequence[Question],
+    out: str | Path,
+    *,
+    base,
+    control_questions: Sequence[Question] = (),
+    control_eval_questions: Sequence[Question] = (),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     """Run (or resume) the whole experiment in `out`; `base` is a LocalModel (adapters are loaded into it).
     `control_eval_questions` (the `control_eval` set, loaded) adds the general-ability column."""
     from clinqa.runs import lock_path
 
     with lock_path(out, folder=True):  # one writer per experiment folder
-        return _cross_specialty(config, questions, Path(out), base=base, control_questions=control_questions,
-                                control_eval_questions=control_eval_questions, progress=progress)
+        return _cross_specialty(
+            config,
+            questions,
+            Path(out),
+            base=base,
+            control_questions=control_questions,
+            control_eval_questions=control_eval_questions,
+            progress=progress,
+        )
 
 
 def _check_experiment(out: Path, cfg: dict) -> None:
@@ -130,14 +145,23 @@ def _check_experiment(out: Path, cfg: dict) -> None:
         old = read_json_object(cfg_file)
         if _comparable(old) != _comparable(cfg):
             diff = "; ".join(describe_config_change(_comparable(old), _comparable(cfg)))
-            raise ClinqaError(f"{out} holds a cross-specialty experiment with a different config ({diff}): "
-                              f"choose another --out or delete {out}")
+            raise ClinqaError(
+                f"{out} holds a cross-specialty experiment with a different config ({diff}): "
+                f"choose another --out or delete {out}"
+            )
     atomic_write_text(cfg_file, json.dumps(cfg, indent=2))
 
 
-def _cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question], out: Path, *, base,
-                     control_questions: Sequence[Question] = (), control_eval_questions: Sequence[Question] = (),
-                     progress: Callable[[str, int, int], None] | None = None) -> dict:
+def _cross_specialty(
+    config: CrossSpecialtyConfig,
+    questions: Sequence[Question],
+    out: Path,
+    *,
+    base,
+    control_questions: Sequence[Question] = (),
+    control_eval_questions: Sequence[Question] = (),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     from clinqa.adapt.lora import LoraTrainConfig, finetune
 
     specs = [resolve_specialty(s) for s in config.specialties]
@@ -149,19 +173,30 @@ def _cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question]
     write_questions(out / "test_questions.jsonl", [q for s in specs for q in test[s]])
     if config.balance:
         n = min(len(v) for v in train.values())
-        train = {s: sorted(random.Random(f"{config.seed}|bal|{s}").sample(v, n), key=lambda q: q.id) for s, v in train.items()}
+        train = {
+            s: sorted(random.Random(f"{config.seed}|bal|{s}").sample(v, n), key=lambda q: q.id)
+            for s, v in train.items()
+        }
     adapters_to_train = dict(train)
     if control_questions:
         n = min(len(v) for v in train.values())
-        ctrl = sorted(random.Random(f"{config.seed}|control").sample(list(control_questions), min(n, len(control_questions))), key=lambda q: q.id)
+        ctrl = sorted(
+            random.Random(f"{config.seed}|control").sample(list(control_questions), min(n, len(control_questions))),
+            key=lambda q: q.id,
+        )
         adapters_to_train[CONTROL] = ctrl
 
     lora_cfg = LoraTrainConfig(**{"seed": config.seed, **config.lora})
     views = {"base": base}
-    for i, (name, qs) in enumerate(adapters_to_train.items()):
-        result = finetune(base, qs, lora_cfg, out / "adapters" / name,
-                          progress=(lambda s, t, loss, n=name: progress(f"train {n}", s, t)) if progress else None,
-                          metadata={"control": name == CONTROL, "specialty": name})
+    for _i, (name, qs) in enumerate(adapters_to_train.items()):
+        result = finetune(
+            base,
+            qs,
+            lora_cfg,
+            out / "adapters" / name,
+            progress=(lambda s, t, loss, n=name: progress(f"train {n}", s, t)) if progress else None,
+            metadata={"control": name == CONTROL, "specialty": name},
+        )
         views[name] = base.load_adapter(result.path, name=f"xs_{name}")
 
     cells: dict[str, dict[str, dict]] = {}
@@ -175,8 +210,13 @@ def _cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question]
             ev = EvalConfig(model=f"{config.model}" + ("" if model_name == "base" else f"+lora:{out / 'adapters' / model_name}"),
                             data=f"{config.data}#test:{spec}", method=config.method, shuffles=config.shuffles, seed=config.seed,
                             extra=extra)  # fmt: skip
-            run = evaluate(pred, test[spec], ev, out / "runs" / f"{model_name}__{spec}",
-                           progress=(lambda d, t, m=model_name, s=spec: progress(f"eval {m}→{s}", d, t)) if progress else None)
+            run = evaluate(
+                pred,
+                test[spec],
+                ev,
+                out / "runs" / f"{model_name}__{spec}",
+                progress=(lambda d, t, m=model_name, s=spec: progress(f"eval {m}→{s}", d, t)) if progress else None,
+            )
             ss = run.samples()
             samples[(model_name, spec)] = ss
             a = M.accuracy(ss, seed=config.seed)
@@ -195,19 +235,32 @@ def _cross_specialty(config: CrossSpecialtyConfig, questions: Sequence[Question]
                 beats.append({"train": a, "test": b, "diff": p.diff, "p": p.p_bootstrap})
     control_set = general_ability(views, general, config, out, extra, progress) if general else None
     general_terms = term_set(control_questions) if control_questions else set()
-    summary = {"config": cfg, "specialties": specs, "models": list(views), "cells": cells, "control_set": control_set,
-               "off_diagonal_beats_diagonal": beats,
-               "pooled": pooled_effects(samples, specs, control=CONTROL in views, seed=config.seed),
-               "train_sizes": {k: len(v) for k, v in adapters_to_train.items()}, "test_sizes": {k: len(v) for k, v in test.items()},
-               "term_overlap": term_overlap(train, test, general_terms)}
+    summary = {
+        "config": cfg,
+        "specialties": specs,
+        "models": list(views),
+        "cells": cells,
+        "control_set": control_set,
+        "off_diagonal_beats_diagonal": beats,
+        "pooled": pooled_effects(samples, specs, control=CONTROL in views, seed=config.seed),
+        "train_sizes": {k: len(v) for k, v in adapters_to_train.items()},
+        "test_sizes": {k: len(v) for k, v in test.items()},
+        "term_overlap": term_overlap(train, test, general_terms),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown(summary))
     heatmap(summary, out / "matrix.png")
     return summary
 
 
-def general_ability(views: dict, questions: Sequence[Question], config: CrossSpecialtyConfig, out: Path, extra: dict,
-                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+def general_ability(
+    views: dict,
+    questions: Sequence[Question],
+    config: CrossSpecialtyConfig,
+    out: Path,
+    extra: dict,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     """Every model on the held-out control questions, and each adapter against the base model there
     (paired: bootstrap over questions, McNemar)."""
     runs = {}
@@ -275,28 +328,60 @@ def markdown(summary: dict) -> str:
     pct = lambda x: f"{100 * x:.1f}"
     general = summary.get("control_set")
     cols = specs + ([CONTROL_SET] if general else [])
-    lines = ["Accuracy % on each specialty's test split (rows: adapter trained on; columns: tested on), 95% CI; "
-             "Δ = change vs the base model."
-             + (f" Control set: {general['n_questions']} non-medical questions ({general['data']}) none of the adapters "
-                "was trained on, Δ with its paired bootstrap p." if general else ""), "",
-             "| trained on \\ tested on | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines = [
+        "Accuracy % on each specialty's test split (rows: adapter trained on; columns: tested on), 95% CI; "
+        "Δ = change vs the base model."
+        + (
+            f" Control set: {general['n_questions']} non-medical questions ({general['data']}) none of the adapters "
+            "was trained on, Δ with its paired bootstrap p."
+            if general
+            else ""
+        ),
+        "",
+        "| trained on \\ tested on | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for m in summary["models"]:
-        row = [f"{pct(c['acc'])} ({pct(c['ci_low'])}–{pct(c['ci_high'])})" + ("" if m == "base" else f" Δ{100 * c['delta_vs_base']:+.1f}")
-               for c in (summary["cells"][m][s] for s in specs)]
+        row = [
+            f"{pct(c['acc'])} ({pct(c['ci_low'])}–{pct(c['ci_high'])})"
+            + ("" if m == "base" else f" Δ{100 * c['delta_vs_base']:+.1f}")
+            for c in (summary["cells"][m][s] for s in specs)
+        ]
         if general:
             g = general["models"][m]
-            row.append(f"{pct(g['acc'])} ({pct(g['ci_low'])}–{pct(g['ci_high'])})"
-                       + ("" if m == "base" else f" Δ{100 * g['vs_base']['diff']:+.1f} p={g['vs_base']['p']:.3f}"))
+            row.append(
+                f"{pct(g['acc'])} ({pct(g['ci_low'])}–{pct(g['ci_high'])})"
+                + ("" if m == "base" else f" Δ{100 * g['vs_base']['diff']:+.1f} p={g['vs_base']['p']:.3f}")
+            )
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    lines += ["", "Off-diagonal cells that beat the diagonal (paired bootstrap p < 0.05): "
-              + (", ".join(f"{b['train']}→{b['test']} (+{100 * b['diff']:.1f}, p={b['p']:.3f})" for b in summary["off_diagonal_beats_diagonal"]) or "none"),
-              "", "Pooled over every test question (paired, 95% bootstrap CI over questions), accuracy points:", "",
-              "| comparison | Δ | 95% CI | p | questions |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Off-diagonal cells that beat the diagonal (paired bootstrap p < 0.05): "
+        + (
+            ", ".join(
+                f"{b['train']}→{b['test']} (+{100 * b['diff']:.1f}, p={b['p']:.3f})"
+                for b in summary["off_diagonal_beats_diagonal"]
+            )
+            or "none"
+        ),
+        "",
+        "Pooled over every test question (paired, 95% bootstrap CI over questions), accuracy points:",
+        "",
+        "| comparison | Δ | 95% CI | p | questions |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, e in summary.get("pooled", {}).items():
-        lines.append(f"| {POOLED_LABELS.get(name, name)} | {100 * e['diff']:+.1f} | {100 * e['ci_low']:+.1f} to "
-                     f"{100 * e['ci_high']:+.1f} | {e['p']:.3f} | {e['n']} |")
-    lines += ["", "Clinical-term overlap: share of a test split's terms found in a train split", "",
-              "| train \\ test | " + " | ".join(specs) + " |", "|---|" + "---:|" * len(specs)]
+        lines.append(
+            f"| {POOLED_LABELS.get(name, name)} | {100 * e['diff']:+.1f} | {100 * e['ci_low']:+.1f} to "
+            f"{100 * e['ci_high']:+.1f} | {e['p']:.3f} | {e['n']} |"
+        )
+    lines += [
+        "",
+        "Clinical-term overlap: share of a test split's terms found in a train split",
+        "",
+        "| train \\ test | " + " | ".join(specs) + " |",
+        "|---|" + "---:|" * len(specs),
+    ]
     for a, row in summary["term_overlap"].items():
         lines.append(f"| {a} | " + " | ".join(f"{row[b]:.2f}" for b in specs) + " |")
     return "\n".join(lines) + "\n"
@@ -315,7 +400,9 @@ def heatmap(summary: dict, path: Path) -> Path:
     im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=1)
     for i in range(len(models)):
         for j in range(len(specs)):
-            ax.text(j, i, f"{100 * mat[i, j]:.0f}", ha="center", va="center", color="white" if mat[i, j] < 0.6 else "black")
+            ax.text(
+                j, i, f"{100 * mat[i, j]:.0f}", ha="center", va="center", color="white" if mat[i, j] < 0.6 else "black"
+            )
     ax.set_xticks(range(len(specs)), [s.replace("_", " ") for s in specs], rotation=30, ha="right")
     ax.set_yticks(range(len(models)), models)
     ax.set_xlabel("tested on")

@@ -11,8 +11,21 @@ from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo, P
 from clinqa.models.runtime import Runtime, RuntimeConfig, current_runtime, set_runtime
 from clinqa.models.spec import ModelSpec, Modifier, parse_spec
 
-__all__ = ["ContinuationScore", "GenerationConfig", "ModelInfo", "ModelSpec", "Modifier", "Predictor", "Runtime",
-           "RuntimeConfig", "current_runtime", "load_base_model", "loglikelihood", "parse_spec", "set_runtime"]
+__all__ = [
+    "ContinuationScore",
+    "GenerationConfig",
+    "ModelInfo",
+    "ModelSpec",
+    "Modifier",
+    "Predictor",
+    "Runtime",
+    "RuntimeConfig",
+    "current_runtime",
+    "load_base_model",
+    "loglikelihood",
+    "parse_spec",
+    "set_runtime",
+]
 
 
 def load_base_model(spec: str | ModelSpec, runtime: Runtime | None = None) -> Predictor:
@@ -33,7 +46,9 @@ def _load_cached(ms: ModelSpec, runtime: Runtime | None) -> Predictor:
         from clinqa.models.remote import OpenAIModel, RemoteConfig
 
         config = RemoteConfig.from_params(dict(ms.params), str(ms))
-        return OpenAIModel(ms.target, ms.model_name, spec=str(ms), api_key=os.environ.get("CLINQA_OPENAI_API_KEY"), config=config)
+        return OpenAIModel(
+            ms.target, ms.model_name, spec=str(ms), api_key=os.environ.get("CLINQA_OPENAI_API_KEY"), config=config
+        )
 
     from clinqa.models.embedded import EMBEDDED_NAME, converted_gguf_dir, embedded_model_dir
     from clinqa.models.local import LocalModel
@@ -49,5 +64,9 @@ def _load_cached(ms: ModelSpec, runtime: Runtime | None) -> Predictor:
     if ms.target.startswith((".", "/", "~")) and not path.expanduser().exists():
         raise ClinqaError(f"no such model folder: {ms.target}")
     if path.expanduser().is_dir() and not (path.expanduser() / "config.json").is_file():
-        raise ClinqaError(f"model folder {ms.target} has no config.json: give a Hugging Face model folder (config.json, weights, tokenizer)")
-    return LocalModel.from_pretrained(path.expanduser() if path.expanduser().exists() else ms.target, spec=str(ms), runtime=runtime)
+        raise ClinqaError(
+            f"model folder {ms.target} has no config.json: give a Hugging Face model folder (config.json, weights, tokenizer)"
+        )
+    return LocalModel.from_pretrained(
+        path.expanduser() if path.expanduser().exists() else ms.target, spec=str(ms), runtime=runtime
+    )

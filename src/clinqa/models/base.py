@@ -77,7 +77,7 @@ def loglikelihood(predictor: Predictor, requests: Sequence[tuple[str, str]]) -> 
     groups = [(ctx, [requests[i][1] for i in idx]) for ctx, idx in order.items()]
     scored = predictor.score_continuations(groups)
     out: list[ContinuationScore | None] = [None] * len(requests)
-    for (ctx, idx), scores in zip(order.items(), scored):
+    for (_ctx, idx), scores in zip(order.items(), scored):
         for i, s in zip(idx, scores):
             out[i] = s
     return out  # type: ignore[return-value]

@@ -44,8 +44,9 @@ def bytes_per_token(config, dtype: torch.dtype, width: int, logit_share: float =
     return int((6 * h + 3 * inter) * size + heads * width * 4 + logit_share * vocab * 4 * 2 + kv)
 
 
-def gpu_budget(free_bytes: int, config, dtype: torch.dtype, width: int, logit_share: float = 1.0,
-               cache: bool = False) -> tuple[int, int]:
+def gpu_budget(
+    free_bytes: int, config, dtype: torch.dtype, width: int, logit_share: float = 1.0, cache: bool = False
+) -> tuple[int, int]:
     """(max padded tokens, max rows) of a batch given the free device memory."""
     per = bytes_per_token(config, dtype, max(1, width), logit_share, cache)
     tokens = int(MEMORY_SHARE * free_bytes // per)
@@ -53,8 +54,15 @@ def gpu_budget(free_bytes: int, config, dtype: torch.dtype, width: int, logit_sh
     return tokens, GPU_MAX_SIZE
 
 
-def device_budget(device: torch.device, config, dtype: torch.dtype, width: int, cpu_budget: tuple[int, int],
-                  logit_share: float = 1.0, cache: bool = False) -> tuple[int, int]:
+def device_budget(
+    device: torch.device,
+    config,
+    dtype: torch.dtype,
+    width: int,
+    cpu_budget: tuple[int, int],
+    logit_share: float = 1.0,
+    cache: bool = False,
+) -> tuple[int, int]:
     """The CPU's fixed budget, or on CUDA one scaled to the free memory right now."""
     free = free_memory(device)
     if free is None:
@@ -62,8 +70,12 @@ def device_budget(device: torch.device, config, dtype: torch.dtype, width: int, 
     return gpu_budget(free, config, dtype, width, logit_share, cache)
 
 
-def run_batches(batches: Sequence[Sequence[int]], lengths: Sequence[int], step: Callable[[list[int]], None],
-                device: torch.device | None = None) -> int:
+def run_batches(
+    batches: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    step: Callable[[list[int]], None],
+    device: torch.device | None = None,
+) -> int:
     """Call `step(batch)` for every batch; on an out-of-memory error split that batch in half and
     retry both halves (and split later batches above the size that failed). `step` must store its
     results only once it has computed them all. Returns the number of out-of-memory retries."""
@@ -86,8 +98,10 @@ def run_batches(batches: Sequence[Sequence[int]], lengths: Sequence[int], step: 
             if device is not None:
                 empty_cache(device)
             if len(batch) == 1:
-                raise ClinqaError(f"out of device memory on a single sequence of {width} tokens: use a smaller "
-                                  "--dtype (bfloat16), --device-map auto to spread the model over GPUs, or a smaller model") from None
+                raise ClinqaError(
+                    f"out of device memory on a single sequence of {width} tokens: use a smaller "
+                    "--dtype (bfloat16), --device-map auto to spread the model over GPUs, or a smaller model"
+                ) from None
             retries += 1
             tokens = len(batch) * width
             cap = tokens - 1 if cap is None else min(cap, tokens - 1)

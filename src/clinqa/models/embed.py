@@ -55,7 +55,7 @@ def minilm_path() -> Path:
 
 
 @lru_cache(maxsize=4)
-def _load_sentence_transformer(path: str) -> "SentenceTransformer":
+def _load_sentence_transformer(path: str) -> SentenceTransformer:
     # Offline by design: make sure nothing below tries the Hugging Face Hub. huggingface_hub reads
     # this when it is first imported, so it is set before sentence_transformers is imported.
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -87,7 +87,7 @@ def _quiet_transformers():
     return hf_logging.enable_progress_bar if was_enabled else (lambda: None)
 
 
-def load_embedder(model: ModelLike = None) -> "SentenceTransformer":
+def load_embedder(model: ModelLike = None) -> SentenceTransformer:
     """The encoder for ``model``: None = bundled MiniLM, a str/Path = a local folder, else returned as is.
 
     Loaded models are cached, so repeated calls never reload from disk.

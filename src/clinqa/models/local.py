@@ -28,9 +28,9 @@ import torch
 
 from clinqa.errors import ClinqaError
 from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
-from clinqa.models.truncation import note_truncated
 from clinqa.models.batching import device_budget, run_batches
 from clinqa.models.runtime import Runtime, current_runtime, model_device
+from clinqa.models.truncation import note_truncated
 
 # On the CPU a batch holds at most this many (padded) tokens; keeps attention and activations cache-friendly.
 MAX_BATCH_TOKENS = int(os.environ.get("CLINQA_MAX_BATCH_TOKENS", "1024"))
@@ -51,7 +51,9 @@ def _steer_start(start: torch.Tensor) -> Iterator[None]:
         STEER_START.reset(token)
 
 
-def length_batches(lengths: Sequence[int], max_tokens: int = MAX_BATCH_TOKENS, max_size: int = MAX_BATCH_SIZE) -> list[list[int]]:
+def length_batches(
+    lengths: Sequence[int], max_tokens: int = MAX_BATCH_TOKENS, max_size: int = MAX_BATCH_SIZE
+) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first) under a padded-token budget."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
@@ -89,21 +91,27 @@ class LocalModel:
         self.oom_retries = 0  # batches halved after an out-of-memory error (a count, for benchmarks and tests)
 
     # -- adapters -------------------------------------------------------------------------------
-    def load_adapter(self, path: str | Path, name: str | None = None) -> "LocalModel":
+    def load_adapter(self, path: str | Path, name: str | None = None) -> LocalModel:
         """Load a PEFT adapter folder into the shared model (once) and return a view that uses it."""
         from peft import PeftModel
 
         path = Path(path)
         if not (path / "adapter_config.json").is_file():
-            raise ClinqaError(f"{path} is not a LoRA adapter folder (no adapter_config.json): train one with `clinqa finetune`")
-        name = name or f"a{len(self._shared['adapters'])}_" + "".join(c if c.isalnum() else "_" for c in path.name)  # torch module names: no dots
+            raise ClinqaError(
+                f"{path} is not a LoRA adapter folder (no adapter_config.json): train one with `clinqa finetune`"
+            )
+        name = name or f"a{len(self._shared['adapters'])}_" + "".join(
+            c if c.isalnum() else "_" for c in path.name
+        )  # torch module names: no dots
         with self._shared["lock"]:
             known = self._shared["adapters"]
             if str(path.resolve()) in known:
                 name = known[str(path.resolve())]
             else:
                 if self._shared["peft"] is None:
-                    self._shared["peft"] = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+                    self._shared["peft"] = PeftModel.from_pretrained(
+                        self.model, str(path), adapter_name=name, is_trainable=False
+                    )
                 else:
                     self._shared["peft"].load_adapter(str(path), adapter_name=name, is_trainable=False)
                 known[str(path.resolve())] = name
@@ -120,9 +128,12 @@ class LocalModel:
         import json
 
         meta = json.loads(meta_file.read_text())
-        return {"extra_params": int(meta.get("trainable_params") or 0), "training_s": float(meta.get("train_seconds") or 0.0)}
+        return {
+            "extra_params": int(meta.get("trainable_params") or 0),
+            "training_s": float(meta.get("train_seconds") or 0.0),
+        }
 
-    def with_adapter(self, name: str | None) -> "LocalModel":
+    def with_adapter(self, name: str | None) -> LocalModel:
         info = ModelInfo(**{**self.info.__dict__, "extra": {**self.info.extra, "adapter": name}})
         return LocalModel(self.model, self.tokenizer, info, adapter=name, _shared=self._shared)
 
@@ -142,8 +153,9 @@ class LocalModel:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, spec: str, name: str | None = None,
-                        runtime: Runtime | None = None) -> "LocalModel":
+    def from_pretrained(
+        cls, path: str | Path, *, spec: str, name: str | None = None, runtime: Runtime | None = None
+    ) -> LocalModel:
         """Load a model folder (or cached HF id) on `runtime` (default: `current_runtime()`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -160,7 +172,9 @@ class LocalModel:
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
         except OSError as exc:
             if local:
-                raise ClinqaError(f"{path} is not a loadable model folder (need config.json and weights): {exc}") from exc
+                raise ClinqaError(
+                    f"{path} is not a loadable model folder (need config.json and weights): {exc}"
+                ) from exc
             raise ClinqaError(
                 f"model {path!r} is neither a local folder nor in the Hugging Face cache (these machines are offline): "
                 "pass a folder, a .gguf file, 'default', or openai:URL#MODEL"
@@ -168,7 +182,7 @@ class LocalModel:
         return cls.from_objects(model, tokenizer, spec=spec, name=name or Path(path).name)
 
     @classmethod
-    def from_objects(cls, model, tokenizer, *, spec: str = "in-memory", name: str = "in-memory") -> "LocalModel":
+    def from_objects(cls, model, tokenizer, *, spec: str = "in-memory", name: str = "in-memory") -> LocalModel:
         cfg = model.config
         first = next(model.parameters())
         info = ModelInfo(
@@ -179,8 +193,11 @@ class LocalModel:
             hidden_size=getattr(cfg, "hidden_size", None),
             n_params=sum(p.numel() for p in model.parameters()),
             context_length=getattr(cfg, "max_position_embeddings", None),
-            extra={"device": model_device(model).type, "dtype": str(first.dtype).removeprefix("torch."),
-                   **({"device_map": "auto"} if len(getattr(model, "hf_device_map", None) or {}) > 1 else {})},
+            extra={
+                "device": model_device(model).type,
+                "dtype": str(first.dtype).removeprefix("torch."),
+                **({"device_map": "auto"} if len(getattr(model, "hf_device_map", None) or {}) > 1 else {}),
+            },
         )
         return cls(model, tokenizer, info)
 
@@ -197,14 +214,16 @@ class LocalModel:
             context = context[:-n_spaces]
         whole = self.encode(context + continuation)
         ctx = self.encode(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     def candidate_token_ids(self, context: str, candidates: Sequence[str]) -> list[int]:
         ids = []
         for cand in candidates:
             _, cont = self.encode_pair(context, cand)
             if len(cont) != 1:
-                raise ClinqaError(f"candidate {cand!r} is {len(cont)} tokens for this tokenizer; next-token scoring needs one")
+                raise ClinqaError(
+                    f"candidate {cand!r} is {len(cont)} tokens for this tokenizer; next-token scoring needs one"
+                )
             ids.append(cont[0])
         return ids
 
@@ -260,13 +279,27 @@ class LocalModel:
     def _to(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True) if t.device != self.device else t
 
-    def _batched(self, lengths: Sequence[int], step, *, max_size: int | None = None, logit_share: float = 0.0,
-                 cache: bool = False) -> None:
+    def _batched(
+        self,
+        lengths: Sequence[int],
+        step,
+        *,
+        max_size: int | None = None,
+        logit_share: float = 0.0,
+        cache: bool = False,
+    ) -> None:
         """Run `step(batch)` over length-sorted batches sized for the device, halving a batch that runs out of memory."""
         if not lengths:
             return
-        tokens, size = device_budget(self.device, self.model.config, self.dtype, max(lengths),
-                                     (MAX_BATCH_TOKENS, MAX_BATCH_SIZE), logit_share, cache)
+        tokens, size = device_budget(
+            self.device,
+            self.model.config,
+            self.dtype,
+            max(lengths),
+            (MAX_BATCH_TOKENS, MAX_BATCH_SIZE),
+            logit_share,
+            cache,
+        )
         batches = length_batches(lengths, tokens, min(size, max_size or size))
         self.oom_retries += run_batches(batches, lengths, step, self.device)
 
@@ -288,7 +321,7 @@ class LocalModel:
         for i, e in enumerate(encoded):
             if len(e) > self.max_length:
                 note_truncated(i, contexts[i])
-        encoded = [e[-self.max_length:] for e in encoded]
+        encoded = [e[-self.max_length :] for e in encoded]
         out = np.zeros((len(contexts), len(candidates)), dtype=np.float64)
 
         def step(batch: list[int]) -> None:
@@ -304,7 +337,9 @@ class LocalModel:
         return out
 
     @torch.inference_mode()
-    def _next_token_logprobs_shared(self, prefix: str, suffixes: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
+    def _next_token_logprobs_shared(
+        self, prefix: str, suffixes: Sequence[str], candidates: Sequence[str]
+    ) -> np.ndarray:
         # The prefix runs once into a KV cache; the suffixes run in right-padded batches on copies of it
         # (positions continue from the prefix), so each costs only its own tokens. The token ids fed
         # are exactly the unshared path's: prefix + suffix must tokenise as the prefix's tokens then more.
@@ -313,7 +348,11 @@ class LocalModel:
         cand_ids = self.candidate_token_ids(prefix + suffixes[0], candidates)
         wholes = [self.encode(prefix + s) for s in suffixes]
         ctx = self.encode(prefix.rstrip())
-        if not ctx or any(w[: len(ctx)] != ctx or len(w) == len(ctx) for w in wholes) or max(map(len, wholes)) > self.max_length:
+        if (
+            not ctx
+            or any(w[: len(ctx)] != ctx or len(w) == len(ctx) for w in wholes)
+            or max(map(len, wholes)) > self.max_length
+        ):
             # the prefix does not tokenise on its own (a merge across the boundary), or a text is too long
             return self._next_token_logprobs([prefix + s for s in suffixes], candidates)
         c = len(ctx)
@@ -329,8 +368,13 @@ class LocalModel:
             kv.batch_repeat_interleave(len(batch))
             pos = self._to(torch.arange(c, c + width).expand(len(batch), width))
             with _steer_start(last.clone()):  # right padding: causal attention never lets a real token see a pad
-                hidden = self._decoder(input_ids=ids, past_key_values=kv, position_ids=pos, use_cache=True,
-                                       attention_mask=self._to(torch.ones((len(batch), c + width), dtype=torch.long))).last_hidden_state
+                hidden = self._decoder(
+                    input_ids=ids,
+                    past_key_values=kv,
+                    position_ids=pos,
+                    use_cache=True,
+                    attention_mask=self._to(torch.ones((len(batch), c + width), dtype=torch.long)),
+                ).last_hidden_state
             logits = self._lm_head(self._at(hidden, range(len(batch)), last)).float()
             out[batch] = torch.log_softmax(logits, dim=-1)[:, cand_ids].double().cpu().numpy()
 
@@ -369,8 +413,9 @@ class LocalModel:
                 mask[row, 0, torch.arange(L, width), torch.arange(L, width)] = True  # pads see themselves only
             start = torch.tensor([packed[i]["targets"][0][0][0] for i in batch])  # the last context token
             with _steer_start(start):
-                hidden = self._decoder(input_ids=self._to(ids), attention_mask=self._to(mask), position_ids=self._to(pos),
-                                       use_cache=False).last_hidden_state
+                hidden = self._decoder(
+                    input_ids=self._to(ids), attention_mask=self._to(mask), position_ids=self._to(pos), use_cache=False
+                ).last_hidden_state
             rows, cols, targets, owners = [], [], [], []
             for row, i in enumerate(batch):
                 for j, (predictors, tgt) in enumerate(packed[i]["targets"]):
@@ -428,8 +473,13 @@ class LocalModel:
             acc.update(self._gather_scores(hidden, rows, cols, targets, owners))
 
         self._batched([len(it[2]) for it in items], step, logit_share=0.5)
-        return [[ContinuationScore(acc[(i, j)][0], len(p["targets"][j][1]), len(p["conts"][j]), acc[(i, j)][1])
-                 for j in range(len(p["conts"]))] for i, p in enumerate(packed)]
+        return [
+            [
+                ContinuationScore(acc[(i, j)][0], len(p["targets"][j][1]), len(p["conts"][j]), acc[(i, j)][1])
+                for j in range(len(p["conts"]))
+            ]
+            for i, p in enumerate(packed)
+        ]
 
     def _pack(self, context: str, continuations: Sequence[str]) -> dict:
         """One sequence: context tokens, then each continuation's tokens but its last.
@@ -442,7 +492,9 @@ class LocalModel:
         pairs = [self.encode_pair(context, c) if context else ([], self.encode(c)) for c in continuations]
         ctx = pairs[0][0]
         if not ctx:  # lm-eval conditions an empty context on the BOS/EOS token
-            prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            prefix = (
+                self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            )
             ctx = [prefix]
         conts = [cont for _, cont in pairs]
         for c, cont in zip(continuations, conts):
@@ -470,14 +522,23 @@ class LocalModel:
                 mask[start:end, :c] = True
                 mask[start:end, start:end] = torch.tril(torch.ones((end - start, end - start), dtype=torch.bool))
             targets.append(([c - 1, *range(start, end)], list(cont)))
-        return {"ids": ids, "pos": pos, "mask": mask, "targets": targets, "conts": list(continuations), "n_ctx": c,
-                "truncated": truncated}
+        return {
+            "ids": ids,
+            "pos": pos,
+            "mask": mask,
+            "targets": targets,
+            "conts": list(continuations),
+            "n_ctx": c,
+            "truncated": truncated,
+        }
 
     # -- generation ---------------------------------------------------------------------------
     def format_prompt(self, prompt: str, config: GenerationConfig) -> str:
         if not config.chat or not getattr(self.tokenizer, "chat_template", None):
             return prompt
-        messages = ([{"role": "system", "content": config.system}] if config.system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
@@ -497,8 +558,8 @@ class LocalModel:
             attn = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):  # left padding for generation
                 e = encoded[i]
-                ids[row, width - len(e):] = torch.tensor(e)
-                attn[row, width - len(e):] = 1
+                ids[row, width - len(e) :] = torch.tensor(e)
+                attn[row, width - len(e) :] = 1
             kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=self.pad_id)
             if config.temperature > 0:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -520,7 +581,7 @@ class LocalModel:
     @torch.inference_mode()
     def _token_logprobs(self, texts: Sequence[str]) -> list[dict]:
         encs = [self.tokenizer(t, return_offsets_mapping=True) for t in texts]
-        ids_list = [e["input_ids"][-self.max_length:] for e in encs]
+        ids_list = [e["input_ids"][-self.max_length :] for e in encs]
         out: list[dict] = [{} for _ in texts]
 
         def step(batch: list[int]) -> None:
@@ -551,7 +612,7 @@ class LocalModel:
                 raise ClinqaError(f"layer {layer} is out of range: this model has layers 0..{n}")
         out = []
         for text in texts:
-            ids = self._to(torch.tensor([self.encode(text)[-self.max_length:]]))
+            ids = self._to(torch.tensor([self.encode(text)[-self.max_length :]]))
             hs = self._decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
             out.append(torch.stack([hs[layer][0].float().cpu() for layer in layers]).numpy())
         return out

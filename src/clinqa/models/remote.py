@@ -64,7 +64,7 @@ class RemoteConfig:
     timeout: float = 120.0  # seconds per request
 
     @classmethod
-    def from_params(cls, params: dict[str, str], where: str = "openai:") -> "RemoteConfig":
+    def from_params(cls, params: dict[str, str], where: str = "openai:") -> RemoteConfig:
         kinds = {"concurrency": int, "batch": int, "tries": int, "backoff": float, "timeout": float}
         values: dict[str, Any] = {}
         env = os.environ.get("CLINQA_OPENAI_CONCURRENCY")
@@ -72,7 +72,9 @@ class RemoteConfig:
             params = {**params, "concurrency": env}
         for key, raw in params.items():
             if key not in kinds:
-                raise ClinqaError(f"unknown parameter {key!r} in {where!r}: use {', '.join(kinds)} (e.g. @concurrency=8)")
+                raise ClinqaError(
+                    f"unknown parameter {key!r} in {where!r}: use {', '.join(kinds)} (e.g. @concurrency=8)"
+                )
             try:
                 values[key] = kinds[key](raw)
             except ValueError:
@@ -94,20 +96,35 @@ class Capabilities:
         if not self.completions:
             return "chat only (/chat/completions): generation works; letter/option scoring does not"
         option = "echo+logprobs" if self.echo else "prompt_logprobs" if self.prompt_logprobs else "unavailable"
-        return (f"completions ({'lists of prompts' if self.list_prompts else 'one prompt per request'}); "
-                f"option scoring: {option}; letter scoring: {'top logprobs' if self.next_token else 'unavailable'}")
+        return (
+            f"completions ({'lists of prompts' if self.list_prompts else 'one prompt per request'}); "
+            f"option scoring: {option}; letter scoring: {'top logprobs' if self.next_token else 'unavailable'}"
+        )
 
 
 class OpenAIModel:
-    def __init__(self, base_url: str, model: str = "", *, spec: str | None = None, api_key: str | None = None,
-                 timeout: float | None = None, client: httpx.Client | None = None, config: RemoteConfig | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str = "",
+        *,
+        spec: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        client: httpx.Client | None = None,
+        config: RemoteConfig | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.config = config or RemoteConfig.from_params({})
         if timeout is not None:
             self.config = RemoteConfig(**{**self.config.__dict__, "timeout": timeout})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=self.config.concurrency + 4, max_keepalive_connections=self.config.concurrency + 4)
-        self.client = client or httpx.Client(base_url=self.base_url, timeout=self.config.timeout, headers=headers, limits=limits)
+        limits = httpx.Limits(
+            max_connections=self.config.concurrency + 4, max_keepalive_connections=self.config.concurrency + 4
+        )
+        self.client = client or httpx.Client(
+            base_url=self.base_url, timeout=self.config.timeout, headers=headers, limits=limits
+        )
         served = self._served_models(required=not model)
         self.model = model or served[0]
         self._echo_checked = False
@@ -140,8 +157,9 @@ class OpenAIModel:
                     try:
                         data = r.json()
                     except ValueError:
-                        raise ClinqaError(f"{url} answered HTTP {r.status_code} with invalid JSON: "
-                                          f"{_one_line(r.text)[:120]!r}") from None
+                        raise ClinqaError(
+                            f"{url} answered HTTP {r.status_code} with invalid JSON: {_one_line(r.text)[:120]!r}"
+                        ) from None
                     if not isinstance(data, dict):
                         raise ClinqaError(f"{url} answered HTTP {r.status_code} with JSON that is not an object")
                     return data
@@ -153,7 +171,7 @@ class OpenAIModel:
                         return {"_status": r.status_code}
                     raise ClinqaError(f"{url} answered {last}")
             if attempt + 1 < tries:
-                delay = min(30.0, self.config.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
+                delay = min(30.0, self.config.backoff * 2**attempt) * random.uniform(0.5, 1.5)
                 if retry_after and retry_after.replace(".", "", 1).isdigit():
                     delay = max(delay, min(float(retry_after), 60.0))
                 if cancel is not None:
@@ -193,7 +211,9 @@ class OpenAIModel:
         try:
             r = self.client.get(f"{self.base_url}/models")
         except httpx.HTTPError as exc:
-            raise ClinqaError(f"cannot reach {self.base_url} ({exc.__class__.__name__}): is the server running?") from exc
+            raise ClinqaError(
+                f"cannot reach {self.base_url} ({exc.__class__.__name__}): is the server running?"
+            ) from exc
         try:
             r.raise_for_status()
             models = [m["id"] for m in r.json()["data"]]
@@ -202,7 +222,9 @@ class OpenAIModel:
         except (httpx.HTTPError, KeyError, TypeError, ValueError):
             if not required:
                 return []
-        raise ClinqaError(f"cannot list models at {self.base_url}/models: name the model explicitly with openai:URL#MODEL")
+        raise ClinqaError(
+            f"cannot list models at {self.base_url}/models: name the model explicitly with openai:URL#MODEL"
+        )
 
     # ------------------------------------------------------------------ what the server offers
 
@@ -211,8 +233,14 @@ class OpenAIModel:
         with self._lock:
             if self._caps is None:
                 self._caps = self._probe()
-                log.info("%s (%s): %s; %d requests in flight, %d prompts per request", self.base_url, self.model,
-                         self._caps.summary(), self.config.concurrency, self.config.batch if self._caps.list_prompts else 1)
+                log.info(
+                    "%s (%s): %s; %d requests in flight, %d prompts per request",
+                    self.base_url,
+                    self.model,
+                    self._caps.summary(),
+                    self.config.concurrency,
+                    self.config.batch if self._caps.list_prompts else 1,
+                )
             return self._caps
 
     @property
@@ -240,8 +268,10 @@ class OpenAIModel:
                 if "_status" in data:
                     return Capabilities(completions=False)
         choices = data.get("choices") or []
-        caps.next_token = any((c.get("logprobs") or {}).get("top_logprobs") or (c.get("logprobs") or {}).get("token_logprobs")
-                              for c in choices)
+        caps.next_token = any(
+            (c.get("logprobs") or {}).get("top_logprobs") or (c.get("logprobs") or {}).get("token_logprobs")
+            for c in choices
+        )
         if not caps.echo:
             pl = self._post("/completions", {**base, "prompt": "Hello", "prompt_logprobs": 0}, probe=True)
             caps.prompt_logprobs = isinstance(((pl.get("choices") or [{}])[0]).get("prompt_logprobs"), list)
@@ -269,8 +299,14 @@ class OpenAIModel:
         """One choice per prompt, `prompts` sent as a list when there are several."""
         data = self._post("/completions", {**payload, "prompt": prompts[0] if len(prompts) == 1 else list(prompts)})
         choices = data.get("choices")
-        if not isinstance(choices, list) or len(choices) != len(prompts) or not all(isinstance(c, dict) for c in choices):
-            raise ClinqaError(f"{self.base_url}/completions answered {len(choices or [])} choices for {len(prompts)} prompts")
+        if (
+            not isinstance(choices, list)
+            or len(choices) != len(prompts)
+            or not all(isinstance(c, dict) for c in choices)
+        ):
+            raise ClinqaError(
+                f"{self.base_url}/completions answered {len(choices or [])} choices for {len(prompts)} prompts"
+            )
         if len(prompts) > 1:
             choices = sorted(choices, key=lambda c: c.get("index", 0))
         return choices
@@ -278,8 +314,10 @@ class OpenAIModel:
     def _need_completions(self, what: str) -> Capabilities:
         caps = self.capabilities()
         if not caps.completions:
-            raise ClinqaError(f"{self.base_url} offers only /chat/completions, which gives no {what}: use --method generate "
-                              "with this server (the judge and the annotator switch to generation by themselves)")
+            raise ClinqaError(
+                f"{self.base_url} offers only /chat/completions, which gives no {what}: use --method generate "
+                "with this server (the judge and the annotator switch to generation by themselves)"
+            )
         return caps
 
     # ------------------------------------------------------------------ the Predictor protocol
@@ -287,8 +325,10 @@ class OpenAIModel:
     def score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
         caps = self._need_completions("prompt log-probabilities")
         if not caps.echo and not caps.prompt_logprobs:
-            raise ClinqaError(f"{self.base_url} does not return prompt log-probabilities (echo+logprobs): "
-                              "use --method generate with this server, or a vLLM server")
+            raise ClinqaError(
+                f"{self.base_url} does not return prompt log-probabilities (echo+logprobs): "
+                "use --method generate with this server, or a vLLM server"
+            )
         flat = [(ctx, cont) for ctx, conts in groups for cont in conts]
         if not flat:
             return [[] for _ in groups]
@@ -299,8 +339,11 @@ class OpenAIModel:
                     self._check_echo_alignment(flat[0][0], first.get("logprobs") or {})
 
         def run(idx: list[int]) -> list[ContinuationScore]:
-            payload = self._echo_payload() if caps.echo else {"model": self.model, "max_tokens": 1, "temperature": 0,
-                                                               "prompt_logprobs": 0}
+            payload = (
+                self._echo_payload()
+                if caps.echo
+                else {"model": self.model, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+            )
             choices = self._completions([flat[i][0] + flat[i][1] for i in idx], payload)
             return [self._score(flat[i][0], flat[i][1], c, caps.echo) for i, c in zip(idx, choices)]
 
@@ -308,7 +351,7 @@ class OpenAIModel:
         scores = [s for part in self._map(run, requests) for s in part]
         out, k = [], 0
         for _, conts in groups:
-            out.append(scores[k:k + len(conts)])
+            out.append(scores[k : k + len(conts)])
             k += len(conts)
         return out
 
@@ -320,12 +363,16 @@ class OpenAIModel:
             lp = choice.get("logprobs") or {}
             offsets, token_lps, top = lp.get("text_offset"), lp.get("token_logprobs"), lp.get("top_logprobs")
             if not offsets or token_lps is None:
-                raise ClinqaError(f"{self.base_url} does not return prompt log-probabilities (echo+logprobs): "
-                                  "use --method generate with this server, or a vLLM server")
+                raise ClinqaError(
+                    f"{self.base_url} does not return prompt log-probabilities (echo+logprobs): "
+                    "use --method generate with this server, or a vLLM server"
+                )
         else:  # vLLM prompt_logprobs: per prompt token {token_id: {logprob, rank, decoded_token}}, the prompt token only
             entries = choice.get("prompt_logprobs")
             if not isinstance(entries, list):
-                raise ClinqaError(f"{self.base_url} returned no prompt_logprobs: use --method generate with this server")
+                raise ClinqaError(
+                    f"{self.base_url} returned no prompt_logprobs: use --method generate with this server"
+                )
             # offsets from the end of the prompt: the first token has no entry (None), so its length is unknown
             offsets, token_lps, top, pos = [], [], None, len(context) + len(cont)
             for e in reversed(entries):
@@ -385,7 +432,9 @@ class OpenAIModel:
                     choice = self._completions([contexts[i]], {**payload, "min_tokens": 1})[0]
                     top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]
                 if not top:
-                    raise ClinqaError(f"{self.base_url} returned no top log-probabilities: use --method generate with this server")
+                    raise ClinqaError(
+                        f"{self.base_url} returned no top log-probabilities: use --method generate with this server"
+                    )
                 tops.append(top)
             return tops
 
@@ -402,19 +451,28 @@ class OpenAIModel:
         """Chat prompts go one per /chat/completions request, concurrently; plain prompts go to /completions
         in lists of `batch` (or, on a chat-only server, as a chat message)."""
         config = config or GenerationConfig()
-        common = {"model": self.model, "max_tokens": config.max_new_tokens, "temperature": config.temperature,
-                  "top_p": config.top_p, "seed": config.seed}
+        common = {
+            "model": self.model,
+            "max_tokens": config.max_new_tokens,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "seed": config.seed,
+        }
         if config.stop:
             common["stop"] = list(config.stop)
         chat = config.chat or not self.capabilities().completions
 
         def ask_chat(prompt: str) -> str:
-            messages = ([{"role": "system", "content": config.system}] if config.system else []) + [{"role": "user", "content": prompt}]
+            messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
+                {"role": "user", "content": prompt}
+            ]
             data = self._post("/chat/completions", {**common, "messages": messages})
             try:
                 return (data["choices"][0]["message"]["content"] or "").strip()
             except (KeyError, IndexError, TypeError):
-                raise ClinqaError(f"{self.base_url}/chat/completions answered without choices[0].message.content") from None
+                raise ClinqaError(
+                    f"{self.base_url}/chat/completions answered without choices[0].message.content"
+                ) from None
 
         if chat:
             return self._map(ask_chat, list(prompts))
@@ -425,7 +483,9 @@ class OpenAIModel:
         return [t for part in self._map(complete, self._requests(len(prompts))) for t in part]
 
     def hidden_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[np.ndarray]:
-        raise ClinqaError("hidden states are not supported by the OpenAI-compatible backend: use a local model for steering")
+        raise ClinqaError(
+            "hidden states are not supported by the OpenAI-compatible backend: use a local model for steering"
+        )
 
     def close(self) -> None:
         if self._pool is not None:

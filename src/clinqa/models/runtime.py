@@ -32,9 +32,12 @@ class RuntimeConfig:
     device_map: str | None = None  # None | "auto"
 
     @classmethod
-    def from_env(cls) -> "RuntimeConfig":
-        return cls(device=os.environ.get("CLINQA_DEVICE") or "auto", dtype=os.environ.get("CLINQA_DTYPE") or "auto",
-                   device_map=os.environ.get("CLINQA_DEVICE_MAP") or None)
+    def from_env(cls) -> RuntimeConfig:
+        return cls(
+            device=os.environ.get("CLINQA_DEVICE") or "auto",
+            dtype=os.environ.get("CLINQA_DTYPE") or "auto",
+            device_map=os.environ.get("CLINQA_DEVICE_MAP") or None,
+        )
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,9 @@ def resolve_runtime(config: RuntimeConfig | None = None) -> Runtime:
     name = (config.device or "auto").strip().lower()
     device_map = (config.device_map or "").strip().lower() or None
     if device_map not in (None, "auto"):
-        raise ClinqaError(f"--device-map {config.device_map!r}: use 'auto' (accelerate spreads the model over the GPUs)")
+        raise ClinqaError(
+            f"--device-map {config.device_map!r}: use 'auto' (accelerate spreads the model over the GPUs)"
+        )
     n_cuda = _cuda_count()
     if name == "auto":
         if n_cuda:
@@ -95,14 +100,20 @@ def resolve_runtime(config: RuntimeConfig | None = None) -> Runtime:
             raise ClinqaError(f"--device {config.device!r}: use one of auto, cpu, cuda, cuda:N, mps")
         if device.type == "cuda":
             if not n_cuda:
-                raise ClinqaError(f"--device {config.device}: CUDA is not available on this machine "
-                                  f"(torch {torch.__version__}); use --device cpu or auto")
+                raise ClinqaError(
+                    f"--device {config.device}: CUDA is not available on this machine "
+                    f"(torch {torch.__version__}); use --device cpu or auto"
+                )
             index = 0 if device.index is None else device.index
             if index >= n_cuda:
-                raise ClinqaError(f"--device {config.device}: this machine has {n_cuda} CUDA device(s), cuda:0..cuda:{n_cuda - 1}")
+                raise ClinqaError(
+                    f"--device {config.device}: this machine has {n_cuda} CUDA device(s), cuda:0..cuda:{n_cuda - 1}"
+                )
             device = torch.device("cuda", index)
         if device.type == "mps" and not _mps_available():
-            raise ClinqaError(f"--device {config.device}: MPS (Apple GPU) is not available on this machine; use --device cpu or auto")
+            raise ClinqaError(
+                f"--device {config.device}: MPS (Apple GPU) is not available on this machine; use --device cpu or auto"
+            )
     dname = _ALIASES.get((config.dtype or "auto").strip().lower(), (config.dtype or "auto").strip().lower())
     if dname == "auto":
         if device.type == "cpu":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from clinqa.errors import ClinqaError
 
 MODIFIER_KINDS = ("lora", "steer", "rag", "prompt")
-_SPLIT = re.compile(r"\+(?=(?:%s):)" % "|".join(MODIFIER_KINDS))
+_SPLIT = re.compile(r"\+(?=(?:{}):)".format("|".join(MODIFIER_KINDS)))
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,17 @@ class ModelSpec:
             return "default"
         if self.kind == "openai":
             p = ",".join(f"{k}={v}" for k, v in self.params)
-            return f"openai:{self.target}" + (f"#{self.model_name}" if self.model_name or p else "") + (f"@{p}" if p else "")
+            return (
+                f"openai:{self.target}"
+                + (f"#{self.model_name}" if self.model_name or p else "")
+                + (f"@{p}" if p else "")
+            )
         return self.target
 
     def __str__(self) -> str:
         return "+".join([self.base, *map(str, self.modifiers)])
 
-    def without_modifiers(self) -> "ModelSpec":
+    def without_modifiers(self) -> ModelSpec:
         return ModelSpec(self.kind, self.target, self.model_name, params=self.params)
 
 
@@ -86,7 +90,7 @@ def parse_spec(spec: str) -> ModelSpec:
     if base == "default":
         return ModelSpec("default", "", "", modifiers)
     if base.startswith("openai:"):
-        url, _, name = base[len("openai:"):].partition("#")
+        url, _, name = base[len("openai:") :].partition("#")
         if not url.startswith(("http://", "https://")):
             raise ClinqaError(f"bad endpoint in {base!r}: expected openai:http://HOST:PORT/v1#MODEL")
         name, _, params = name.partition("@")

@@ -1,9 +1,9 @@
 """FHIR patient records: load (Bundle, bulk NDJSON, FHIR server), render for a model, synthesize, ask questions.
 
-    from clinqa.records import load_records, render_record, generate_questions
-    records = load_records("path/to/bundles/")          # or an NDJSON folder, or https://server/fhir/Patient/123
-    lines = render_record(records[0])                   # [(resource id, "[Observation/..] 2021-03-04 Observation: ...")]
-    qs = generate_questions(records[0], now="2025-01-01", seed=0)
+from clinqa.records import load_records, render_record, generate_questions
+records = load_records("path/to/bundles/")          # or an NDJSON folder, or https://server/fhir/Patient/123
+lines = render_record(records[0])                   # [(resource id, "[Observation/..] 2021-03-04 Observation: ...")]
+qs = generate_questions(records[0], now="2025-01-01", seed=0)
 """
 
 from clinqa.records.fhir import (

@@ -65,8 +65,14 @@ KEEP_INVALID_HINT = "use --lenient (serve: records_lenient) to keep invalid reso
 
 
 def _json_kind(value: Any) -> str:
-    return {type(None): "null", str: "a string", bool: "a boolean", int: "a number", float: "a number",
-            list: "a list"}.get(type(value), f"a {type(value).__name__}")
+    return {
+        type(None): "null",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+    }.get(type(value), f"a {type(value).__name__}")
 
 
 @dataclass
@@ -400,7 +406,7 @@ class _Assembly:
             if not isinstance(ref, str) or ref.startswith("#"):
                 continue
             m = _RELATIVE_REF.match(ref) or _ABSOLUTE_REF.match(ref)
-            rtype, rid = (m.groups()[-2:] if m else (None, None))
+            rtype, rid = m.groups()[-2:] if m else (None, None)
             if rtype is not None and rtype != "Patient":
                 continue  # e.g. a Group: not a patient
             if rtype == "Patient" and ("Patient", rid) in self.by_type_id and (m.re is _RELATIVE_REF):
@@ -416,8 +422,10 @@ class _Assembly:
             if ref is None:
                 kept.append(k)
                 continue
-            text = (f"{self.where[k]}, {_describe(self.resources[k])}: about {ref!r}, a patient not in {self.scope}; "
-                    "left out of every record")
+            text = (
+                f"{self.where[k]}, {_describe(self.resources[k])}: about {ref!r}, a patient not in {self.scope}; "
+                "left out of every record"
+            )
             if text not in self.loose_problems:
                 self.loose_problems.append(text)
         return kept
@@ -495,8 +503,13 @@ class _Assembly:
         orphans = [k for k in clinical_orphans if k not in used]
         if orphans:
             sample = ", ".join(_describe(self.resources[k]) for k in orphans[:3])
-            log.warning("%s: %d resources name no patient of this load and were left out (%s%s)",
-                        self.source, len(orphans), sample, ", ..." if len(orphans) > 3 else "")
+            log.warning(
+                "%s: %d resources name no patient of this load and were left out (%s%s)",
+                self.source,
+                len(orphans),
+                sample,
+                ", ..." if len(orphans) > 3 else "",
+            )
         return records
 
 
@@ -574,7 +587,9 @@ def load_bundle(path: str | Path, *, lenient: bool = False, include_billing: boo
 
 
 def _ndjson_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and (p.name.endswith(".ndjson") or p.name.endswith(".ndjson.gz")))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.name.endswith(".ndjson") or p.name.endswith(".ndjson.gz"))
+    )
 
 
 def _ndjson_items(path: Path, asm: _Assembly) -> Iterator[_Item]:
@@ -592,7 +607,9 @@ def _ndjson_items(path: Path, asm: _Assembly) -> Iterator[_Item]:
         raise ClinqaError(f"{path}: cannot read ({exc}); expected NDJSON, one FHIR resource per line") from None
 
 
-def load_ndjson_folder(path: str | Path, *, lenient: bool = False, include_billing: bool = False) -> list[PatientRecord]:
+def load_ndjson_folder(
+    path: str | Path, *, lenient: bool = False, include_billing: bool = False
+) -> list[PatientRecord]:
     """Records from a FHIR bulk-data export folder (Patient.ndjson, Observation.ndjson, ...; also .ndjson.gz),
     one per Patient, in the order the Patients appear."""
     folder = Path(path)
@@ -600,7 +617,9 @@ def load_ndjson_folder(path: str | Path, *, lenient: bool = False, include_billi
         raise ClinqaError(f"{folder}: not a folder; expected a bulk-export folder of .ndjson files")
     files = _ndjson_files(folder)
     if not files:
-        raise ClinqaError(f"{folder}: no .ndjson files; expected a bulk-export folder (Patient.ndjson, Observation.ndjson, ...)")
+        raise ClinqaError(
+            f"{folder}: no .ndjson files; expected a bulk-export folder (Patient.ndjson, Observation.ndjson, ...)"
+        )
     # Patients first, so records come out in the Patient file's order whatever the file names.
     files.sort(key=lambda p: (not p.name.startswith("Patient"), p.name))
     asm = _Assembly(str(folder), lenient=lenient, include_billing=include_billing, scope="the export")
@@ -659,7 +678,9 @@ def load_fhir_server(
         page = 0
         while url:
             if url in seen or page >= max_pages:
-                asm.loose_problems.append(f"{first}: stopped paging at page {page + 1} ({'loop' if url in seen else 'page limit'})")
+                asm.loose_problems.append(
+                    f"{first}: stopped paging at page {page + 1} ({'loop' if url in seen else 'page limit'})"
+                )
                 break
             seen.add(url)
             page += 1
@@ -672,12 +693,16 @@ def load_fhir_server(
             try:
                 bundle = resp.json()
             except ValueError:
-                raise ClinqaError(f"{url}: the server's answer is not JSON (content-type {resp.headers.get('content-type')!r})") from None
+                raise ClinqaError(
+                    f"{url}: the server's answer is not JSON (content-type {resp.headers.get('content-type')!r})"
+                ) from None
             where = f"{first} page {page}"
             for item in _bundle_items(bundle, where):
                 if isinstance(item.resource, dict) and item.resource.get("resourceType") == "OperationOutcome":
                     issues = [i.get("diagnostics", "") for i in item.resource.get("issue", []) if isinstance(i, dict)]
-                    asm.loose_problems.append(f"{item.where}: server says: {'; '.join(x for x in issues if x) or 'OperationOutcome'}")
+                    asm.loose_problems.append(
+                        f"{item.where}: server says: {'; '.join(x for x in issues if x) or 'OperationOutcome'}"
+                    )
                     continue
                 asm.add(item)
             nxt = next(
@@ -727,7 +752,9 @@ def load_records(
         m = _SERVER_URL.match(text)
         if not m:
             raise ClinqaError(f"{text}: give a patient URL, e.g. https://server/fhir/Patient/<id>")
-        return [load_fhir_server(m.group(1), m.group(2), client=client, lenient=lenient, include_billing=include_billing)]
+        return [
+            load_fhir_server(m.group(1), m.group(2), client=client, lenient=lenient, include_billing=include_billing)
+        ]
     path = Path(path_or_url)
     if not path.exists():
         raise ClinqaError(f"{path}: no such file or folder")

@@ -90,7 +90,9 @@ def _answer_lines(answers: Sequence[str], authors: Sequence[str | None]) -> str:
     return "".join(lines)
 
 
-def panel_prompt(question: str, reference: str, answers: Sequence[str], authors: Sequence[str | None] | None = None) -> str:
+def panel_prompt(
+    question: str, reference: str, answers: Sequence[str], authors: Sequence[str | None] | None = None
+) -> str:
     """The judge's prompt for all answers to one question, in the given order; `authors` (named mode)
     says who wrote each, None entries (blind) say nothing."""
     if len(answers) > len(LABELS):
@@ -174,7 +176,7 @@ class Judge:
             return np.zeros((0, len(candidates)))
         out = []
         for start in range(0, len(contexts), self.batch_size):
-            chunk = list(contexts[start:start + self.batch_size])
+            chunk = list(contexts[start : start + self.batch_size])
             try:
                 lp = np.asarray(self.predictor.next_token_logprobs(chunk, list(candidates)), dtype=np.float64)
             except ClinqaError:  # a candidate is several tokens for this tokenizer: score them as continuations
@@ -214,7 +216,7 @@ def parse_panel_grades(text: str, n: int) -> list[int | None]:
 
 
 def parse_verdict(text: str) -> str | None:
-    """"A" or "B" from a judge's free-text pairwise verdict; None when it names neither or is ambiguous.
+    """ "A" or "B" from a judge's free-text pairwise verdict; None when it names neither or is ambiguous.
 
     One label mentioned (standalone capital A or B): that one. Both mentioned: the first only when the
     reply opens with it as a verdict ("A.", "(B)", "B\n..."), else None."""
@@ -235,7 +237,9 @@ def answers_of(source: Mapping[str, str] | str | Path) -> dict[str, str]:
     return {s["question_id"]: s["answer"] for s in read_records_run(source)}
 
 
-def panel_orders(items: Sequence[RecordQuestion], answers: Mapping[str, Mapping[str, str]], seed: int = 0) -> dict[str, list[str]]:
+def panel_orders(
+    items: Sequence[RecordQuestion], answers: Mapping[str, Mapping[str, str]], seed: int = 0
+) -> dict[str, list[str]]:
     """Per question, the systems that answered it in the seeded shuffled order both panel modes use."""
     rng = random.Random(f"clinqa-judge:{seed}")
     orders = {}
@@ -269,13 +273,19 @@ def judge_panel(judge: Judge | Predictor | str, items: Sequence[RecordQuestion],
             for j, row in zip(todo, lp):
                 p = normalised(row)
                 g = None if p is None else int(np.argmax(p))
-                results[j].append((g, None if p is None else float(np.dot(p, GRADES)), None if p is None else [float(x) for x in p]))
+                results[j].append(
+                    (g, None if p is None else float(np.dot(p, GRADES)), None if p is None else [float(x) for x in p])
+                )
                 leads[j] += f" {'?' if g is None else g}"
     return [Grade(name, q.id, g, e, p, pos, named)
             for (q, names), res in zip(jobs, results) for pos, (name, (g, e, p)) in enumerate(zip(names, res))]  # fmt: skip
 
 
-def judge_pairs(judge: Judge | Predictor | str, items: Sequence[RecordQuestion], systems: Mapping[str, Mapping[str, str] | str | Path]) -> list[Verdict]:
+def judge_pairs(
+    judge: Judge | Predictor | str,
+    items: Sequence[RecordQuestion],
+    systems: Mapping[str, Mapping[str, str] | str | Path],
+) -> list[Verdict]:
     """Every pair of systems that answered a question, anonymised, asked in both orders (A, B) and (B, A)."""
     judge = judge if isinstance(judge, Judge) else Judge(judge)
     answers = {name: answers_of(src) for name, src in systems.items()}
@@ -284,7 +294,7 @@ def judge_pairs(judge: Judge | Predictor | str, items: Sequence[RecordQuestion],
     for q in items:
         have = [n for n in names if q.id in answers[n]]
         for i, x in enumerate(have):
-            for y in have[i + 1:]:
+            for y in have[i + 1 :]:
                 jobs += [(q, x, y), (q, y, x)]
     prompts = [pair_prompt(q.question, q.answer, answers[x][q.id], answers[y][q.id]) for q, x, y in jobs]
     if judge.reading == "generate":
@@ -318,7 +328,12 @@ def judge_runs(judge: Judge | Predictor | str, items: Sequence[RecordQuestion], 
     """One panel mode: {"blind", "seed", "grades": [Grade dicts], "by_system": by_system(...)}."""
     answers = {name: answers_of(src) for name, src in systems.items()}
     grades = judge_panel(judge, items, answers, named=not blind, seed=seed)
-    return {"blind": blind, "seed": seed, "grades": [g.to_dict() for g in grades], "by_system": by_system(grades, list(answers))}
+    return {
+        "blind": blind,
+        "seed": seed,
+        "grades": [g.to_dict() for g in grades],
+        "by_system": by_system(grades, list(answers)),
+    }
 
 
 __all__ = ["CORRECT_FROM", "GRADES", "GRADE_TOKENS", "Grade", "JUDGE_SYSTEM", "Judge", "LABELS", "PANEL_PROMPT",

@@ -186,7 +186,9 @@ def _per_question_diff(named: Sequence[Grade], blind: Sequence[Grade]) -> dict[s
     return out
 
 
-def _em_excess(grades: Sequence[Grade], items: Sequence[RecordQuestion], answers: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, float]]:
+def _em_excess(
+    grades: Sequence[Grade], items: Sequence[RecordQuestion], answers: Mapping[str, Mapping[str, str]]
+) -> dict[str, dict[str, float]]:
     """Per system and question: judge-correct minus exact match, where exact match applies."""
     by_id = {q.id: q for q in items}
     out: dict[str, dict[str, float]] = defaultdict(dict)
@@ -200,7 +202,9 @@ def _em_excess(grades: Sequence[Grade], items: Sequence[RecordQuestion], answers
     return out
 
 
-def _relative(per_q: Mapping[str, Mapping[str, float]], mine: Sequence[str], others: Sequence[str], **kw) -> dict[str, Any]:
+def _relative(
+    per_q: Mapping[str, Mapping[str, float]], mine: Sequence[str], others: Sequence[str], **kw
+) -> dict[str, Any]:
     """Per question, the mean over `mine` minus the mean over `others` (questions with both), paired tests."""
     diffs = []
     qids = sorted({q for s in mine for q in per_q.get(s, {})})

@@ -20,8 +20,8 @@ Stage 2, per answer (`answer_metrics`) and summarised over a run (`summarize`):
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -251,7 +251,7 @@ def find_numbers(text: str, *, unit: str | None = None) -> list[tuple[float, str
         text = re.sub(re.escape(unit), " UNITREF ", text, flags=re.I)
     out = []
     for m in _NUMBER.finditer(text):
-        after = text[m.end():m.end() + 24]
+        after = text[m.end() : m.end() + 24]
         um = re.match(r"\s?(UNITREF|[^\s,;()]+)", after)
         token = um.group(1) if um else ""
         written = unit if token == "UNITREF" else (token if token and _unit_like(token) else None)
@@ -287,7 +287,9 @@ def _norm_item(text: str) -> str:
 
 
 def _is_none_answer(text: str) -> bool:
-    return bool(re.search(r"\bnone\b|\bno (?:active|current|known|recorded)\b|\bnot (?:taking|on) any\b", text or "", re.I))
+    return bool(
+        re.search(r"\bnone\b|\bno (?:active|current|known|recorded)\b|\bnot (?:taking|on) any\b", text or "", re.I)
+    )
 
 
 def answer_kind(question: Any) -> str | None:
@@ -360,7 +362,8 @@ def exact_match(question: Any, answer: str) -> bool | None:
             return False
         tol = _tolerance(question)
         return all(any(numbers_close(c, r, tol) for c in values) for r in value) and all(
-            any(numbers_close(c, r, tol) for r in value) for c in values)
+            any(numbers_close(c, r, tol) for r in value) for c in values
+        )
     # list of strings, as sets, case-insensitive
     ref_items = {_norm_item(str(v)) for v in value}
     ref_items.discard("")
@@ -415,6 +418,7 @@ def _mean(values: Iterable[float | None]) -> float | None:
 def stage2_summary(rows: Sequence[Mapping[str, Any]], qtypes: Sequence[str] | None = None) -> dict[str, Any]:
     """Aggregate `answer_metrics` rows: mean METEOR, ROUGE-L, exact match (over questions where it
     applies), micro citation precision, abstention and false-abstention rates; per question type too."""
+
     def block(rs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         em = [r["exact_match"] for r in rs if r.get("exact_match") is not None]
         cited = sum(r.get("cited", 0) for r in rs)

@@ -57,16 +57,25 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from clinqa.errors import ClinqaError
-from clinqa.runs import Progress, atomic_write_text
 from clinqa.models.base import GenerationConfig, Predictor
 from clinqa.records.fhir import PatientRecord
-from clinqa.records.metrics import NOT_IN_RECORD_ANSWER, answer_metrics, parse_citations, prf, stage1_metrics, stage2_summary
+from clinqa.records.metrics import (
+    NOT_IN_RECORD_ANSWER,
+    answer_metrics,
+    parse_citations,
+    prf,
+    stage1_metrics,
+    stage2_summary,
+)
 from clinqa.records.questions import RecordQuestion
 from clinqa.records.render import render_record
+from clinqa.runs import Progress, atomic_write_text
 
 Line = tuple[str, str]  # (resource id, rendered line)
 
-SELECT_PROMPT = "Question: {question}\nPatient record entry:\n<<<{line}>>>\nIs this entry needed to answer the question? Answer:"
+SELECT_PROMPT = (
+    "Question: {question}\nPatient record entry:\n<<<{line}>>>\nIs this entry needed to answer the question? Answer:"
+)
 YES, NO = " yes", " no"
 
 ANSWER_SYSTEM = (
@@ -177,7 +186,10 @@ def count_tokens(predictor: Any, texts: Sequence[str]) -> list[int]:
 
 def context_window(predictor: Any) -> int:
     """The predictor's context window in tokens (its max_length, else ModelInfo.context_length, else 4096)."""
-    for value in (getattr(predictor, "max_length", None), getattr(getattr(predictor, "info", None), "context_length", None)):
+    for value in (
+        getattr(predictor, "max_length", None),
+        getattr(getattr(predictor, "info", None), "context_length", None),
+    ):
         if isinstance(value, int) and value > 0:
             return value
     return DEFAULT_WINDOW
@@ -244,9 +256,9 @@ class LLMSelector:
         prefix = prompts[0][:cut] if cut > 0 else ""
         scores: list[float] = []
         for start in range(0, len(prompts), self.chunk):
-            chunk = prompts[start:start + self.chunk]
+            chunk = prompts[start : start + self.chunk]
             if shared is not None and prefix and all(p.startswith(prefix) for p in chunk):
-                lp = shared(prefix, [p[len(prefix):] for p in chunk], [YES, NO])
+                lp = shared(prefix, [p[len(prefix) :] for p in chunk], [YES, NO])
             else:
                 lp = self.predictor.next_token_logprobs(chunk, [YES, NO])
             lp = np.asarray(lp, dtype=np.float64)
@@ -292,7 +304,9 @@ class RetrievalSelector:
 
     kind = "retrieval"
 
-    def __init__(self, mode: str = "bm25", top_k: int | None = 10, threshold: float | None = None, *, cache_size: int = 8):
+    def __init__(
+        self, mode: str = "bm25", top_k: int | None = 10, threshold: float | None = None, *, cache_size: int = 8
+    ):
         if mode not in ("bm25", "embedding"):
             raise ValueError(f"mode must be 'bm25' or 'embedding', got {mode!r}")
         if top_k is None and threshold is None:
@@ -424,7 +438,9 @@ def tune_threshold(selector: Any, examples: Sequence[tuple[str, Sequence[Line], 
     "recall", "f1"}. Candidate thresholds: the distinct scores (at most `max_candidates` quantiles of
     them) or `grid`; ties go to the higher threshold (fewer lines for stage 2). The selector's own cap
     (`max_lines` / `top_k`) and BM25's no-zero-score rule apply as in `select`."""
-    cap = getattr(selector, "max_lines", None) if isinstance(selector, LLMSelector) else getattr(selector, "top_k", None)
+    cap = (
+        getattr(selector, "max_lines", None) if isinstance(selector, LLMSelector) else getattr(selector, "top_k", None)
+    )
     floor = 0.0 if getattr(selector, "mode", None) == "bm25" else None
     per_example = []
     n_relevant = 0
@@ -613,7 +629,9 @@ def stage1_examples(records: Mapping[str, PatientRecord] | Sequence[PatientRecor
         rest = [x for x in neg_pool if x[0] not in taken]
         chosen += rng.sample(rest, min(len(rest), want - len(chosen)))
         for (rid, text), target in [*((p, YES) for p in pos), *((n, NO) for n in chosen)]:
-            out.append({"prompt": select_prompt(q.question, text), "target": target, "question_id": q.id, "resource_id": rid})
+            out.append(
+                {"prompt": select_prompt(q.question, text), "target": target, "question_id": q.id, "resource_id": rid}
+            )
     rng.shuffle(out)
     return out
 
@@ -704,8 +722,22 @@ def records_fingerprint(questions: Sequence[RecordQuestion]) -> dict[str, Any]:
     """The content of a records question set, per question and field (clinqa.runs.fingerprint)."""
     from clinqa.runs import fingerprint
 
-    return fingerprint(((q.id, {"patient_id": q.patient_id, "question": q.question, "answer": q.answer,
-                                "qtype": q.qtype, "relevant_ids": list(q.relevant_ids)}) for q in questions), noun="questions")
+    return fingerprint(
+        (
+            (
+                q.id,
+                {
+                    "patient_id": q.patient_id,
+                    "question": q.question,
+                    "answer": q.answer,
+                    "qtype": q.qtype,
+                    "relevant_ids": list(q.relevant_ids),
+                },
+            )
+            for q in questions
+        ),
+        noun="questions",
+    )
 
 
 def _questions_digest(questions: Sequence[RecordQuestion]) -> str:
@@ -749,7 +781,9 @@ def evaluate_records(predictor: Predictor, records_by_patient: Mapping[str, Pati
     by_patient = _by_patient(records_by_patient)
     missing = sorted({q.patient_id for q in questions} - set(by_patient))
     if missing:
-        raise ClinqaError(f"no record for patient(s) {', '.join(missing[:3])}: pass the records the questions were made from")
+        raise ClinqaError(
+            f"no record for patient(s) {', '.join(missing[:3])}: pass the records the questions were made from"
+        )
     wordnet = None
     if with_meteor:
         from clinqa.records.wordnet import ensure_wordnet
@@ -764,9 +798,16 @@ def evaluate_records(predictor: Predictor, records_by_patient: Mapping[str, Pati
 
     legacy = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     lines = _LineCache(by_patient)
-    with RunFolder.open(out, config, kind="records", sample_type=RecordSample, samples_file=RECORDS_FILE,
-                        data=records_fingerprint(questions), legacy_identity=legacy,
-                        identity_keys=lambda c: {k: v for k, v in c.items() if k not in ("questions", "n_questions")}) as run:
+    with RunFolder.open(
+        out,
+        config,
+        kind="records",
+        sample_type=RecordSample,
+        samples_file=RECORDS_FILE,
+        data=records_fingerprint(questions),
+        legacy_identity=legacy,
+        identity_keys=lambda c: {k: v for k, v in c.items() if k not in ("questions", "n_questions")},
+    ) as run:
         done = run.done_keys(lambda s: s.key)
         todo = [q for q in questions if q.id not in done]
         total, finished = len(questions), len(questions) - len(todo)
@@ -775,7 +816,9 @@ def evaluate_records(predictor: Predictor, records_by_patient: Mapping[str, Pati
         for q in todo:
             record = by_patient[q.patient_id]
             t0 = time.perf_counter()
-            res = answer_question(predictor, record, q, selector=selector, max_new_tokens=max_new_tokens, lines=lines[q.patient_id])
+            res = answer_question(
+                predictor, record, q, selector=selector, max_new_tokens=max_new_tokens, lines=lines[q.patient_id]
+            )
             run.add_compute(time.perf_counter() - t0)
             ids = {s.id for s in res.selected} | set(q.relevant_ids) | set(res.citations)
             sample = RecordSample(

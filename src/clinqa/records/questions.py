@@ -44,7 +44,18 @@ from clinqa.records.fhir import PatientRecord, parse_date
 from clinqa.records.render import concept_text, format_number, resource_date, resource_datetime, rounded, status_code
 
 QType = Literal["lookup", "latest", "window", "trend", "list", "count", "average", "exists", "multi", "unanswerable"]
-QTYPES: tuple[str, ...] = ("lookup", "latest", "window", "trend", "list", "count", "average", "exists", "multi", "unanswerable")
+QTYPES: tuple[str, ...] = (
+    "lookup",
+    "latest",
+    "window",
+    "trend",
+    "list",
+    "count",
+    "average",
+    "exists",
+    "multi",
+    "unanswerable",
+)
 NOT_IN_RECORD = "not in the record"
 
 
@@ -189,7 +200,9 @@ def _check_phrasings(phrasings: Mapping[str, Sequence[str]]) -> dict[str, list[s
             fields = {f for _, f, _, _ in string.Formatter().parse(text) if f}
             unknown = fields - _TEMPLATE_FIELDS[key]
             if unknown:
-                raise ValueError(f"phrasing {text!r} of {key!r} uses {sorted(unknown)}; it may use {sorted(_TEMPLATE_FIELDS[key])}")
+                raise ValueError(
+                    f"phrasing {text!r} of {key!r} uses {sorted(unknown)}; it may use {sorted(_TEMPLATE_FIELDS[key])}"
+                )
         out[key] = texts
     return out
 
@@ -307,7 +320,11 @@ class Series:
 def _codes(cc: Any) -> list[tuple[str, str]]:
     if not isinstance(cc, dict):
         return []
-    return [(c.get("system") or "", str(c.get("code"))) for c in cc.get("coding") or [] if isinstance(c, dict) and c.get("code")]
+    return [
+        (c.get("system") or "", str(c.get("code")))
+        for c in cc.get("coding") or []
+        if isinstance(c, dict) and c.get("code")
+    ]
 
 
 def _loinc(cc: Any) -> str | None:
@@ -321,9 +338,16 @@ def clean_name(text: str) -> str:
     """A display as a noun phrase in a question: "Essential hypertension (disorder)" -> "essential hypertension",
     "Leukocytes [#/volume] in Blood by Automated count" -> "leukocytes in blood by automated count"."""
     text = re.sub(r"\[[^\]]*\]", "", text)
-    text = re.sub(r"\s*\((disorder|finding|situation|procedure|substance|organism|morphologic abnormality|qualifier value)\)\s*$", "", text)
+    text = re.sub(
+        r"\s*\((disorder|finding|situation|procedure|substance|organism|morphologic abnormality|qualifier value)\)\s*$",
+        "",
+        text,
+    )
     text = re.sub(r"\s+", " ", text).strip(" -")
-    words = [w if (sum(ch.isupper() for ch in w) > 1 or any(ch.isdigit() for ch in w)) else w.lower() for w in text.split(" ")]
+    words = [
+        w if (sum(ch.isupper() for ch in w) > 1 or any(ch.isdigit() for ch in w)) else w.lower()
+        for w in text.split(" ")
+    ]
     return " ".join(words)
 
 
@@ -365,7 +389,11 @@ def measurement_series(record: PatientRecord, now: date) -> dict[str, Series]:
         nodes = [res, *[c for c in res.get("component") or [] if isinstance(c, dict)]]
         for node in nodes:
             q = node.get("valueQuantity")
-            if not isinstance(q, dict) or not isinstance(q.get("value"), (int, float)) or isinstance(q.get("value"), bool):
+            if (
+                not isinstance(q, dict)
+                or not isinstance(q.get("value"), (int, float))
+                or isinstance(q.get("value"), bool)
+            ):
                 continue
             name = _obs_name(node.get("code"))
             unit = str(q.get("unit") or q.get("code") or "")
@@ -451,7 +479,9 @@ def trend_label(values: Sequence[float]) -> tuple[str, float] | None:
 
 
 class _Gen:
-    def __init__(self, record: PatientRecord, now: date, rng: random.Random, phrasings: dict[str, list[str]], per_type: int):
+    def __init__(
+        self, record: PatientRecord, now: date, rng: random.Random, phrasings: dict[str, list[str]], per_type: int
+    ):
         self.record, self.now, self.rng, self.phrasings, self.per_type = record, now, rng, phrasings, per_type
         self.series = measurement_series(record, now)
         self.out: list[RecordQuestion] = []
@@ -606,7 +636,11 @@ class _Gen:
         meds = _dated(self.record, "MedicationRequest", self.now)
         if not meds:
             return False
-        active = [(k, r) for k, r, _ in meds if r.get("status") == "active" and r.get("intent", "order") in ("order", "plan", "original-order")]
+        active = [
+            (k, r)
+            for k, r, _ in meds
+            if r.get("status") == "active" and r.get("intent", "order") in ("order", "plan", "original-order")
+        ]
         names = list(dict.fromkeys(_med_display(r, self.record) for _, r in active))
         answer = "; ".join(names) if names else "none (no active medication in the record)"
         return self.ask("list_medications", "list", {}, answer=answer, value=names, relevant=[k for k, _ in active])
@@ -628,13 +662,17 @@ class _Gen:
             day = resource_date(r)
             if day is not None and day > self.now:
                 continue
-            if status_code(r.get("verificationStatus")) in _BAD_VERIFICATION or status_code(r.get("clinicalStatus")) in ("inactive", "resolved"):
+            if status_code(r.get("verificationStatus")) in _BAD_VERIFICATION or status_code(
+                r.get("clinicalStatus")
+            ) in ("inactive", "resolved"):
                 continue
             found.append((k, r))
         if not found:
             return False  # no recorded allergies is not the same as "no known allergies"
         names = list(dict.fromkeys(concept_text(r.get("code")) for _, r in found))
-        return self.ask("list_allergies", "list", {}, answer="; ".join(names), value=names, relevant=[k for k, _ in found])
+        return self.ask(
+            "list_allergies", "list", {}, answer="; ".join(names), value=names, relevant=[k for k, _ in found]
+        )
 
     # -- existence --------------------------------------------------------------------------------
     def exists(self) -> None:
@@ -652,19 +690,26 @@ class _Gen:
         procs = _dated(self.record, "Procedure", self.now)
         by_proc: dict[str, list[tuple[str, dict, date]]] = {}
         for item in procs:
-            if item[1].get("status") in ("completed", None) and not {c for _, c in _codes(item[1].get("code"))} & _ADMIN_PROCEDURES:
+            if (
+                item[1].get("status") in ("completed", None)
+                and not {c for _, c in _codes(item[1].get("code"))} & _ADMIN_PROCEDURES
+            ):
                 by_proc.setdefault(clean_name(concept_text(item[1].get("code"))), []).append(item)
         cands += [("proc_yes", (n, items)) for n, items in by_proc.items() if n]
         vax = _dated(self.record, "Immunization", self.now)
         by_vax: dict[str, list[tuple[str, dict, date]]] = {}
         for item in vax:
             if item[1].get("status") == "completed":
-                group = next((VACCINE_GROUPS[c] for _, c in _codes(item[1].get("vaccineCode")) if c in VACCINE_GROUPS), None)
+                group = next(
+                    (VACCINE_GROUPS[c] for _, c in _codes(item[1].get("vaccineCode")) if c in VACCINE_GROUPS), None
+                )
                 if group:
                     by_vax.setdefault(group, []).append(item)
         cands += [("vax_yes", (n, items)) for n, items in by_vax.items()]
         absent_conds = self._absent_conditions()
-        absent_meds = [m for m in MEDICATION_PROBES if not any(m in _med_display(r, self.record).lower() for _, r, _ in meds)]
+        absent_meds = [
+            m for m in MEDICATION_PROBES if not any(m in _med_display(r, self.record).lower() for _, r, _ in meds)
+        ]
         # a yes/no balance: about half the questions are "no"
         no_cands = [("cond_no", n) for n in absent_conds] + [("med_no", m) for m in absent_meds]
         yes, no = self._shuffled(cands), self._shuffled(no_cands)
@@ -685,7 +730,11 @@ class _Gen:
         first_key, first, first_day = items[0]
         template = {"cond_yes": "exists_condition", "med_yes": "exists_medication", "proc_yes": "exists_procedure",
                     "vax_yes": "exists_vaccine"}[kind]  # fmt: skip
-        what = concept_text(first.get("code") or first.get("vaccineCode")) if kind != "med_yes" else _med_display(first, self.record)
+        what = (
+            concept_text(first.get("code") or first.get("vaccineCode"))
+            if kind != "med_yes"
+            else _med_display(first, self.record)
+        )
         dates = ", ".join(dict.fromkeys(d.isoformat() for _, _, d in items))
         return self.ask(template, "exists", {"name": name}, answer=f"Yes: {what} ({dates})", value=True,
                         relevant=[k for k, _, _ in items], probe=name)  # fmt: skip
@@ -698,7 +747,11 @@ class _Gen:
         conds = [r for r in self.record.resources.values() if r.get("resourceType") == "Condition"]
         codes = {c for r in conds for _, c in _codes(r.get("code"))}
         texts = " | ".join(concept_text(r.get("code")).lower() for r in conds)
-        return [name for name, snomed, words in CONDITION_PROBES if not (codes & snomed) and not any(w in texts for w in words)]
+        return [
+            name
+            for name, snomed, words in CONDITION_PROBES
+            if not (codes & snomed) and not any(w in texts for w in words)
+        ]
 
     def _absent_labs(self) -> list[str]:
         obs = [r for r in self.record.resources.values() if r.get("resourceType") == "Observation"]
@@ -708,7 +761,9 @@ class _Gen:
                 codes |= {c for _, c in _codes(node.get("code"))}
                 texts.append(concept_text(node.get("code")).lower())
         joined = " | ".join(texts)
-        return [name for name, loinc, words in LAB_PROBES if not (codes & loinc) and not any(w in joined for w in words)]
+        return [
+            name for name, loinc, words in LAB_PROBES if not (codes & loinc) and not any(w in joined for w in words)
+        ]
 
     # -- multi-resource ---------------------------------------------------------------------------
     def multi(self) -> None:
@@ -717,10 +772,21 @@ class _Gen:
         meds = _dated(self.record, "MedicationRequest", self.now)
         names = Counter(clean_name(concept_text(r.get("code"))) for _, r, _ in conds)
         for key, cond, onset in conds:
-            treated = [(k, r, d) for k, r, d in meds if d >= onset and any(
-                (ref.get("reference") or "") == f"Condition/{cond.get('id')}" for ref in r.get("reasonReference") or [])]
+            treated = [
+                (k, r, d)
+                for k, r, d in meds
+                if d >= onset
+                and any(
+                    (ref.get("reference") or "") == f"Condition/{cond.get('id')}"
+                    for ref in r.get("reasonReference") or []
+                )
+            ]
             if not treated and cond.get("encounter"):
-                treated = [(k, r, d) for k, r, d in meds if d >= onset and r.get("encounter") == cond.get("encounter") and not r.get("reasonReference")]
+                treated = [
+                    (k, r, d)
+                    for k, r, d in meds
+                    if d >= onset and r.get("encounter") == cond.get("encounter") and not r.get("reasonReference")
+                ]
             if treated:
                 name = clean_name(concept_text(cond.get("code")))
                 label = name if names[name] == 1 else f"{name} (diagnosed {onset.isoformat()})"
@@ -823,7 +889,13 @@ def generate_questions(
     unknown = set(wanted) - set(QTYPES)
     if unknown:
         raise ValueError(f"unknown question types {sorted(unknown)}; known: {', '.join(QTYPES)}")
-    gen = _Gen(record, now, random.Random(f"clinqa-questions:{seed}:{record.patient_id}"), _check_phrasings(phrasings or {}), per_type)
+    gen = _Gen(
+        record,
+        now,
+        random.Random(f"clinqa-questions:{seed}:{record.patient_id}"),
+        _check_phrasings(phrasings or {}),
+        per_type,
+    )
     steps = {"lookup": gen.lookup, "latest": gen.latest, "window": gen.window, "trend": gen.trend, "list": gen.lists,
              "count": gen.count, "average": gen.average, "exists": gen.exists, "multi": gen.multi,
              "unanswerable": gen.unanswerable}  # fmt: skip

@@ -63,7 +63,13 @@ _TIMES = {1: "once", 2: "twice", 3: "three times", 4: "four times"}
 # Where each resource type keeps its clinically relevant date, in order of preference.
 _DATE_FIELDS: dict[str, tuple[str, ...]] = {
     "Patient": ("birthDate",),
-    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "effectiveTiming.event[0]", "issued"),
+    "Observation": (
+        "effectiveDateTime",
+        "effectivePeriod.start",
+        "effectiveInstant",
+        "effectiveTiming.event[0]",
+        "issued",
+    ),
     "Condition": ("onsetDateTime", "onsetPeriod.start", "recordedDate", "abatementDateTime"),
     "MedicationRequest": ("authoredOn", "dosageInstruction[0].timing.repeat.boundsPeriod.start"),
     "MedicationStatement": ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"),
@@ -190,7 +196,7 @@ def concept_text(cc: Any) -> str:
 
 
 def concept_label(cc: Any) -> str:
-    """"Text (SYSTEM code; SYSTEM code)" for a CodeableConcept (up to 3 codes)."""
+    """ "Text (SYSTEM code; SYSTEM code)" for a CodeableConcept (up to 3 codes)."""
     text = concept_text(cc)
     if not isinstance(cc, dict):
         return text
@@ -232,7 +238,9 @@ def _ref_label(ref: Any, record: PatientRecord | None) -> str:
             if target.get(fld):
                 return concept_text(target[fld])
         if target.get("name"):
-            return patient_name(target) if target["resourceType"] in ("Patient", "Practitioner") else str(target["name"])
+            return (
+                patient_name(target) if target["resourceType"] in ("Patient", "Practitioner") else str(target["name"])
+            )
     return _one_line(ref.get("display") or ref.get("reference") or "")
 
 
@@ -313,7 +321,9 @@ def _frequency(repeat: dict) -> str:
     unit_word = _PERIOD_UNITS.get(unit, unit)
     times = _TIMES.get(int(f), f"{format_number(f)} times") if float(f).is_integer() else f"{format_number(f)} times"
     if float(p) == 1:
-        every = {"day": "daily", "week": "weekly", "month": "monthly", "year": "yearly", "hour": "hourly"}.get(unit_word)
+        every = {"day": "daily", "week": "weekly", "month": "monthly", "year": "yearly", "hour": "hourly"}.get(
+            unit_word
+        )
         return f"{times} {every}" if every else f"{times} per {unit_word}"
     if int(f) == 1:
         return f"every {format_number(p)} {unit_word}s"
@@ -557,7 +567,9 @@ def _render_care_plan(r: dict, record: PatientRecord | None) -> str:
     addresses = [_ref_label(ref, record) for ref in r.get("addresses") or []]
     if any(addresses):
         parts.append(f"addresses {', '.join(a for a in addresses if a)}")
-    return "; ".join(parts) + _flags(str(r.get("status") or ""), str(r.get("intent") or "") if r.get("intent") not in (None, "plan", "order") else "")
+    return "; ".join(parts) + _flags(
+        str(r.get("status") or ""), str(r.get("intent") or "") if r.get("intent") not in (None, "plan", "order") else ""
+    )
 
 
 def _render_generic(r: dict, record: PatientRecord | None) -> str:

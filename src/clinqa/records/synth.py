@@ -44,7 +44,11 @@ CVX = "http://hl7.org/fhir/sid/cvx"
 UCUM = "http://unitsofmeasure.org"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-TEST_TAG = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST", "display": "test health data"}
+TEST_TAG = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+    "code": "HTEST",
+    "display": "test health data",
+}
 
 # ---------------------------------------------------------------------------------------- code tables
 
@@ -67,12 +71,17 @@ TESTS: dict[str, Test] = {
     "egfr": Test(
         "33914-3",
         "Glomerular filtration rate/1.73 sq M.predicted [Volume Rate/Area] in Serum or Plasma by Creatinine-based formula (MDRD)",
-        "mL/min/{1.73_m2}", 0, 60, None,
+        "mL/min/{1.73_m2}",
+        0,
+        60,
+        None,
     ),
     "potassium": Test("2823-3", "Potassium [Moles/volume] in Serum or Plasma", "mmol/L", 1, 3.5, 5.1),
     "sodium": Test("2951-2", "Sodium [Moles/volume] in Serum or Plasma", "mmol/L", 0, 136, 145),
     "cholesterol": Test("2093-3", "Cholesterol [Mass/volume] in Serum or Plasma", "mg/dL", 0, None, 200),
-    "ldl": Test("18262-6", "Cholesterol in LDL [Mass/volume] in Serum or Plasma by Direct assay", "mg/dL", 0, None, 130),
+    "ldl": Test(
+        "18262-6", "Cholesterol in LDL [Mass/volume] in Serum or Plasma by Direct assay", "mg/dL", 0, None, 130
+    ),
     "hdl": Test("2085-9", "Cholesterol in HDL [Mass/volume] in Serum or Plasma", "mg/dL", 0, 40, None),
     "triglycerides": Test("2571-8", "Triglyceride [Mass/volume] in Serum or Plasma", "mg/dL", 0, None, 150),
     "hemoglobin": Test("718-7", "Hemoglobin [Mass/volume] in Blood", "g/dL", 1, 12.0, 17.5),
@@ -80,7 +89,15 @@ TESTS: dict[str, Test] = {
     "platelets": Test("777-3", "Platelets [#/volume] in Blood by Automated count", "10*3/uL", 0, 150, 400),
     "tsh": Test("3016-3", "Thyrotropin [Units/volume] in Serum or Plasma", "m[IU]/L", 2, 0.4, 4.0),
     "inr": Test("6301-6", "INR in Platelet poor plasma by Coagulation assay", "{INR}", 1, 0.8, 1.2),
-    "phq9": Test("44261-6", "Patient Health Questionnaire 9 item (PHQ-9) total score [Reported]", "{score}", 0, None, None, "survey"),
+    "phq9": Test(
+        "44261-6",
+        "Patient Health Questionnaire 9 item (PHQ-9) total score [Reported]",
+        "{score}",
+        0,
+        None,
+        None,
+        "survey",
+    ),
     "heart_rate": Test("8867-4", "Heart rate", "/min", 0, None, None, "vital-signs"),
     "weight": Test("29463-7", "Body weight", "kg", 1, None, None, "vital-signs"),
     "height": Test("8302-2", "Body height", "cm", 1, None, None, "vital-signs"),
@@ -101,7 +118,10 @@ SMOKING_VALUES = {
 PANELS = {  # DiagnosticReport code -> its tests
     "cbc": (("58410-2", "CBC panel - Blood by Automated count"), ("hemoglobin", "wbc", "platelets")),
     "bmp": (("51990-0", "Basic metabolic panel - Blood"), ("glucose", "creatinine", "egfr", "potassium", "sodium")),
-    "lipid": (("57698-3", "Lipid panel with direct LDL - Serum or Plasma"), ("cholesterol", "ldl", "hdl", "triglycerides")),
+    "lipid": (
+        ("57698-3", "Lipid panel with direct LDL - Serum or Plasma"),
+        ("cholesterol", "ldl", "hdl", "triglycerides"),
+    ),
 }
 
 CONDITIONS = {
@@ -309,7 +329,11 @@ class _Patient:
         self.sbp_htn, self.dbp_htn = r.uniform(146, 168), r.uniform(90, 102)
         self.hr0 = r.uniform(60, 80)
         self.a1c0 = r.uniform(4.9, 5.6)
-        self.ldl0, self.hdl0, self.tg0 = r.uniform(85, 128), r.uniform(42, 68) - (0 if female else 6), r.uniform(80, 170)
+        self.ldl0, self.hdl0, self.tg0 = (
+            r.uniform(85, 128),
+            r.uniform(42, 68) - (0 if female else 6),
+            r.uniform(80, 170),
+        )
         self.cr0 = r.uniform(0.6, 0.9) if female else r.uniform(0.8, 1.1)
         self.hgb0 = r.uniform(12.4, 14.6) if female else r.uniform(13.8, 16.2)
         self.wbc0, self.plt0 = r.uniform(4.8, 8.8), r.uniform(180, 340)
@@ -375,7 +399,11 @@ class _Patient:
             frac = max(0.0, 1 + since / 730)
             return 5.9 + (self.a1c_dx - 5.9) * frac**1.5 + noise
         treated = self._treated_days(("metformin",), day)
-        value = self.a1c_dx if treated is None else self.a1c_target + (self.a1c_dx - self.a1c_target) * math.exp(-treated / 110)
+        value = (
+            self.a1c_dx
+            if treated is None
+            else self.a1c_target + (self.a1c_dx - self.a1c_target) * math.exp(-treated / 110)
+        )
         value += self.a1c_late_drift * max(0.0, since - 540) / 365
         return value + noise
 
@@ -398,7 +426,7 @@ class _Patient:
         since = self._since("afib", day)
         if since is not None and since >= 0:
             controlled = self._treated_days(("digoxin",), day)
-            return (self.rng.uniform(70, 84) if controlled and controlled > 14 else self.rng.uniform(96, 118))
+            return self.rng.uniform(70, 84) if controlled and controlled > 14 else self.rng.uniform(96, 118)
         return self.hr0 + self.rng.gauss(0, 4)
 
     def creatinine(self, day: date) -> float:
@@ -463,7 +491,11 @@ class _Patient:
         if since < 0:
             return self.phq_dx * (1 + since / 240) + self.rng.gauss(0, 1)
         treated = self._treated_days(("sertraline",), day)
-        base = self.phq_dx if treated is None else self.phq_target + (self.phq_dx - self.phq_target) * math.exp(-treated / 70)
+        base = (
+            self.phq_dx
+            if treated is None
+            else self.phq_target + (self.phq_dx - self.phq_target) * math.exp(-treated / 70)
+        )
         return base + self.rng.gauss(0, 1.2)
 
     # -- building blocks -----------------------------------------------------------------------
@@ -474,7 +506,13 @@ class _Patient:
             "resourceType": "Observation",
             "id": self.uid(),
             "status": "final",
-            "category": [{"coding": [{"system": OBS_CATEGORY, "code": t.category, "display": t.category.replace("-", " ").title()}]}],
+            "category": [
+                {
+                    "coding": [
+                        {"system": OBS_CATEGORY, "code": t.category, "display": t.category.replace("-", " ").title()}
+                    ]
+                }
+            ],
             "code": _cc(LOINC, t.code, t.display),
             "subject": self.ref(self.patient),
             "encounter": self.ref(visit.resource),
@@ -525,7 +563,9 @@ class _Patient:
             self.condition(visit, "obesity", category="problem-list-item")
         if acute:
             febrile = any(a in ("strep", "sinusitis", "bronchitis", "uti") for a in visit.about)
-            self.observation(visit, "temperature", self.rng.uniform(37.8, 38.9) if febrile else self.rng.uniform(36.4, 37.2))
+            self.observation(
+                visit, "temperature", self.rng.uniform(37.8, 38.9) if febrile else self.rng.uniform(36.4, 37.2)
+            )
             self.observation(visit, "resp_rate", self.rng.uniform(14, 20))
             if "bronchitis" in visit.about:
                 self.observation(visit, "spo2", self.rng.uniform(94, 98))
@@ -536,22 +576,32 @@ class _Patient:
         creat = self.creatinine(visit.day)
         values = {
             "hemoglobin": lambda: self.hemoglobin(visit.day),
-            "wbc": lambda: self.wbc0 + self.rng.gauss(0, 0.6) + (3.5 if any(a in ("strep", "uti") for a in visit.about) else 0),
+            "wbc": lambda: (
+                self.wbc0 + self.rng.gauss(0, 0.6) + (3.5 if any(a in ("strep", "uti") for a in visit.about) else 0)
+            ),
             "platelets": lambda: self.plt0 + self.rng.gauss(0, 18),
             "glucose": lambda: 28.7 * self.a1c(visit.day) - 46.7 + self.rng.gauss(0, 9),
             "creatinine": lambda: creat,
             "egfr": lambda: self.egfr(_round(creat, 2), visit.day),
-            "potassium": lambda: self.k0 + self.rng.gauss(0, 0.15)
-            + (0.2 if {"lisinopril", "losartan"} & set(self.active_drugs(visit.day)) else 0)
-            + (0.25 if self._since("ckd3", visit.day) is not None and self._since("ckd3", visit.day) >= 0 else 0)
-            - (0.25 if "hctz" in self.active_drugs(visit.day) else 0),
+            "potassium": lambda: (
+                self.k0
+                + self.rng.gauss(0, 0.15)
+                + (0.2 if {"lisinopril", "losartan"} & set(self.active_drugs(visit.day)) else 0)
+                + (0.25 if self._since("ckd3", visit.day) is not None and self._since("ckd3", visit.day) >= 0 else 0)
+                - (0.25 if "hctz" in self.active_drugs(visit.day) else 0)
+            ),
             "sodium": lambda: self.na0 + self.rng.gauss(0, 1.2),
         }
         if name == "lipid":
             ldl = _round(self.ldl(visit.day), 0)
             hdl = _round(self.hdl0 + self.rng.gauss(0, 3), 0)
             tg = _round(self.tg0 + (40 if "diabetes" in self.conditions else 0) + self.rng.gauss(0, 14), 0)
-            values = {"ldl": lambda: ldl, "hdl": lambda: hdl, "triglycerides": lambda: tg, "cholesterol": lambda: ldl + hdl + tg / 5}
+            values = {
+                "ldl": lambda: ldl,
+                "hdl": lambda: hdl,
+                "triglycerides": lambda: tg,
+                "cholesterol": lambda: ldl + hdl + tg / 5,
+            }
         for key in tests:
             results.append(self.observation(visit, key, values[key](), minute_offset=90))
         self.add({
@@ -568,7 +618,9 @@ class _Patient:
         })  # fmt: skip
         self.last_panel[name] = visit.day
 
-    def condition(self, visit: _Visit | None, key: str, *, onset: date | None = None, category: str = "encounter-diagnosis") -> dict:
+    def condition(
+        self, visit: _Visit | None, key: str, *, onset: date | None = None, category: str = "encounter-diagnosis"
+    ) -> dict:
         code, display = CONDITIONS.get(key) or ACUTE[key][:2]
         day = onset or visit.day  # type: ignore[union-attr]
         res: dict[str, Any] = {
@@ -593,7 +645,9 @@ class _Patient:
         res["clinicalStatus"] = _cc("http://terminology.hl7.org/CodeSystem/condition-clinical", "resolved", "Resolved")
         res["abatementDateTime"] = self.when(day)
 
-    def prescribe(self, drug: str, day: date, condition: str | None, visit: _Visit | None, *, days: int | None = None) -> _Prescription:
+    def prescribe(
+        self, drug: str, day: date, condition: str | None, visit: _Visit | None, *, days: int | None = None
+    ) -> _Prescription:
         p = _Prescription(drug, day, condition, visit=visit)
         if days is not None:
             p.end = day + timedelta(days=days)
@@ -617,7 +671,9 @@ class _Patient:
             "performedPeriod": {"start": self.when(visit.day, visit.minute), "end": self.when(visit.day, min(visit.minute + minutes, 23 * 60 + 59))},
         }  # fmt: skip
         if reason and reason in self.conditions:
-            res["reasonReference"] = [{**self.ref(self.conditions[reason]), "display": self.conditions[reason]["code"]["text"]}]
+            res["reasonReference"] = [
+                {**self.ref(self.conditions[reason]), "display": self.conditions[reason]["code"]["text"]}
+            ]
         return self.add(res)
 
     def immunize(self, day: date, key: str, visit: _Visit | None) -> None:
@@ -635,7 +691,9 @@ class _Patient:
             res["encounter"] = self.ref(visit.resource)
         self.add(res)
 
-    def allergy(self, day: date, allergen: tuple, reaction: str, *, kind: str = "allergy", criticality: str = "low") -> dict:
+    def allergy(
+        self, day: date, allergen: tuple, reaction: str, *, kind: str = "allergy", criticality: str = "low"
+    ) -> dict:
         code, display, system, category, _ = allergen
         rcode, rdisplay = REACTIONS[reaction]
         severity = "severe" if reaction == "anaphylaxis" else self.rng.choice(["mild", "moderate"])
@@ -780,9 +838,13 @@ class _Patient:
         n_acute = r.choice([0, 1, 1, 2, 2, 3, 4])
         window = (end - self.start).days
         for _ in range(n_acute):
-            visits.append(_Visit(self.start + timedelta(days=r.randint(10, window)), "acute", about=[r.choice(list(ACUTE))]))
+            visits.append(
+                _Visit(self.start + timedelta(days=r.randint(10, window)), "acute", about=[r.choice(list(ACUTE))])
+            )
         if self.age >= 50 and r.random() < 0.35:
-            visits.append(_Visit(self.start + timedelta(days=r.randint(20, window)), "procedure", about=["colonoscopy"]))
+            visits.append(
+                _Visit(self.start + timedelta(days=r.randint(20, window)), "procedure", about=["colonoscopy"])
+            )
         visits.sort(key=lambda v: (v.day, v.kind))
         for v in visits:
             v.minute = 8 * 60 + 15 * r.randint(0, 32)
@@ -901,8 +963,12 @@ class _Patient:
             a1c = self.observation(v, "hba1c", self.a1c(v.day), minute_offset=90)
             value = a1c["valueQuantity"]["value"]
             future_diabetic = (self._since("diabetes", v.day) or 0) < 0
-            if ("prediabetes" in self.onset or future_diabetic) and "prediabetes" not in self.conditions \
-                    and "diabetes" not in self.conditions and 5.7 <= value < 6.5:
+            if (
+                ("prediabetes" in self.onset or future_diabetic)
+                and "prediabetes" not in self.conditions
+                and "diabetes" not in self.conditions
+                and 5.7 <= value < 6.5
+            ):
                 self.condition(v, "prediabetes", category="problem-list-item")
         if about & {"hypothyroidism"}:
             self.observation(v, "tsh", self.tsh(v.day), minute_offset=90)
@@ -911,7 +977,11 @@ class _Patient:
         if about & {"depression"} or v.kind == "wellness":
             if v.kind == "wellness":
                 self.procedure(v, "depression_screening")
-            if "depression" in about or self._since("depression", v.day) is not None and self._since("depression", v.day) > -120:
+            if (
+                "depression" in about
+                or self._since("depression", v.day) is not None
+                and self._since("depression", v.day) > -120
+            ):
                 self.observation(v, "phq9", min(27, max(0, self.phq9(v.day))))
 
         found = self._diagnose_from_measurements(v)
@@ -929,7 +999,12 @@ class _Patient:
             self.procedure(v, "spirometry", reason="asthma", minutes=30)
         if v.kind == "acute" and v.about[0] == "strep":
             self.procedure(v, "throat_culture", minutes=10)
-        if v.kind == "wellness" and self.gender == "female" and 50 <= _years_between(self.birth, v.day) <= 74 and r.random() < 0.5:
+        if (
+            v.kind == "wellness"
+            and self.gender == "female"
+            and 50 <= _years_between(self.birth, v.day) <= 74
+            and r.random() < 0.5
+        ):
             self.procedure(v, "mammography", minutes=20)
 
         # treatment decisions
@@ -996,7 +1071,10 @@ class _Patient:
 
     def _last_value(self, code: str, v: _Visit) -> float | None:
         for res in reversed(self.entries):
-            if res["resourceType"] != "Observation" or res.get("encounter", {}).get("reference") != f"urn:uuid:{v.resource['id']}":
+            if (
+                res["resourceType"] != "Observation"
+                or res.get("encounter", {}).get("reference") != f"urn:uuid:{v.resource['id']}"
+            ):
                 continue
             if res["code"]["coding"][0]["code"] == BP_PANEL[0] and code == SYSTOLIC[0]:
                 return res["component"][0]["valueQuantity"]["value"]
@@ -1020,7 +1098,9 @@ class _Patient:
             last = self.last_hypertension_change or v.day
             n = sum(1 for d in self.active_drugs(v.day) if d in ("lisinopril", "amlodipine", "hctz", "losartan"))
             if sbp is not None and sbp >= 140 and (v.day - last).days >= 80 and n < 3:
-                ladder = ["lisinopril", "amlodipine", "hctz"] if self.age <= 55 else ["amlodipine", "lisinopril", "hctz"]
+                ladder = (
+                    ["lisinopril", "amlodipine", "hctz"] if self.age <= 55 else ["amlodipine", "lisinopril", "hctz"]
+                )
                 current = set(self.active_drugs(v.day)) | ({"lisinopril"} if "losartan" in active else set())
                 nxt = next((d for d in ladder if d not in current), None)
                 if nxt:
@@ -1055,7 +1135,9 @@ class _Patient:
         r = self.rng
         age = _years_between(self.birth, v.day)
         self.immunize(v.day, "flu", v)
-        given = {res["vaccineCode"]["coding"][0]["code"] for res in self.entries if res["resourceType"] == "Immunization"}
+        given = {
+            res["vaccineCode"]["coding"][0]["code"] for res in self.entries if res["resourceType"] == "Immunization"
+        }
         if VACCINES["td"][0] not in given and r.random() < 0.2:
             self.immunize(v.day, "td", v)
         if age >= 65 and VACCINES["pcv13"][0] not in given:
@@ -1084,7 +1166,11 @@ class _Patient:
             reason = p.reason
             if reason is None and p.condition and p.condition in self.conditions:
                 reason = self.conditions[p.condition]
-            repeat: dict[str, Any] = {"frequency": drug.frequency, "period": drug.period, "periodUnit": drug.period_unit}
+            repeat: dict[str, Any] = {
+                "frequency": drug.frequency,
+                "period": drug.period,
+                "periodUnit": drug.period_unit,
+            }
             if p.end is not None:
                 repeat["boundsPeriod"] = {"start": p.start.isoformat(), "end": p.end.isoformat()}
             dosage: dict[str, Any] = {
@@ -1124,7 +1210,9 @@ class _Patient:
 # ---------------------------------------------------------------------------------------- API
 
 
-def synthesize_patients(n: int, seed: int = 0, now: date = date(2025, 1, 1), *, years: tuple[int, int] = (3, 6)) -> list[dict]:
+def synthesize_patients(
+    n: int, seed: int = 0, now: date = date(2025, 1, 1), *, years: tuple[int, int] = (3, 6)
+) -> list[dict]:
     """`n` synthetic patients as FHIR R4 transaction Bundles (JSON dicts), each covering `years` (min, max)
     years of care before `now`. Deterministic: the same (n, seed, now, years) gives byte-identical JSON."""
     if n < 0:

@@ -39,8 +39,19 @@ from clinqa.errors import ClinqaError
 from clinqa.jsonl import read_appended
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.metrics import stage1_metrics
-from clinqa.records.pipeline import (ANSWER_SYSTEM, LLMSelector, _by_patient, _LineCache, _resource_type, _run_selector,
-                                     evaluate_records, selection_examples, stage1_examples, stage2_examples, tune_threshold)
+from clinqa.records.pipeline import (
+    ANSWER_SYSTEM,
+    LLMSelector,
+    _by_patient,
+    _LineCache,
+    _resource_type,
+    _run_selector,
+    evaluate_records,
+    selection_examples,
+    stage1_examples,
+    stage2_examples,
+    tune_threshold,
+)
 from clinqa.records.questions import RecordQuestion
 
 MODES = ("separate", "sequential", "multitask")
@@ -63,8 +74,9 @@ class StagesConfig:
     seed: example sampling and the held-out choice (the LoRA seed is `lora.seed`)."""
 
     mode: str = "separate"
-    lora: LoraTrainConfig = field(default_factory=lambda: LoraTrainConfig(rank=16, alpha=16, epochs=3, patience=1, batch_size=4,
-                                                                          max_length=768))
+    lora: LoraTrainConfig = field(
+        default_factory=lambda: LoraTrainConfig(rank=16, alpha=16, epochs=3, patience=1, batch_size=4, max_length=768)
+    )
     negatives: int = 3
     distractors: int = 3
     tune_fraction: float = 0.1
@@ -84,11 +96,24 @@ def stage_examples(records: Mapping[str, PatientRecord] | Sequence[PatientRecord
                    stage: int, *, negatives: int = 3, distractors: int = 3, seed: int = 0) -> list[TextExample]:  # fmt: skip
     """The training examples of one stage as `TextExample`s (stage 1 plain prompts, stage 2 chat)."""
     if stage == 1:
-        return [TextExample(id=f"{e['question_id']}|{e['resource_id']}", prompt=e["prompt"], target=e["target"], label="stage1")
-                for e in stage1_examples(records, questions, negatives=negatives, seed=seed)]
+        return [
+            TextExample(
+                id=f"{e['question_id']}|{e['resource_id']}", prompt=e["prompt"], target=e["target"], label="stage1"
+            )
+            for e in stage1_examples(records, questions, negatives=negatives, seed=seed)
+        ]
     if stage == 2:
-        return [TextExample(id=e["question_id"], prompt=e["prompt"], target=e["target"], system=ANSWER_SYSTEM, chat=True, label="stage2")
-                for e in stage2_examples(records, questions, distractors=distractors, seed=seed)]
+        return [
+            TextExample(
+                id=e["question_id"],
+                prompt=e["prompt"],
+                target=e["target"],
+                system=ANSWER_SYSTEM,
+                chat=True,
+                label="stage2",
+            )
+            for e in stage2_examples(records, questions, distractors=distractors, seed=seed)
+        ]
     raise ClinqaError(f"stage must be 1 or 2, got {stage}")
 
 
@@ -124,7 +149,9 @@ def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[P
     by_patient = _by_patient(records)
     missing = sorted({q.patient_id for q in questions} - set(by_patient))
     if missing:
-        raise ClinqaError(f"no record for patient(s) {', '.join(missing[:3])}: pass the records the training questions were made from")
+        raise ClinqaError(
+            f"no record for patient(s) {', '.join(missing[:3])}: pass the records the training questions were made from"
+        )
     train_q, tune_q = split_train_val(questions, config.tune_fraction, config.seed, max_val=config.max_tune)
     ex1 = stage_examples(by_patient, train_q, 1, negatives=config.negatives, seed=config.seed)
     ex2 = stage_examples(by_patient, train_q, 2, distractors=config.distractors, seed=config.seed)
@@ -158,7 +185,11 @@ def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[P
             tuning = previous[0]
         else:
             selector = LLMSelector(with_adapter(base, results["stage1"].path))
-            tuning = {**tune_threshold(selector, selection_examples(by_patient, tune_q)), "questions": len(tune_q), "key": key}
+            tuning = {
+                **tune_threshold(selector, selection_examples(by_patient, tune_q)),
+                "questions": len(tune_q),
+                "key": key,
+            }
     stages = {
         "format": 1, "mode": config.mode, "base": _spec(base),
         "stage1": str(results["stage1"].path), "stage2": str(results["stage2"].path),
@@ -170,7 +201,10 @@ def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[P
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     if "reverse_stage1" in results:
-        stages["reverse"] = {"stage2": str(results["reverse_stage2"].path), "stage1_after_stage2": str(results["reverse_stage1"].path)}
+        stages["reverse"] = {
+            "stage2": str(results["reverse_stage2"].path),
+            "stage1_after_stage2": str(results["reverse_stage1"].path),
+        }
     _write_json(out / f"stages-{config.mode}.json", stages)
     _write_json(out / STAGES_FILE, stages)
     return stages
@@ -220,7 +254,10 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
     rows: dict[str, dict[str, Any]] = {}
     path = Path(out) if out else None
     if path and path.exists():
-        rows = {r["question_id"]: r for r in read_appended(path, json.loads, corrupt="corrupt selection line; delete the file and re-run")}
+        rows = {
+            r["question_id"]: r
+            for r in read_appended(path, json.loads, corrupt="corrupt selection line; delete the file and re-run")
+        }
     todo = [q for q in questions if q.id not in rows]
     done = len(questions) - len(todo)
     if progress:
@@ -229,8 +266,14 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
         record = by_patient[q.patient_id]
         picked, tokens = _run_selector(selector, q.question, lines[q.patient_id])
         ids = [s.id for s in picked]
-        row = {"question_id": q.id, "qtype": q.qtype, "selected": ids, "relevant_ids": list(q.relevant_ids), "tokens": tokens,
-               "types": {rid: _resource_type(record, rid) for rid in set(ids) | set(q.relevant_ids)}}
+        row = {
+            "question_id": q.id,
+            "qtype": q.qtype,
+            "selected": ids,
+            "relevant_ids": list(q.relevant_ids),
+            "tokens": tokens,
+            "types": {rid: _resource_type(record, rid) for rid in set(ids) | set(q.relevant_ids)},
+        }
         rows[q.id] = row
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,8 +283,12 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
         if progress:
             progress(done, len(questions))
     picked_rows = [rows[q.id] for q in questions]
-    return stage1_metrics([r["selected"] for r in picked_rows], [r["relevant_ids"] for r in picked_rows],
-                          qtypes=[r["qtype"] for r in picked_rows], types=[r["types"] for r in picked_rows])
+    return stage1_metrics(
+        [r["selected"] for r in picked_rows],
+        [r["relevant_ids"] for r in picked_rows],
+        qtypes=[r["qtype"] for r in picked_rows],
+        types=[r["types"] for r in picked_rows],
+    )
 
 
 def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord],
@@ -279,7 +326,9 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
         if progress:
             progress(len(questions) - len(todo) + i + 1, len(questions))
     per = {q.id: rows[q.id] for q in questions}
-    mean = lambda k: (sum(r[k] for r in per.values()) / len(per)) if per and all(r[k] is not None for r in per.values()) else None  # noqa: E731
+    mean = lambda k: (
+        (sum(r[k] for r in per.values()) / len(per)) if per and all(r[k] is not None for r in per.values()) else None
+    )  # noqa: E731
     return {"n": len(per), "meteor": mean("meteor"), "rouge_l": mean("rouge_l"), "per_question": per}
 
 
@@ -309,12 +358,19 @@ def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[Patien
     stages_dir = Path(stages_dir)
     stages = read_stages(stages_dir)
     if stages["mode"] != "sequential":
-        raise ClinqaError(f"{stages_dir} was trained in mode {stages['mode']!r}; the forgetting experiment needs --mode sequential")
+        raise ClinqaError(
+            f"{stages_dir} was trained in mode {stages['mode']!r}; the forgetting experiment needs --mode sequential"
+        )
     out: dict[str, Any] = {"threshold": stages["threshold"], "n_questions": len(questions)}
     for name, adapter in (("before", stages["stage1"]), ("after", stages["stage2"])):
         selector = LLMSelector(with_adapter(base, adapter), threshold=stages["threshold"])
-        out[name] = evaluate_selection(selector, records, questions, out=stages_dir / f"selection-{name}.jsonl",
-                                       progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None)
+        out[name] = evaluate_selection(
+            selector,
+            records,
+            questions,
+            out=stages_dir / f"selection-{name}.jsonl",
+            progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None,
+        )
     out["f1_drop"] = out["before"]["micro"]["f1"] - out["after"]["micro"]["f1"]
     reverse = stages.get("reverse")
     if reverse:
@@ -346,16 +402,31 @@ def size_sweep(base: Any, train_records, train_questions: Sequence[RecordQuestio
     for size in sizes:
         n = len(train_questions) if size is None else min(int(size), len(train_questions))
         folder = out / f"n{n}"
-        stages = finetune_stages(base, train_records, list(train_questions)[:n], folder / "adapters", config, progress=progress)
+        stages = finetune_stages(
+            base, train_records, list(train_questions)[:n], folder / "adapters", config, progress=progress
+        )
         stage1, stage2 = stage_models(stages, base)
         selector = LLMSelector(stage1, threshold=stages["threshold"])
-        summary = evaluate_records(stage2, test_records, test_questions, selector=selector, out=folder / "run",
-                                   max_new_tokens=max_new_tokens,
-                                   progress=(lambda d, t, n=n: progress(f"eval n={n}", d, t)) if progress else None)
+        summary = evaluate_records(
+            stage2,
+            test_records,
+            test_questions,
+            selector=selector,
+            out=folder / "run",
+            max_new_tokens=max_new_tokens,
+            progress=(lambda d, t, n=n: progress(f"eval n={n}", d, t)) if progress else None,
+        )
         s2m = {k: v for k, v in summary["stage2"].items() if k != "by_qtype"}
-        rows.append({"n_questions": n, "n_examples": stages["n_examples"], "threshold": stages["threshold"],
-                     "stage1_f1": summary["stage1"]["micro"]["f1"], "stage2": s2m,
-                     "train_seconds": stages["train_seconds"]})
+        rows.append(
+            {
+                "n_questions": n,
+                "n_examples": stages["n_examples"],
+                "threshold": stages["threshold"],
+                "stage1_f1": summary["stage1"]["micro"]["f1"],
+                "stage2": s2m,
+                "train_seconds": stages["train_seconds"],
+            }
+        )
         _write_json(out / "sweep.json", {"sizes": [r["n_questions"] for r in rows], "rows": rows})
     _plot_sweep(rows, out / "sweep.png")
     return rows

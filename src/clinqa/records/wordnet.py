@@ -109,7 +109,7 @@ def build_index_sense(folder: str | Path) -> str:
             p_cnt = int(parts[i])
             head = None
             for j in range(p_cnt):
-                symbol, target, pos = parts[i + 1 + 4 * j: i + 4 + 4 * j]
+                symbol, target, pos = parts[i + 1 + 4 * j : i + 4 + 4 * j]
                 if ss_type == "s" and symbol == "&" and pos in ("a", "s") and head is None:
                     head = target
             synsets[(suffix, offset)] = (lex_filenum, ss_type, words, head)
@@ -118,7 +118,7 @@ def build_index_sense(folder: str | Path) -> str:
         for line in _data_lines(folder / f"index.{suffix}"):
             parts = line.split()
             lemma, n_synsets, p_cnt = parts[0], int(parts[2]), int(parts[3])
-            offsets = parts[6 + p_cnt: 6 + p_cnt + n_synsets]
+            offsets = parts[6 + p_cnt : 6 + p_cnt + n_synsets]
             for number, offset in enumerate(offsets, start=1):
                 sense_numbers[(suffix, offset, lemma)] = number
     tag_counts: dict[str, int] = {}
@@ -158,7 +158,10 @@ def prepare_wordnet_dir(cache: str | Path | None = None, source: str | Path = DE
         _copy((src / name).resolve(), target / name)
     if (src / "index.sense").is_file():
         _copy((src / "index.sense").resolve(), target / "index.sense")
-    elif not (target / "index.sense").is_file() or (target / "index.sense").stat().st_mtime < (target / "data.noun").stat().st_mtime:
+    elif (
+        not (target / "index.sense").is_file()
+        or (target / "index.sense").stat().st_mtime < (target / "data.noun").stat().st_mtime
+    ):
         tmp = target / f".index.sense.tmp{os.getpid()}"
         tmp.write_text(build_index_sense(target), encoding="utf-8")
         os.replace(tmp, target / "index.sense")
@@ -208,4 +211,12 @@ def ensure_wordnet(cache: str | Path | None = None, source: str | Path = DEBIAN_
         return reader
 
 
-__all__ = ["DEBIAN_WORDNET", "LEXNAMES", "build_index_sense", "ensure_wordnet", "lexnames_text", "prepare_wordnet_dir", "wordnet_available"]
+__all__ = [
+    "DEBIAN_WORDNET",
+    "LEXNAMES",
+    "build_index_sense",
+    "ensure_wordnet",
+    "lexnames_text",
+    "prepare_wordnet_dir",
+    "wordnet_available",
+]

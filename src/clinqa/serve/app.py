@@ -138,8 +138,16 @@ _SECURITY_HEADERS = (
 )
 _OUTCOME_BY_STATUS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 503: "unavailable", 504: "timeout"}
 _ERROR_BY_STATUS = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    413: "too_large", 422: "invalid_request", 500: "error", 503: "unavailable", 504: "timeout",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    422: "invalid_request",
+    500: "error",
+    503: "unavailable",
+    504: "timeout",
 }
 
 
@@ -169,8 +177,16 @@ class ApiError(HTTPException):
     """An error answer: ``{"error": code, "message": text}`` with the status. A FastAPI HTTPException,
     so FastAPI re-raises it as is even from inside body parsing (the streamed-size check relies on it)."""
 
-    def __init__(self, status: int, error: str, message: str, *, headers: Optional[dict[str, str]] = None,
-                 outcome: Optional[str] = None, detail: str = ""):
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        *,
+        headers: Optional[dict[str, str]] = None,
+        outcome: Optional[str] = None,
+        detail: str = "",
+    ):
         super().__init__(status_code=status, detail=message, headers=headers)
         self.error = error
         self.outcome = outcome
@@ -217,8 +233,10 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and record.exc_info[0] is not None:
             etype, _, tb = record.exc_info
             # frames without their source lines: a line of code may hold a literal, a message never reaches here
-            frames = "".join(f'  File "{f.filename}", line {f.lineno}, in {f.name}\n'
-                             for f in (traceback.extract_tb(tb) if tb is not None else []))
+            frames = "".join(
+                f'  File "{f.filename}", line {f.lineno}, in {f.name}\n'
+                for f in (traceback.extract_tb(tb) if tb is not None else [])
+            )
             message = f"{message}\nTraceback (exception message withheld):\n{frames}{etype.__name__}"
             record.exc_info = None
             record.exc_text = None
@@ -330,8 +348,11 @@ class AskResponse(BaseModel):
     answer: str
     citations: list[TimelineEntry] = Field(description="cited resources of this patient, with their rendered lines")
     invalid_citations: list[str] = Field(description="cited ids that are not this patient's resources: removed")
-    supported: bool = Field(True, description="false when the answer claims something without citing any resource of "
-                                              "this patient's record: it may be about someone else; do not trust it")
+    supported: bool = Field(
+        True,
+        description="false when the answer claims something without citing any resource of "
+        "this patient's record: it may be about someone else; do not trust it",
+    )
     selected: list[SelectedResource] = Field(description="stage 1: the resources shown to the model, best first")
     timings: dict[str, float]
     tokens: int
@@ -400,14 +421,18 @@ def _outcome_for(status: int) -> str:
 class Service:
     """The state behind the app: config, key store, audit log, records, model runner."""
 
-    def __init__(self, config: ServeConfig, predictor: Any = None, records: Optional[Iterable[Any]] = None,
-                 selector: Any = None):
+    def __init__(
+        self, config: ServeConfig, predictor: Any = None, records: Optional[Iterable[Any]] = None, selector: Any = None
+    ):
         from clinqa.records.pipeline import RetrievalSelector
 
         self.config = config
         self.keys = KeyStore(config.keys_db)
-        self.audit = AuditLog(config.audit_db, anchor=config.audit_anchor or default_anchor_path(config.audit_db),
-                              anchor_every=config.audit_anchor_every)
+        self.audit = AuditLog(
+            config.audit_db,
+            anchor=config.audit_anchor or default_anchor_path(config.audit_db),
+            anchor_every=config.audit_anchor_every,
+        )
         self.audit.write_anchor("start")
         if records is None:
             records = load_patient_records(config)
@@ -449,8 +474,12 @@ class Service:
             if selector is not None:
                 self.selector = selector
             self.runner.set_predictor(predictor)
-            log.info("model %s loaded in %.1f s (%d model call(s) at once)", self.config.model,
-                     time.perf_counter() - t0, self.runner.parallel)
+            log.info(
+                "model %s loaded in %.1f s (%d model call(s) at once)",
+                self.config.model,
+                time.perf_counter() - t0,
+                self.runner.parallel,
+            )
 
         self._loading = self.runner.submit(load)
 
@@ -469,14 +498,22 @@ class Service:
         outcome = ctx.outcome or _outcome_for(status)
         detail = ctx.detail or ("" if outcome == "ok" else f"HTTP {status}")
         await asyncio.to_thread(
-            self.audit.append, ctx.action, key_id=ctx.key_id, patient_id=ctx.patient_id,
-            question_hash=ctx.question_hash, resource_ids=ctx.resource_ids, outcome=outcome, detail=detail,
+            self.audit.append,
+            ctx.action,
+            key_id=ctx.key_id,
+            patient_id=ctx.patient_id,
+            question_hash=ctx.question_hash,
+            resource_ids=ctx.resource_ids,
+            outcome=outcome,
+            detail=detail,
         )
 
     def budget_left(self, ctx: _AuditContext) -> float:
         return self.config.request_timeout_s - (time.perf_counter() - ctx.started)
 
-    async def call_model(self, ctx: _AuditContext, what: str, secrets: Sequence[str], call: Callable[[Any], Any]) -> Any:
+    async def call_model(
+        self, ctx: _AuditContext, what: str, secrets: Sequence[str], call: Callable[[Any], Any]
+    ) -> Any:
         """`call(predictor)` on the model thread within the request's time budget, with `secrets` (the
         question, record text) redacted from every log line meanwhile; any failure but an ApiError
         becomes a 500 that names only the error type."""
@@ -485,13 +522,20 @@ class Service:
         try:
             return await self.runner.run(call, budget=self.budget_left(ctx), receive=getattr(ctx, "receive", None))
         except RunnerRefused as e:
-            raise ApiError(e.status, e.error, e.message, headers=e.headers, outcome=e.outcome, detail=e.detail) from None
+            raise ApiError(
+                e.status, e.error, e.message, headers=e.headers, outcome=e.outcome, detail=e.detail
+            ) from None
         except ApiError:
             raise
         except Exception as e:
             log.error("%s failed on the model thread: %s", what, type(e).__name__)
-            raise ApiError(500, "model_error", "the model call failed; the server log names the error type",
-                           outcome="error", detail=f"model call failed: {type(e).__name__}") from None
+            raise ApiError(
+                500,
+                "model_error",
+                "the model call failed; the server log names the error type",
+                outcome="error",
+                detail=f"model call failed: {type(e).__name__}",
+            ) from None
         finally:
             RedactingFilter.unregister(token)
 
@@ -541,14 +585,27 @@ class _Guard:
                     except Exception as e:  # no audit entry, no answer
                         log.error("audit log write failed (%s): refusing the response", type(e).__name__)
                         swallow = True
-                        await _send_json(send, 500, _error_body(500, "audit_failed", "the audit log could not be written; nothing was returned"))
+                        await _send_json(
+                            send,
+                            500,
+                            _error_body(
+                                500, "audit_failed", "the audit log could not be written; nothing was returned"
+                            ),
+                        )
                         return
             await send(message)
 
         if audited and _suspicious_path(scope):
             ctx.detail = "encoded or dot-segment path"
-            await _send_json(guarded_send, 400, _error_body(
-                400, "bad_path", "path parameters must be plain FHIR ids (A-Z a-z 0-9 - .): no %-encoding, '/', '\\' or '..'"))
+            await _send_json(
+                guarded_send,
+                400,
+                _error_body(
+                    400,
+                    "bad_path",
+                    "path parameters must be plain FHIR ids (A-Z a-z 0-9 - .): no %-encoding, '/', '\\' or '..'",
+                ),
+            )
             return
         limit = service.config.max_body_bytes
         length = _header(scope, b"content-length")
@@ -558,8 +615,12 @@ class _Guard:
                 return
             if int(length) > limit:
                 ctx.detail = "body too large"
-                await _send_json(guarded_send, 413, _error_body(413, "too_large", f"the request body is larger than {limit} bytes"),
-                                 extra_headers=[(b"connection", b"close")])
+                await _send_json(
+                    guarded_send,
+                    413,
+                    _error_body(413, "too_large", f"the request body is larger than {limit} bytes"),
+                    extra_headers=[(b"connection", b"close")],
+                )
                 return
         received = 0
 
@@ -581,7 +642,9 @@ class _Guard:
             if not response_started:
                 ctx.outcome = ctx.outcome or "error"
                 ctx.detail = ctx.detail or f"unhandled {type(e).__name__}"
-                await _send_json(guarded_send, 500, _error_body(500, "error", "internal error; the server log names its type"))
+                await _send_json(
+                    guarded_send, 500, _error_body(500, "error", "internal error; the server log names its type")
+                )
 
 
 def _header(scope: dict, name: bytes) -> Optional[str]:
@@ -599,7 +662,9 @@ def _suspicious_path(scope: dict) -> bool:
     return any(seg in (".", "..") for seg in scope.get("path", "").split("/"))
 
 
-async def _send_json(send: Callable, status: int, body: dict, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+async def _send_json(
+    send: Callable, status: int, body: dict, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     import json
 
     data = json.dumps(body).encode()
@@ -631,8 +696,9 @@ def _ctx(request: Request) -> _AuditContext:
 
 def _summary(p: _Patient) -> PatientSummary:
     bd = p.record.birth_date
-    return PatientSummary(id=p.record.patient_id, name=p.record.name, birth_date=bd.isoformat() if bd else None,
-                          gender=p.record.gender)
+    return PatientSummary(
+        id=p.record.patient_id, name=p.record.name, birth_date=bd.isoformat() if bd else None, gender=p.record.gender
+    )
 
 
 def _handle(p: _Patient, key: str) -> str:
@@ -641,14 +707,17 @@ def _handle(p: _Patient, key: str) -> str:
     return f"{p.types.get(key, '?')}/{rid}" if rid else key
 
 
-def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[Iterable[Any]] = None,
-               selector: Any = None) -> FastAPI:
+def create_app(
+    config: ServeConfig, *, predictor: Any = None, records: Optional[Iterable[Any]] = None, selector: Any = None
+) -> FastAPI:
     """The ASGI app. ``predictor`` (a Predictor) and ``records`` (PatientRecords) are loaded from ``config`` when
     not given: records now, the model at startup (in the background; ``/ready`` says when it is there)."""
     service = Service(config, predictor=predictor, records=records, selector=selector)
     install_log_redaction()
     if not service.patients:
-        log.warning("no patient records loaded (records=%s); the patient endpoints will have nothing to show", config.records)
+        log.warning(
+            "no patient records loaded (records=%s); the patient endpoints will have nothing to show", config.records
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -686,12 +755,22 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
         plain = credentials.credentials if credentials is not None else header_key
         challenge = {"WWW-Authenticate": 'Bearer realm="clinqa"'}
         if not plain:
-            raise ApiError(401, "unauthorized", "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                           headers=challenge, detail="no key")
+            raise ApiError(
+                401,
+                "unauthorized",
+                "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                headers=challenge,
+                detail="no key",
+            )
         key = await asyncio.to_thread(service.authenticate, plain)
         if key is None:
-            raise ApiError(401, "unauthorized", "the API key is not valid (unknown, revoked or expired)",
-                           headers=challenge, detail="invalid key")
+            raise ApiError(
+                401,
+                "unauthorized",
+                "the API key is not valid (unknown, revoked or expired)",
+                headers=challenge,
+                detail="invalid key",
+            )
         ctx.key_id = key.key_id
         return key
 
@@ -703,8 +782,12 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
         ctx.patient_id = patient_id
         if not key.allows(operation, patient_id):
             # the same answer whether or not the patient exists
-            raise ApiError(403, "forbidden", f"this API key has no '{operation}' scope for this patient",
-                           detail=f"no {operation} scope")
+            raise ApiError(
+                403,
+                "forbidden",
+                f"this API key has no '{operation}' scope for this patient",
+                detail=f"no {operation} scope",
+            )
         patient = service.patients.get(patient_id)
         if patient is None:
             raise ApiError(404, "not_found", "no patient with this id is loaded", detail="unknown patient")
@@ -725,8 +808,11 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         if exc.status_code == 404 and not isinstance(exc, ApiError):
             message = "no such endpoint; see /openapi.json"
-        return JSONResponse(_error_body(exc.status_code, code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            _error_body(exc.status_code, code, message),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -748,36 +834,59 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["service"], summary="readiness: model and records loaded (no key)",
-             responses={503: {"description": "still loading, or loading failed"}})
+    @app.get(
+        "/ready",
+        tags=["service"],
+        summary="readiness: model and records loaded (no key)",
+        responses={503: {"description": "still loading, or loading failed"}},
+    )
     async def ready() -> JSONResponse:
         if service.ready:
             return JSONResponse({"status": "ready"})
         if service.load_error:
-            return JSONResponse({"status": "failed", "message": f"the model could not be loaded ({service.load_error})"},
-                                status_code=503)
+            return JSONResponse(
+                {"status": "failed", "message": f"the model could not be loaded ({service.load_error})"},
+                status_code=503,
+            )
         return JSONResponse({"status": "loading"}, status_code=503)
 
     # -- patients
 
-    @app.get("/api/patients", response_model=PatientList, tags=["patients"], responses=_ERRORS,
-             summary="the patients this key may read")
+    @app.get(
+        "/api/patients",
+        response_model=PatientList,
+        tags=["patients"],
+        responses=_ERRORS,
+        summary="the patients this key may read",
+    )
     async def list_patients(request: Request, key: KeyRecord = Depends(authenticated)) -> PatientList:
         ids = key.visible_patients(service.patients, "read")
         _ctx(request).resource_ids = [f"Patient/{pid}" for pid in ids]
         return PatientList(patients=[_summary(service.patients[pid]) for pid in ids])
 
-    @app.get("/api/patients/{patient_id}/timeline", response_model=Timeline, tags=["patients"], responses=_ERRORS,
-             summary="every resource of the record, rendered (scope read)")
+    @app.get(
+        "/api/patients/{patient_id}/timeline",
+        response_model=Timeline,
+        tags=["patients"],
+        responses=_ERRORS,
+        summary="every resource of the record, rendered (scope read)",
+    )
     async def timeline(request: Request, patient_id: str, key: KeyRecord = Depends(authenticated)) -> Timeline:
         p = patient_for(request, key, patient_id, "read")
         entries = [TimelineEntry(id=k, type=p.types[k], date=p.dates[k], text=line) for k, line in p.lines]
         _ctx(request).resource_ids = [_handle(p, e.id) for e in entries]
         return Timeline(patient=_summary(p), resources=entries)
 
-    @app.post("/api/patients/{patient_id}/ask", response_model=AskResponse, tags=["patients"],
-              responses={**_ERRORS, 500: {"model": ErrorBody}}, summary="ask about one patient's record (scope ask)")
-    async def ask(request: Request, patient_id: str, body: AskRequest, key: KeyRecord = Depends(authenticated)) -> AskResponse:
+    @app.post(
+        "/api/patients/{patient_id}/ask",
+        response_model=AskResponse,
+        tags=["patients"],
+        responses={**_ERRORS, 500: {"model": ErrorBody}},
+        summary="ask about one patient's record (scope ask)",
+    )
+    async def ask(
+        request: Request, patient_id: str, body: AskRequest, key: KeyRecord = Depends(authenticated)
+    ) -> AskResponse:
         from clinqa.records.pipeline import answer_question
 
         ctx = _ctx(request)
@@ -787,12 +896,22 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
         if not question.strip():
             raise ApiError(422, "invalid_request", "the question is empty", detail="empty question")
         if len(question) > config.max_question_chars:
-            raise ApiError(422, "invalid_request", f"the question is longer than {config.max_question_chars} characters",
-                           detail="question too long")
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"the question is longer than {config.max_question_chars} characters",
+                detail="question too long",
+            )
         t0 = time.perf_counter()
         extra = {"lines": p.lines} if service.pass_lines else {}  # already rendered at startup
-        result = await service.call_model(ctx, "ask", [question, *p.text.values()], lambda predictor: answer_question(
-            predictor, p.record, question, selector=service.selector, max_new_tokens=config.max_new_tokens, **extra))
+        result = await service.call_model(
+            ctx,
+            "ask",
+            [question, *p.text.values()],
+            lambda predictor: answer_question(
+                predictor, p.record, question, selector=service.selector, max_new_tokens=config.max_new_tokens, **extra
+            ),
+        )
         elapsed = time.perf_counter() - t0
 
         cited: list[str] = []
@@ -815,7 +934,9 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
         ctx.resource_ids = list(dict.fromkeys([_handle(p, k) for k in cited] + [_handle(p, s.id) for s in selected]))
         if invalid:
             ctx.detail = f"{len(invalid)} invalid citation(s) removed"
-        log.info("ask key=%s patient=%s cited=%d invalid=%d %.2fs", ctx.key_id, patient_id, len(cited), len(invalid), elapsed)
+        log.info(
+            "ask key=%s patient=%s cited=%d invalid=%d %.2fs", ctx.key_id, patient_id, len(cited), len(invalid), elapsed
+        )
         return AskResponse(
             patient_id=patient_id,
             answer=answer,
@@ -823,16 +944,24 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
             invalid_citations=invalid,
             supported=bool(cited) or (result.supported and not result.citations),  # an abstention needs no citation
             selected=selected,
-            timings={**{k: float(v) for k, v in result.timings.items()}, "model_call_s": elapsed,
-                     "total_s": time.perf_counter() - ctx.started},
+            timings={
+                **{k: float(v) for k, v in result.timings.items()},
+                "model_call_s": elapsed,
+                "total_s": time.perf_counter() - ctx.started,
+            },
             tokens=int(result.tokens),
             model=service.runner.predictor.info.spec,
         )
 
     # -- multiple choice
 
-    @app.post("/api/mcq", response_model=MCQResponse, tags=["questions"], responses={**_ERRORS, 500: {"model": ErrorBody}},
-              summary="score a multiple-choice question (needs an ask scope for some patient)")
+    @app.post(
+        "/api/mcq",
+        response_model=MCQResponse,
+        tags=["questions"],
+        responses={**_ERRORS, 500: {"model": ErrorBody}},
+        summary="score a multiple-choice question (needs an ask scope for some patient)",
+    )
     async def mcq(request: Request, body: MCQRequest, key: KeyRecord = Depends(authenticated)) -> MCQResponse:
         from clinqa.data.schema import Question
         from clinqa.evaluate.methods import SCORERS, make_items
@@ -842,19 +971,30 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
         if "ask" not in key.operations:
             raise ApiError(403, "forbidden", "this API key has no 'ask' scope for any patient", detail="no ask scope")
         if len(body.question) > config.max_question_chars:
-            raise ApiError(422, "invalid_request", f"the question is longer than {config.max_question_chars} characters",
-                           detail="question too long")
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"the question is longer than {config.max_question_chars} characters",
+                detail="question too long",
+            )
         try:
-            question = Question(id="api", question=body.question, options=body.options,
-                                answer=next(iter(body.options), "A"))
+            question = Question(
+                id="api", question=body.question, options=body.options, answer=next(iter(body.options), "A")
+            )
         except ValidationError as e:
             msgs = "; ".join(str(err.get("msg", "")).removeprefix("Value error, ") for err in e.errors())
-            raise ApiError(422, "invalid_request", f"bad question or options: {msgs}", detail="invalid options") from None
+            raise ApiError(
+                422, "invalid_request", f"bad question or options: {msgs}", detail="invalid options"
+            ) from None
         items = make_items([question], shuffles=1, seed=0)
         scorer = SCORERS[body.method]
         t0 = time.perf_counter()
-        samples = await service.call_model(ctx, "mcq", [body.question, *body.options.values()],
-                                           lambda predictor: scorer(predictor, items, max_new_tokens=config.max_new_tokens))
+        samples = await service.call_model(
+            ctx,
+            "mcq",
+            [body.question, *body.options.values()],
+            lambda predictor: scorer(predictor, items, max_new_tokens=config.max_new_tokens),
+        )
         sample, item = samples[0], items[0]
         back = item.to_original
         return MCQResponse(
@@ -875,8 +1015,12 @@ def create_app(config: ServeConfig, *, predictor: Any = None, records: Optional[
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(
-            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type"], allow_credentials=False, max_age=600,
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            allow_credentials=False,
+            max_age=600,
         )
     # added last = outermost of the user middleware (inside Starlette's ServerErrorMiddleware, outside CORS)
     app.add_middleware(_Guard, service=service)
@@ -890,16 +1034,28 @@ def serve(config: ServeConfig) -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: API keys travel in clear over HTTP; put TLS (a reverse proxy) in front", config.host)
+        log.warning(
+            "listening on %s: API keys travel in clear over HTTP; put TLS (a reverse proxy) in front", config.host
+        )
     records = load_patient_records(config)
     t0 = time.perf_counter()
     predictor, selector = load_models(config)
-    log.info("model %s loaded in %.1f s; %d patients%s", config.model, time.perf_counter() - t0, len(records),
-             f"; fine-tuned stages from {config.adapters}" if selector is not None else "")
+    log.info(
+        "model %s loaded in %.1f s; %d patients%s",
+        config.model,
+        time.perf_counter() - t0,
+        len(records),
+        f"; fine-tuned stages from {config.adapters}" if selector is not None else "",
+    )
     app = create_app(config, predictor=predictor, records=records, selector=selector)
     uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, access_log=config.access_log, log_level=config.log_level,
-        server_header=False, timeout_graceful_shutdown=10,
+        app,
+        host=config.host,
+        port=config.port,
+        access_log=config.access_log,
+        log_level=config.log_level,
+        server_header=False,
+        timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(uv_config)
     install_log_redaction()  # uvicorn.Config set up its own handlers

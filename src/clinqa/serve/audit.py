@@ -48,8 +48,18 @@ from pydantic import BaseModel, ConfigDict
 from clinqa.errors import ClinqaError
 from clinqa.serve.auth import private_file  # one owner-only file creator for both stores
 
-__all__ = ["GENESIS_HASH", "MAX_DETAIL", "OUTCOMES", "AuditEntry", "AuditLog", "VerifyResult", "default_anchor_path",
-           "hash_question", "read_anchors", "verify_file"]
+__all__ = [
+    "GENESIS_HASH",
+    "MAX_DETAIL",
+    "OUTCOMES",
+    "AuditEntry",
+    "AuditLog",
+    "VerifyResult",
+    "default_anchor_path",
+    "hash_question",
+    "read_anchors",
+    "verify_file",
+]
 
 GENESIS_HASH = "0" * 64
 MAX_DETAIL = 200
@@ -59,7 +69,16 @@ _WORD = re.compile(r"[a-z][a-z0-9_.\-]{0,63}")
 _TRIGGERS = ("audit_no_update", "audit_no_delete")
 # The fields covered by row_hash, in the order of the table's columns.
 _HASHED_FIELDS = (
-    "seq", "time", "key_id", "patient_id", "action", "question_hash", "resource_ids", "outcome", "detail", "prev_hash",
+    "seq",
+    "time",
+    "key_id",
+    "patient_id",
+    "action",
+    "question_hash",
+    "resource_ids",
+    "outcome",
+    "detail",
+    "prev_hash",
 )
 
 _SCHEMA = """
@@ -148,8 +167,14 @@ class AuditLog:
     One instance may be shared by threads; other processes open their own instance on the same file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 60.0,
-                 anchor: str | os.PathLike[str] | None = None, anchor_every: int = 100):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 60.0,
+        anchor: str | os.PathLike[str] | None = None,
+        anchor_every: int = 100,
+    ):
         self.path = Path(path)
         self.timeout = timeout
         self.anchor = None if anchor is None else Path(anchor)
@@ -213,7 +238,7 @@ class AuditLog:
                 self._writer.close()
             self._writer = None
 
-    def __enter__(self) -> "AuditLog":
+    def __enter__(self) -> AuditLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -281,9 +306,17 @@ class AuditLog:
                     "INSERT INTO audit (seq, time, key_id, patient_id, action, question_hash, resource_ids,"
                     " outcome, detail, prev_hash, row_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        entry.seq, entry.time, entry.key_id, entry.patient_id, entry.action, entry.question_hash,
-                        json.dumps(entry.resource_ids, ensure_ascii=False), entry.outcome, entry.detail,
-                        entry.prev_hash, entry.row_hash,
+                        entry.seq,
+                        entry.time,
+                        entry.key_id,
+                        entry.patient_id,
+                        entry.action,
+                        entry.question_hash,
+                        json.dumps(entry.resource_ids, ensure_ascii=False),
+                        entry.outcome,
+                        entry.detail,
+                        entry.prev_hash,
+                        entry.row_hash,
                     ),
                 )
                 db.execute("COMMIT")
@@ -303,8 +336,17 @@ class AuditLog:
         return seq, row_hash
 
     def _write_anchor(self, seq: int, row_hash: str, event: str) -> None:
-        line = json.dumps({"seq": seq, "hash": row_hash, "event": event,
-                           "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}) + "\n"
+        line = (
+            json.dumps(
+                {
+                    "seq": seq,
+                    "hash": row_hash,
+                    "event": event,
+                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
+            + "\n"
+        )
         self.anchor.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.anchor, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -393,17 +435,18 @@ def _verify(db: sqlite3.Connection, anchor: tuple[int, str] | Iterable[tuple[int
     anchors: dict[int, str] = {}
     for seq, row_hash in _anchor_list(anchor):
         if seq > 0 and anchors.setdefault(seq, row_hash) != row_hash:
-            return VerifyResult(ok=False, n=0, first_bad_seq=seq,
-                                message=f"the anchors name two different hashes for row {seq}: the anchor file was edited")
+            return VerifyResult(
+                ok=False,
+                n=0,
+                first_bad_seq=seq,
+                message=f"the anchors name two different hashes for row {seq}: the anchor file was edited",
+            )
     n = 0
     prev_hash, expected_seq = GENESIS_HASH, 1
     db.execute("BEGIN")  # one consistent snapshot even while others append
     try:
         triggers = {
-            r[0]
-            for r in db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'"
-            )
+            r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'")
         }
         for row in db.execute("SELECT * FROM audit ORDER BY seq"):
             n += 1
@@ -414,24 +457,31 @@ def _verify(db: sqlite3.Connection, anchor: tuple[int, str] | Iterable[tuple[int
                 return VerifyResult(ok=False, n=n, first_bad_seq=seq, message=f"row {seq} is unreadable: {e}")
             if seq != expected_seq:
                 return VerifyResult(
-                    ok=False, n=n, first_bad_seq=seq,
-                    message=f"row {seq} follows row {expected_seq - 1}: "
-                    f"rows {expected_seq}..{seq - 1} are missing",
+                    ok=False,
+                    n=n,
+                    first_bad_seq=seq,
+                    message=f"row {seq} follows row {expected_seq - 1}: rows {expected_seq}..{seq - 1} are missing",
                 )
             if entry.prev_hash != prev_hash:
                 return VerifyResult(
-                    ok=False, n=n, first_bad_seq=seq,
+                    ok=False,
+                    n=n,
+                    first_bad_seq=seq,
                     message=f"row {seq}'s prev_hash does not match row {seq - 1}'s hash: a row before it was "
                     "changed, removed or moved",
                 )
             if entry.compute_hash() != entry.row_hash:
                 return VerifyResult(
-                    ok=False, n=n, first_bad_seq=seq,
+                    ok=False,
+                    n=n,
+                    first_bad_seq=seq,
                     message=f"row {seq}'s contents do not match its row_hash: the row was edited",
                 )
             if seq in anchors and entry.row_hash != anchors[seq]:
                 return VerifyResult(
-                    ok=False, n=n, first_bad_seq=seq,
+                    ok=False,
+                    n=n,
+                    first_bad_seq=seq,
                     message=f"row {seq}'s hash differs from the anchor: the log was rewritten up to here",
                 )
             prev_hash, expected_seq = entry.row_hash, seq + 1
@@ -440,13 +490,17 @@ def _verify(db: sqlite3.Connection, anchor: tuple[int, str] | Iterable[tuple[int
     beyond = [s for s in anchors if s > n]
     if beyond:
         return VerifyResult(
-            ok=False, n=n, first_bad_seq=None,
+            ok=False,
+            n=n,
+            first_bad_seq=None,
             message=f"the log ends at row {n} but an anchor names row {max(beyond)}: rows were cut off the end",
         )
     missing = [t for t in _TRIGGERS if t not in triggers]
     if missing:
         return VerifyResult(
-            ok=False, n=n, first_bad_seq=None,
+            ok=False,
+            n=n,
+            first_bad_seq=None,
             message=f"the chain of {n} rows is intact but the append-only trigger(s) {', '.join(missing)} "
             "were removed: someone changed the database outside clinqa",
         )
@@ -476,16 +530,34 @@ def read_anchors(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
         try:
             rec = json.loads(line)
             seq, row_hash = rec["seq"], rec["hash"]
-            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or not re.fullmatch(r"[0-9a-f]{64}", row_hash):
+            if (
+                isinstance(seq, bool)
+                or not isinstance(seq, int)
+                or seq < 0
+                or not re.fullmatch(r"[0-9a-f]{64}", row_hash)
+            ):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            raise ClinqaError(f"{path}:{n}: not an anchor line (expected {{\"seq\": N, \"hash\": \"<64 hex>\", ...}})") from None
+            raise ClinqaError(
+                f'{path}:{n}: not an anchor line (expected {{"seq": N, "hash": "<64 hex>", ...}})'
+            ) from None
         out.append((seq, row_hash))
     return out
 
 
-_COLUMNS = {"seq", "time", "key_id", "patient_id", "action", "question_hash", "resource_ids", "outcome", "detail",
-            "prev_hash", "row_hash"}
+_COLUMNS = {
+    "seq",
+    "time",
+    "key_id",
+    "patient_id",
+    "action",
+    "question_hash",
+    "resource_ids",
+    "outcome",
+    "detail",
+    "prev_hash",
+    "row_hash",
+}
 
 
 def verify_file(path: str | os.PathLike[str], anchors: Iterable[tuple[int, str]] | None = None) -> VerifyResult:
@@ -505,11 +577,14 @@ def verify_file(path: str | os.PathLike[str], anchors: Iterable[tuple[int, str]]
             columns = {r["name"] for r in db.execute("PRAGMA table_info(audit)")}
             if not columns:
                 tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-                raise ClinqaError(f"{path} is not a clinqa audit log: it has no audit table "
-                                  f"({'tables: ' + ', '.join(tables[:5]) if tables else 'no tables'})")
+                raise ClinqaError(
+                    f"{path} is not a clinqa audit log: it has no audit table "
+                    f"({'tables: ' + ', '.join(tables[:5]) if tables else 'no tables'})"
+                )
             if not _COLUMNS <= columns:
-                raise ClinqaError(f"{path} is not a clinqa audit log: its audit table lacks "
-                                  f"{', '.join(sorted(_COLUMNS - columns))}")
+                raise ClinqaError(
+                    f"{path} is not a clinqa audit log: its audit table lacks {', '.join(sorted(_COLUMNS - columns))}"
+                )
             return _verify(db, anchors)
     except sqlite3.DatabaseError as e:
         raise ClinqaError(f"{path} is not a clinqa audit log ({e})") from None

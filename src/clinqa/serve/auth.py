@@ -89,7 +89,7 @@ class Scope(BaseModel):
     patient: Optional[str] = None
 
     @model_validator(mode="after")
-    def _patient_matches_operation(self) -> "Scope":
+    def _patient_matches_operation(self) -> Scope:
         if self.operation == "admin":
             if self.patient is not None:
                 raise ValueError("the admin scope is not tied to a patient; write it as 'admin'")
@@ -97,9 +97,7 @@ class Scope(BaseModel):
             if self.patient is None:
                 raise ValueError(f"the {self.operation} scope needs a patient id or '*'")
             if self.patient != ALL_PATIENTS and not _PATIENT_ID.fullmatch(self.patient):
-                raise ValueError(
-                    f"patient id {self.patient!r} is not a FHIR id (1-64 of A-Z a-z 0-9 . -) or '*'"
-                )
+                raise ValueError(f"patient id {self.patient!r} is not a FHIR id (1-64 of A-Z a-z 0-9 . -) or '*'")
         return self
 
     def __str__(self) -> str:
@@ -108,7 +106,7 @@ class Scope(BaseModel):
         return f"patient/{self.patient}.{self.operation}"
 
     @classmethod
-    def parse(cls, token: str) -> "Scope":
+    def parse(cls, token: str) -> Scope:
         """Parse one scope token (``patient/<id|*>.<read|ask>`` or ``admin``); ClinqaError if malformed."""
         hint = "expected 'patient/<id>.read', 'patient/<id>.ask' (id may be '*') or 'admin'"
         if token == "admin":
@@ -119,9 +117,7 @@ class Scope(BaseModel):
         if op not in PATIENT_OPERATIONS:
             raise ClinqaError(f"bad scope {token!r}: unknown operation {op!r}; {hint}")
         if patient != ALL_PATIENTS and not _PATIENT_ID.fullmatch(patient):
-            raise ClinqaError(
-                f"bad scope {token!r}: patient id {patient!r} must be '*' or 1-64 of A-Z a-z 0-9 . -"
-            )
+            raise ClinqaError(f"bad scope {token!r}: patient id {patient!r} must be '*' or 1-64 of A-Z a-z 0-9 . -")
         return cls(operation=op, patient=patient)
 
     def _sort_key(self) -> tuple:
@@ -134,9 +130,7 @@ def _normalise(scopes: Iterable[Scope]) -> frozenset[Scope]:
     """Drop grants that a ``patient/*`` grant for the same operation already covers."""
     scopes = frozenset(scopes)
     wildcard_ops = {s.operation for s in scopes if s.patient == ALL_PATIENTS}
-    return frozenset(
-        s for s in scopes if s.patient in (None, ALL_PATIENTS) or s.operation not in wildcard_ops
-    )
+    return frozenset(s for s in scopes if s.patient in (None, ALL_PATIENTS) or s.operation not in wildcard_ops)
 
 
 def parse_scopes(text: str) -> frozenset[Scope]:
@@ -167,8 +161,10 @@ def scopes_for(patients: str | Iterable[str], operations: str | Iterable[str]) -
     patient_ops = [op for op in ops if op in PATIENT_OPERATIONS]
     if ALL_PATIENTS in pats and any(p != ALL_PATIENTS for p in pats):
         others = ", ".join(repr(p) for p in pats if p != ALL_PATIENTS)
-        raise ClinqaError(f"patients '*' (all patients) and {others} given together: '*' already covers every "
-                          "patient; give '*' alone or only the patient ids")
+        raise ClinqaError(
+            f"patients '*' (all patients) and {others} given together: '*' already covers every "
+            "patient; give '*' alone or only the patient ids"
+        )
     if patient_ops and not pats:
         raise ClinqaError(
             f"operations {', '.join(patient_ops)} need patients: give patient ids or '*' for all patients"
@@ -354,8 +350,10 @@ class KeyStore:
         if self.path.is_dir():
             raise ClinqaError(f"key store path {self.path} is a directory; give a file name such as keys.sqlite")
         if not create and not self.path.exists():
-            raise ClinqaError(f"no key store at {self.path}: give --db (or CLINQA_KEYS_DB), or create a key first "
-                              "with `clinqa keys create`")
+            raise ClinqaError(
+                f"no key store at {self.path}: give --db (or CLINQA_KEYS_DB), or create a key first "
+                "with `clinqa keys create`"
+            )
         private_file(self.path)
         try:
             with closing(self._connect()) as db:

@@ -59,21 +59,36 @@ class ServeConfig(BaseModel):
     records_lenient: bool = Field(False, description="keep invalid resources (noted as problems) instead of refusing")
     keys_db: Path = Field(Path("clinqa-keys.sqlite"), description="the API key store (SQLite, see clinqa.serve.auth)")
     audit_db: Path = Field(Path("clinqa-audit.sqlite"), description="the audit log (SQLite, see clinqa.serve.audit)")
-    audit_anchor: Optional[Path] = Field(None, description="append-only file the chain head is written to at start, every "
-                                         "audit_anchor_every entries and at shutdown (default: <audit_db>.anchor); "
-                                         "check with `clinqa audit verify --anchor`")
+    audit_anchor: Optional[Path] = Field(
+        None,
+        description="append-only file the chain head is written to at start, every "
+        "audit_anchor_every entries and at shutdown (default: <audit_db>.anchor); "
+        "check with `clinqa audit verify --anchor`",
+    )
     audit_anchor_every: int = Field(100, ge=1, le=1_000_000, description="entries between two anchors")
     host: str = Field("127.0.0.1", description="interface to listen on; keep loopback unless TLS is in front")
     port: int = Field(8470, ge=0, le=65535)
-    request_timeout_s: float = Field(60.0, gt=0, le=3600, description="time budget of one model call, queue wait included")
+    request_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="time budget of one model call, queue wait included"
+    )
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024, description="larger request bodies get 413")
     max_pending: int = Field(32, ge=1, le=10_000, description="model calls waiting or running at once; more get 503")
-    model_concurrency: int = Field(8, ge=1, le=1024, description="model calls at once with a remote (openai:) backend, "
-                                   "e.g. a vLLM cluster; a local model always answers one call at a time")
-    adapters: Optional[Path] = Field(None, description="fine-tuned stages from `clinqa records finetune` (a folder with "
-                                     "stages.json): model is their base; stage 1 is the LLM selector with its tuned threshold")
+    model_concurrency: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="model calls at once with a remote (openai:) backend, "
+        "e.g. a vLLM cluster; a local model always answers one call at a time",
+    )
+    adapters: Optional[Path] = Field(
+        None,
+        description="fine-tuned stages from `clinqa records finetune` (a folder with "
+        "stages.json): model is their base; stage 1 is the LLM selector with its tuned threshold",
+    )
     max_question_chars: int = Field(2000, ge=10, le=100_000)
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a browser (none by default)")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser (none by default)"
+    )
     selector_mode: str = Field("bm25", description="stage-1 selection of the resources shown to the model")
     selector_top_k: int = Field(8, ge=1, le=200)
     max_new_tokens: int = Field(128, ge=1, le=4096)
@@ -108,7 +123,7 @@ class ServeConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _base_url_needs_ids(self) -> "ServeConfig":
+    def _base_url_needs_ids(self) -> ServeConfig:
         bases = [r for r in self.records if r.startswith(("http://", "https://")) and "/Patient/" not in r]
         if bases and not self.patient_ids:
             raise ValueError(
@@ -127,7 +142,7 @@ class ServeConfig(BaseModel):
         *,
         env: Optional[Mapping[str, str]] = None,
         **overrides: Any,
-    ) -> "ServeConfig":
+    ) -> ServeConfig:
         """Defaults, then ``file`` (TOML or JSON; ``$CLINQA_CONFIG`` if not given), then ``CLINQA_*``
         variables from ``env`` (default ``os.environ``), then ``overrides`` (None values are skipped)."""
         env = os.environ if env is None else env
@@ -162,7 +177,9 @@ class ServeConfig(BaseModel):
 
                 data = tomllib.loads(text)
         except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
-            raise ClinqaError(f"serve config file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {e}") from None
+            raise ClinqaError(
+                f"serve config file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {e}"
+            ) from None
         if not isinstance(data, dict):
             raise ClinqaError(f"serve config file {path} must hold a table/object of settings")
         if set(data) == {"serve"} and isinstance(data["serve"], dict):
@@ -181,7 +198,9 @@ class ServeConfig(BaseModel):
             items = [recs] if isinstance(recs, str) else recs
             if isinstance(items, list):
                 data["records"] = [
-                    str(base / r) if isinstance(r, str) and not r.startswith(("http://", "https://")) and not Path(r).is_absolute() else r
+                    str(base / r)
+                    if isinstance(r, str) and not r.startswith(("http://", "https://")) and not Path(r).is_absolute()
+                    else r
                     for r in items
                 ]
         return data

@@ -35,8 +35,16 @@ class RequestCancelled(Exception):
 class RunnerRefused(Exception):
     """The runner's answer instead of a result: the service turns it into an error response."""
 
-    def __init__(self, status: int, error: str, message: str, *, outcome: Optional[str] = None, detail: str = "",
-                 headers: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        *,
+        outcome: Optional[str] = None,
+        detail: str = "",
+        headers: Optional[dict[str, str]] = None,
+    ):
         super().__init__(message)
         self.status, self.error, self.message = status, error, message
         self.outcome, self.detail, self.headers = outcome, detail, headers
@@ -140,16 +148,22 @@ class ModelRunner:
         with self._count_lock:
             self._pending -= 1
 
-    async def run(self, fn: Callable[[Any], Any], budget: float,
-                  receive: Optional[Callable[[], Awaitable[dict]]] = None) -> Any:
+    async def run(
+        self, fn: Callable[[Any], Any], budget: float, receive: Optional[Callable[[], Awaitable[dict]]] = None
+    ) -> Any:
         """``fn(predictor)`` on a model thread. RunnerRefused: 503 if not ready or too many wait, 504 past
         ``budget`` seconds, 499 ``cancelled`` when ``receive`` (the ASGI channel) reports a disconnect."""
         if self.predictor is None:
             raise RunnerRefused(503, "not_ready", "the model is still loading; try again shortly (see /ready)")
         with self._count_lock:
             if self._pending >= self.max_pending:
-                raise RunnerRefused(503, "busy", f"{self._pending} model calls are already waiting; try again shortly",
-                                    headers={"Retry-After": "5"}, outcome="busy")
+                raise RunnerRefused(
+                    503,
+                    "busy",
+                    f"{self._pending} model calls are already waiting; try again shortly",
+                    headers={"Retry-After": "5"},
+                    outcome="busy",
+                )
             self._pending += 1
         cancel = threading.Event()
         predictor = _CancellablePredictor(self.predictor, cancel)
@@ -179,17 +193,24 @@ class ModelRunner:
         try:
             if budget <= 0:
                 raise TimeoutError
-            done, _ = await asyncio.wait([result] + ([watcher] if watcher else []), timeout=budget,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [result] + ([watcher] if watcher else []), timeout=budget, return_when=asyncio.FIRST_COMPLETED
+            )
             if result in done:
                 return result.result()
             if watcher is not None and watcher in done:
-                raise RunnerRefused(499, "cancelled", "the client closed the connection; the model call was cancelled",
-                                    outcome="cancelled", detail="client disconnected")
+                raise RunnerRefused(
+                    499,
+                    "cancelled",
+                    "the client closed the connection; the model call was cancelled",
+                    outcome="cancelled",
+                    detail="client disconnected",
+                )
             raise TimeoutError
         except (asyncio.TimeoutError, TimeoutError):
             raise RunnerRefused(
-                504, "timeout",
+                504,
+                "timeout",
                 f"the model did not answer within the {budget:.3g} s left of the request's time budget; "
                 "the call was abandoned. Ask again, or a shorter question",
             ) from None

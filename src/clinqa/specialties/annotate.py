@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -44,8 +43,8 @@ from clinqa.errors import ClinqaError
 from clinqa.jsonl import read_appended
 from clinqa.models.base import Predictor
 from clinqa.specialties import conformal
-from clinqa.specialties.votes import SPECIALTY_IDS, Annotation, _majority  # noqa: F401  (part of this module's API)
 from clinqa.specialties.taxonomy import SPECIALTIES, resolve_specialty
+from clinqa.specialties.votes import SPECIALTY_IDS, Annotation, _majority  # noqa: F401  (part of this module's API)
 
 __all__ = [
     "CONTENT_FREE",
@@ -91,8 +90,14 @@ FILE_FORMAT = "clinqa.specialty_annotations"
 
 
 def _check_n_prompts(n_prompts: Any) -> int:
-    if isinstance(n_prompts, bool) or not isinstance(n_prompts, (int, np.integer)) or not 1 <= n_prompts <= len(PROMPTS):
-        raise ClinqaError(f"n_prompts must be an integer from 1 to {len(PROMPTS)} (there are {len(PROMPTS)} prompts), got {n_prompts!r}")
+    if (
+        isinstance(n_prompts, bool)
+        or not isinstance(n_prompts, (int, np.integer))
+        or not 1 <= n_prompts <= len(PROMPTS)
+    ):
+        raise ClinqaError(
+            f"n_prompts must be an integer from 1 to {len(PROMPTS)} (there are {len(PROMPTS)} prompts), got {n_prompts!r}"
+        )
     return int(n_prompts)
 
 
@@ -122,7 +127,9 @@ def _id_and_text(item: Any, i: int) -> tuple[str, str]:
     elif hasattr(item, "question") and hasattr(item, "id"):
         qid, text = item.id, item.question
     else:
-        raise ClinqaError(f"question {i}: expected a Question, an (id, text) pair or a string, got {type(item).__name__}")
+        raise ClinqaError(
+            f"question {i}: expected a Question, an (id, text) pair or a string, got {type(item).__name__}"
+        )
     if not isinstance(text, str) or not text.strip():
         raise ClinqaError(f"question {qid!r} (item {i}) has empty text: there is nothing to annotate; drop or fix it")
     if qid is None or not str(qid).strip():
@@ -157,8 +164,14 @@ def _score_texts(predictor: Predictor, texts: Sequence[str], n_prompts: int, nor
     return out.reshape(len(texts), n_prompts, len(conts))
 
 
-def score_labels(predictor: Predictor, questions: Sequence[Any], *, n_prompts: int = len(PROMPTS), norm: str = "token",
-                 batch_size: int = 8) -> np.ndarray:
+def score_labels(
+    predictor: Predictor,
+    questions: Sequence[Any],
+    *,
+    n_prompts: int = len(PROMPTS),
+    norm: str = "token",
+    batch_size: int = 8,
+) -> np.ndarray:
     """Length-normalised label log-likelihoods [n_questions, n_prompts, 15] (taxonomy order).
 
     One ``score_continuations`` call per batch of ``batch_size`` questions, holding one group per
@@ -167,7 +180,10 @@ def score_labels(predictor: Predictor, questions: Sequence[Any], *, n_prompts: i
     n_prompts = _check_n_prompts(n_prompts)
     _check_norm(norm)
     texts = [_id_and_text(q, i)[1] for i, q in enumerate(questions)]
-    parts = [_score_texts(predictor, texts[s:s + batch_size], n_prompts, norm) for s in range(0, len(texts), max(1, batch_size))]
+    parts = [
+        _score_texts(predictor, texts[s : s + batch_size], n_prompts, norm)
+        for s in range(0, len(texts), max(1, batch_size))
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, n_prompts, len(SPECIALTY_IDS)))
 
 
@@ -182,8 +198,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def annotations_from_scores(ids: Sequence[str], scores: np.ndarray, *, min_votes: int = 3,
-                            content_free: np.ndarray | None = None) -> list[Annotation]:
+def annotations_from_scores(
+    ids: Sequence[str], scores: np.ndarray, *, min_votes: int = 3, content_free: np.ndarray | None = None
+) -> list[Annotation]:
     """Votes, labels and mean probabilities from label scores [n, n_prompts, 15] (see ``score_labels``).
 
     ``content_free`` [n_prompts, 15] (see ``content_free_scores``) is subtracted first when given.
@@ -257,12 +274,13 @@ def annotate(
     from clinqa.specialties.annotate_generate import annotate_by_generation, scores_labels
 
     if not scores_labels(predictor):  # a chat-only server: constrained generated answers vote instead
-        return annotate_by_generation(predictor, items, PROMPTS[:n_prompts], min_votes=min_votes,
-                                      batch_size=batch_size, progress=progress)
+        return annotate_by_generation(
+            predictor, items, PROMPTS[:n_prompts], min_votes=min_votes, batch_size=batch_size, progress=progress
+        )
     cf = content_free_scores(predictor, n_prompts=n_prompts, norm=norm) if calibrate else None
     out: list[Annotation] = []
     for s in range(0, total, batch_size):
-        batch = items[s:s + batch_size]
+        batch = items[s : s + batch_size]
         scores = _score_texts(predictor, [t for _, t in batch], n_prompts, norm)
         out += annotations_from_scores([qid for qid, _ in batch], scores, min_votes=min_votes, content_free=cf)
         if progress:
@@ -296,13 +314,16 @@ def write_annotations(path: str | Path, annotations: Iterable[Annotation]) -> Pa
 
 def _read_records(path: Path, repair: bool) -> list[dict]:
     """JSON records of an annotation file; a torn last line (a kill mid-write) is dropped (and cut off if repair)."""
+
     def parse(line: bytes) -> dict:
         rec = json.loads(line)
         if not isinstance(rec, dict):
             raise ValueError("not an object")
         return rec
 
-    return read_appended(path, parse, corrupt="not a JSON annotation record; move the file aside and re-run", repair=repair)
+    return read_appended(
+        path, parse, corrupt="not a JSON annotation record; move the file aside and re-run", repair=repair
+    )
 
 
 def read_annotations(path: str | Path) -> list[Annotation]:
@@ -324,8 +345,16 @@ def _config(predictor: Predictor, n_prompts: int, min_votes: int, calibrate: boo
     model = getattr(info, "spec", None) or getattr(info, "name", None) or type(predictor).__name__
     adapter = (getattr(info, "extra", None) or {}).get("adapter") if info is not None else None
     prompts = hashlib.sha256(json.dumps([PROMPTS[:n_prompts], label_continuations()]).encode()).hexdigest()[:12]
-    return {"format": FILE_FORMAT, "model": str(model), "adapter": adapter, "n_prompts": n_prompts,
-            "min_votes": min_votes, "calibrate": bool(calibrate), "norm": norm, "prompts": prompts}
+    return {
+        "format": FILE_FORMAT,
+        "model": str(model),
+        "adapter": adapter,
+        "n_prompts": n_prompts,
+        "min_votes": min_votes,
+        "calibrate": bool(calibrate),
+        "norm": norm,
+        "prompts": prompts,
+    }
 
 
 def annotate_to_file(
@@ -352,7 +381,9 @@ def annotate_to_file(
     seen: set[str] = set()
     for qid, _ in items:
         if qid in seen:
-            raise ClinqaError(f"question id {qid!r} appears twice: annotate_to_file resumes by id, so ids must be unique")
+            raise ClinqaError(
+                f"question id {qid!r} appears twice: annotate_to_file resumes by id, so ids must be unique"
+            )
         seen.add(qid)
     from clinqa.runs import append_lines, describe_config_change, lock_path
 
@@ -367,8 +398,10 @@ def annotate_to_file(
             if blob not in checked:
                 if theirs != config:
                     diff = "; ".join(describe_config_change(theirs, config)) if theirs else "no recorded settings"
-                    raise ClinqaError(f"{out_path}:{n} was written with other settings ({diff}): "
-                                      "choose another output file or delete it to start over")
+                    raise ClinqaError(
+                        f"{out_path}:{n} was written with other settings ({diff}): "
+                        "choose another output file or delete it to start over"
+                    )
                 checked.add(blob)
             done[str(rec.get("question_id"))] = Annotation.from_dict(rec)
         todo = [it for it in items if it[0] not in done]
@@ -379,10 +412,12 @@ def annotate_to_file(
         if todo:
             cf = content_free_scores(predictor, n_prompts=n_prompts, norm=norm) if calibrate else None
             for s in range(0, len(todo), batch_size):
-                batch = todo[s:s + batch_size]
+                batch = todo[s : s + batch_size]
                 scores = _score_texts(predictor, [t for _, t in batch], n_prompts, norm)
                 anns = annotations_from_scores([qid for qid, _ in batch], scores, min_votes=min_votes, content_free=cf)
-                append_lines(out_path, (json.dumps({**a.to_dict(), "config": config}, ensure_ascii=False) for a in anns))
+                append_lines(
+                    out_path, (json.dumps({**a.to_dict(), "config": config}, ensure_ascii=False) for a in anns)
+                )
                 done.update((a.question_id, a) for a in anns)
                 finished += len(batch)
                 if progress:
@@ -403,8 +438,9 @@ def _gold_by_id(questions: Iterable[Any] | None) -> dict[str, set[str]]:
     return gold
 
 
-def tradeoff_table(annotations: Sequence[Annotation], questions: Sequence[Any] | None = None,
-                   *, n_prompts: int | None = None) -> list[dict[str, Any]]:
+def tradeoff_table(
+    annotations: Sequence[Annotation], questions: Sequence[Any] | None = None, *, n_prompts: int | None = None
+) -> list[dict[str, Any]]:
     """The accuracy/coverage trade-off of the vote threshold, one row per threshold t = 1..n_prompts.
 
     coverage: share of annotated questions whose top (majority) label has at least t votes.
@@ -418,7 +454,9 @@ def tradeoff_table(annotations: Sequence[Annotation], questions: Sequence[Any] |
     if n_prompts is None:
         n_prompts = max(a.n_prompts for a in annotations)
     gold = _gold_by_id(questions)
-    primary = {str(q.id): resolve_specialty(q.specialties[0]) for q in questions or [] if getattr(q, "specialties", None)}
+    primary = {
+        str(q.id): resolve_specialty(q.specialties[0]) for q in questions or [] if getattr(q, "specialties", None)
+    }
     rows = []
     n = len(annotations)
     for t in range(1, int(n_prompts) + 1):
@@ -426,16 +464,18 @@ def tradeoff_table(annotations: Sequence[Annotation], questions: Sequence[Any] |
         judged = [a for a in covered if a.question_id in gold]
         correct = sum(a.top_label in gold[a.question_id] for a in judged)
         correct_primary = sum(a.top_label == primary[a.question_id] for a in judged)
-        rows.append({
-            "min_votes": t,
-            "n": n,
-            "covered": len(covered),
-            "coverage": len(covered) / n,
-            "n_gold": len(judged),
-            "correct": correct,
-            "accuracy": correct / len(judged) if judged else None,
-            "accuracy_primary": correct_primary / len(judged) if judged else None,
-        })
+        rows.append(
+            {
+                "min_votes": t,
+                "n": n,
+                "covered": len(covered),
+                "coverage": len(covered) / n,
+                "n_gold": len(judged),
+                "correct": correct,
+                "accuracy": correct / len(judged) if judged else None,
+                "accuracy_primary": correct_primary / len(judged) if judged else None,
+            }
+        )
     return rows
 
 
@@ -461,7 +501,9 @@ def conformal_from_probs(
     p = np.asarray(probs, dtype=np.float64)
     gold = list(gold)
     if p.ndim != 2 or len(p) != len(gold):
-        raise ClinqaError(f"got probabilities of shape {p.shape} for {len(gold)} gold label sets: need one row per item")
+        raise ClinqaError(
+            f"got probabilities of shape {p.shape} for {len(gold)} gold label sets: need one row per item"
+        )
     cal_idx, test_idx = conformal.split(len(p), cal_fraction, seed)
     cal = conformal.calibrate(p[cal_idx], [gold[i] for i in cal_idx], alpha, mode=mode)
     sets = conformal.prediction_sets(p[test_idx], cal)

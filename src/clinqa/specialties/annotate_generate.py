@@ -62,21 +62,28 @@ def parse_label(reply: str) -> str | None:
     return next(iter(found)) if len(found) == 1 else None
 
 
-def annotate_by_generation(predictor: Predictor, items: Sequence[tuple[str, str]], templates: Sequence[str], *,
-                           min_votes: int, batch_size: int = 8, max_new_tokens: int = 16,
-                           progress: Callable[[int, int], None] | None = None) -> list[Any]:
+def annotate_by_generation(
+    predictor: Predictor,
+    items: Sequence[tuple[str, str]],
+    templates: Sequence[str],
+    *,
+    min_votes: int,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Any]:
     """Annotations of (id, text) items by majority vote over generated, parsed labels (see the module docstring)."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     out: list[Annotation] = []
     unparsed = 0
     for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+        batch = items[start : start + batch_size]
         prompts = [label_prompt(t, text) for _, text in batch for t in templates]
         replies = predictor.generate(prompts, config)
         if len(replies) != len(prompts):
             raise ClinqaError("the model returned a different number of replies than prompts")
         for i, (qid, _) in enumerate(batch):
-            per = [parse_label(r) or UNPARSED for r in replies[i * len(templates):(i + 1) * len(templates)]]
+            per = [parse_label(r) or UNPARSED for r in replies[i * len(templates) : (i + 1) * len(templates)]]
             unparsed += per.count(UNPARSED)
             counts: dict[str, int] = {}
             for sid in per:
@@ -92,8 +99,11 @@ def annotate_by_generation(predictor: Predictor, items: Sequence[tuple[str, str]
         if progress:
             progress(len(out), len(items))
     if unparsed:
-        log.warning("%d of %d generated specialty answers named no single specialty: they cast no vote",
-                    unparsed, len(items) * len(templates))
+        log.warning(
+            "%d of %d generated specialty answers named no single specialty: they cast no vote",
+            unparsed,
+            len(items) * len(templates),
+        )
     return out
 
 

@@ -123,7 +123,9 @@ def _label_index(label: int | str, n_classes: int, where: str) -> int:
     return idx
 
 
-def label_sets(labels: Sequence[Iterable[int | str]], n_classes: int, *, name: str = "gold", allow_empty: bool = False) -> list[set[int]]:
+def label_sets(
+    labels: Sequence[Iterable[int | str]], n_classes: int, *, name: str = "gold", allow_empty: bool = False
+) -> list[set[int]]:
     """Normalise per-item labels (indices or specialty ids/aliases) to sets of column indices."""
     if isinstance(labels, (str, bytes)):
         raise ClinqaError(f"{name} must be a list with one collection of labels per item")
@@ -133,7 +135,9 @@ def label_sets(labels: Sequence[Iterable[int | str]], n_classes: int, *, name: s
             item = [item]  # a single label per item is accepted as shorthand
         s = {_label_index(lab, n_classes, f"{name}[{i}]") for lab in item}
         if not s and not allow_empty:
-            raise ClinqaError(f"{name}[{i}] has no labels: every calibration/evaluation item needs at least one gold label")
+            raise ClinqaError(
+                f"{name}[{i}] has no labels: every calibration/evaluation item needs at least one gold label"
+            )
         out.append(s)
     return out
 

@@ -37,7 +37,6 @@ ANNOTATOR_FORMAT = "clinqa.embedding_annotator"
 ANNOTATOR_VERSION = 1
 
 
-
 def question_text(question: Question | str, *, include_options: bool = False) -> str:
     """The text the annotator embeds for a question: the stem, optionally followed by the options."""
     if isinstance(question, str):
@@ -98,7 +97,7 @@ class EmbeddingAnnotator:
     def _embed(self, items: Sequence[Question | str] | str) -> np.ndarray:
         return embed_texts(self._texts(items), batch_size=self.batch_size, model=self.model)
 
-    def fit(self, questions: Sequence[Question], *, embeddings: np.ndarray | None = None) -> "EmbeddingAnnotator":
+    def fit(self, questions: Sequence[Question], *, embeddings: np.ndarray | None = None) -> EmbeddingAnnotator:
         """Fit on questions carrying ``specialties`` (ids, aliases or names); unlabelled ones are skipped.
 
         ``embeddings`` (one row per question, from ``embed_texts``) skips re-embedding.
@@ -233,7 +232,7 @@ class EmbeddingAnnotator:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, model: ModelLike = None, batch_size: int = 64) -> "EmbeddingAnnotator":
+    def load(cls, path: str | Path, *, model: ModelLike = None, batch_size: int = 64) -> EmbeddingAnnotator:
         """Read a saved annotator. ``model`` overrides the recorded embedding model (same dimension)."""
         path = Path(path)
         try:
@@ -245,7 +244,9 @@ class EmbeddingAnnotator:
         if not isinstance(data, dict) or data.get("format") != ANNOTATOR_FORMAT:
             raise ClinqaError(f"{path} is not a saved clinqa EmbeddingAnnotator")
         if data.get("version") != ANNOTATOR_VERSION:
-            raise ClinqaError(f"{path}: unsupported annotator version {data.get('version')} (expected {ANNOTATOR_VERSION})")
+            raise ClinqaError(
+                f"{path}: unsupported annotator version {data.get('version')} (expected {ANNOTATOR_VERSION})"
+            )
         if list(data.get("labels", [])) != list(SPECIALTY_IDS):
             raise ClinqaError(f"{path}: its labels do not match this clinqa's specialty taxonomy; refit the annotator")
         recorded = data["embedding_model"]
@@ -265,6 +266,8 @@ class EmbeddingAnnotator:
         ann.status_ = list(data["status"])
         ann.n_train_ = int(data.get("n_train", 0))
         ann.label_counts_ = dict(data.get("label_counts", {}))
-        if ann.coef_.shape != (len(SPECIALTY_IDS), int(data["embedding_dim"])) or len(ann.status_) != len(SPECIALTY_IDS):
+        if ann.coef_.shape != (len(SPECIALTY_IDS), int(data["embedding_dim"])) or len(ann.status_) != len(
+            SPECIALTY_IDS
+        ):
             raise ClinqaError(f"{path}: coefficient shapes are inconsistent; the file is damaged, refit the annotator")
         return ann

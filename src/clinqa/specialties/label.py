@@ -22,8 +22,15 @@ from clinqa.specialties import conformal
 from clinqa.specialties.annotate import SPECIALTY_IDS, Annotation
 from clinqa.specialties.taxonomy import resolve_specialty
 
-__all__ = ["ALL_SPECIALTIES_SPEC", "annotator_training_spec", "bundled_annotator", "conformal_sets",
-           "embedding_annotations", "gold_labels", "labelled_questions"]
+__all__ = [
+    "ALL_SPECIALTIES_SPEC",
+    "annotator_training_spec",
+    "bundled_annotator",
+    "conformal_sets",
+    "embedding_annotations",
+    "gold_labels",
+    "labelled_questions",
+]
 
 # The bundled questions of all fifteen taxonomy specialties (the 204 clinical ones + the taxonomy set).
 ALL_SPECIALTIES_SPEC = "bundled:all"
@@ -52,7 +59,9 @@ def gold_labels(questions: Sequence[Question], where: str) -> list[list[str]]:
     out = []
     for q in questions:
         if not q.specialties:
-            raise ClinqaError(f"{where}: question {q.id!r} has no specialties; calibration needs gold labels on every question")
+            raise ClinqaError(
+                f"{where}: question {q.id!r} has no specialties; calibration needs gold labels on every question"
+            )
         out.append([resolve_specialty(s) for s in q.specialties])
     return out
 
@@ -61,23 +70,29 @@ def embedding_annotations(probs: np.ndarray, questions: Sequence[Question]) -> l
     """``EmbeddingAnnotator.predict_proba`` rows as Annotations (one 'vote': the most probable label)."""
     probs = np.asarray(probs, dtype=float)
     if probs.shape != (len(questions), len(SPECIALTY_IDS)):
-        raise ClinqaError(f"expected probabilities of shape ({len(questions)}, {len(SPECIALTY_IDS)}), got {probs.shape}")
+        raise ClinqaError(
+            f"expected probabilities of shape ({len(questions)}, {len(SPECIALTY_IDS)}), got {probs.shape}"
+        )
     out = []
     for q, row in zip(questions, probs):
         top = SPECIALTY_IDS[int(np.argmax(row))]
-        out.append(Annotation(question_id=q.id, votes={top: 1}, label=top, probs=[float(p) for p in row], per_prompt=[top]))
+        out.append(
+            Annotation(question_id=q.id, votes={top: 1}, label=top, probs=[float(p) for p in row], per_prompt=[top])
+        )
     return out
 
 
-def conformal_sets(cal_probs: Any, cal_gold: Sequence[Iterable[str]], probs: Any, alpha: float,
-                   mode: str = "any") -> tuple[list[list[str]], conformal.ConformalCalibration]:
+def conformal_sets(
+    cal_probs: Any, cal_gold: Sequence[Iterable[str]], probs: Any, alpha: float, mode: str = "any"
+) -> tuple[list[list[str]], conformal.ConformalCalibration]:
     """Calibrate on one labelled set, return the label sets of another (most probable label first)."""
     cal = conformal.calibrate(np.asarray(cal_probs, dtype=float), list(cal_gold), alpha, mode=mode)
     return conformal.sets_to_labels(conformal.prediction_sets(np.asarray(probs, dtype=float), cal)), cal
 
 
-def labelled_questions(questions: Sequence[Question], annotations: Sequence[Annotation],
-                       sets: Sequence[Sequence[str]] | None = None) -> list[Question]:
+def labelled_questions(
+    questions: Sequence[Question], annotations: Sequence[Annotation], sets: Sequence[Sequence[str]] | None = None
+) -> list[Question]:
     """``questions`` with ``specialties`` replaced by the conformal set (if given) or the kept majority label."""
     by_id = {a.question_id: a for a in annotations}
     if sets is not None and len(sets) != len(questions):
@@ -88,7 +103,11 @@ def labelled_questions(questions: Sequence[Question], annotations: Sequence[Anno
         if a is None:
             raise ClinqaError(f"question {q.id!r} has no annotation")
         labels = list(sets[i]) if sets is not None else ([a.label] if a.label else [])
-        info = {"votes": dict(a.votes), "label": a.label, "labels_from": "conformal set" if sets is not None else "majority vote"}
+        info = {
+            "votes": dict(a.votes),
+            "label": a.label,
+            "labels_from": "conformal set" if sets is not None else "majority vote",
+        }
         if q.specialties:
             info["original_specialties"] = list(q.specialties)
         out.append(q.model_copy(update={"specialties": labels, "meta": {**q.meta, "specialty_annotation": info}}))

@@ -11,7 +11,6 @@ from clinqa.errors import ClinqaError
 SPECIALTY_IDS: tuple[str, ...] = tuple(s.id for s in SPECIALTIES)
 
 
-
 @dataclass
 class Annotation:
     """The prompts' verdict on one question.
@@ -52,7 +51,7 @@ class Annotation:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Annotation":
+    def from_dict(cls, data: dict[str, Any]) -> Annotation:
         try:
             return cls(
                 question_id=str(data["question_id"]),
@@ -62,7 +61,9 @@ class Annotation:
                 per_prompt=[str(p) for p in data.get("per_prompt", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ClinqaError(f"not a specialty annotation record ({e!r}): expected question_id, label, votes, probs") from None
+            raise ClinqaError(
+                f"not a specialty annotation record ({e!r}): expected question_id, label, votes, probs"
+            ) from None
 
 
 def _majority(votes: dict[str, int], probs: Sequence[float]) -> str:
