@@ -1,0 +1,3 @@
+from clinqa.cli import main
+
+main()
