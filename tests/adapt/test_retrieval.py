@@ -9,21 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
+from clinqa.adapt import rag as rag_module
 from clinqa.adapt import retrieval
-from clinqa.adapt.retrieval import (
-    RAG_HEADER,
-    Document,
-    Hit,
-    Index,
-    RagPredictor,
-    apply_modifier,
-    build_index,
-    chunk,
-    load_documents,
-    parse_step,
-    reciprocal_rank_fusion,
-    retrieval_query,
-)
+from clinqa.adapt.rag import RAG_HEADER, RagPredictor, apply_modifier, parse_step, retrieval_query
+from clinqa.adapt.retrieval import Document, Hit, Index, build_index, chunk, load_documents, reciprocal_rank_fusion
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate import prompts
@@ -392,7 +381,7 @@ def test_iterative_mode_logs_steps(index):
     gens = [c for c in base.calls if c[0] == "generate"]
     assert len(gens) == 4
     step1, step2, step3, final = (g[1][0] for g in gens)
-    assert step1.startswith(retrieval.ITERATIVE_INSTRUCTION) and prompt in step1 and step1.endswith("Thought:")
+    assert step1.startswith(rag_module.ITERATIVE_INSTRUCTION) and prompt in step1 and step1.endswith("Thought:")
     assert gens[0][2].max_new_tokens == rag.step_tokens and "Observation:" in gens[0][2].stop and gens[0][2].seed == 3
     assert "Search: furosemide pulmonary congestion\nObservation: [hf#0] Loop diuretics" in step2
     ann = rag.annotations(prompt)

@@ -17,7 +17,7 @@ from clinqa.models.spec import Modifier
 MODIFIERS: dict[str, str] = {
     "lora": "clinqa.adapt.lora:apply_modifier",
     "steer": "clinqa.adapt.control:apply_modifier",
-    "rag": "clinqa.adapt.retrieval:apply_modifier",
+    "rag": "clinqa.adapt.rag:apply_modifier",
     "prompt": "clinqa.adapt.prompting:apply_modifier",
 }
 
