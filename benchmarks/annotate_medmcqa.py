@@ -103,7 +103,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    every = load_questions(str(args.val)).questions
+    every = load_questions(str(args.val), skip_invalid=True).questions
     labelled = [q for q in every if q.specialties]
     gold = [list(q.specialties) for q in labelled]
     primary = [g[0] for g in gold]
@@ -270,7 +270,9 @@ def main() -> None:
         if not args.mirage.is_file():
             print(f"{args.mirage} not found: skipping the MedMCQA dev share (needs ../shared/data/mirage)")
         else:
-            dev = [q for q in load_questions(str(args.mirage)).questions if q.source == "mirage:medmcqa"]
+            dev = [
+                q for q in load_questions(str(args.mirage), skip_invalid=True).questions if q.source == "mirage:medmcqa"
+            ]
             t = time.perf_counter()
             emb = embed_texts([question_text(q) for q in dev])
             results["dev"] = {"n": len(dev)}

@@ -78,7 +78,7 @@ def load_pool(spec: str) -> list:
     """The questions to annotate: MedMCQA dev from MIRAGE's benchmark.json, or any question file/folder."""
     from clinqa.data.loaders import load_questions
 
-    qs = load_questions(spec).questions
+    qs = load_questions(spec, skip_invalid=True).questions  # 21 MIRAGE rows repeat an option text: skipped
     medmcqa = [q for q in qs if q.source == "mirage:medmcqa"]
     return medmcqa or qs
 
@@ -165,7 +165,7 @@ def control_split(mmlu: Path, out: Path, n_test: int | None, n_train: int | None
     if train_p.exists() and test_p.exists():
         log("3 control: MMLU split already there")
         return train_p, test_p
-    qs = sorted(load_questions(str(mmlu), format="mmlu").questions, key=lambda q: q.id)
+    qs = sorted(load_questions(str(mmlu), format="mmlu", skip_invalid=True).questions, key=lambda q: q.id)
     random.Random(f"{seed}|mmlu").shuffle(qs)
     half = len(qs) // 2
     train, test = qs[:half], qs[half:]

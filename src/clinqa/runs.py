@@ -535,7 +535,11 @@ class RunFolder(Generic[S]):
         meta = read_meta(path)
         if meta.get("store") is None:  # written before the data fingerprint: identity was a hash of the config
             if legacy_identity is None or meta.get("identity") != legacy_identity:
-                diffs = describe_config_change(meta.get("config") or {}, cfg)
+                old_cfg = meta.get("config") or {}
+                # fields added since (device, dtype, ...) did not exist then: compare what the old config had
+                diffs = describe_config_change(
+                    old_cfg, {k: v for k, v in cfg.items() if k in old_cfg} if old_cfg else cfg
+                )
                 raise ClinqaError(
                     f"{path} holds a run written by an older clinqa with a different config "
                     f"({'; '.join(diffs) or 'its identity differs'}): {_fresh_run_hint(path)}"

@@ -237,9 +237,10 @@ def _old_format_run(tiny_predictor, out: Path, cfg: EvalConfig) -> bytes:
     meta = json.loads((out / "run.json").read_text())
     for k in ("store", "data"):
         meta.pop(k)
-    meta["identity"] = hashlib.sha256(
-        json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]
+    # the old config had no device/dtype fields (they came with GPU support)
+    old_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "dtype")}
+    meta["config"] = old_cfg
+    meta["identity"] = hashlib.sha256(json.dumps(old_cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
     (out / "run.json").write_text(json.dumps(meta))
     return (out / "samples.jsonl").read_bytes()
 

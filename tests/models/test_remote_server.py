@@ -213,18 +213,23 @@ def test_eval_run_resumes_after_a_crash(tmp_path):
 
 
 def test_chat_only_judge_call_through_generation():
-    """The judge's prompt through a chat-only server: `logprobs_available` tells the judge to generate the
-    grade (its log-probability path cannot work there), and the generated grade comes back."""
-    from clinqa.records.judge import JUDGE_SYSTEM, judge_prompt
+    """The judge on a chat-only server: `logprobs_available` is False, so the judge reads its grades
+    from generated text (`reading="generate"`), sent as a chat with the judge's system prompt."""
+    from clinqa.records.judge import JUDGE_SYSTEM, Judge, panel_prompt, parse_panel_grades
 
-    prompt = judge_prompt("Last potassium?", "4.1 mmol/L", "4.1 mmol/L [Observation/k1]")
-    with fake.FakeOpenAI(chat_only=True) as server:
+    prompt = panel_prompt("Last potassium?", "4.1 mmol/L", ["4.1 mmol/L [Observation/k1]", "Not in the record."])
+
+    def reply(messages):
+        return "Answer A: 4\nAnswer B: 1"
+
+    with fake.FakeOpenAI(chat_only=True, reply=reply) as server:
         m = OpenAIModel(server.url, "fake")
         assert not m.logprobs_available
-        [reply] = m.generate([prompt], GenerationConfig(system=JUDGE_SYSTEM, max_new_tokens=4))
+        [text] = Judge(m, reading="generate").generate([prompt])
         path, body = server.requests[-1]
     assert path.endswith("/chat/completions") and body["messages"][0] == {"role": "system", "content": JUDGE_SYSTEM}
-    assert reply == fake.chat_reply([{"content": prompt}]) and reply in "01234"
+    assert body["messages"][-1]["content"] == prompt
+    assert parse_panel_grades(text, 2) == [4, 1]
 
 
 def test_chat_only_annotator_votes_by_parsed_labels():

@@ -185,9 +185,12 @@ def test_self_systems_are_read_from_run_folders(tmp_path):
     for name, model in [("famous", "default+lora:ad"), ("mine", "default")]:
         run = tmp_path / name
         run.mkdir()
-        (run / "run.json").write_text(json.dumps({"kind": "records", "config": {"model": model}}))
-        (run / "records.jsonl").write_text("".join(json.dumps({"key": k, "question_id": k, "answer": a}) + "\n"
-                                                   for k, a in sy[name].items()))  # fmt: skip
+        (run / "run.json").write_text(json.dumps({"kind": "records", "config": {"model": model}, "identity": name}))
+        # a records run's lines (RecordSample): the judge reads question_id and answer
+        line = {"patient_id": "p", "qtype": "lookup", "question": "q?", "reference": "r"}
+        (run / "records.jsonl").write_text(
+            "".join(json.dumps({**line, "key": k, "question_id": k, "answer": a}) + "\n" for k, a in sy[name].items())
+        )
         folders[name] = run
     rep = judge_report(Judge(FakeJudge(spec="default"), chat=False), ITEMS, folders, pairwise=False, n_boot=200)
     assert rep["systems"]["mine"]["self"] and not rep["systems"]["famous"]["self"]
