@@ -265,3 +265,21 @@ def test_not_a_key_store(tmp_path: Path):
         KeyStore(bad)
     with pytest.raises(ClinqaError, match="directory"):
         KeyStore(tmp_path)
+
+
+def test_a_verified_key_skips_the_kdf_but_revocation_and_wrong_secrets_still_apply(tmp_path, monkeypatch):
+    """After one scrypt check a key is verified against an in-memory digest; the row is still read on
+    every call (revocation applies at once) and a wrong secret still pays the full KDF."""
+    from clinqa.serve import auth as auth_module
+
+    store = auth_module.KeyStore(tmp_path / "keys.sqlite")
+    record, plain = store.create("tablet", "p1", "read")
+    calls = []
+    real = auth_module._check_secret
+    monkeypatch.setattr(auth_module, "_check_secret", lambda s, h: calls.append(1) or real(s, h))
+    assert store.authenticate(plain).key_id == record.key_id and len(calls) == 1
+    assert store.authenticate(plain).key_id == record.key_id and len(calls) == 1  # cached: no second KDF
+    wrong = plain[:-4] + ("AAAA" if not plain.endswith("AAAA") else "BBBB")
+    assert store.authenticate(wrong) is None and len(calls) == 2  # a wrong secret pays the KDF
+    store.revoke(record.key_id)
+    assert store.authenticate(plain) is None  # revocation applies at once, cache or not

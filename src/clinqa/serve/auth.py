@@ -37,6 +37,8 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
@@ -347,6 +349,8 @@ class KeyStore:
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True):
         """``create=False`` (listing, revoking) refuses a missing file instead of creating an empty store."""
         self.path = Path(path)
+        self._verified: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._verified_lock = threading.Lock()
         if self.path.is_dir():
             raise ClinqaError(f"key store path {self.path} is a directory; give a file name such as keys.sqlite")
         if not create and not self.path.exists():
@@ -360,6 +364,26 @@ class KeyStore:
                 db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
             raise ClinqaError(f"{self.path} is not a clinqa key store ({e}); choose another file") from e
+
+    # Keys verified in this process: (key id, stored hash) -> sha256 of the secret. The scrypt check costs
+    # tens of milliseconds by design, which capped the service at ~5 requests/s per core; a key that
+    # passed it once is then checked against this digest (constant time). The row is still read on
+    # every request, so revocation and expiry apply at once, and a re-hashed key misses the cache.
+    _VERIFIED_MAX = 1024
+
+    def _verified_before(self, key_id: str, stored: str, secret: str) -> bool:
+        with self._verified_lock:
+            digest = self._verified.get((key_id, stored))
+            if digest is None:
+                return False
+            self._verified.move_to_end((key_id, stored))
+        return hmac.compare_digest(digest, hashlib.sha256(secret.encode()).digest())
+
+    def _remember(self, key_id: str, stored: str, secret: str) -> None:
+        with self._verified_lock:
+            self._verified[(key_id, stored)] = hashlib.sha256(secret.encode()).digest()
+            while len(self._verified) > self._VERIFIED_MAX:
+                self._verified.popitem(last=False)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -465,7 +489,11 @@ class KeyStore:
         key_id, secret = parts
         with closing(self._connect()) as db:
             row = db.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
-        ok = _check_secret(secret, row["secret_hash"] if row is not None else _DUMMY_HASH)
+        ok = row is not None and self._verified_before(key_id, row["secret_hash"], secret)
+        if not ok:  # a wrong secret always pays the full KDF, so timing still tells nothing about the id
+            ok = _check_secret(secret, row["secret_hash"] if row is not None else _DUMMY_HASH)
+            if ok and row is not None:
+                self._remember(key_id, row["secret_hash"], secret)
         if row is None or not ok:
             return None
         record = self._record(row)
