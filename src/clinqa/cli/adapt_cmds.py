@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer
 
