@@ -82,20 +82,19 @@ import logging
 import re
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -104,7 +103,21 @@ from clinqa.errors import ClinqaError
 from clinqa.serve.audit import AuditLog, default_anchor_path, hash_question
 from clinqa.serve.auth import KeyRecord, KeyStore
 from clinqa.serve.config import ServeConfig
+from clinqa.serve.redaction import _FILTER, RedactingFilter, install_log_redaction  # noqa: F401  (re-exported)
 from clinqa.serve.runner import ModelRunner, RequestCancelled, RunnerRefused, load_models
+from clinqa.serve.schemas import (
+    _ERRORS,
+    AskRequest,
+    AskResponse,
+    ErrorBody,
+    MCQRequest,
+    MCQResponse,
+    PatientList,
+    PatientSummary,
+    SelectedResource,
+    Timeline,
+    TimelineEntry,
+)
 
 __all__ = [
     "FHIR_ID",
@@ -197,73 +210,6 @@ def _error_body(status: int, error: str, message: str, **extra: Any) -> dict[str
     return {"error": error, "message": message, "status": status, **extra}
 
 
-# ============================================================================ logging
-
-
-class RedactingFilter(logging.Filter):
-    """Keep question text and record content out of log output (a handler filter: it sees every record
-    the handler emits, whichever logger made it).
-
-    - exception info is reduced to the traceback's frames (file, line, function) and the exception
-      *type*: messages of exceptions (ours, pydantic's, a tokenizer's) may quote their input;
-    - strings registered for requests in flight (the question, the patient's rendered lines) are
-      replaced by ``[withheld]`` wherever a message contains them.
-    """
-
-    _sensitive: dict[int, tuple[str, ...]] = {}
-    _lock = threading.Lock()
-
-    @classmethod
-    def register(cls, token: int, strings: Iterable[str]) -> None:
-        kept = tuple(s for s in strings if isinstance(s, str) and len(s) >= 4)
-        with cls._lock:
-            cls._sensitive[token] = kept
-
-    @classmethod
-    def unregister(cls, token: int) -> None:
-        with cls._lock:
-            cls._sensitive.pop(token, None)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        changed = False
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string: keep only the template
-            message = str(record.msg)
-        if record.exc_info and record.exc_info[0] is not None:
-            etype, _, tb = record.exc_info
-            # frames without their source lines: a line of code may hold a literal, a message never reaches here
-            frames = "".join(
-                f'  File "{f.filename}", line {f.lineno}, in {f.name}\n'
-                for f in (traceback.extract_tb(tb) if tb is not None else [])
-            )
-            message = f"{message}\nTraceback (exception message withheld):\n{frames}{etype.__name__}"
-            record.exc_info = None
-            record.exc_text = None
-            changed = True
-        with self._lock:
-            groups = list(self._sensitive.values())
-        for strings in groups:
-            for s in strings:
-                if s in message:
-                    message = message.replace(s, "[withheld]")
-                    changed = True
-        if changed:
-            record.msg, record.args = message, None
-        return True
-
-
-_FILTER = RedactingFilter()
-
-
-def install_log_redaction(logger_names: Sequence[str] = ("", "uvicorn", "uvicorn.error", "uvicorn.access")) -> None:
-    """Add the :class:`RedactingFilter` to every handler of these loggers (idempotent)."""
-    for name in logger_names:
-        for handler in logging.getLogger(name).handlers:
-            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-                handler.addFilter(_FILTER)
-
-
 # ============================================================================ records
 
 
@@ -304,84 +250,6 @@ def _index_patient(record: Any) -> _Patient:
         if res.get("id"):
             handles.setdefault(f"{rtype}/{res['id']}", key)
     return _Patient(record=record, lines=lines, text=dict(lines), handles=handles, types=types, dates=dates)
-
-
-# ============================================================================ API models
-
-
-class PatientSummary(BaseModel):
-    id: str
-    name: str
-    birth_date: Optional[str] = None
-    gender: Optional[str] = None
-
-
-class PatientList(BaseModel):
-    patients: list[PatientSummary]
-
-
-class TimelineEntry(BaseModel):
-    id: str = Field(description="the resource's key in the record (its FHIR id); anchor #res-<id> on the page")
-    type: str
-    date: Optional[str] = Field(None, description="clinically relevant date, YYYY-MM-DD")
-    text: str = Field(description="the rendered line the model reads")
-
-
-class Timeline(BaseModel):
-    patient: PatientSummary
-    resources: list[TimelineEntry]
-
-
-class AskRequest(BaseModel):
-    question: str = Field(min_length=1, max_length=100_000)
-
-
-class SelectedResource(BaseModel):
-    id: str
-    type: str
-    date: Optional[str] = None
-    score: float
-
-
-class AskResponse(BaseModel):
-    patient_id: str
-    answer: str
-    citations: list[TimelineEntry] = Field(description="cited resources of this patient, with their rendered lines")
-    invalid_citations: list[str] = Field(description="cited ids that are not this patient's resources: removed")
-    supported: bool = Field(
-        True,
-        description="false when the answer claims something without citing any resource of "
-        "this patient's record: it may be about someone else; do not trust it",
-    )
-    selected: list[SelectedResource] = Field(description="stage 1: the resources shown to the model, best first")
-    timings: dict[str, float]
-    tokens: int
-    model: str
-
-
-class MCQRequest(BaseModel):
-    question: str = Field(min_length=1, max_length=100_000)
-    options: dict[str, str] = Field(description='{"A": "...", "B": "...", ...}: consecutive letters from A')
-    method: Literal["option", "letter", "generate"] = "option"
-
-
-class MCQResponse(BaseModel):
-    prediction: Optional[str] = Field(description="the chosen letter; null if a generated answer named none")
-    probabilities: Optional[dict[str, float]] = Field(description="per option; null for method=generate")
-    scores: dict[str, float]
-    method: str
-    generated: Optional[str] = None
-    timings: dict[str, float]
-    model: str
-
-
-class ErrorBody(BaseModel):
-    error: str
-    message: str
-    status: int
-
-
-_ERRORS = {s: {"model": ErrorBody} for s in (400, 401, 403, 404, 413, 422, 503, 504)}
 
 
 # ============================================================================ the service
