@@ -41,7 +41,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clinqa.errors import ClinqaError
 from clinqa.records.fhir import PatientRecord, parse_date
-from clinqa.records.render import concept_text, format_number, resource_date, resource_datetime, rounded, status_code
+from clinqa.records.render import (
+    concept_text,
+    format_number,
+    resolve_medication,
+    resource_date,
+    resource_datetime,
+    rounded,
+    status_code,
+)
 
 QType = Literal["lookup", "latest", "window", "trend", "list", "count", "average", "exists", "multi", "unanswerable"]
 QTYPES: tuple[str, ...] = (
@@ -850,15 +858,8 @@ class _Gen:
 
 
 def _med_display(res: dict, record: PatientRecord | None = None) -> str:
-    if res.get("medicationCodeableConcept"):
-        return concept_text(res["medicationCodeableConcept"])
-    ref = res.get("medicationReference")
-    if isinstance(ref, dict):
-        target = record.resolve(ref) if record is not None else None
-        if target is not None and target.get("code"):
-            return concept_text(target["code"])
-        return str(ref.get("display") or ref.get("reference") or "")
-    return ""
+    concept, fallback = resolve_medication(res, record)
+    return concept_text(concept) if concept is not None else fallback
 
 
 def generate_questions(

@@ -372,16 +372,23 @@ def dosage_text(dosage: Any) -> str:
 # ---------------------------------------------------------------------------------------- per type
 
 
-def medication_label(resource: dict, record: PatientRecord | None = None) -> str:
+def resolve_medication(resource: dict, record: PatientRecord | None = None) -> tuple[dict | None, str]:
+    """A medication resource's CodeableConcept (inline, or the code of the Medication its
+    medicationReference points to) and "", or (None, the reference's display or reference text)."""
     if resource.get("medicationCodeableConcept"):
-        return concept_label(resource["medicationCodeableConcept"])
+        return resource["medicationCodeableConcept"], ""
     ref = resource.get("medicationReference")
     if isinstance(ref, dict):
         target = record.resolve(ref) if record is not None else None
         if target is not None and target.get("code"):
-            return concept_label(target["code"])
-        return _one_line(ref.get("display") or ref.get("reference") or "")
-    return ""
+            return target["code"], ""
+        return None, str(ref.get("display") or ref.get("reference") or "")
+    return None, ""
+
+
+def medication_label(resource: dict, record: PatientRecord | None = None) -> str:
+    concept, fallback = resolve_medication(resource, record)
+    return concept_label(concept) if concept is not None else _one_line(fallback)
 
 
 def _reasons(resource: dict, record: PatientRecord | None) -> str:
