@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -310,10 +311,27 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[Any]], k: int = RRF_K) ->
     return sorted(scores.items(), key=lambda kv: (-kv[1], best[kv[0]], first[kv[0]]))
 
 
-def _bm25_tokenize(texts: Sequence[str]) -> list[list[str]]:
+def bm25_tokenize(
+    texts: Sequence[str],
+    *,
+    extra_stopwords: Sequence[str] = (),
+    split_camel_case: bool = False,
+    fold: Callable[[str], str] | None = None,
+) -> list[list[str]]:
+    """bm25s's tokenizer with English stopwords (plus `extra_stopwords`), optionally after splitting
+    CamelCase words ("MedicationRequest" -> "Medication Request") and with each token passed through
+    `fold` (e.g. plural folding). The one BM25 tokenizer: the index here and the records selector."""
     import bm25s
 
-    return bm25s.tokenize(list(texts), stopwords=BM25_STOPWORDS, return_ids=False, show_progress=False)
+    if split_camel_case:
+        texts = [re.sub(r"(?<=[a-z])(?=[A-Z])", " ", t) for t in texts]
+    stop: str | list[str] = BM25_STOPWORDS
+    if extra_stopwords:
+        from bm25s.stopwords import STOPWORDS_EN
+
+        stop = list(STOPWORDS_EN) + list(extra_stopwords)
+    tokens = bm25s.tokenize(list(texts), stopwords=stop, return_ids=False, show_progress=False)
+    return [[fold(w) for w in doc] for doc in tokens] if fold is not None else tokens
 
 
 # -- the index --------------------------------------------------------------------------------------
@@ -420,7 +438,7 @@ class Index:
         """[len(queries), len(passages)] BM25 scores (0 where no query term occurs)."""
         vocab = self._bm25.vocab_dict
         out = np.zeros((len(queries), len(self)), dtype=np.float32)
-        for i, toks in enumerate(_bm25_tokenize(queries)):
+        for i, toks in enumerate(bm25_tokenize(queries)):
             toks = [t for t in toks if t in vocab]
             if toks:
                 out[i] = self._bm25.get_scores(toks)
@@ -536,7 +554,7 @@ def build_index(
 
     t = time.perf_counter()
     retriever = bm25s.BM25()
-    retriever.index(_bm25_tokenize(texts), show_progress=False)
+    retriever.index(bm25_tokenize(texts), show_progress=False)
     seconds["bm25"] = time.perf_counter() - t
     say("bm25", len(passages), len(passages))
 

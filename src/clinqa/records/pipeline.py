@@ -381,15 +381,11 @@ def _stem(token: str) -> str:
 
 
 def _bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
-    """bm25s's tokenizer (English stopwords plus BM25_EXTRA_STOPWORDS) after splitting CamelCase resource
-    types ("MedicationRequest" -> "Medication Request"), with plurals folded."""
-    import bm25s
-    from bm25s.stopwords import STOPWORDS_EN
+    """The shared BM25 tokenizer with the records settings: English stopwords plus BM25_EXTRA_STOPWORDS,
+    CamelCase resource types split ("MedicationRequest" -> "Medication Request"), plurals folded."""
+    from clinqa.adapt.retrieval import bm25_tokenize
 
-    split = [re.sub(r"(?<=[a-z])(?=[A-Z])", " ", t) for t in texts]
-    stop = list(STOPWORDS_EN) + list(BM25_EXTRA_STOPWORDS)
-    tokens = bm25s.tokenize(split, stopwords=stop, return_ids=False, show_progress=False)
-    return [[_stem(w) for w in doc] for doc in tokens]
+    return bm25_tokenize(texts, extra_stopwords=BM25_EXTRA_STOPWORDS, split_camel_case=True, fold=_stem)
 
 
 class FullRecordBaseline:
