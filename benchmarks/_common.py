@@ -38,3 +38,40 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 8) -> float:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def step(name: str, args: list[str], out: Path, done: Path | None = None) -> None:
+    """Run one clinqa command of a study (each resumes by itself), logging its wall time to
+    OUT/steps.jsonl; skip it when its `done` file exists. A failed command stops the study."""
+    import subprocess
+    import sys
+
+    if done is not None and done.exists():
+        print(f"[{name}] done already ({done})", flush=True)
+        return
+    print(f"[{name}] clinqa {' '.join(args)}", flush=True)
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "clinqa.cli", *args])
+    with open(out / "steps.jsonl", "a") as fh:
+        fh.write(
+            json.dumps(
+                {
+                    "step": name,
+                    "seconds": round(time.time() - t, 1),
+                    "rc": r.returncode,
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
+            + "\n"
+        )
+    if r.returncode != 0:
+        raise SystemExit(f"[{name}] failed (exit {r.returncode}); fix and run the study again: it resumes")
+
+
+def step_seconds(out: Path) -> dict[str, float]:
+    """Wall seconds per step name, summed over every invocation logged in OUT/steps.jsonl."""
+    seconds: dict[str, float] = {}
+    for line in open(out / "steps.jsonl"):
+        s = json.loads(line)
+        seconds[s["step"]] = seconds.get(s["step"], 0.0) + s["seconds"]
+    return seconds

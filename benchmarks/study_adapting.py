@@ -29,13 +29,11 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, machine  # noqa: E402
+from _common import SHARED, machine, step, step_seconds  # noqa: E402
 
 LAYERS = "10,15,20,25"
 ALPHAS = "-4,-2,2,4,8"
@@ -120,31 +118,6 @@ def prepare(shared: Path, out: Path, medmcqa: int, small: bool, seed: int = 0) -
     counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
     (out / "data" / "counts.json").write_text(json.dumps(counts, indent=2))
     return files
-
-
-def step(name: str, args: list[str], out: Path, done: Path | None = None) -> None:
-    """Run one clinqa command (resumable by itself); skip it when its `done` file exists."""
-    if done is not None and done.exists():
-        print(f"[{name}] done already ({done})", flush=True)
-        return
-    print(f"[{name}] clinqa {' '.join(args)}", flush=True)
-    t = time.time()
-    r = subprocess.run([sys.executable, "-m", "clinqa.cli", *args])
-    seconds = time.time() - t
-    with open(out / "steps.jsonl", "a") as fh:
-        fh.write(
-            json.dumps(
-                {
-                    "step": name,
-                    "seconds": round(seconds, 1),
-                    "rc": r.returncode,
-                    "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                }
-            )
-            + "\n"
-        )
-    if r.returncode != 0:
-        raise SystemExit(f"[{name}] failed (exit {r.returncode}); fix and run the study again: it resumes")
 
 
 def best_cell(sweep_dir: Path) -> tuple[int, float]:
@@ -252,10 +225,7 @@ def main() -> None:
 
 def write_results(out: Path, layer: int, alpha: float) -> None:
     counts = json.loads((out / "data" / "counts.json").read_text())
-    steps = [json.loads(line) for line in open(out / "steps.jsonl")]
-    seconds: dict[str, float] = {}
-    for s in steps:
-        seconds[s["step"]] = seconds.get(s["step"], 0.0) + s["seconds"]
+    seconds = step_seconds(out)
     lines = [
         "# Adapting without training on real questions",
         "",

@@ -22,37 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, machine  # noqa: E402
-
-
-def step(name: str, args: list[str], out: Path, done: Path | None = None) -> None:
-    """Run one clinqa command (each resumes by itself); skip it when its `done` file exists."""
-    if done is not None and done.exists():
-        print(f"[{name}] done already ({done})", flush=True)
-        return
-    print(f"[{name}] clinqa {' '.join(args)}", flush=True)
-    t = time.time()
-    r = subprocess.run([sys.executable, "-m", "clinqa.cli", *args])
-    with open(out / "steps.jsonl", "a") as fh:
-        fh.write(
-            json.dumps(
-                {
-                    "step": name,
-                    "seconds": round(time.time() - t, 1),
-                    "rc": r.returncode,
-                    "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                }
-            )
-            + "\n"
-        )
-    if r.returncode != 0:
-        raise SystemExit(f"[{name}] failed (exit {r.returncode}); fix and run the study again: it resumes")
+from _common import SHARED, machine, step, step_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -173,10 +147,7 @@ def write_results(out: Path, names: list[str]) -> None:
             "```",
             "",
         ]
-    steps = [json.loads(line) for line in open(out / "steps.jsonl")]
-    seconds: dict[str, float] = {}
-    for s in steps:
-        seconds[s["step"]] = seconds.get(s["step"], 0.0) + s["seconds"]
+    seconds = step_seconds(out)
     lines += ["## Wall time per step (s)", "", "| step | s |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in seconds.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
