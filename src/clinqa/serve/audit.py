@@ -545,19 +545,7 @@ def read_anchors(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
     return out
 
 
-_COLUMNS = {
-    "seq",
-    "time",
-    "key_id",
-    "patient_id",
-    "action",
-    "question_hash",
-    "resource_ids",
-    "outcome",
-    "detail",
-    "prev_hash",
-    "row_hash",
-}
+_COLUMNS = {*_HASHED_FIELDS, "row_hash"}
 
 
 def verify_file(path: str | os.PathLike[str], anchors: Iterable[tuple[int, str]] | None = None) -> VerifyResult:
