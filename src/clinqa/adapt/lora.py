@@ -39,6 +39,8 @@ marks a finished folder, which `finetune` returns at once.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import random
@@ -139,6 +141,25 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _holding_folder_lock(fn):
+    """One writer per adapter folder: a second `clinqa finetune --out SAME` gets a one-line error. Under
+    several processes of one launch only the main one takes the lock; the others follow its lead."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        from clinqa.runs import lock_path
+
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        lock = lock_path(bound.arguments["out_dir"], folder=True) if _is_main_process() else contextlib.nullcontext()
+        with lock:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+@_holding_folder_lock
 def finetune(
     base,
     questions: Sequence[Example] | Mapping[str, Sequence[Example]],
@@ -174,38 +195,6 @@ def finetune(
     launch` / `torchrun` every process calls this with the same arguments; the main process writes
     the folder, and every process returns the same result.
     """
-    from clinqa.runs import lock_path
-
-    # One writer per adapter folder: a second `clinqa finetune --out SAME` gets a one-line error. Under
-    # several processes of one launch only the main one takes the lock; the others follow its lead.
-    lock = lock_path(out_dir, folder=True) if _is_main_process() else contextlib.nullcontext()
-    with lock:
-        return _finetune(
-            base,
-            questions,
-            config,
-            out_dir,
-            init_adapter=init_adapter,
-            progress=progress,
-            metadata=metadata,
-            checkpoint_every=checkpoint_every,
-            keep_checkpoint=keep_checkpoint,
-        )
-
-
-def _finetune(
-    base,
-    questions: Sequence[Example] | Mapping[str, Sequence[Example]],
-    config: LoraTrainConfig | None = None,
-    out_dir: str | Path = "adapter",
-    *,
-    init_adapter: str | Path | None = None,
-    progress: ProgressFn | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    checkpoint_every: int = 50,
-    keep_checkpoint: bool = False,
-) -> AdapterResult:
-    """`finetune` under the folder lock."""
     config = config or LoraTrainConfig()
     out_dir = Path(out_dir)
     if checkpoint_every < 1:
