@@ -70,6 +70,13 @@ def tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def make_tiny_llama():
+    """`tiny_llama` for tests that build their own model (a fixture: `from conftest import` depends on
+    which conftest was imported first)."""
+    return tiny_llama
+
+
 @pytest.fixture()
 def tiny_predictor(tokenizer):
     from clinqa.models.local import LocalModel

@@ -14,27 +14,9 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def tiny_model_folder(tmp_path_factory, tokenizer):
+def tiny_model_folder(tmp_path_factory, tokenizer, make_tiny_llama):
     """A random-weight two-layer Llama with the embedded model's tokenizer, saved as a model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=True,
-        )
-    )
+    model = make_tiny_llama(tokenizer)
     folder = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -182,10 +182,10 @@ def compare_cmd(
     from clinqa.evaluate import EvalConfig, load_data
     from clinqa.experiments.compare import CompareConfig, compare
 
-    # a method list may contain '@a=1,b=2' parameters: split on commas that start a new method
     _at_least("--shuffles", shuffles)
     _at_least("--limit", limit)
     _writable_out(out)
+    # a method list may contain '@a=1,b=2' parameters: split on commas that start a new method
     names = [m for m in re.split(r",(?=\s*(?:base|prompt:|lora:|steer:|rag:))", methods) if m.strip()]
     cfg = CompareConfig(
         model=model,
