@@ -69,6 +69,23 @@ def kappa(a: list[str], b: list[str]) -> float:
     return float(cohen_kappa_score(a, b))
 
 
+def kappa_with_ci(a: list[str], b: list[str], seed: int = 0) -> dict:
+    """Cohen's kappa with a 95% percentile bootstrap interval over questions (resampled pairs)."""
+    import numpy as np
+
+    from clinqa.evaluate.metrics import bootstrap_ci
+
+    la, lb = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+
+    def stat(idx: np.ndarray) -> float:
+        i = idx.astype(int)
+        k = kappa(list(la[i]), list(lb[i]))
+        return 0.0 if np.isnan(k) else k  # a resample where both annotators use one label: no agreement beyond chance
+
+    lo, hi = bootstrap_ci(np.arange(len(a), dtype=float), seed=seed, stat=stat)
+    return {"n": len(a), "kappa": kappa(a, b), "ci95": [lo, hi]}
+
+
 def share_in(labels: list[str], group: tuple[str, ...]) -> float:
     return sum(lab in group for lab in labels) / len(labels) if labels else float("nan")
 
@@ -221,9 +238,9 @@ def main() -> None:
         mini_top = annotators["MiniLM, 15 specialties (bundled:all)"][0][: len(sub)]
         mini_acc = accuracy_with_ci(mini_top, sub_gold)
         rows = tradeoff_table(anns, sub, n_prompts=args.prompts)
-        k_llm_mini = kappa(llm_top, mini_top)
-        k_llm_hand = kappa(llm_top, primary[: len(sub)])
-        k_mini_hand = kappa(mini_top, primary[: len(sub)])
+        k_llm_mini = kappa_with_ci(llm_top, mini_top)
+        k_llm_hand = kappa_with_ci(llm_top, primary[: len(sub)])
+        k_mini_hand = kappa_with_ci(mini_top, primary[: len(sub)])
         results["LLM vote annotator"] = {
             "model": args.model,
             "prompts": args.prompts,
@@ -260,10 +277,14 @@ def main() -> None:
                 for r in rows
             )
         )
+
+        def k_str(k: dict) -> str:
+            return f"{k['kappa']:.3f} [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}]"
+
         print(
-            f"  Cohen's kappa: LLM vs MiniLM {k_llm_mini:.3f} (raw agreement "
-            f"{results['LLM vote annotator']['agreement_llm_minilm']:.2f}); LLM vs hand {k_llm_hand:.3f}; "
-            f"MiniLM vs hand {k_mini_hand:.3f} (primary labels)"
+            f"  Cohen's kappa (n={len(sub)}, 95% bootstrap CI): LLM vs MiniLM {k_str(k_llm_mini)} (raw agreement "
+            f"{results['LLM vote annotator']['agreement_llm_minilm']:.2f}); LLM vs hand {k_str(k_llm_hand)}; "
+            f"MiniLM vs hand {k_str(k_mini_hand)} (primary labels)"
         )
 
     if not args.no_dev:
