@@ -5,7 +5,7 @@
 - :class:`_AuditContext`, what that entry will say, filled in by the routes as they learn it
   (:func:`_ctx` gives a route its request's context), and :func:`write_audit`, which writes it;
 - :func:`authenticated` (the API key dependency) and :func:`patient_for` (the patient id check and
-  scope), used by the routes in :mod:`clinqa.serve.app`;
+  scope), used by the routes in :mod:`clinqa.serve.api_routes`;
 - :class:`ApiError`, the error answer every layer raises.
 """
 
@@ -278,7 +278,7 @@ _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="the sam
 
 
 def _service(request: Request) -> Service:
-    return request.app.state.service
+    return request.app.state.service  # create_app puts it there
 
 
 async def authenticated(
@@ -286,6 +286,7 @@ async def authenticated(
     credentials: Optional[HTTPAuthorizationCredentials] = Depends(_BEARER),
     header_key: Optional[str] = Depends(_API_KEY),
 ) -> KeyRecord:
+    """The route dependency: the valid key of the request (Bearer or X-API-Key), else 401; its id goes to the audit."""
     ctx = _ctx(request)
     plain = credentials.credentials if credentials is not None else header_key
     challenge = {"WWW-Authenticate": 'Bearer realm="clinqa"'}
@@ -311,6 +312,8 @@ async def authenticated(
 
 
 def patient_for(request: Request, key: KeyRecord, patient_id: str, operation: str) -> _Patient:
+    """The loaded patient ``patient_id`` if ``key`` may ``operation`` on it: 400 for an id that is not a FHIR id,
+    403 without the scope (whether or not the patient exists), then 404 for an id that is not loaded."""
     ctx = _ctx(request)
     if not FHIR_ID.fullmatch(patient_id) or set(patient_id) == {"."}:
         ctx.detail = "patient id is not a FHIR id"
