@@ -26,6 +26,10 @@ rewrite the anchor file defeats it: keep that file elsewhere (another disk, mach
 
 :func:`verify_file` opens the database read-only (SQLite ``mode=ro``): it never creates a file or a
 table, and refuses a database that is not an audit log.
+
+Layout: this module is the writer (:class:`AuditLog`); the row format and its hash are in
+:mod:`clinqa.serve.audit_chain`, the chain check, anchors and :func:`verify_file` in
+:mod:`clinqa.serve.audit_verify`. Every name is importable from here.
 """
 
 from __future__ import annotations
@@ -36,16 +40,28 @@ import os
 import re
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
-
 from clinqa.errors import ClinqaError
+from clinqa.serve.audit_chain import (
+    _SCHEMA,
+    GENESIS_HASH,
+    AuditEntry,
+    _canonical,
+    entry_from_row,
+    hash_question,
+)
+from clinqa.serve.audit_verify import (
+    VerifyResult,
+    default_anchor_path,
+    read_anchors,
+    verify_chain,
+    verify_file,
+)
 from clinqa.serve.auth import private_file  # one owner-only file creator for both stores
 
 __all__ = [
@@ -61,96 +77,10 @@ __all__ = [
     "verify_file",
 ]
 
-GENESIS_HASH = "0" * 64
 MAX_DETAIL = 200
 # The usual outcomes; any short lowercase word matching _WORD is accepted.
 OUTCOMES = ("ok", "forbidden", "unauthorized", "not_found", "bad_request", "error", "timeout")
 _WORD = re.compile(r"[a-z][a-z0-9_.\-]{0,63}")
-_TRIGGERS = ("audit_no_update", "audit_no_delete")
-# The fields covered by row_hash, in the order of the table's columns.
-_HASHED_FIELDS = (
-    "seq",
-    "time",
-    "key_id",
-    "patient_id",
-    "action",
-    "question_hash",
-    "resource_ids",
-    "outcome",
-    "detail",
-    "prev_hash",
-)
-
-_SCHEMA = """
-CREATE TABLE audit (
-    seq           INTEGER PRIMARY KEY,
-    time          TEXT NOT NULL,
-    key_id        TEXT,
-    patient_id    TEXT,
-    action        TEXT NOT NULL,
-    question_hash TEXT,
-    resource_ids  TEXT NOT NULL,
-    outcome       TEXT NOT NULL,
-    detail        TEXT NOT NULL,
-    prev_hash     TEXT NOT NULL UNIQUE,
-    row_hash      TEXT NOT NULL UNIQUE
-);
-CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: UPDATE refused'); END;
-CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: DELETE refused'); END;
-"""
-
-
-def hash_question(text: str) -> str:
-    """sha256 hex of the question text exactly as given (UTF-8, no normalisation)."""
-    if not isinstance(text, str):
-        raise TypeError(f"hash_question takes the question text (str), got {type(text).__name__}")
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _canonical(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-class AuditEntry(BaseModel):
-    """One audit row. ``resource_ids`` are e.g. ``["Observation/42", "Condition/7"]``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    seq: int
-    time: str
-    key_id: Optional[str] = None
-    patient_id: Optional[str] = None
-    action: str
-    question_hash: Optional[str] = None
-    resource_ids: list[str] = []
-    outcome: str
-    detail: str = ""
-    prev_hash: str
-    row_hash: str
-
-    def hashed_fields(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in _HASHED_FIELDS}
-
-    def compute_hash(self) -> str:
-        """sha256 hex over the canonical JSON (sorted keys, no spaces, UTF-8) of every field but row_hash."""
-        return hashlib.sha256(_canonical(self.hashed_fields())).hexdigest()
-
-
-class VerifyResult(BaseModel):
-    """The outcome of :meth:`AuditLog.verify`. ``n`` counts the rows read; ``first_bad_seq`` is the seq
-    of the first row where the chain breaks (None if ok or if the problem is not a row)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    ok: bool
-    n: int
-    first_bad_seq: Optional[int] = None
-    message: str
-
-    def __bool__(self) -> bool:
-        return self.ok
 
 
 def _opt_str(value: Any, what: str) -> Optional[str]:
@@ -357,22 +287,6 @@ class AuditLog:
 
     # -- reading
 
-    @staticmethod
-    def _entry(row: sqlite3.Row) -> AuditEntry:
-        return AuditEntry(
-            seq=row["seq"],
-            time=row["time"],
-            key_id=row["key_id"],
-            patient_id=row["patient_id"],
-            action=row["action"],
-            question_hash=row["question_hash"],
-            resource_ids=json.loads(row["resource_ids"]),
-            outcome=row["outcome"],
-            detail=row["detail"],
-            prev_hash=row["prev_hash"],
-            row_hash=row["row_hash"],
-        )
-
     def entries(
         self,
         *,
@@ -403,7 +317,7 @@ class AuditLog:
             sql += " LIMIT ?"
             args.append(int(limit))
         with self._reader() as db:
-            return [self._entry(r) for r in db.execute(sql, args)]
+            return [entry_from_row(r) for r in db.execute(sql, args)]
 
     def __len__(self) -> int:
         with self._reader() as db:
@@ -420,162 +334,7 @@ class AuditLog:
         :func:`read_anchors`); each anchored row must still exist with that hash (catches a cut-off tail or a
         rewrite from an earlier row on)."""
         with self._reader() as db:
-            return _verify(db, anchor)
-
-
-def _anchor_list(anchor: tuple[int, str] | Iterable[tuple[int, str]] | None) -> list[tuple[int, str]]:
-    if anchor is None:
-        return []
-    if isinstance(anchor, tuple) and len(anchor) == 2 and isinstance(anchor[0], int):
-        return [anchor]
-    return [(int(s), str(h)) for s, h in anchor]
-
-
-def _verify(db: sqlite3.Connection, anchor: tuple[int, str] | Iterable[tuple[int, str]] | None) -> VerifyResult:
-    anchors: dict[int, str] = {}
-    for seq, row_hash in _anchor_list(anchor):
-        if seq > 0 and anchors.setdefault(seq, row_hash) != row_hash:
-            return VerifyResult(
-                ok=False,
-                n=0,
-                first_bad_seq=seq,
-                message=f"the anchors name two different hashes for row {seq}: the anchor file was edited",
-            )
-    n = 0
-    prev_hash, expected_seq = GENESIS_HASH, 1
-    db.execute("BEGIN")  # one consistent snapshot even while others append
-    try:
-        triggers = {
-            r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'")
-        }
-        for row in db.execute("SELECT * FROM audit ORDER BY seq"):
-            n += 1
-            seq = row["seq"]
-            try:
-                entry = AuditLog._entry(row)
-            except (ValueError, TypeError) as e:
-                return VerifyResult(ok=False, n=n, first_bad_seq=seq, message=f"row {seq} is unreadable: {e}")
-            if seq != expected_seq:
-                return VerifyResult(
-                    ok=False,
-                    n=n,
-                    first_bad_seq=seq,
-                    message=f"row {seq} follows row {expected_seq - 1}: rows {expected_seq}..{seq - 1} are missing",
-                )
-            if entry.prev_hash != prev_hash:
-                return VerifyResult(
-                    ok=False,
-                    n=n,
-                    first_bad_seq=seq,
-                    message=f"row {seq}'s prev_hash does not match row {seq - 1}'s hash: a row before it was "
-                    "changed, removed or moved",
-                )
-            if entry.compute_hash() != entry.row_hash:
-                return VerifyResult(
-                    ok=False,
-                    n=n,
-                    first_bad_seq=seq,
-                    message=f"row {seq}'s contents do not match its row_hash: the row was edited",
-                )
-            if seq in anchors and entry.row_hash != anchors[seq]:
-                return VerifyResult(
-                    ok=False,
-                    n=n,
-                    first_bad_seq=seq,
-                    message=f"row {seq}'s hash differs from the anchor: the log was rewritten up to here",
-                )
-            prev_hash, expected_seq = entry.row_hash, seq + 1
-    finally:
-        db.execute("ROLLBACK")
-    beyond = [s for s in anchors if s > n]
-    if beyond:
-        return VerifyResult(
-            ok=False,
-            n=n,
-            first_bad_seq=None,
-            message=f"the log ends at row {n} but an anchor names row {max(beyond)}: rows were cut off the end",
-        )
-    missing = [t for t in _TRIGGERS if t not in triggers]
-    if missing:
-        return VerifyResult(
-            ok=False,
-            n=n,
-            first_bad_seq=None,
-            message=f"the chain of {n} rows is intact but the append-only trigger(s) {', '.join(missing)} "
-            "were removed: someone changed the database outside clinqa",
-        )
-    checked = f", {len(anchors)} anchors match" if anchors else ""
-    return VerifyResult(ok=True, n=n, message=f"{n} rows, hash chain intact{checked}")
-
-
-def default_anchor_path(audit_db: str | os.PathLike[str]) -> Path:
-    """Where the service writes anchors unless told otherwise: beside the audit log, ``<name>.anchor``."""
-    p = Path(audit_db)
-    return p.with_name(p.name + ".anchor")
-
-
-def read_anchors(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
-    """The (seq, row hash) heads in an anchor file; a line that is not one is a ClinqaError naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ClinqaError(f"{path}: no such anchor file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ClinqaError(f"{path}: cannot read the anchor file ({e})") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            seq, row_hash = rec["seq"], rec["hash"]
-            if (
-                isinstance(seq, bool)
-                or not isinstance(seq, int)
-                or seq < 0
-                or not re.fullmatch(r"[0-9a-f]{64}", row_hash)
-            ):
-                raise ValueError
-        except (ValueError, KeyError, TypeError):
-            raise ClinqaError(
-                f'{path}:{n}: not an anchor line (expected {{"seq": N, "hash": "<64 hex>", ...}})'
-            ) from None
-        out.append((seq, row_hash))
-    return out
-
-
-_COLUMNS = {*_HASHED_FIELDS, "row_hash"}
-
-
-def verify_file(path: str | os.PathLike[str], anchors: Iterable[tuple[int, str]] | None = None) -> VerifyResult:
-    """Verify the audit log at ``path`` opened read-only: nothing is created or changed, not even a
-    missing file; a database without clinqa's ``audit`` table is a ClinqaError, not an empty log."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClinqaError(f"no audit log at {path}" if not path.exists() else f"{path} is not a file")
-    # mode=ro never writes the database; but on a WAL database SQLite would still create empty -wal and
-    # -shm files. No -wal file means no connection has the log open and everything is in the main file,
-    # so then open it immutable (no locks, no side files); while the service runs, share its -shm.
-    wal = path.with_name(path.name + "-wal")
-    uri = "file:" + urllib.parse.quote(str(path.resolve())) + ("?mode=ro" if wal.exists() else "?mode=ro&immutable=1")
-    try:
-        with closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            columns = {r["name"] for r in db.execute("PRAGMA table_info(audit)")}
-            if not columns:
-                tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-                raise ClinqaError(
-                    f"{path} is not a clinqa audit log: it has no audit table "
-                    f"({'tables: ' + ', '.join(tables[:5]) if tables else 'no tables'})"
-                )
-            if not _COLUMNS <= columns:
-                raise ClinqaError(
-                    f"{path} is not a clinqa audit log: its audit table lacks {', '.join(sorted(_COLUMNS - columns))}"
-                )
-            return _verify(db, anchors)
-    except sqlite3.DatabaseError as e:
-        raise ClinqaError(f"{path} is not a clinqa audit log ({e})") from None
+            return verify_chain(db, anchor)
 
 
 def _split_sql(script: str) -> list[str]:
