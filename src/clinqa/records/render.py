@@ -386,9 +386,14 @@ def resolve_medication(resource: dict, record: PatientRecord | None = None) -> t
     return None, ""
 
 
-def medication_label(resource: dict, record: PatientRecord | None = None) -> str:
+def medication_label(resource: dict, record: PatientRecord | None = None, *, codes: bool = True) -> str:
+    """The medication a resource names, in words: "text (RxNorm code)" as the rendered line shows it, or
+    with ``codes=False`` the text alone (what a question or its answer says); the reference's display
+    when the medication cannot be resolved to a code."""
     concept, fallback = resolve_medication(resource, record)
-    return concept_label(concept) if concept is not None else _one_line(fallback)
+    if concept is None:
+        return _one_line(fallback)
+    return concept_label(concept) if codes else concept_text(concept)
 
 
 def _reasons(resource: dict, record: PatientRecord | None) -> str:
