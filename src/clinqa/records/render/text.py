@@ -222,6 +222,9 @@ def _flags(*parts: str) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+# ---------------------------------------------------------------------------------------- medications, reasons, periods
+
+
 def resolve_medication(resource: dict, record: PatientRecord | None = None) -> tuple[dict | None, str]:
     """A medication resource's CodeableConcept (inline, or the code of the Medication its
     medicationReference points to) and "", or (None, the reference's display or reference text)."""
