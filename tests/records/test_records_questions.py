@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -21,7 +22,8 @@ from clinqa.records import (
     record_from_bundle,
     write_questions,
 )
-from clinqa.records.questions import clean_name, drug_name, measurement_series, trend_label
+from clinqa.records.questions import STEPS, clean_name, drug_name, measurement_series, trend_label
+from clinqa.records.synth import synthesize_patients
 
 NOW = date(2025, 1, 1)
 LOINC, SNOMED, RXNORM = "http://loinc.org", "http://snomed.info/sct", "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -313,3 +315,23 @@ def test_write_and_read_questions(tmp_path, hand):
         read_questions(tmp_path / "broken.jsonl")
     with pytest.raises(ClinqaError, match="no such file"):
         read_questions(tmp_path / "missing.jsonl")
+
+
+def test_registry_has_one_step_per_type_and_each_makes_only_its_type(synthetic_records):
+    assert tuple(STEPS) == QTYPES
+    record = synthetic_records[0]
+    for qtype in QTYPES:
+        made = generate_questions(record, now=NOW, seed=1, qtypes=[qtype])
+        assert {q.qtype for q in made} <= {qtype}
+
+
+def test_questions_are_pinned_to_the_generator_before_the_split():
+    """sha256 of the questions for 3 synthetic patients, computed with the single-module questions.py
+    (commit c95262a) before it became a package: splitting it must not change a question."""
+    records = [record_from_bundle(b) for b in synthesize_patients(3, seed=11)]
+    qs = [q.model_dump(mode="json") for r in records for q in generate_questions(r, now="2025-01-01", seed=2)]
+    assert len(qs) == 89
+    assert (
+        hashlib.sha256(json.dumps(qs).encode()).hexdigest()
+        == "54d15923e2254d69d83736a1da91c72480196493b639ee57167899158740009b"
+    )

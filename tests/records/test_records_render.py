@@ -7,7 +7,8 @@ from datetime import date
 import pytest
 
 from clinqa.records import record_from_bundle, render_record, render_resource, resource_date
-from clinqa.records.render import dosage_text, format_number, rounded
+from clinqa.records.fhir import PatientRecord
+from clinqa.records.render import dosage_text, format_number, medication_label, rounded
 
 LOINC, SNOMED, RXNORM = "http://loinc.org", "http://snomed.info/sct", "http://www.nlm.nih.gov/research/umls/rxnorm"
 
@@ -197,6 +198,28 @@ def test_references_are_resolved_with_the_record():
         render_resource(record.resources["d1"])
         == "[DiagnosticReport/d1] 2022-02-02 DiagnosticReport: Lipid panel; 1 result: Observation/x1 (final)"
     )
+
+
+def test_one_medication_label_for_lines_and_questions():
+    """medication_label is the one resolver behind the rendered line (codes) and the questions' names (text only)."""
+    med = {"resourceType": "Medication", "id": "med", "code": cc(RXNORM, "617310", "atorvastatin 20 MG Oral Tablet")}
+    record = PatientRecord(
+        "p1", {"resourceType": "Patient", "id": "p1"}, {"p1": {"resourceType": "Patient", "id": "p1"}, "med": med}
+    )
+    inline = {"resourceType": "MedicationRequest", "medicationCodeableConcept": med["code"]}
+    by_ref = {"resourceType": "MedicationRequest", "medicationReference": {"reference": "Medication/med"}}
+    dangling = {
+        "resourceType": "MedicationRequest",
+        "medicationReference": {"reference": "Medication/x", "display": " aspirin\n81 MG "},
+    }
+    for res in (inline, by_ref):
+        assert medication_label(res, record) == "atorvastatin 20 MG Oral Tablet (RxNorm 617310)"
+        assert medication_label(res, record, codes=False) == "atorvastatin 20 MG Oral Tablet"
+    assert (
+        medication_label(by_ref) == medication_label(by_ref, codes=False) == "Medication/med"
+    )  # no record: the reference
+    assert medication_label(dangling, record) == medication_label(dangling, record, codes=False) == "aspirin 81 MG"
+    assert medication_label({"resourceType": "MedicationRequest"}, record) == ""
 
 
 def test_render_record_patient_first_then_by_date_undated_last(synthetic_records):
