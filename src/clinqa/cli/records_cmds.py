@@ -107,20 +107,16 @@ def records_questions(
     )
 
 
-def _selector(selector: str, model_predictor, top_k: int, threshold: float | None):
-    from clinqa.records.pipeline import FullRecordBaseline, LLMSelector, RetrievalSelector
+def _selector(selector: str, model_predictor, top_k: int, threshold: float | None, **finetuned):
+    """The stage-1 selector of --selector (clinqa.records.selector_factory.make_selector, as the service)."""
+    from clinqa.records.selector_factory import make_selector
 
-    threshold = 0.5 if threshold is None else threshold
-    if selector in ("bm25", "embedding"):
-        return RetrievalSelector(selector, top_k=top_k)
-    if selector == "llm":
-        return LLMSelector(model_predictor, threshold=threshold)
-    if selector == "full":
-        return FullRecordBaseline()
-    raise ClinqaError(f"unknown selector {selector!r}: use bm25, embedding, llm or full")
+    return make_selector(
+        selector, predictor=model_predictor, top_k=top_k, threshold=threshold, load=load_predictor, **finetuned
+    )
 
 
-SELECTOR_HELP = "stage 1: bm25 | embedding | llm (P(yes) from the model; use MODEL+lora:... for a fine-tuned one) | full (whole record baseline)"
+SELECTOR_HELP = "stage 1: bm25 | embedding | llm (P(yes) from the model; use MODEL+lora:... for a fine-tuned one) | full (whole record baseline) | finetuned (with --adapters)"
 
 
 @records_app.command("ask")
@@ -221,19 +217,21 @@ def records_eval(
     _at_least("--max-new-tokens", max_new_tokens)
     _writable_out(out)
     recs, questions = _records_and_questions(qa, records, limit)
+    finetuned = {}
     if adapters is not None:
         from clinqa.records.train import read_stages
 
-        stages = read_stages(adapters)
-        stage1_model, model = f"{model}+lora:{stages['stage1']}", f"{model}+lora:{stages['stage2']}"
-        selector, threshold = "llm", stages["threshold"] if threshold is None else threshold
+        if stage1_model:
+            raise ClinqaError("--adapters brings its own stage 1: drop --stage1-model (or --adapters)")
+        finetuned = {"adapters": adapters, "base": model}
+        model, selector = f"{model}+lora:{read_stages(adapters)['stage2']}", "finetuned"
     predictor = load_predictor(model)
     stage1 = load_predictor(stage1_model) if stage1_model else predictor
-    chosen = _selector(selector, stage1, top_k, threshold)
+    chosen = _selector(selector, stage1, top_k, threshold, **finetuned)
     if tune is not None:
         from clinqa.records.pipeline import selection_examples, tune_threshold
 
-        if selector != "llm":
+        if selector not in ("llm", "finetuned"):
             raise ClinqaError("--tune sets the llm selector's threshold: use it with --selector llm (or --adapters)")
         trecs, tq = _records_and_questions(tune, tune_records or records)
         with err.status(f"tuning the stage-1 threshold on {len(tq)} questions ..."):

@@ -245,10 +245,9 @@ def load_models(config: Any) -> tuple[Any, Any]:
     adapters = getattr(config, "adapters", None)
     if adapters is None:
         return load_predictor(config.model), None
-    from clinqa.records.pipeline import LLMSelector
+    from clinqa.records.selector_factory import make_selector
     from clinqa.records.train import read_stages
 
     stages = read_stages(adapters)
     predictor = load_predictor(f"{config.model}+lora:{stages['stage2']}")
-    stage1 = load_predictor(f"{config.model}+lora:{stages['stage1']}")
-    return predictor, LLMSelector(stage1, threshold=float(stages["threshold"]))
+    return predictor, make_selector("finetuned", base=config.model, adapters=adapters)

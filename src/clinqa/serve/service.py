@@ -73,7 +73,7 @@ class Service:
     def __init__(
         self, config: ServeConfig, predictor: Any = None, records: Optional[Iterable[Any]] = None, selector: Any = None
     ):
-        from clinqa.records.pipeline import RetrievalSelector
+        from clinqa.records.selector_factory import make_selector
 
         self.config = config
         self.keys = KeyStore(config.keys_db)
@@ -92,7 +92,7 @@ class Service:
             self.patients[record.patient_id] = _index_patient(record)
         from clinqa.records.pipeline import answer_question
 
-        self.selector = RetrievalSelector(mode=config.selector_mode, top_k=config.selector_top_k)
+        self.selector = make_selector(config.selector_mode, top_k=config.selector_top_k)
         self.pass_lines = "lines" in inspect.signature(answer_question).parameters
         self.runner = ModelRunner(config.max_pending, concurrency=config.model_concurrency)
         self.load_error: Optional[str] = None
