@@ -2,10 +2,11 @@
 
 Why this module exists: clinical QA sets come in many layouts (MedQA JSONL, MedMCQA JSON lines,
 MMLU headerless CSVs, PubMedQA and MIRAGE JSON keyed by id, everyone's own spreadsheet), and an
-evaluation is only as good as its input. So every format is one small function (a module of
-`clinqa.data.formats`) turning one raw record into a Question, and everything else is shared: reading files, validating through the
-Question schema, resolving specialty labels, catching duplicate ids, filtering, and reporting a bad
-row the same way in every format -- naming the file, the line (or the JSON key) and the field.
+evaluation is only as good as its input. So every format is one small function (in its own module
+of `clinqa.data.formats`) turning one raw record into a Question, and everything else is shared:
+reading files, validating through the Question schema, resolving specialty labels, catching
+duplicate ids, filtering, and reporting a bad row the same way in every format -- naming the file,
+the line (or the JSON key) and the field.
 
 One entry point, `load_questions(spec, ...)`:
 
@@ -15,7 +16,7 @@ One entry point, `load_questions(spec, ...)`:
     load_questions("mmlu/data/test", format="mmlu") # a folder: every CSV in it (subfolders are not searched)
     load_questions("mine.csv", mapping={"question": "stem", "options": "a,b,c,d", "answer": "key"})
 
-Formats (`FORMATS`; each is one module of `clinqa.data.formats`, whose `from_*` function gives the exact fields):
+Formats (`FORMATS`; see each module's `from_*` function in `clinqa.data.formats` for the exact fields):
 
 - clinqa      native JSONL, one Question per line (id, question, options, answer, specialties, source, meta)
 - medqa       JSONL: question, options {letter: text} (4 or 5), answer_idx (letter), optional answer text, meta_info
