@@ -8,9 +8,10 @@ A run folder holds
 - a samples file (``samples.jsonl`` unless told otherwise): one JSON line per finished sample of a
   pydantic model (or dataclass) type, appended and fsynced per batch, so a killed run loses at most
   one batch; a line torn by a kill is cut off on the next read (``clinqa.jsonl.read_appended``);
-- ``.clinqa.lock`` while a process writes it: the owner's pid, host and start time, held with
-  ``fcntl.flock``. A second writer gets a one-line ClinqaError; a lock file left by a process that
-  died (SIGKILL, power loss) is taken over with a message. ``lock_path`` locks any folder or file.
+- ``.clinqa.lock`` while a process writes it (``clinqa.locks``, re-exported here): the owner's pid,
+  host and start time, held with ``fcntl.flock``. A second writer gets a one-line ClinqaError; a lock
+  file left by a process that died (SIGKILL, power loss) is taken over with a message. ``lock_path``
+  locks any folder or file.
 
 Reopening a folder with the same config and data resumes it; anything else is refused with what
 changed, config keys and data items alike (``3 questions differ, first: card-007 answer``). The
@@ -23,34 +24,29 @@ path resume and an edited answer does not come back silently.
             run.append(score(batch))
         run.finish(samples=len(run.samples()))
 
-Everything here depends only on the standard library, pydantic, ``clinqa.errors`` and ``clinqa.jsonl``.
+Everything here depends only on the standard library, pydantic, ``clinqa.errors``, ``clinqa.jsonl``
+and ``clinqa.locks``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import errno
 import hashlib
 import json
 import os
 import platform
-import socket
 import subprocess
-import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Generic, Hashable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from pydantic import TypeAdapter
 
 from clinqa.errors import ClinqaError
 from clinqa.jsonl import read_appended
+from clinqa.locks import LOCK_FILE, lock_file_for, lock_path, now  # lock names re-exported (see __all__)
 
 RUN_FILE = "run.json"
 SAMPLES_FILE = "samples.jsonl"
-LOCK_FILE = ".clinqa.lock"
 STORE_VERSION = 2  # 1 (implicit): run.json without "store"/"data"; identity was a hash of the config with the data path
 
 S = TypeVar("S")
@@ -69,16 +65,13 @@ class Progress(Protocol):
 # ------------------------------------------------------------------------------------------ small parts
 
 
-def now() -> str:
-    """UTC, to the second, ISO 8601."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-VERSIONED_PACKAGES = ("clinqa", "torch", "transformers", "peft", "accelerate", "numpy", "pydantic")
+# what run folders and LoRA adapter metadata record (bitsandbytes: QLoRA's 4-bit base weights, GPU only)
+VERSIONED_PACKAGES = ("clinqa", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "numpy", "pydantic")
 
 
 def versions(packages: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str]:
-    """Python's and the installed packages' versions (those not installed are left out)."""
+    """Python's and the installed packages' versions (those not installed are left out; clinqa run
+    from a source tree that is not installed reports its ``__version__``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -86,7 +79,10 @@ def versions(packages: Sequence[str] = VERSIONED_PACKAGES) -> dict[str, str]:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
-            pass
+            if pkg == "clinqa":
+                import clinqa
+
+                out[pkg] = clinqa.__version__
     return out
 
 
@@ -168,161 +164,6 @@ def check_writable(path: str | Path, *, folder: bool = True, what: str = "--out"
     if not os.access(place, os.W_OK | os.X_OK):
         raise ClinqaError(f"{what} {path}: {place} is not writable: choose a writable place")
     return path
-
-
-# ------------------------------------------------------------------------------------------------ lock
-
-
-_held: dict[str, int] = {}  # lock files this process holds -> nesting depth (a lock is re-entrant per process)
-_held_guard = threading.Lock()
-
-
-def lock_file_for(path: str | Path, folder: bool | None = None) -> Path:
-    """Where the lock of a folder (``FOLDER/.clinqa.lock``) or a file (``FILE.lock`` beside it) lives;
-    `folder` None: a folder if `path` is one now."""
-    path = Path(path)
-    folder = path.is_dir() if folder is None else folder
-    return path / LOCK_FILE if folder else path.with_name(path.name + ".lock")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_owner(fd: int) -> dict:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        raw = os.read(fd, 4096)
-        owner = json.loads(raw) if raw.strip() else {}
-        return owner if isinstance(owner, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _describe_owner(owner: Mapping) -> str:
-    if not owner:
-        return "another process"
-    return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
-
-
-def _notify(message: str) -> None:
-    sys.stderr.write(f"note: {message}\n")
-    sys.stderr.flush()
-
-
-@contextmanager
-def lock_path(
-    path: str | Path, *, folder: bool | None = None, what: str = "--out", notify: Callable[[str], None] | None = None
-) -> Iterator[Path]:
-    """Hold an exclusive lock on a folder or file while the block runs; yields the lock file.
-
-    The lock file holds the owner's pid, host and start time; it is removed on exit (also on an
-    exception or Ctrl-C). A second process gets a one-line ClinqaError naming the owner. A lock file
-    left behind by a dead process (a kill -9 does not run cleanups) is taken over with a message via
-    `notify` (default: a line on stderr). The kernel holds the actual lock (``fcntl.flock``), so a
-    crashed owner never blocks anyone. Re-entrant within one process. `folder`: lock `path` as a
-    folder (created if missing) or as a file (lock file beside it); None: a folder if it is one now.
-    """
-    import fcntl
-
-    target = Path(path)
-    if target.exists() and folder and not target.is_dir():
-        raise ClinqaError(f"{what} {target} is a file, not a folder: choose a folder")
-    lock = lock_file_for(target, folder)
-    created = []  # folders made for the lock: removed again on exit if nothing was written into them
-    d = lock.parent
-    while not d.exists() and d != d.parent:
-        created.append(d)
-        d = d.parent
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ClinqaError(f"{what} {target}: cannot create {lock.parent} ({exc.strerror or exc})") from None
-    key = str(lock.resolve())
-    with _held_guard:
-        if key in _held:
-            _held[key] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield lock
-        finally:
-            with _held_guard:
-                _held[key] -= 1
-        return
-
-    notify = notify or _notify
-    while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            reason = (
-                "not writable" if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) else (exc.strerror or str(exc))
-            )
-            raise ClinqaError(f"{what} {target}: cannot write there ({reason}): choose a writable place") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = _read_owner(fd)
-            os.close(fd)
-            raise ClinqaError(
-                f"{what} {target} is in use by {_describe_owner(owner)}: wait for it to finish, "
-                "or write to another place"
-            ) from None
-        except OSError as exc:
-            os.close(fd)
-            raise ClinqaError(f"{what} {target}: cannot lock {lock} ({exc.strerror or exc})") from None
-        # the file we locked must still be the one at `lock` (its owner may have removed it meanwhile)
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    try:
-        previous = _read_owner(fd)
-        if previous:  # a lock file nobody holds: its owner died without removing it
-            alive = (
-                previous.get("host") == socket.gethostname()
-                and isinstance(previous.get("pid"), int)
-                and _pid_alive(previous["pid"])
-                and previous["pid"] != os.getpid()
-            )
-            state = "still running but not holding it" if alive else "no longer running"
-            notify(f"took over the stale lock on {target} left by {_describe_owner(previous)} ({state})")
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now(), "argv": sys.argv[:8]}
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps(me).encode())
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    with _held_guard:
-        _held[key] = 1
-    try:
-        yield lock
-    finally:
-        with _held_guard:
-            _held.pop(key, None)
-        try:
-            lock.unlink(missing_ok=True)  # removed while still locked: the next owner creates a fresh file
-        finally:
-            os.close(fd)
-        for d in created:  # a command that failed before writing anything leaves no empty folder behind
-            try:
-                d.rmdir()
-            except OSError:
-                break
 
 
 # ------------------------------------------------------------------------------------- data fingerprint

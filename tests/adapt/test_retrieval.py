@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from clinqa.adapt import corpus as corpus_module
 from clinqa.adapt import rag as rag_module
 from clinqa.adapt import retrieval
 from clinqa.adapt.rag import RAG_HEADER, RagPredictor, apply_modifier, parse_step, retrieval_query
@@ -462,7 +463,7 @@ def test_bundled_index_is_built_once_and_cached(tmp_path, monkeypatch):
     for f in list(corpus.rglob("*")):
         if f.suffix != ".jsonl" and f.is_file():
             f.unlink()
-    monkeypatch.setattr(retrieval, "bundled_corpus_dir", lambda: corpus)
+    monkeypatch.setattr(corpus_module, "bundled_corpus_dir", lambda: corpus)
     monkeypatch.setenv("CLINQA_CACHE", str(tmp_path / "cache"))
     rag = apply_modifier(FakePredictor(), Modifier("rag", "bundled", {"k": "1", "mode": "fused"}))
     path = rag.index.path
@@ -484,3 +485,10 @@ def test_cli_helpers(corpus, tmp_path):
     text = retrieval.format_hits(hits)
     assert "[neuro/migraine#0] Migraine:" in text and text.startswith(" 1.")
     assert retrieval.format_hits([]) == "(no passages found)"
+
+
+def test_corpus_names_are_reexported_from_retrieval(tmp_path):
+    for name in ("BUNDLED", "Document", "Passage", "chunk", "load_documents", "bundled_corpus_dir"):
+        assert getattr(retrieval, name) is getattr(corpus_module, name)
+    doc = retrieval.Document("d", " ".join(f"w{i}" for i in range(7)))
+    assert [p.text for p in retrieval.chunk(doc, max_words=4, overlap=1)] == ["w0 w1 w2 w3", "w3 w4 w5 w6"]

@@ -673,3 +673,21 @@ def test_real_bundled_clinical():
     # the control set and the clinical set never share ids
     control = {q.id for q in load_questions("bundled:control").questions}
     assert not control & {q.id for q in res.questions}
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def test_loaders_reexports_the_formats_package_and_its_problem_log(tmp_path):
+    from clinqa.data import formats, loaders
+    from clinqa.data.formats.common import ProblemLog
+
+    assert loaders.FORMATS is formats.FORMATS and loaders.detect_format is formats.detect_format
+    assert loaders.Problem is formats.Problem and loaders.LoadResult is formats.LoadResult
+    bad = Problem("f.jsonl", 3, "answer", "missing")
+    keep = ProblemLog(skip_invalid=True)
+    keep(bad)
+    assert keep.skipped == [bad]
+    with pytest.raises(ClinqaError) as exc:
+        ProblemLog()(bad)
+    assert str(exc.value) == "f.jsonl:3: field 'answer': missing" + SKIP_HINT

@@ -310,3 +310,16 @@ def test_every_resumable_writer_takes_the_lock(tiny_predictor, tmp_path):
             p.terminate()
             p.wait()
     assert not ann.exists() and not (exp / "base").exists()
+
+
+def test_locks_live_in_clinqa_locks_and_lora_records_the_same_versions():
+    import clinqa
+    from clinqa import locks, runs
+    from clinqa.adapt import lora_adapter
+
+    assert runs.lock_path is locks.lock_path and runs.LOCK_FILE == locks.LOCK_FILE == ".clinqa.lock"
+    assert runs.lock_file_for is locks.lock_file_for and runs.now is locks.now
+    assert lora_adapter.versions is runs.versions  # one list of recorded packages, no copy
+    assert {"peft", "accelerate", "bitsandbytes"} <= set(runs.VERSIONED_PACKAGES)
+    v = runs.versions()
+    assert v["clinqa"] == clinqa.__version__ and v["python"].count(".") == 2

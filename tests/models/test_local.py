@@ -120,3 +120,11 @@ def test_greedy_generation_is_deterministic_and_batch_independent(tiny_predictor
     b = tiny_predictor.generate(["Insulin is made in the"], cfg)
     assert a[1] == b[0]
     assert a == tiny_predictor.generate(["The heart has", "Insulin is made in the"], cfg)
+
+
+def test_split_modules_keep_the_old_import_paths():
+    from clinqa.models import continuations, local, steer_start
+
+    assert local.STEER_START is steer_start.STEER_START  # adapt.control imports it from clinqa.models.local
+    assert issubclass(local.LocalModel, continuations.ContinuationScoring)
+    assert local.LocalModel._pack is continuations.ContinuationScoring._pack

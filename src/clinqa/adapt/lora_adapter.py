@@ -4,16 +4,15 @@ starting adapter's hash, and the `+lora:` spec modifier that loads it into a loc
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from clinqa.adapt.lora_config import LoraTrainConfig, identity_config
 from clinqa.errors import ClinqaError
+from clinqa.runs import LOCK_FILE, atomic_write_text, now, versions  # noqa: F401  (versions: lora.py imports it from here)
 
 METADATA_FILE = "clinqa_adapter.json"
 TRAIN_FILE = "clinqa_train.json"  # identity of an unfinished training run; removed when it finishes
@@ -96,36 +95,10 @@ def claim_folder(out_dir: Path, identity: Mapping[str, Any]) -> None:
     if train_file.is_file():
         check_identity(out_dir, json.loads(train_file.read_text()), identity, "an unfinished training run")
         return
-    from clinqa.runs import LOCK_FILE
-
     if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         raise ClinqaError(f"{out_dir} exists and is not a clinqa adapter folder: choose another output folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(train_file, json.dumps({**identity, "started_at": now()}, indent=2))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import clinqa
-
-    out = {"clinqa": clinqa.__version__}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def apply_modifier(predictor, modifier):

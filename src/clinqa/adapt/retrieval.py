@@ -1,5 +1,6 @@
 """Retrieval: a passage index (BM25 + dense MiniLM) over documents; the predictor that puts retrieved
-passages before a prompt is `clinqa.adapt.rag` (it imports this module, never the other way).
+passages before a prompt is `clinqa.adapt.rag` (it imports this module, never the other way). Reading
+and chunking the corpus is `clinqa.adapt.corpus` (its names are re-exported here).
 
     corpus      load_documents(path)   a folder of .txt/.md (one document per file) and .jsonl files
                                        (one document per line: id, text, optional title/source/topic),
@@ -31,6 +32,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from clinqa.adapt.corpus import (
+    BUNDLED,
+    DEFAULT_MAX_WORDS,
+    DEFAULT_OVERLAP,
+    Document,
+    Passage,
+    as_documents,
+    bundled_corpus_dir,
+    bundled_corpus_files,
+    chunk,
+    load_documents,
+)
 from clinqa.errors import ClinqaError
 
 INDEX_FORMAT = "clinqa.retrieval_index"
@@ -41,10 +54,7 @@ BM25_DIR = "bm25"
 EMBEDDINGS_FILE = "embeddings.npy"
 
 SEARCH_MODES = ("bm25", "dense", "fused")
-BUNDLED = "bundled"
 
-DEFAULT_MAX_WORDS = 120
-DEFAULT_OVERLAP = 20
 RRF_K = 60
 FUSION_DEPTH = 100  # each ranking contributes its top max(FUSION_DEPTH, k) passages to the fusion
 BM25_STOPWORDS = "en"  # bm25s's English stopword list
@@ -53,47 +63,7 @@ BM25_STOPWORDS = "en"  # bm25s's English stopword list
 Progress = Callable[[str, int, int], None]
 
 
-# -- corpus ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
-    title: str = ""
-    source: str = ""
-    topics: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Passage:
-    id: str  # `{doc_id}#{n}`
-    doc_id: str
-    text: str
-    title: str = ""
-    source: str = ""
-    topics: tuple[str, ...] = ()
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "doc_id": self.doc_id,
-            "title": self.title,
-            "source": self.source,
-            "topics": list(self.topics),
-            "text": self.text,
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Passage:
-        return cls(
-            str(d["id"]),
-            str(d["doc_id"]),
-            str(d["text"]),
-            str(d.get("title") or ""),
-            str(d.get("source") or ""),
-            tuple(d.get("topics") or ()),
-        )
-
-
+# -- search results --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Hit:
     passage_id: str
@@ -105,177 +75,6 @@ class Hit:
     @property
     def doc_id(self) -> str:
         return self.passage_id.rsplit("#", 1)[0]
-
-
-def bundled_corpus_dir() -> Path:
-    from clinqa.data.bundled import bundled_dir
-
-    return bundled_dir() / "corpus"
-
-
-def bundled_corpus_files() -> list[Path]:
-    folder = bundled_corpus_dir()
-    found = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-    if not found:
-        raise ClinqaError(
-            f"the bundled corpus is missing: no .jsonl files in {folder} (reinstall clinqa, or index a folder of your own)"
-        )
-    return found
-
-
-def _topics(value: Any) -> tuple[str, ...]:
-    if value is None or value == "":
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value if v not in (None, ""))
-    return (str(value),)
-
-
-def _title_of(text: str) -> str:
-    """The first Markdown heading, else the first non-empty line (shortened to 200 characters)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        if ln.startswith("#"):
-            return ln.lstrip("#").strip()[:200]
-    return lines[0][:200] if lines else ""
-
-
-def _read_jsonl(path: Path, source_default: str) -> list[Document]:
-    docs = []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ClinqaError(f"could not read corpus file {path}: {e}") from e
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ClinqaError(f"{path}:{no}: not valid JSON ({e.msg}); each line must be one document object") from None
-        if not isinstance(row, dict):
-            raise ClinqaError(f"{path}:{no}: expected a JSON object with 'id' and 'text', got {type(row).__name__}")
-        text = row.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ClinqaError(f"{path}:{no}: the document has no 'text' (a non-empty string is required)")
-        doc_id = row.get("id")
-        doc_id = f"{path.stem}-{no}" if doc_id in (None, "") else str(doc_id)
-        docs.append(
-            Document(
-                id=doc_id,
-                text=text.strip(),
-                title=str(row.get("title") or ""),
-                source=str(row.get("source") or source_default),
-                topics=_topics(row.get("topics", row.get("topic"))),
-            )
-        )
-    return docs
-
-
-def _read_text_file(path: Path, doc_id: str, source: str) -> Document | None:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ClinqaError(f"could not read corpus file {path}: {e}") from e
-    if not text:
-        return None
-    return Document(id=doc_id, text=text, title=_title_of(text), source=source)
-
-
-def load_documents(path: str | Path) -> list[Document]:
-    """Documents from a folder (recursively: .txt/.md one per file, .jsonl one per line), one such
-    file, or `bundled` (the bundled corpus). Text files get id = path relative to the folder without
-    its suffix, title = first heading or line; .jsonl rows need `text` and should have a unique `id`.
-    """
-    if str(path) == BUNDLED:
-        files, root = bundled_corpus_files(), bundled_corpus_dir()
-    else:
-        p = Path(path).expanduser()
-        if p.is_dir():
-            root = p
-            files = sorted(
-                f
-                for f in p.rglob("*")
-                if f.is_file()
-                and f.suffix.lower() in (".txt", ".md", ".jsonl")
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-            if not files:
-                raise ClinqaError(
-                    f"no .txt, .md or .jsonl files in {p}: put one document per .txt/.md file, or JSONL lines with id and text"
-                )
-        elif p.is_file():
-            root, files = p.parent, [p]
-            if p.suffix.lower() not in (".txt", ".md", ".jsonl"):
-                raise ClinqaError(f"{p}: corpus files must be .txt, .md or .jsonl")
-        else:
-            raise ClinqaError(f"corpus {p} does not exist: pass a folder of .txt/.md/.jsonl files, or 'bundled'")
-    docs: list[Document] = []
-    where: dict[str, str] = {}
-    for f in files:
-        rel = f.relative_to(root).as_posix()
-        if f.suffix.lower() == ".jsonl":
-            found = _read_jsonl(f, rel)
-        else:
-            d = _read_text_file(f, rel.rsplit(".", 1)[0], rel)
-            found = [d] if d else []
-        for d in found:
-            if d.id in where:
-                raise ClinqaError(
-                    f"duplicate document id {d.id!r} in {rel} (also in {where[d.id]}): ids must be unique"
-                )
-            where[d.id] = rel
-            docs.append(d)
-    if not docs:
-        raise ClinqaError(f"the corpus {path} has no non-empty documents")
-    return docs
-
-
-def chunk(doc: Document, max_words: int = DEFAULT_MAX_WORDS, overlap: int = DEFAULT_OVERLAP) -> list[Passage]:
-    """Split a document into passages of at most `max_words` words, consecutive ones sharing `overlap`
-    words. Whitespace is collapsed; ids are `{doc_id}#0`, `{doc_id}#1`, ... (stable for a given text)."""
-    if max_words < 1:
-        raise ClinqaError(f"max_words must be at least 1, got {max_words}")
-    if not 0 <= overlap < max_words:
-        raise ClinqaError(f"overlap must be between 0 and max_words - 1 ({max_words - 1}), got {overlap}")
-    words = doc.text.split()
-    out: list[Passage] = []
-    step = max_words - overlap
-    start = 0
-    while words:
-        piece = words[start : start + max_words]
-        out.append(Passage(f"{doc.id}#{len(out)}", doc.id, " ".join(piece), doc.title, doc.source, doc.topics))
-        if start + max_words >= len(words):
-            break
-        start += step
-    return out
-
-
-def _as_documents(items: Iterable[Any]) -> list[Document]:
-    docs = []
-    for i, d in enumerate(items):
-        if isinstance(d, Document):
-            docs.append(d)
-        elif isinstance(d, Mapping) and isinstance(d.get("text"), str):
-            docs.append(
-                Document(
-                    str(d.get("id", f"doc-{i}")),
-                    d["text"],
-                    str(d.get("title") or ""),
-                    str(d.get("source") or ""),
-                    _topics(d.get("topics", d.get("topic"))),
-                )
-            )
-        else:
-            raise ClinqaError(f"document {i} must be a Document or a mapping with 'text', got {type(d).__name__}")
-    seen: set[str] = set()
-    for d in docs:
-        if d.id in seen:
-            raise ClinqaError(f"duplicate document id {d.id!r}: ids must be unique")
-        seen.add(d.id)
-    return docs
 
 
 # -- ranking helpers --------------------------------------------------------------------------------
@@ -536,7 +335,7 @@ def build_index(
         docs = load_documents(docs_or_path)
     else:
         source = "in-memory documents"
-        docs = _as_documents(docs_or_path)
+        docs = as_documents(docs_or_path)
     if not docs:
         raise ClinqaError("no documents to index")
     say("load", len(docs), len(docs))
@@ -695,6 +494,8 @@ def format_hits(hits: Sequence[Hit], width: int = 160) -> str:
 
 __all__ = [
     "BUNDLED",
+    "DEFAULT_MAX_WORDS",
+    "DEFAULT_OVERLAP",
     "Document",
     "Hit",
     "Index",
@@ -702,8 +503,12 @@ __all__ = [
     "RRF_K",
     "SEARCH_MODES",
     "build_index",
+    "bm25_tokenize",
     "build_index_cmd",
+    "bundled_corpus_dir",
+    "bundled_corpus_files",
     "bundled_index",
+    "bundled_index_path",
     "chunk",
     "describe",
     "format_hits",

@@ -8,6 +8,7 @@ Two decisions make it fast and still equal to lm-evaluation-harness:
   prefix is computed once; log-softmax is taken only at the positions that predict continuation
   tokens. Tokenisation follows lm-eval's `_encode_pair` exactly. Attention implementations that
   cannot take a block mask (flash attention) score each continuation as its own sequence instead.
+  That part is `clinqa.models.continuations` (a mixin of LocalModel).
 
 Every tensor goes to the model's device (`clinqa.models.runtime`); batches are sized to the device's
 free memory and an out-of-memory error halves the batch (`clinqa.models.batching`).
@@ -15,7 +16,6 @@ free memory and an out-of-memory error halves the batch (`clinqa.models.batching
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import os
 import threading
@@ -29,26 +29,14 @@ import torch
 from clinqa.errors import ClinqaError
 from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
 from clinqa.models.batching import device_budget, run_batches
+from clinqa.models.continuations import ContinuationScoring
 from clinqa.models.runtime import Runtime, current_runtime, model_device
+from clinqa.models.steer_start import STEER_START, steer_start  # noqa: F401  (STEER_START: adapt.control imports it from here)
 from clinqa.models.truncation import note_truncated
 
 # On the CPU a batch holds at most this many (padded) tokens; keeps attention and activations cache-friendly.
 MAX_BATCH_TOKENS = int(os.environ.get("CLINQA_MAX_BATCH_TOKENS", "1024"))
 MAX_BATCH_SIZE = 64
-
-# Set around every decoder forward: a LongTensor [batch] with, per row, the first sequence index
-# that belongs to the answer side (the last prompt token onward). Steering hooks read it so they
-# never touch the question prefix or padding; a cached decode step (seq len 1) is always answer side.
-STEER_START: contextvars.ContextVar = contextvars.ContextVar("clinqa_steer_start", default=None)
-
-
-@contextmanager
-def _steer_start(start: torch.Tensor) -> Iterator[None]:
-    token = STEER_START.set(start)
-    try:
-        yield
-    finally:
-        STEER_START.reset(token)
 
 
 def length_batches(
@@ -69,7 +57,7 @@ def length_batches(
     return batches
 
 
-class LocalModel:
+class LocalModel(ContinuationScoring):
     """A causal LM from transformers implementing the Predictor protocol.
 
     LoRA adapters are loaded into the one model object and switched per call: `with_adapter(name)`
@@ -327,7 +315,7 @@ class LocalModel:
         def step(batch: list[int]) -> None:
             ids, last = self._right_padded([encoded[i] for i in batch])
             # Right padding: causal attention never lets a real token see a pad, so no mask is needed.
-            with _steer_start(last.clone()):
+            with steer_start(last.clone()):
                 hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
             logits = self._lm_head(self._at(hidden, range(len(batch)), last)).float()
             logprobs = torch.log_softmax(logits, dim=-1)[:, cand_ids]
@@ -357,7 +345,7 @@ class LocalModel:
             return self._next_token_logprobs([prefix + s for s in suffixes], candidates)
         c = len(ctx)
         tails = [w[c:] for w in wholes]
-        with _steer_start(torch.tensor([c])):  # the unshared path steers only the last token: never the prefix
+        with steer_start(torch.tensor([c])):  # the unshared path steers only the last token: never the prefix
             cache = self._decoder(input_ids=self._to(torch.tensor([ctx])), use_cache=True).past_key_values
         out = np.zeros((len(suffixes), len(candidates)), dtype=np.float64)
 
@@ -367,7 +355,7 @@ class LocalModel:
             kv = copy.deepcopy(cache)
             kv.batch_repeat_interleave(len(batch))
             pos = self._to(torch.arange(c, c + width).expand(len(batch), width))
-            with _steer_start(last.clone()):  # right padding: causal attention never lets a real token see a pad
+            with steer_start(last.clone()):  # right padding: causal attention never lets a real token see a pad
                 hidden = self._decoder(
                     input_ids=ids,
                     past_key_values=kv,
@@ -382,155 +370,6 @@ class LocalModel:
         prefix = 0 if self.device.type == "cpu" else c
         self._batched([prefix + len(t) for t in tails], step, cache=True)
         return out
-
-    def _packed_attention(self) -> bool:
-        """Whether the attention implementation takes a 4-D block mask (eager and SDPA do; flash attention does not)."""
-        impl = getattr(self.model.config, "_attn_implementation", None) or "eager"
-        return impl in ("eager", "sdpa")
-
-    @torch.inference_mode()
-    def _score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
-        packed = [self._pack(ctx, conts) for ctx, conts in groups]
-        for i, (p, (ctx, _)) in enumerate(zip(packed, groups)):
-            if p["truncated"]:
-                note_truncated(i, ctx)
-        if not self._packed_attention():
-            return self._score_unpacked(packed)
-        results: list[list[ContinuationScore]] = [[] for _ in groups]
-
-        def step(batch: list[int]) -> None:
-            width = len(packed[batch[0]]["ids"])
-            n = len(batch)
-            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-            pos = torch.zeros((n, width), dtype=torch.long)
-            mask = torch.zeros((n, 1, width, width), dtype=torch.bool)
-            for row, i in enumerate(batch):
-                p = packed[i]
-                L = len(p["ids"])
-                ids[row, :L] = torch.tensor(p["ids"])
-                pos[row, :L] = torch.tensor(p["pos"])
-                mask[row, 0, :L, :L] = p["mask"]
-                mask[row, 0, torch.arange(L, width), torch.arange(L, width)] = True  # pads see themselves only
-            start = torch.tensor([packed[i]["targets"][0][0][0] for i in batch])  # the last context token
-            with _steer_start(start):
-                hidden = self._decoder(
-                    input_ids=self._to(ids), attention_mask=self._to(mask), position_ids=self._to(pos), use_cache=False
-                ).last_hidden_state
-            rows, cols, targets, owners = [], [], [], []
-            for row, i in enumerate(batch):
-                for j, (predictors, tgt) in enumerate(packed[i]["targets"]):
-                    rows += [row] * len(predictors)
-                    cols += predictors
-                    targets += tgt
-                    owners += [(i, j)] * len(predictors)
-            acc = self._gather_scores(hidden, rows, cols, targets, owners)
-            for i in batch:
-                p = packed[i]
-                results[i] = [
-                    ContinuationScore(acc[(i, j)][0], len(p["targets"][j][1]), len(p["conts"][j]), acc[(i, j)][1])
-                    for j in range(len(p["conts"]))
-                ]
-
-        self._batched([len(p["ids"]) for p in packed], step, logit_share=0.5)
-        return results
-
-    def _gather_scores(self, hidden, rows, cols, targets, owners) -> dict[tuple[int, int], list]:
-        """Sum of target-token log-probabilities (and whether each was the argmax) per owner."""
-        logits = self._lm_head(self._at(hidden, rows, cols)).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        tgt = torch.as_tensor(targets, device=logits.device)
-        token_lp = logprobs[torch.arange(len(tgt), device=logits.device), tgt].cpu().tolist()
-        greedy = (logits.argmax(-1) == tgt).cpu().tolist()
-        acc: dict[tuple[int, int], list] = {}
-        for k, owner in enumerate(owners):
-            a = acc.setdefault(owner, [0.0, True])
-            a[0] += token_lp[k]
-            a[1] = a[1] and greedy[k]
-        return acc
-
-    def _score_unpacked(self, packed: list[dict]) -> list[list[ContinuationScore]]:
-        """The packed path's scores with one right-padded causal sequence per continuation (context +
-        continuation but its last token): for attention that cannot take a block mask."""
-        items = []  # (group, continuation, token ids, predicting positions, targets)
-        for i, p in enumerate(packed):
-            c = p["n_ctx"]
-            for j, (_, tgt) in enumerate(p["targets"]):
-                items.append((i, j, p["ids"][:c] + list(tgt[:-1]), list(range(c - 1, c - 1 + len(tgt))), list(tgt)))
-        acc: dict[tuple[int, int], list] = {}
-
-        def step(batch: list[int]) -> None:
-            ids, _ = self._right_padded([items[k][2] for k in batch])
-            start = torch.tensor([items[k][3][0] for k in batch])  # the last context token
-            with _steer_start(start):
-                hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
-            rows, cols, targets, owners = [], [], [], []
-            for row, k in enumerate(batch):
-                i, j, _, predictors, tgt = items[k]
-                rows += [row] * len(predictors)
-                cols += predictors
-                targets += tgt
-                owners += [(i, j)] * len(predictors)
-            acc.update(self._gather_scores(hidden, rows, cols, targets, owners))
-
-        self._batched([len(it[2]) for it in items], step, logit_share=0.5)
-        return [
-            [
-                ContinuationScore(acc[(i, j)][0], len(p["targets"][j][1]), len(p["conts"][j]), acc[(i, j)][1])
-                for j in range(len(p["conts"]))
-            ]
-            for i, p in enumerate(packed)
-        ]
-
-    def _pack(self, context: str, continuations: Sequence[str]) -> dict:
-        """One sequence: context tokens, then each continuation's tokens but its last.
-
-        Returns token ids, position ids, a [L, L] boolean attention mask (True = may attend) and,
-        per continuation, the positions whose output predicts each of its tokens.
-        """
-        if not continuations:
-            raise ValueError("score_continuations needs at least one continuation per context")
-        pairs = [self.encode_pair(context, c) if context else ([], self.encode(c)) for c in continuations]
-        ctx = pairs[0][0]
-        if not ctx:  # lm-eval conditions an empty context on the BOS/EOS token
-            prefix = (
-                self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-            )
-            ctx = [prefix]
-        conts = [cont for _, cont in pairs]
-        for c, cont in zip(continuations, conts):
-            if not cont:
-                raise ClinqaError(f"continuation {c!r} encodes to no tokens")
-        budget = self.max_length - max(len(c) for c in conts)
-        if budget < 1:
-            raise ClinqaError("a continuation is longer than the model's context window")
-        truncated = len(ctx) > budget
-        ctx = ctx[-budget:]  # left-truncate like lm-eval
-        c = len(ctx)
-        ids, pos = list(ctx), list(range(c))
-        segments = []
-        for cont in conts:
-            start = len(ids)
-            ids += cont[:-1]
-            pos += range(c, c + len(cont) - 1)
-            segments.append((start, len(ids)))
-        L = len(ids)
-        mask = torch.zeros((L, L), dtype=torch.bool)
-        mask[:c, :c] = torch.tril(torch.ones((c, c), dtype=torch.bool))
-        targets = []
-        for (start, end), cont in zip(segments, conts):
-            if end > start:
-                mask[start:end, :c] = True
-                mask[start:end, start:end] = torch.tril(torch.ones((end - start, end - start), dtype=torch.bool))
-            targets.append(([c - 1, *range(start, end)], list(cont)))
-        return {
-            "ids": ids,
-            "pos": pos,
-            "mask": mask,
-            "targets": targets,
-            "conts": list(continuations),
-            "n_ctx": c,
-            "truncated": truncated,
-        }
 
     # -- generation ---------------------------------------------------------------------------
     def format_prompt(self, prompt: str, config: GenerationConfig) -> str:
@@ -566,7 +405,7 @@ class LocalModel:
                 kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with _steer_start(torch.full((len(batch),), width - 1)):
+            with steer_start(torch.full((len(batch),), width - 1)):
                 out = self.model.generate(input_ids=self._to(ids), attention_mask=self._to(attn), **kwargs).cpu()
             for row, i in enumerate(batch):
                 text = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
