@@ -24,6 +24,7 @@ folder) the fine-tuned stages -- stage 2 answers, stage 1 is the LLM selector wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,7 @@ from clinqa.serve.coalesce import Coalescer, RequestCancelled
 __all__ = ["ModelRunner", "RequestCancelled", "RunnerRefused", "is_remote", "load_models", "on_gpu"]
 
 _worker_state = threading.local()
+log = logging.getLogger("clinqa.serve")
 
 
 class RunnerRefused(Exception):
@@ -337,6 +339,14 @@ class ModelRunner:
     def close(self) -> None:
         if self.coalescer is not None:
             self.coalescer.close()
+            st = self.coalescer.stats
+            log.info(
+                "batching: %d calls ran as %d model calls (%d inputs, at most %d in one)",
+                st["calls"],
+                st["batches"],
+                st["inputs"],
+                st["largest"],
+            )
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
