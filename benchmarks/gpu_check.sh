@@ -15,7 +15,7 @@ PY="${PYTHON:-python}"
 "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "gpu_check.sh needs CUDA (torch.cuda.is_available() is False)")'
 "$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "x", torch.cuda.device_count(), "| torch", torch.__version__)' | tee "$OUT/device.txt"
 start=$(date +%s)
-timeout 150 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/models/test_device_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 150 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/models/test_device_gpu.py tests/serve/test_batching.py 2>&1 | tee "$OUT/gpu_tests.log"
 timeout 330 "$PY" benchmarks/gpu_speed.py --json "$OUT/gpu_speed.json" 2>&1 | tee "$OUT/gpu_speed.log"
 timeout 180 "$PY" benchmarks/serve_batching.py --device cuda --clients 16 --max-batch 16 --rounds 2 --duration 10 \
     --json "$OUT/serve_batching.json" 2>&1 | tee "$OUT/serve_batching.log"

@@ -381,3 +381,47 @@ def test_the_service_batches_concurrent_requests_and_audits_each_once(tmp_path, 
         entries = log.entries()
     assert len(entries) == n_mcq + n_ask and {e.outcome for e in entries} == {"ok"}
     assert sorted(e.action for e in entries) == ["ask"] * n_ask + ["mcq"] * n_mcq
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_batches_and_batched_scores_equal_separate_ones(tokenizer, make_tiny_llama):
+    from clinqa.models.local import LocalModel
+
+    model = LocalModel.from_objects(make_tiny_llama(tokenizer).to("cuda"), tokenizer, spec="tiny", name="tiny")
+    runner = ModelRunner(concurrency=4)  # batching "auto"
+    runner.set_predictor(model)
+    assert runner.coalescer is not None and runner.parallel == 4
+    runner.close()
+    co = Coalescer(model, window_s=LONG, max_batch=len(QUESTIONS))
+    cands = [" A", " B", " C", " D"]
+    got = concurrently([lambda q=q: co.next_token_logprobs([q], cands) for q in QUESTIONS])
+    for q, g in zip(QUESTIONS, got):
+        np.testing.assert_allclose(g, model.next_token_logprobs([q], cands), atol=1e-3)
+    assert co.stats["batches"] == 1
+    co.close()
+
+
+def test_batching_settings_come_from_the_environment_and_bad_ones_are_one_line_errors(tmp_path):
+    import subprocess
+    import sys
+
+    from clinqa.errors import ClinqaError
+    from clinqa.serve.config import ServeConfig
+
+    config = ServeConfig.load(
+        env={"CLINQA_LOCAL_BATCHING": "on", "CLINQA_BATCH_WINDOW_MS": "2.5", "CLINQA_MAX_BATCH": "4"}
+    )
+    runner = ModelRunner.from_config(config)
+    assert (runner.batching, runner.batch_window_s, runner.max_batch) == ("on", 0.0025, 4)
+    runner.close()
+    with pytest.raises(ClinqaError, match="local_batching"):
+        ServeConfig.load(env={"CLINQA_LOCAL_BATCHING": "sometimes"})
+    r = subprocess.run(
+        [sys.executable, "-m", "clinqa.cli", "serve", "--local-batching", "sometimes", "--max-batch", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "local_batching" in r.stderr + r.stdout and "max_batch" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr
