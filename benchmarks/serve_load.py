@@ -165,8 +165,14 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> float:
     raise SystemExit(f"the server was not ready after {timeout:.0f} s")
 
 
+MCQ_OPTIONS = {"A": "aspirin", "B": "heparin", "C": "warfarin", "D": "alteplase"}
+
+
 async def load(url: str, key: str, patients: list[str], clients: int, duration: float, timeout: float,
-               tag: str, stop: asyncio.Event | None = None, results: list[Result] | None = None) -> list[Result]:  # fmt: skip
+               tag: str, stop: asyncio.Event | None = None, results: list[Result] | None = None,
+               endpoint: str = "ask") -> list[Result]:  # fmt: skip
+    """Clients asking unique questions for `duration` s: record questions (`ask`), or multiple-choice
+    questions scored by the letter method (`mcq`: one short forward pass per request)."""
     import httpx
 
     results = [] if results is None else results
@@ -183,11 +189,11 @@ async def load(url: str, key: str, patients: list[str], clients: int, duration: 
             question = f"{QUESTIONS[n % len(QUESTIONS)]} (ref {tag}-{n})"
             t0 = time.perf_counter()
             try:
-                r = await http.post(
-                    f"{url}/api/patients/{patient}/ask",
-                    json={"question": question},
-                    headers={"Authorization": f"Bearer {key}"},
-                )
+                if endpoint == "mcq":
+                    path, body = "/api/mcq", {"question": question, "options": MCQ_OPTIONS, "method": "letter"}
+                else:
+                    path, body = f"/api/patients/{patient}/ask", {"question": question}
+                r = await http.post(url + path, json=body, headers={"Authorization": f"Bearer {key}"})
                 results.append(
                     Result(
                         n,
@@ -217,13 +223,13 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def audit_check(audit_path: Path, results: list[Result], *, acknowledged_only: bool) -> dict:
+def audit_check(audit_path: Path, results: list[Result], *, acknowledged_only: bool, action: str = "ask") -> dict:
     """Entries per request by question hash; the chain verified."""
     from clinqa.serve.audit import AuditLog, hash_question
 
     with AuditLog(audit_path) as log:
         verify = log.verify()
-        entries = log.entries(action="ask")
+        entries = log.entries(action=action)
     by_hash: dict[str, int] = {}
     for e in entries:
         by_hash[e.question_hash] = by_hash.get(e.question_hash, 0) + 1

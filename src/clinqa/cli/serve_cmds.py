@@ -45,7 +45,19 @@ def serve_cmd(
     model_concurrency: Optional[int] = typer.Option(
         None,
         "--model-concurrency",
-        help="model calls at once with an openai: backend (default 8); a local model answers one at a time",
+        help="model calls at once with an openai: backend, or requests batched together by a local model "
+        "with batching (default 8)",
+    ),
+    local_batching: Optional[str] = typer.Option(
+        None,
+        "--local-batching",
+        help="auto|on|off: batch concurrent requests' calls to a local model (auto: on a GPU; default auto)",
+    ),
+    batch_window_ms: Optional[float] = typer.Option(
+        None, "--batch-window-ms", help="with batching: ms a call waits for others to join its batch (default 5)"
+    ),
+    max_batch: Optional[int] = typer.Option(
+        None, "--max-batch", help="with batching: the most prompts in one batched call (default 16)"
     ),
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -66,6 +78,9 @@ def serve_cmd(
             "audit_db": audit_db,
             "adapters": adapters,
             "model_concurrency": model_concurrency,
+            "local_batching": local_batching,
+            "batch_window_ms": batch_window_ms,
+            "max_batch": max_batch,
         }.items()
         if v is not None
     }

@@ -19,6 +19,7 @@ Example ``serve.toml``::
     port = 8470
     request_timeout_s = 60
     model_concurrency = 8           # calls at once to a remote backend (openai:URL#MODEL)
+    local_batching = "auto"         # a local model on a GPU batches concurrent requests (on/off to force)
     # adapters = "stages/"          # serve the fine-tuned stages of `clinqa records finetune`
 """
 
@@ -77,9 +78,18 @@ class ServeConfig(BaseModel):
         8,
         ge=1,
         le=1024,
-        description="model calls at once with a remote (openai:) backend, "
-        "e.g. a vLLM cluster; a local model always answers one call at a time",
+        description="model calls at once with a remote (openai:) backend, e.g. a vLLM cluster; "
+        "with local_batching, the requests whose calls a local model batches together",
     )
+    local_batching: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="batch concurrent requests' calls to a local model into one call (clinqa.serve.coalesce): "
+        "auto = when the model is on a GPU; off (and auto on the CPU) = one call at a time",
+    )
+    batch_window_ms: float = Field(
+        5.0, ge=0, le=10_000, description="with batching: how long a call waits for others to join its batch"
+    )
+    max_batch: int = Field(16, ge=1, le=4096, description="with batching: the most inputs (prompts) in one batch")
     adapters: Optional[Path] = Field(
         None,
         description="fine-tuned stages from `clinqa records finetune` (a folder with "

@@ -1,6 +1,12 @@
 """The service's model calls: where they run, how many at once, and how they are stopped.
 
-- A local model is not thread-safe: its calls run one at a time (a lock) in arrival order.
+- A local model is not thread-safe: its calls run one at a time (a lock) in arrival order -- on the
+  CPU, and wherever ``batching`` is off. With batching (ServeConfig.local_batching: ``auto`` = when the
+  model is on a GPU, ``on``, ``off``) up to ``concurrency`` requests run at once and their model calls
+  meet in a Coalescer (clinqa.serve.coalesce): calls arriving within ``batch_window_s`` become one
+  batched call of the model, still one batch on the model at a time. A fine-tuned stage-1 selector
+  (``adapters``) calls its own adapter view outside the coalescer; LoRA views serialise their calls on
+  the shared model's lock (clinqa.models.local), so that stays one call on the model at a time too.
 - A remote backend (``openai:``, e.g. a vLLM cluster) runs up to ``concurrency`` calls at once
   (ServeConfig.model_concurrency, default 8), each of which may itself send several requests.
 - At most ``max_pending`` calls wait or run; more are refused (503 ``busy``).
@@ -18,18 +24,19 @@ folder) the fine-tuned stages -- stage 2 answers, stage 1 is the LLM selector wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Literal, Optional
 
-__all__ = ["ModelRunner", "RequestCancelled", "RunnerRefused", "is_remote", "load_models"]
+from clinqa.serve.coalesce import Coalescer, RequestCancelled
+
+__all__ = ["ModelRunner", "RequestCancelled", "RunnerRefused", "is_remote", "load_models", "on_gpu"]
 
 _worker_state = threading.local()
-
-
-class RequestCancelled(Exception):
-    """Raised inside the model worker when the request was abandoned (time budget, client gone)."""
+log = logging.getLogger("clinqa.serve")
 
 
 class RunnerRefused(Exception):
@@ -84,55 +91,159 @@ def is_remote(predictor: Any) -> bool:
     return getattr(info, "backend", None) == "openai"
 
 
-class _CancellablePredictor:
-    """The predictor as the pipeline sees it: every model call first checks the request's cancel flag."""
+def on_gpu(predictor: Any) -> bool:
+    """Whether a local predictor's model is on an accelerator: ``info.extra["device"]`` where the backend
+    records it (clinqa.models.local), else the device of the first torch module it holds."""
+    device = (getattr(getattr(predictor, "info", None), "extra", None) or {}).get("device")
+    if isinstance(device, str) and device:
+        return device.split(":")[0] != "cpu"
+    for module in _torch_modules(predictor):
+        param = next(module.parameters(), None)
+        if param is not None:
+            return param.device.type != "cpu"
+    return False
 
-    def __init__(self, inner: Any, cancel: threading.Event):
+
+@contextmanager
+def _cancel_scope(flag: Any) -> Iterator[None]:
+    """Install ``flag`` (anything with ``is_set``) as the cancel flag the abort hook reads on this thread."""
+    before = getattr(_worker_state, "cancel", None)
+    _worker_state.cancel = flag
+    try:
+        yield
+    finally:
+        _worker_state.cancel = before
+
+
+class _CancellablePredictor:
+    """The predictor as the pipeline sees it: every model call first checks the request's cancel flag, and
+    with batching goes through the Coalescer. No ``__getattr__``: what the pipeline and the scorers read
+    besides the four Predictor calls is declared here -- ``info``, ``tokenizer`` and ``max_length``
+    (clinqa.records.pipeline's token counts and window), ``format_prompt`` (the prompt as the model sees
+    it), ``annotations`` (clinqa.evaluate.methods) and ``next_token_logprobs_shared`` (the stage-1
+    selector's shared-prefix scoring); each is None where the wrapped predictor has none."""
+
+    def __init__(self, inner: Any, cancel: threading.Event, coalescer: Optional[Coalescer] = None):
         self._inner = inner
         self._cancel = cancel
+        self._coalescer = coalescer
         self.info = inner.info
 
     def _check(self) -> None:
         if self._cancel.is_set():
             raise RequestCancelled("the request was abandoned")
 
+    def _direct(self, fn: Callable[[], Any]) -> Any:
+        self._check()
+        return fn() if self._coalescer is None else self._coalescer.direct(fn, cancel=self._cancel)
+
     def score_continuations(self, groups):
         self._check()
+        if self._coalescer is not None:
+            return self._coalescer.score_continuations(groups, cancel=self._cancel)
         return self._inner.score_continuations(groups)
 
     def next_token_logprobs(self, contexts, candidates):
         self._check()
+        if self._coalescer is not None:
+            return self._coalescer.next_token_logprobs(contexts, candidates, cancel=self._cancel)
         return self._inner.next_token_logprobs(contexts, candidates)
 
     def generate(self, prompts, config=None):
         self._check()
+        if self._coalescer is not None:
+            return self._coalescer.generate(prompts, config, cancel=self._cancel)
         return self._inner.generate(prompts, config)
 
     def hidden_states(self, texts, layers):
-        self._check()
-        return self._inner.hidden_states(texts, layers)
+        return self._direct(lambda: self._inner.hidden_states(texts, layers))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    @property
+    def next_token_logprobs_shared(self) -> Optional[Callable[..., Any]]:
+        shared = getattr(self._inner, "next_token_logprobs_shared", None)
+        if shared is None:
+            return None
+        return lambda prefix, suffixes, candidates: self._direct(lambda: shared(prefix, suffixes, candidates))
+
+    @property
+    def tokenizer(self) -> Any:
+        """The wrapped model's tokenizer, or that of the model a modifier wraps (``base``/``predictor``)."""
+        for obj in (self._inner, getattr(self._inner, "base", None), getattr(self._inner, "predictor", None)):
+            tok = getattr(obj, "tokenizer", None)
+            if tok is not None:
+                return tok
+        return None
+
+    @property
+    def max_length(self) -> Optional[int]:
+        return getattr(self._inner, "max_length", None)
+
+    @property
+    def format_prompt(self) -> Optional[Callable[..., str]]:
+        return getattr(self._inner, "format_prompt", None)
+
+    @property
+    def annotations(self) -> Optional[Callable[[str], dict]]:
+        return getattr(self._inner, "annotations", None)
 
 
 class ModelRunner:
     """Runs model calls on worker threads with a time budget (see the module docstring)."""
 
-    def __init__(self, max_pending: int = 32, concurrency: int = 8):
+    def __init__(
+        self,
+        max_pending: int = 32,
+        concurrency: int = 8,
+        *,
+        batching: Literal["auto", "on", "off"] = "auto",
+        batch_window_s: float = 0.005,
+        max_batch: int = 16,
+    ):
+        if batching not in ("auto", "on", "off"):
+            raise ValueError(f"batching must be auto, on or off, not {batching!r}")
         self.max_pending = max_pending
         self.concurrency = max(1, int(concurrency))
+        self.batching = batching
+        self.batch_window_s = float(batch_window_s)
+        self.max_batch = int(max_batch)
         self.predictor: Any = None
-        self.parallel = 1  # calls at once: set by set_predictor (1 for a local model)
+        self.parallel = 1  # calls at once: set by set_predictor (1 for a local model without batching)
+        self.coalescer: Optional[Coalescer] = None  # set by set_predictor when a local model batches
         self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="clinqa-model")
         self._lock = threading.Lock()  # a local model is not thread-safe
         self._count_lock = threading.Lock()
         self._pending = 0
         self._hooks: list[Any] = []
 
+    @classmethod
+    def from_config(cls, config: Any) -> ModelRunner:
+        """The runner a ServeConfig asks for (max_pending, model_concurrency, local_batching, ...)."""
+        return cls(
+            config.max_pending,
+            concurrency=config.model_concurrency,
+            batching=config.local_batching,
+            batch_window_s=config.batch_window_ms / 1000.0,
+            max_batch=config.max_batch,
+        )
+
     def set_predictor(self, predictor: Any) -> None:
+        if self.coalescer is not None:
+            self.coalescer.close()
         self.predictor = predictor
-        self.parallel = self.concurrency if is_remote(predictor) else 1
+        remote = is_remote(predictor)
+        batch = not remote and (self.batching == "on" or (self.batching == "auto" and on_gpu(predictor)))
+        self.coalescer = (
+            Coalescer(
+                predictor,
+                window_s=self.batch_window_s,
+                max_batch=self.max_batch,
+                lock=self._lock,
+                cancel_scope=_cancel_scope,
+            )
+            if batch
+            else None
+        )
+        self.parallel = self.concurrency if remote or batch else 1
         for module in _torch_modules(predictor):
             self._hooks.append(module.register_forward_pre_hook(_abort_if_cancelled))
 
@@ -166,8 +277,9 @@ class ModelRunner:
                 )
             self._pending += 1
         cancel = threading.Event()
-        predictor = _CancellablePredictor(self.predictor, cancel)
-        serial = self.parallel == 1
+        coalescer = self.coalescer
+        predictor = _CancellablePredictor(self.predictor, cancel, coalescer)
+        serial = self.parallel == 1 and coalescer is None  # with a coalescer, it holds the lock per batch
 
         def job() -> Any:
             from clinqa.models.remote import CANCEL
@@ -220,9 +332,21 @@ class ModelRunner:
             if not fut.done():  # timed out, or the client went away: stop the call, discard its result
                 cancel.set()
                 fut.cancel()
+                if coalescer is not None:
+                    coalescer.drop_cancelled()  # free the worker if its call still waits for a batch
                 result.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved" warning
 
     def close(self) -> None:
+        if self.coalescer is not None:
+            self.coalescer.close()
+            st = self.coalescer.stats
+            log.info(
+                "batching: %d calls ran as %d model calls (%d inputs, at most %d in one)",
+                st["calls"],
+                st["batches"],
+                st["inputs"],
+                st["largest"],
+            )
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

@@ -94,7 +94,7 @@ class Service:
 
         self.selector = make_selector(config.selector_mode, top_k=config.selector_top_k)
         self.pass_lines = "lines" in inspect.signature(answer_question).parameters
-        self.runner = ModelRunner(config.max_pending, concurrency=config.model_concurrency)
+        self.runner = ModelRunner.from_config(config)
         self.load_error: Optional[str] = None
         self._loading: Optional[Future] = None
         self._auth_slots = threading.BoundedSemaphore(4)  # scrypt takes 16 MB each: bound the concurrent checks
