@@ -57,7 +57,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from clinqa.errors import ClinqaError
-from clinqa.models.base import GenerationConfig, Predictor
+from clinqa.models.base import FormatsChat, GenerationConfig, HasContextLimit, HasTokenizer, Predictor, SharesPrefix
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.metrics import (
     NOT_IN_RECORD_ANSWER,
@@ -167,9 +167,8 @@ def _question_text(question: str | RecordQuestion) -> str:
 
 def _tokenizer(predictor: Any):
     for obj in (predictor, getattr(predictor, "base", None), getattr(predictor, "predictor", None)):
-        tok = getattr(obj, "tokenizer", None)
-        if tok is not None and callable(tok):
-            return tok
+        if isinstance(obj, HasTokenizer) and callable(obj.tokenizer):
+            return obj.tokenizer
     return None
 
 
@@ -187,7 +186,7 @@ def count_tokens(predictor: Any, texts: Sequence[str]) -> list[int]:
 def context_window(predictor: Any) -> int:
     """The predictor's context window in tokens (its max_length, else ModelInfo.context_length, else 4096)."""
     for value in (
-        getattr(predictor, "max_length", None),
+        predictor.max_length if isinstance(predictor, HasContextLimit) else None,
         getattr(getattr(predictor, "info", None), "context_length", None),
     ):
         if isinstance(value, int) and value > 0:
@@ -196,9 +195,8 @@ def context_window(predictor: Any) -> int:
 
 
 def _formatted(predictor: Any, prompt: str, config: GenerationConfig) -> str:
-    fmt = getattr(predictor, "format_prompt", None)
-    if callable(fmt):
-        return fmt(prompt, config)
+    if isinstance(predictor, FormatsChat):
+        return predictor.format_prompt(prompt, config)
     return (config.system + "\n\n" + prompt) if config.system else prompt
 
 
@@ -251,7 +249,7 @@ class LLMSelector:
     def _scores(self, question: str, lines: Sequence[Line]) -> tuple[list[float], int]:
         prompts = self.prompts(question, lines)
         # the question comes first, so a backend that can share it computes it once per packed batch
-        shared = getattr(self.predictor, "next_token_logprobs_shared", None)
+        shared = self.predictor.next_token_logprobs_shared if isinstance(self.predictor, SharesPrefix) else None
         cut = prompts[0].find("<<<") if prompts else -1
         prefix = prompts[0][:cut] if cut > 0 else ""
         scores: list[float] = []
