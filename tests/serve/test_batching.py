@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from clinqa.models.base import GenerationConfig, ModelInfo
+from clinqa.models.base import (
+    Annotates,
+    FormatsChat,
+    GenerationConfig,
+    HasContextLimit,
+    HasTokenizer,
+    ModelInfo,
+    SharesPrefix,
+)
 from clinqa.models.truncation import watch_truncation
 from clinqa.serve.coalesce import Coalescer, RequestCancelled
 from clinqa.serve.runner import ModelRunner, _abort_if_cancelled, _cancel_scope, _CancellablePredictor
@@ -241,9 +249,10 @@ def test_the_wrapped_predictor_declares_what_it_forwards(tiny_predictor):
         tiny_predictor.next_token_logprobs_shared("Q: ", ["a", "b"], [" A"]),
         atol=1e-5,
     )
+    assert isinstance(wrapped, FormatsChat) and isinstance(wrapped, HasTokenizer) and isinstance(wrapped, SharesPrefix)
     bare = _CancellablePredictor(Recorder(), threading.Event())
-    assert bare.tokenizer is None and bare.format_prompt is None and bare.next_token_logprobs_shared is None
-    assert bare.annotations is None
+    for capability in (HasTokenizer, FormatsChat, SharesPrefix, Annotates, HasContextLimit):
+        assert not isinstance(bare, capability), capability  # absent, not present as None
     with pytest.raises(AttributeError):
         bare.calls  # noqa: B018 - nothing is forwarded that is not declared
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from clinqa.adapt.steering import SteeringVector, _block_output, _require_local, weights_hash
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
-from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo
+from clinqa.models.base import ContinuationScore, GenerationConfig, ModelInfo, ReportsCost
 from clinqa.models.local import STEER_START, LocalModel
 from clinqa.runs import Progress, atomic_write_text
 
@@ -111,7 +111,12 @@ class SteeredPredictor:
     """A LocalModel answering under a steering vector (or, with a router, one vector per question).
 
     `vectors` is one SteeringVector, or {category: vector} with a `router` that maps each prompt's
-    question to a category or None (None = unsteered). `hidden_states` is always unsteered.
+    question to a category or None (None = unsteered): the question stem a structured prompt
+    carries (clinqa.models.request.Prompt), else the one parsed from plain text. `hidden_states` is
+    always unsteered.
+
+    Capabilities of its own: Annotates (vector and route per prompt), ReportsCost (the base's plus
+    the directions and router), Encodes and HasTokenizer (the local model's).
     """
 
     def __init__(
@@ -185,8 +190,8 @@ class SteeredPredictor:
     def cost(self) -> dict:
         """For `compare`: the directions applied plus the router's weights as extra parameters, and the
         seconds it took to build them (added to whatever the wrapped model, e.g. a LoRA view, reports)."""
-        inner = getattr(self.base, "cost", None)
-        cost = {"extra_params": 0, "training_s": 0.0, **(inner() if inner else {})}
+        inner = self.base.cost() if isinstance(self.base, ReportsCost) else {}
+        cost = {"extra_params": 0, "training_s": 0.0, **inner}
         vectors = list(self.vectors.values())
         cost["extra_params"] += sum(
             v.directions[layer].numel() for v in vectors for layer in (self.steer_layers or v.layers)

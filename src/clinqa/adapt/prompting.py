@@ -14,7 +14,19 @@ from pathlib import Path
 from typing import Sequence
 
 from clinqa.errors import ClinqaError
-from clinqa.models.base import GenerationConfig, ModelInfo
+from clinqa.models.base import (
+    Encodes,
+    FormatsChat,
+    GenerationConfig,
+    HasContextLimit,
+    HasTokenizer,
+    ModelInfo,
+    ReportsCost,
+    annotations_of,
+    forward_capabilities,
+    logprobs_available,
+)
+from clinqa.models.request import rewritten
 from clinqa.models.spec import Modifier
 
 INSTRUCTIONS = {
@@ -41,6 +53,16 @@ def fewshot_block(k: int, seed: int = 0) -> str:
 
 
 class PromptPredictor:
+    """The base predictor with an instruction (or few-shot examples) before every context and prompt.
+
+    Capabilities: Annotates (the base's annotations plus the prompt's name) and ReportsLogprobs (the
+    base's answer) of its own; FORWARDED ones are the base's, when it has them. Nothing else passes
+    through: a capability that would bypass the rewrite (shared-prefix scoring, token log-probabilities,
+    adapters, steering hooks) is absent, so callers take their plain path through the rewrite.
+    """
+
+    FORWARDED = (Encodes, HasTokenizer, FormatsChat, HasContextLimit, ReportsCost)
+
     def __init__(self, base, prefix: str, name: str, examples: Sequence[tuple[str, str]] = (), k: int = 0):
         self.base = base
         self.prefix = prefix
@@ -52,13 +74,15 @@ class PromptPredictor:
             }
         )
         self._examples, self._k = list(examples), k  # few-shot: (question text, block); prefix holds the first k
+        forward_capabilities(self, base, self.FORWARDED)
 
     def _rewrite(self, text: str) -> str:
+        """The text with the prefix before it (a structured prompt stays structured)."""
         if not any(q in text for q, _ in self._examples[: self._k]):
-            return self.prefix + text
+            return rewritten(text, self.prefix + text)
         # the question asked is one of the examples: never show a question its own answer
         usable = [block for q, block in self._examples if q not in text]
-        return "".join(usable[: self._k]) + text
+        return rewritten(text, "".join(usable[: self._k]) + text)
 
     def score_continuations(self, groups):
         return self.base.score_continuations([(self._rewrite(c), conts) for c, conts in groups])
@@ -73,11 +97,11 @@ class PromptPredictor:
         return self.base.hidden_states([self._rewrite(t) for t in texts], layers)
 
     def annotations(self, prompt: str) -> dict:
-        inner = getattr(self.base, "annotations", None)
-        return {**(inner(prompt) if inner else {}), "prompt": self.info.extra["prompt"]}
+        return {**annotations_of(self.base, prompt), "prompt": self.info.extra["prompt"]}
 
-    def __getattr__(self, name):  # encode, tokenizer, ... of the wrapped model
-        return getattr(self.base, name)
+    @property
+    def logprobs_available(self) -> bool:
+        return logprobs_available(self.base)
 
 
 def apply_modifier(predictor, modifier: Modifier) -> PromptPredictor:

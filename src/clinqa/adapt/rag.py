@@ -26,7 +26,20 @@ import numpy as np
 
 from clinqa.adapt.retrieval import SEARCH_MODES, Hit, Index, open_index
 from clinqa.errors import ClinqaError
-from clinqa.models.base import ContinuationScore, GenerationConfig, Predictor
+from clinqa.models.base import (
+    ContinuationScore,
+    Encodes,
+    FormatsChat,
+    GenerationConfig,
+    HasContextLimit,
+    HasTokenizer,
+    Predictor,
+    ReportsCost,
+    annotations_of,
+    forward_capabilities,
+    logprobs_available,
+)
+from clinqa.models.request import Prompt, rewritten
 from clinqa.models.spec import Modifier
 
 RAG_MODES = (*SEARCH_MODES, "iterative")
@@ -34,7 +47,7 @@ WORDS_TO_TOKENS = 1.3  # token estimate when the base predictor has no tokenizer
 RAG_HEADER = "Reference passages:\n"
 MIN_TRIMMED_WORDS = 8  # a passage cut to fit the budget keeps at least this many words, else it is dropped
 
-# how a prompt's question is found again for the retrieval query
+# how the question of a prompt typed as plain text is found for the retrieval query
 _TRAILING_ANSWER = re.compile(r"(?:^|\n)[ \t]*Answer:[ \t]*$")
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(.*\S)\s*$")
 _QUESTION_PREFIX = re.compile(r"^\s*Question:\s*", re.IGNORECASE)
@@ -42,7 +55,17 @@ _INSTRUCTION_WORD = re.compile(r"\banswer\b", re.IGNORECASE)
 
 
 def retrieval_query(prompt: str, *, include_options: bool = False) -> str:
-    """The search query for a scoring/generation prompt: its question text.
+    """The search query for a prompt: its question stem, whitespace-normalised, then (include_options)
+    the texts of the options shown. A structured prompt (clinqa.models.request.Prompt, as every
+    scoring method makes) is read; plain text typed by a user is parsed (retrieval_query_from_text)."""
+    if isinstance(prompt, Prompt) and prompt.stem.strip():
+        shown = list(prompt.options.values()) if include_options else []
+        return " ".join(" ".join([prompt.stem, *shown]).split())
+    return retrieval_query_from_text(prompt, include_options=include_options)
+
+
+def retrieval_query_from_text(prompt: str, *, include_options: bool = False) -> str:
+    """The fallback for plain text typed by a user (CLI, the service): the question guessed from it.
 
     Heuristic, matched to clinqa.evaluate.prompts (letter, cloze and generate prompts):
       1. a trailing "Answer:" line is removed;
@@ -139,8 +162,8 @@ class RagPredictor:
 
     Every context (score_continuations), prompt (next_token_logprobs, generate) and text
     (hidden_states) becomes `RAG_HEADER + "[id] text\\n" per passage + "\\n" + original`; continuations
-    and candidates are unchanged. The query is the question extracted from the prompt (see
-    retrieval_query; `include_options` adds the option texts). Passages are taken best first while the
+    and candidates are unchanged. The query is the prompt's question (see retrieval_query;
+    `include_options` adds the option texts). Passages are taken best first while the
     block fits `budget_tokens` (counted with the base's `encode` when it has one, else 1.3 tokens per
     word); the first one that does not fit is cut to the remaining budget (or dropped if under 8 words).
     Retrievals are cached per prompt and per query; `annotations(prompt)` reports them.
@@ -153,7 +176,13 @@ class RagPredictor:
     Then the original prompt, prefixed by every observed passage (within the budget), is generated
     with the caller's config, so the answer comes in the format the caller asked for. Scoring methods
     in iterative mode retrieve once with `search_mode`.
+
+    Capabilities: Annotates and ReportsLogprobs (the base's answer) of its own; FORWARDED ones are the
+    base's, when it has them. Nothing else passes through (shared-prefix scoring, token
+    log-probabilities, adapters would bypass the passages).
     """
+
+    FORWARDED = (Encodes, HasTokenizer, FormatsChat, HasContextLimit, ReportsCost)
 
     def __init__(
         self,
@@ -191,18 +220,16 @@ class RagPredictor:
         self._traces: _LRU = _LRU(cache_size)  # prompt -> iterative annotations
         suffix = spec_suffix or f"rag:{self.index.path}@k={self.k},mode={mode}"
         extra = {
-            **getattr(base.info, "extra", {}),
+            **base.info.extra,
             "rag": {"index": str(self.index.path), "k": self.k, "mode": mode, "budget_tokens": self.budget_tokens},
         }
         self.info = dataclasses.replace(base.info, spec=f"{base.info.spec}+{suffix}", extra=extra)
-        enc = getattr(base, "encode", None)
-        self._encode = enc if callable(enc) else None
+        self._encode = base.encode if isinstance(base, Encodes) else None
+        forward_capabilities(self, base, self.FORWARDED)
 
-    def __getattr__(self, name: str):
-        # tokenizer helpers (encode, ...) and other backend extras come from the wrapped predictor
-        if name.startswith("_") or name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
+    @property
+    def logprobs_available(self) -> bool:
+        return logprobs_available(self.base)
 
     def __repr__(self) -> str:
         return f"RagPredictor({self.base!r}, {self.index!r}, k={self.k}, mode={self.mode!r})"
@@ -279,7 +306,7 @@ class RagPredictor:
 
     def rewrite(self, prompts: Sequence[str]) -> list[str]:
         """Each prompt with its retrieved passages put before it (unchanged when none fit)."""
-        return [r.block + p for p, r in zip(prompts, self.retrieve(prompts))]
+        return [rewritten(p, r.block + p) for p, r in zip(prompts, self.retrieve(prompts))]
 
     # -- the Predictor protocol -----------------------------------------------------------------
     def score_continuations(self, groups: Sequence[tuple[str, Sequence[str]]]) -> list[list[ContinuationScore]]:
@@ -303,17 +330,18 @@ class RagPredictor:
         The wrapped predictor's own annotations (of the rewritten prompt) are kept."""
         if prompt in self._traces:
             out = dict(self._traces[prompt])
-            rewritten = out.pop("_final_prompt")
+            rewritten_prompt = out.pop("_final_prompt")
         else:
             r = self.retrieve([prompt])[0]
-            rewritten = r.block + prompt
+            rewritten_prompt = rewritten(prompt, r.block + prompt)
             out = {"retrieved": [h.passage_id for h in r.hits], "rag_mode": self.search_mode, "rag_query": r.query}
-        base_fn = getattr(self.base, "annotations", None)
-        return {**(dict(base_fn(rewritten)) if base_fn is not None else {}), **out}
+        return {**annotations_of(self.base, rewritten_prompt), **out}
 
     # -- iterative reason-search-observe ---------------------------------------------------------
     def step_prompt(self, trace: _Trace) -> str:
-        return f"{ITERATIVE_INSTRUCTION}\n\nTask:\n{trace.prompt}\n\n{trace.transcript}Thought:"
+        return rewritten(
+            trace.prompt, f"{ITERATIVE_INSTRUCTION}\n\nTask:\n{trace.prompt}\n\n{trace.transcript}Thought:"
+        )
 
     def _generate_iterative(self, prompts: list[str], config: GenerationConfig) -> list[str]:
         traces = [_Trace(p, retrieval_query(p, include_options=self.include_options)) for p in prompts]
@@ -365,7 +393,7 @@ class RagPredictor:
         finals = []
         for t in traces:
             block, kept = self.passage_block(t.observed)
-            finals.append(block + t.prompt)
+            finals.append(rewritten(t.prompt, block + t.prompt))
             self._traces.put(
                 t.prompt,
                 {
@@ -374,7 +402,7 @@ class RagPredictor:
                     "retrieved": [h.passage_id for h in t.observed],
                     "in_prompt": [h.passage_id for h in kept],
                     "stopped": t.stopped,
-                    "_final_prompt": block + t.prompt,
+                    "_final_prompt": finals[-1],
                 },
             )
         return self.base.generate(finals, config)
@@ -457,4 +485,5 @@ __all__ = [
     "apply_modifier",
     "parse_step",
     "retrieval_query",
+    "retrieval_query_from_text",
 ]

@@ -30,6 +30,7 @@ from clinqa.adapt.steering import SteeringConfig, SteeringVector, build_steering
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate.prompts import GENERATE_INSTRUCTION
+from clinqa.models.request import Prompt
 from clinqa.runs import Progress
 
 ROUTER_FORMAT = "clinqa.steering_router"
@@ -41,7 +42,18 @@ _OPTION_LINE = re.compile(r"^[A-Z][.)] ")
 
 
 def question_from_prompt(prompt: str) -> str:
-    """The question stem inside a clinqa prompt (cloze, letter or generate format; plain text as is)."""
+    """The question stem of a prompt: read from a structured prompt (clinqa.models.request.Prompt, as
+    every scoring method makes, rewritten or not by the modifiers above); plain text typed by a user
+    is parsed (question_from_text)."""
+    if isinstance(prompt, Prompt) and prompt.stem:
+        return prompt.stem
+    return question_from_text(prompt)
+
+
+def question_from_text(prompt: str) -> str:
+    """The fallback for plain text typed by a user (CLI, the service): the question stem guessed from
+    the text of a clinqa prompt (cloze, letter or generate format; other text as it is). Text before
+    the stem or inside it that looks like scaffolding ("Question: ", "A. ...", "Answer:") fools it."""
     text = prompt.split(GENERATE_INSTRUCTION, 1)[-1]
     if "Question: " in text:
         text = text.rsplit("Question: ", 1)[1]
@@ -404,4 +416,12 @@ def load_category_vectors(path: str | Path, predictor: Any = None) -> tuple[dict
     return vectors, Router.load(path / index["router"]["path"], predictor=predictor)
 
 
-__all__ = ["MODES", "Router", "build_category_vectors", "category_of", "load_category_vectors", "question_from_prompt"]
+__all__ = [
+    "MODES",
+    "Router",
+    "build_category_vectors",
+    "category_of",
+    "load_category_vectors",
+    "question_from_prompt",
+    "question_from_text",
+]

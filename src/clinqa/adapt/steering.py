@@ -29,7 +29,6 @@ import json
 import math
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,6 +39,7 @@ import torch
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate.prompts import cloze_prompt
+from clinqa.models.base import Predictor
 from clinqa.models.local import LocalModel, length_batches
 from clinqa.runs import Progress
 
@@ -70,8 +70,11 @@ class SteeringConfig:
 
 
 def _require_local(predictor: Any) -> LocalModel:
-    if not all(hasattr(predictor, a) for a in ("layers", "model", "encode_pair")):
-        backend = getattr(getattr(predictor, "info", None), "backend", type(predictor).__name__)
+    """The predictor, when it is a local transformers model (a LoRA view is one); steering reads its
+    blocks, tokenizer and weights, which no wrapper passes on."""
+    if not isinstance(predictor, LocalModel):
+        info = predictor.info if isinstance(predictor, Predictor) else None
+        backend = f"{info.spec} ({type(predictor).__name__})" if info is not None else type(predictor).__name__
         raise ClinqaError(
             f"steering needs a local transformers model (hidden states and hooks); got {backend}. "
             "Put +steer: right after the base model (or its +lora:), e.g. default+steer:vectors/NAME"
@@ -130,7 +133,7 @@ def answer_activations(
         )
         for layer in layers
     ]
-    scope = model._adapter_scope() if hasattr(model, "_adapter_scope") else nullcontext()
+    scope = model._adapter_scope()
     done = 0
     try:
         with scope:
@@ -139,7 +142,7 @@ def answer_activations(
                 ids = torch.full((len(batch), width), model.pad_id, dtype=torch.long)
                 for row, i in enumerate(batch):  # right padding: causal attention keeps pads invisible
                     ids[row, : len(encoded[i][0])] = torch.tensor(encoded[i][0])
-                model._decoder(input_ids=ids.to(getattr(model, "device", ids.device)), use_cache=False)
+                model._decoder(input_ids=ids.to(model.device), use_cache=False)
                 for row, i in enumerate(batch):
                     start, end = encoded[i][1], len(encoded[i][0])
                     for layer in layers:
@@ -264,7 +267,7 @@ def build_steering_vector(
             "question_ids_sha256": hashlib.sha256("\n".join(q.id for q in questions).encode()).hexdigest(),
             "seed": config.seed,
             "max_pairs": config.max_pairs,
-            "adapter": getattr(model, "adapter", None),
+            "adapter": model.adapter,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - started, 3),
             "clinqa_version": __version__,

@@ -22,6 +22,7 @@ import numpy as np
 from clinqa.data.schema import Question
 from clinqa.errors import ClinqaError
 from clinqa.evaluate.metrics import grouped_bootstrap_ci
+from clinqa.models.base import ReadsTokenLogprobs
 from clinqa.specialties.taxonomy import resolve_specialty
 
 
@@ -63,7 +64,7 @@ def term_occurrences(text: str, terms: Sequence[str]) -> list[tuple[str, int, in
 def occurrence_logprobs(predictor, texts: Sequence[str], terms: Sequence[str]) -> list[list[tuple[str, float]]]:
     """Per text, (term, log P(term | preceding text)) for every occurrence: the sum over the tokens
     that overlap the term's characters (a term that starts the text has no context and is skipped)."""
-    if not hasattr(predictor, "token_logprobs"):
+    if not isinstance(predictor, ReadsTokenLogprobs):
         raise ClinqaError("token-probability analysis needs a local model backend (token log-probabilities)")
     read = predictor.token_logprobs(list(texts))
     out = []

@@ -151,11 +151,11 @@ def match_answers(texts: Sequence[str], options: Sequence[Mapping[str, str]], co
     elif todo:  # loglik
         if predictor is None or prompts is None:
             raise ClinqaError("the loglik matcher needs the answering model and its prompts")
-        fmt = getattr(predictor, "format_prompt", None)
-        from clinqa.models.base import GenerationConfig
+        from clinqa.models.base import FormatsChat, GenerationConfig
 
         def context(i: int) -> str:
-            shown = fmt(prompts[i], GenerationConfig()) if callable(fmt) else prompts[i] + "\n"
+            chat = isinstance(predictor, FormatsChat)
+            shown = predictor.format_prompt(prompts[i], GenerationConfig()) if chat else prompts[i] + "\n"
             return shown + texts[i].strip() + LEAD
 
         scored = predictor.score_continuations([(context(i), [" " + v for v in options[i].values()]) for i in todo])

@@ -18,7 +18,7 @@ import numpy as np
 from clinqa.data.schema import Question
 from clinqa.evaluate import prompts, shuffle
 from clinqa.evaluate.sample import Sample
-from clinqa.models.base import GenerationConfig, Predictor
+from clinqa.models.base import GenerationConfig, Predictor, annotations_of
 from clinqa.models.truncation import truncated_flags, watch_truncation
 
 METHODS = ("letter", "option", "generate")
@@ -56,9 +56,8 @@ def _softmax(x: Sequence[float]) -> list[float]:
 
 def annotations(predictor: Predictor, prompt: str) -> dict:
     """Extras a wrapping predictor wants recorded for a prompt (retrieved passage ids, steering
-    vector chosen, reasoning steps, ...): the optional `annotations(prompt) -> dict` method."""
-    fn = getattr(predictor, "annotations", None)
-    return dict(fn(prompt)) if fn is not None else {}
+    vector chosen, reasoning steps, ...): its `annotations(prompt)` when it is `Annotates`, else {}."""
+    return annotations_of(predictor, prompt)
 
 
 def _sample(

@@ -1,9 +1,14 @@
 """Prompt formats. The `letter` and `option` prompts are lm-evaluation-harness's MMLU formats, so
-per-question predictions match lm-eval on the same model and questions."""
+per-question predictions match lm-eval on the same model and questions.
+
+Each returns a `clinqa.models.request.Prompt`: the text (a str, byte for byte the format below)
+carrying the question stem, the options shown, the method it is for, the question id and metadata,
+so modifiers down the chain (retrieval, routed steering) read the question instead of parsing it."""
 
 from __future__ import annotations
 
 from clinqa.data.schema import Question
+from clinqa.models.request import Prompt
 
 
 def context_block(q: Question) -> str:
@@ -16,16 +21,20 @@ def context_block(q: Question) -> str:
     return f"Context: {ctx.strip()}\n"
 
 
-def letter_prompt(q: Question, options: dict[str, str]) -> str:
+def _prompt(text: str, q: Question, kind: str, options: dict[str, str] | None = None) -> Prompt:
+    return Prompt(text, stem=q.question.strip(), kind=kind, options=options, question_id=q.id, meta=q.meta)
+
+
+def letter_prompt(q: Question, options: dict[str, str]) -> Prompt:
     """`question\\nA. ..\\nB. ..\\nAnswer:`, scored by the next token " A", " B", ..."""
     lines = [context_block(q) + q.question.strip()]
     lines += [f"{k}. {v}" for k, v in options.items()]
-    return "\n".join(lines) + "\nAnswer:"
+    return _prompt("\n".join(lines) + "\nAnswer:", q, "letter", options)
 
 
-def cloze_prompt(q: Question) -> str:
+def cloze_prompt(q: Question) -> Prompt:
     """`Question: {question}\\nAnswer:`, scored by the continuation " " + option text."""
-    return f"{context_block(q)}Question: {q.question.strip()}\nAnswer:"
+    return _prompt(f"{context_block(q)}Question: {q.question.strip()}\nAnswer:", q, "option")
 
 
 GENERATE_INSTRUCTION = (
@@ -34,6 +43,6 @@ GENERATE_INSTRUCTION = (
 )
 
 
-def generate_prompt(q: Question, options: dict[str, str], instruction: str = GENERATE_INSTRUCTION) -> str:
+def generate_prompt(q: Question, options: dict[str, str], instruction: str = GENERATE_INSTRUCTION) -> Prompt:
     body = "\n".join([context_block(q) + q.question.strip(), *[f"{k}. {v}" for k, v in options.items()]])
-    return f"{instruction}\n\n{body}"
+    return _prompt(f"{instruction}\n\n{body}", q, "generate", options)

@@ -18,6 +18,7 @@ from clinqa.evaluate import metrics as M
 from clinqa.evaluate.harness import evaluate
 from clinqa.evaluate.report import summarize
 from clinqa.evaluate.runs import EvalConfig, Run  # noqa: F401  (Run: kept importable from here)
+from clinqa.models.base import ReportsCost
 from clinqa.runs import atomic_write_text
 
 
@@ -67,8 +68,7 @@ def slug(method: str) -> str:
 
 def cost_of(predictor) -> dict:
     """Extra parameters and training/build seconds a wrapped predictor reports (via `cost()`), else zeros."""
-    fn = getattr(predictor, "cost", None)
-    return {"extra_params": 0, "training_s": 0.0, **(fn() if fn else {})}
+    return {"extra_params": 0, "training_s": 0.0, **(predictor.cost() if isinstance(predictor, ReportsCost) else {})}
 
 
 def compare(

@@ -1,13 +1,17 @@
-"""The Predictor protocol: the few operations every later feature needs from a model.
+"""The Predictor protocol: the few operations every later feature needs from a model, and the
+optional capabilities some predictors add.
 
 Every backend (local transformers, OpenAI-compatible server) and every modifier (LoRA, steering,
-retrieval) implements it, so evaluation, annotation, records and the service never care which.
+retrieval) implements Predictor, so evaluation, annotation, records and the service never care which.
+Anything more is an optional capability, one small runtime-checkable protocol each (CAPABILITIES):
+code asks `isinstance(predictor, Encodes)` instead of probing for an attribute, and a wrapper says
+which of its base's capabilities it passes on (`forward_capabilities`), so a reader sees what it supports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -67,6 +71,123 @@ class Predictor(Protocol):
 
         Layer 0 is the embeddings, layer i the output of block i (Hugging Face's convention).
         """
+
+
+# -- optional capabilities -----------------------------------------------------------------------------
+@runtime_checkable
+class Annotates(Protocol):
+    """Extras to record with a sample for a prompt: retrieved passage ids, steering vector, prompt name."""
+
+    def annotations(self, prompt: str) -> dict: ...
+
+
+@runtime_checkable
+class Encodes(Protocol):
+    """Token ids of a text under the model's tokenizer (token budgets)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@runtime_checkable
+class HasTokenizer(Protocol):
+    """The Hugging Face tokenizer itself (batch token counts)."""
+
+    tokenizer: Any
+
+
+@runtime_checkable
+class FormatsChat(Protocol):
+    """The exact text the model sees for a chat prompt (its chat template applied)."""
+
+    def format_prompt(self, prompt: str, config: GenerationConfig) -> str: ...
+
+
+@runtime_checkable
+class HasContextLimit(Protocol):
+    """The longest input, in tokens, the model is given (longer inputs are cut from the left)."""
+
+    max_length: int
+
+
+@runtime_checkable
+class SharesPrefix(Protocol):
+    """next_token_logprobs of prefix + suffix for many suffixes, the prefix computed once."""
+
+    def next_token_logprobs_shared(
+        self, prefix: str, suffixes: Sequence[str], candidates: Sequence[str]
+    ) -> np.ndarray: ...
+
+
+@runtime_checkable
+class ReadsTokenLogprobs(Protocol):
+    """Per text, the log-probability of every token given the ones before it, with character offsets."""
+
+    def token_logprobs(self, texts: Sequence[str]) -> list[dict]: ...
+
+
+@runtime_checkable
+class ReportsCost(Protocol):
+    """Extra parameters and training/build seconds an adaptation added (`compare`)."""
+
+    def cost(self) -> dict: ...
+
+
+@runtime_checkable
+class ReportsLogprobs(Protocol):
+    """Whether scoring (next_token_logprobs, score_continuations) works: False on a chat-only server.
+    A predictor without it is taken to score."""
+
+    logprobs_available: bool
+
+
+@runtime_checkable
+class LoadsAdapters(Protocol):
+    """A view of the same weights with a LoRA adapter switched on."""
+
+    def load_adapter(self, path: Any, name: str | None = None) -> Predictor: ...
+
+
+CAPABILITIES: tuple[type, ...] = (
+    Annotates,
+    Encodes,
+    HasTokenizer,
+    FormatsChat,
+    HasContextLimit,
+    SharesPrefix,
+    ReadsTokenLogprobs,
+    ReportsCost,
+    ReportsLogprobs,
+    LoadsAdapters,
+)
+
+
+def capabilities(predictor: Any) -> list[str]:
+    """Names of the optional capabilities a predictor has, in CAPABILITIES order."""
+    return [c.__name__ for c in CAPABILITIES if isinstance(predictor, c)]
+
+
+def forward_capabilities(wrapper: Any, base: Any, forwarded: Iterable[type]) -> None:
+    """Give `wrapper` each capability in `forwarded` that `base` has, as the base's own members (bound
+    methods; attributes as they are now, e.g. the tokenizer object). A wrapper lists in `forwarded`
+    only what stays true through it; anything it changes it implements itself, anything else is absent."""
+    for cap in forwarded:
+        if isinstance(base, cap):
+            for name in _members(cap):
+                setattr(wrapper, name, getattr(base, name))
+
+
+def _members(cap: type) -> list[str]:
+    return [n for n in (*cap.__dict__.get("__annotations__", {}), *vars(cap)) if not n.startswith("_")]
+
+
+def annotations_of(predictor: Any, prompt: str) -> dict:
+    """The predictor's annotations for a prompt ({} when it has none)."""
+    return dict(predictor.annotations(prompt)) if isinstance(predictor, Annotates) else {}
+
+
+def logprobs_available(predictor: Any) -> bool:
+    """False only for a predictor that says it cannot score (a chat-only server)."""
+    return bool(predictor.logprobs_available) if isinstance(predictor, ReportsLogprobs) else True
 
 
 def loglikelihood(predictor: Predictor, requests: Sequence[tuple[str, str]]) -> list[ContinuationScore]:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from clinqa.errors import ClinqaError
-from clinqa.models.base import GenerationConfig, Predictor
+from clinqa.models.base import FormatsChat, GenerationConfig, Predictor
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.lines import (
     Line,
@@ -81,9 +81,8 @@ def answer_prompt(question: str, lines: Sequence[Line]) -> str:
 
 
 def _formatted(predictor: Any, prompt: str, config: GenerationConfig) -> str:
-    fmt = getattr(predictor, "format_prompt", None)
-    if callable(fmt):
-        return fmt(prompt, config)
+    if isinstance(predictor, FormatsChat):
+        return predictor.format_prompt(prompt, config)
     return (config.system + "\n\n" + prompt) if config.system else prompt
 
 

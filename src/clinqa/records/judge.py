@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from clinqa.errors import ClinqaError
-from clinqa.models.base import GenerationConfig, Predictor
+from clinqa.models.base import FormatsChat, GenerationConfig, Predictor
 from clinqa.records.questions import RecordQuestion
 
 GRADES = (0, 1, 2, 3, 4)
@@ -165,9 +165,8 @@ class Judge:
 
     def context(self, prompt: str, lead: str = "") -> str:
         """The text the judge continues: its chat-templated prompt (or the plain one) and then `lead`."""
-        fmt = getattr(self.predictor, "format_prompt", None)
-        if self.chat and callable(fmt):
-            return fmt(prompt, GenerationConfig(system=JUDGE_SYSTEM)) + lead
+        if self.chat and isinstance(self.predictor, FormatsChat):
+            return self.predictor.format_prompt(prompt, GenerationConfig(system=JUDGE_SYSTEM)) + lead
         return f"{JUDGE_SYSTEM}\n\n{prompt}\n" + lead
 
     def candidate_logprobs(self, contexts: Sequence[str], candidates: Sequence[str]) -> np.ndarray:

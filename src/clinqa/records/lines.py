@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clinqa.errors import ClinqaError
+from clinqa.models.base import HasContextLimit, HasTokenizer
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.questions import RecordQuestion
 from clinqa.records.render import render_record
@@ -39,9 +40,8 @@ def _question_text(question: str | RecordQuestion) -> str:
 
 def _tokenizer(predictor: Any):
     for obj in (predictor, getattr(predictor, "base", None), getattr(predictor, "predictor", None)):
-        tok = getattr(obj, "tokenizer", None)
-        if tok is not None and callable(tok):
-            return tok
+        if isinstance(obj, HasTokenizer) and callable(obj.tokenizer):
+            return obj.tokenizer
     return None
 
 
@@ -59,7 +59,7 @@ def count_tokens(predictor: Any, texts: Sequence[str]) -> list[int]:
 def context_window(predictor: Any) -> int:
     """The predictor's context window in tokens (its max_length, else ModelInfo.context_length, else 4096)."""
     for value in (
-        getattr(predictor, "max_length", None),
+        predictor.max_length if isinstance(predictor, HasContextLimit) else None,
         getattr(getattr(predictor, "info", None), "context_length", None),
     ):
         if isinstance(value, int) and value > 0:

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from clinqa.errors import ClinqaError
-from clinqa.models.base import Predictor
+from clinqa.models.base import Predictor, SharesPrefix
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.lines import Line, _by_patient, _clean_question, _LineCache, count_tokens, quote_line
 from clinqa.records.metrics import prf
@@ -101,7 +101,7 @@ class LLMSelector:
     def _scores(self, question: str, lines: Sequence[Line]) -> tuple[list[float], int]:
         prompts = self.prompts(question, lines)
         # the question comes first, so a backend that can share it computes it once per packed batch
-        shared = getattr(self.predictor, "next_token_logprobs_shared", None)
+        shared = self.predictor.next_token_logprobs_shared if isinstance(self.predictor, SharesPrefix) else None
         cut = prompts[0].find("<<<") if prompts else -1
         prefix = prompts[0][:cut] if cut > 0 else ""
         scores: list[float] = []

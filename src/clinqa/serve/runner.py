@@ -31,6 +31,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal, Optional
 
+from clinqa.models.base import (
+    Annotates,
+    Encodes,
+    FormatsChat,
+    HasContextLimit,
+    HasTokenizer,
+    ReportsLogprobs,
+    SharesPrefix,
+    forward_capabilities,
+)
 from clinqa.serve.coalesce import Coalescer, RequestCancelled
 
 __all__ = ["ModelRunner", "RequestCancelled", "RunnerRefused", "is_remote", "load_models", "on_gpu"]
@@ -117,17 +127,29 @@ def _cancel_scope(flag: Any) -> Iterator[None]:
 
 class _CancellablePredictor:
     """The predictor as the pipeline sees it: every model call first checks the request's cancel flag, and
-    with batching goes through the Coalescer. No ``__getattr__``: what the pipeline and the scorers read
-    besides the four Predictor calls is declared here -- ``info``, ``tokenizer`` and ``max_length``
-    (clinqa.records.pipeline's token counts and window), ``format_prompt`` (the prompt as the model sees
-    it), ``annotations`` (clinqa.evaluate.methods) and ``next_token_logprobs_shared`` (the stage-1
-    selector's shared-prefix scoring); each is None where the wrapped predictor has none."""
+    with batching goes through the Coalescer. No ``__getattr__``: besides the four Predictor calls it has
+    exactly the wrapped predictor's declared capabilities (clinqa.models.base) that stay true through it
+    -- a tokenizer (also one a modifier's ``base``/``predictor`` holds), the context limit, chat
+    formatting, annotations, ``encode`` and whether it scores -- and shared-prefix scoring, which it
+    wraps so that it too is cancellable and serialised with the batches."""
+
+    FORWARDED = (HasContextLimit, FormatsChat, Annotates, Encodes, ReportsLogprobs)
 
     def __init__(self, inner: Any, cancel: threading.Event, coalescer: Optional[Coalescer] = None):
         self._inner = inner
         self._cancel = cancel
         self._coalescer = coalescer
         self.info = inner.info
+        forward_capabilities(self, inner, self.FORWARDED)
+        for obj in (inner, getattr(inner, "base", None), getattr(inner, "predictor", None)):
+            if isinstance(obj, HasTokenizer) and obj.tokenizer is not None:
+                self.tokenizer = obj.tokenizer
+                break
+        if isinstance(inner, SharesPrefix):
+            shared = inner.next_token_logprobs_shared
+            self.next_token_logprobs_shared = lambda prefix, suffixes, candidates: self._direct(
+                lambda: shared(prefix, suffixes, candidates)
+            )
 
     def _check(self) -> None:
         if self._cancel.is_set():
@@ -157,34 +179,6 @@ class _CancellablePredictor:
 
     def hidden_states(self, texts, layers):
         return self._direct(lambda: self._inner.hidden_states(texts, layers))
-
-    @property
-    def next_token_logprobs_shared(self) -> Optional[Callable[..., Any]]:
-        shared = getattr(self._inner, "next_token_logprobs_shared", None)
-        if shared is None:
-            return None
-        return lambda prefix, suffixes, candidates: self._direct(lambda: shared(prefix, suffixes, candidates))
-
-    @property
-    def tokenizer(self) -> Any:
-        """The wrapped model's tokenizer, or that of the model a modifier wraps (``base``/``predictor``)."""
-        for obj in (self._inner, getattr(self._inner, "base", None), getattr(self._inner, "predictor", None)):
-            tok = getattr(obj, "tokenizer", None)
-            if tok is not None:
-                return tok
-        return None
-
-    @property
-    def max_length(self) -> Optional[int]:
-        return getattr(self._inner, "max_length", None)
-
-    @property
-    def format_prompt(self) -> Optional[Callable[..., str]]:
-        return getattr(self._inner, "format_prompt", None)
-
-    @property
-    def annotations(self) -> Optional[Callable[[str], dict]]:
-        return getattr(self._inner, "annotations", None)
 
 
 class ModelRunner:

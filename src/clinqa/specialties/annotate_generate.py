@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from clinqa.errors import ClinqaError
-from clinqa.models.base import GenerationConfig, Predictor
+from clinqa.models.base import GenerationConfig, Predictor, logprobs_available
 from clinqa.specialties.taxonomy import SPECIALTIES, resolve_specialty
 from clinqa.specialties.votes import Annotation, _majority
 
@@ -30,7 +30,7 @@ _IDS = tuple(s.id for s in SPECIALTIES)
 
 def scores_labels(predictor: Any) -> bool:
     """Whether the predictor can score label continuations (False for a chat-only OpenAI-compatible server)."""
-    return bool(getattr(predictor, "logprobs_available", True))
+    return logprobs_available(predictor)
 
 
 def label_prompt(template: str, question: str) -> str:
