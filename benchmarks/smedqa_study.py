@@ -353,8 +353,10 @@ def main() -> None:
     ctrl_train, ctrl_test = control_split(args.mmlu, out, args.general_n or None, n_train_ctrl, args.seed)
     timings.add("2-3 select and control split", time.perf_counter() - t)
 
+    from clinqa.models.base import LoadsAdapters
+
     base = load_predictor(args.model)
-    if not hasattr(base, "load_adapter"):
+    if not isinstance(base, LoadsAdapters):
         sys.exit("the study needs a local base model (it trains LoRA adapters)")
     cfg = xs.CrossSpecialtyConfig(
         model=args.model,

@@ -43,8 +43,10 @@ def token_shift_cmd(
 
     questions = load_questions(data).questions
     terms = clinical_terms(questions, load_questions(control).questions, max_terms=max_terms)
+    from clinqa.models.base import LoadsAdapters
+
     predictor = load_predictor(base)
-    if not hasattr(predictor, "load_adapter"):
+    if not isinstance(predictor, LoadsAdapters):
         raise ClinqaError("token-shift needs a local base model (adapters are switched on one model object)")
     views = {Path(a).name: predictor.load_adapter(a) for a in adapted.split(",") if a}
     with progress_bar("token-shift models") as update:
@@ -239,8 +241,10 @@ def cross_specialty_cmd(
     general_qs = (
         (control_qs if control_data == control else load_questions(control_data).questions) if control_data else []
     )
+    from clinqa.models.base import LoadsAdapters
+
     base = load_predictor(model)
-    if not hasattr(base, "load_adapter"):
+    if not isinstance(base, LoadsAdapters):
         raise ClinqaError("the cross-specialty experiment needs a local base model (it trains LoRA adapters)")
     with progress_bar("cross-specialty") as update:
         cross_specialty(
