@@ -319,3 +319,26 @@ def test_option_scores_from_vllm_prompt_logprobs_when_echo_is_refused():
     for (ctx, conts), row in zip(groups, scored):
         assert [s.logprob for s in row] == pytest.approx([_expected(ctx, c) for c in conts])
         assert [s.n_tokens for s in row] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["analyze", "token-shift", "{spec}", "adapterA", "bundled", "--out", "{out}"],
+        ["experiment", "cross-specialty", "{spec}", "bundled", "--out", "{out}"],
+    ],
+)
+def test_commands_that_switch_adapters_refuse_a_remote_model(args, tmp_path):
+    """token-shift and cross-specialty need the LoadsAdapters capability: a server model lacks it."""
+    import subprocess
+
+    from clinqa.models.base import LoadsAdapters
+
+    with fake.FakeOpenAI() as server:
+        spec = f"openai:{server.url}#fake"
+        assert not isinstance(model_for(server), LoadsAdapters)
+        argv = [a.format(spec=spec, out=tmp_path / "out") for a in args]
+        r = subprocess.run([sys.executable, "-m", "clinqa.cli", *argv], capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "needs a local base model" in lines[0]
