@@ -37,6 +37,7 @@ from clinqa.models.base import (
     FormatsChat,
     HasContextLimit,
     HasTokenizer,
+    Predictor,
     ReportsLogprobs,
     SharesPrefix,
     forward_capabilities,
@@ -90,7 +91,7 @@ def _torch_modules(obj: Any, depth: int = 0, seen: Optional[set[int]] = None) ->
             if id(value) not in seen:
                 seen.add(id(value))
                 found.append(value)
-        elif hasattr(value, "generate") and hasattr(value, "info"):
+        elif isinstance(value, Predictor):  # a wrapped predictor (a modifier holds one)
             found.extend(_torch_modules(value, depth + 1, seen))
     return found
 
