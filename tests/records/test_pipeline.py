@@ -384,3 +384,19 @@ def test_answer_generates_from_selected_lines_only(records):
     sent = fake.calls[0][1][0]
     assert len(re.findall(r"^<<<", sent, re.M)) == 2
     assert lines[0][1] in sent and lines[2][1] not in sent
+
+
+def test_the_answer_prompt_carries_the_record_question_for_modifiers():
+    """Retrieval and routed steering work on the record question, not on the quoted record lines; the
+    text is byte for byte the template's."""
+    from clinqa.adapt.rag import retrieval_query, retrieval_query_from_text
+    from clinqa.adapt.router import question_from_prompt
+    from clinqa.records.answering import ANSWER_PROMPT
+
+    lines = [("Observation/1", "2024-01-02 Hemoglobin A1c 7.9 %"), ("Condition/2", "Type 2 diabetes mellitus")]
+    question = "What was the latest HbA1c?"
+    p = answer_prompt(question, lines)
+    block = "\n".join(f"<<<{text}>>>" for _, text in lines)
+    assert str.__str__(p) == ANSWER_PROMPT.format(block=block, question=question)
+    assert question_from_prompt(p) == question and retrieval_query(p) == question
+    assert "Hemoglobin" in retrieval_query_from_text(p.text)  # the text alone is searched with the record in it

@@ -14,6 +14,7 @@ from typing import Any
 
 from clinqa.errors import ClinqaError
 from clinqa.models.base import FormatsChat, GenerationConfig, Predictor
+from clinqa.models.request import Prompt
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.lines import (
     Line,
@@ -74,10 +75,13 @@ class RecordAnswer:
         return asdict(self)
 
 
-def answer_prompt(question: str, lines: Sequence[Line]) -> str:
-    """The stage-2 user prompt: the quoted lines, then the question and the instruction to cite."""
+def answer_prompt(question: str, lines: Sequence[Line]) -> Prompt:
+    """The stage-2 user prompt: the quoted lines, then the question and the instruction to cite. It
+    carries the question as its stem, so a modifier (retrieval, routed steering) works on the question
+    rather than on the record's lines (clinqa.models.request)."""
     block = "\n".join(quote_line(text) for _, text in lines)
-    return ANSWER_PROMPT.format(block=block, question=_clean_question(question))
+    clean = _clean_question(question)
+    return Prompt(ANSWER_PROMPT.format(block=block, question=clean), stem=clean, kind="generate")
 
 
 def _formatted(predictor: Any, prompt: str, config: GenerationConfig) -> str:
