@@ -40,6 +40,17 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
 
 
+def finish(report: dict, failures: list[str], print_report, json_path: Path | None) -> int:
+    """End a benchmark: load average after, pass/fail, the printed report and the optional JSON; exit code."""
+    report["load_average_after"] = os.getloadavg()
+    report["ok"] = not failures
+    report["failures"] = failures
+    print_report(report)
+    if json_path:
+        write_json(json_path, report)
+    return 0 if not failures else 1
+
+
 def step(name: str, args: list[str], out: Path, done: Path | None = None) -> None:
     """Run one clinqa command of a study (each resumes by itself), logging its wall time to
     OUT/steps.jsonl; skip it when its `done` file exists. A failed command stops the study."""

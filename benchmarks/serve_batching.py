@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_load as sl  # noqa: E402
-from _common import machine, write_json  # noqa: E402
+from _common import finish, machine  # noqa: E402
 
 MODES = ("off", "on")
 
@@ -191,13 +191,7 @@ def main() -> int:
         "paired_t_p": p,
         "n_rounds": len(logs),
     }
-    report["load_average_after"] = os.getloadavg()
-    report["ok"] = not failures
-    report["failures"] = failures
-    print_report(report)
-    if args.json:
-        write_json(args.json, report)
-    return 0 if not failures else 1
+    return finish(report, failures, print_report, args.json)
 
 
 def print_report(r: dict) -> None:

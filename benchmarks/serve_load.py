@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_json  # noqa: E402
+from _common import finish, machine  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -419,13 +419,7 @@ def main() -> int:
         if not after or any(not 200 <= r.status < 300 for r in after):
             failures.append(f"after restart: {[(r.status, r.error) for r in after]}")
 
-    report["load_average_after"] = os.getloadavg()
-    report["ok"] = not failures
-    report["failures"] = failures
-    print_report(report)
-    if args.json:
-        write_json(args.json, report)
-    return 0 if not failures else 1
+    return finish(report, failures, print_report, args.json)
 
 
 def print_report(r: dict) -> None:
