@@ -180,6 +180,15 @@ def _members(cap: type) -> list[str]:
     return [n for n in (*cap.__dict__.get("__annotations__", {}), *vars(cap)) if not n.startswith("_")]
 
 
+def tokenizer_of(predictor: Any) -> Any:
+    """The predictor's tokenizer, or that of the model a modifier wraps (its ``base`` or ``predictor``);
+    None when there is none."""
+    for obj in (predictor, getattr(predictor, "base", None), getattr(predictor, "predictor", None)):
+        if isinstance(obj, HasTokenizer) and callable(obj.tokenizer):
+            return obj.tokenizer
+    return None
+
+
 def annotations_of(predictor: Any, prompt: str) -> dict:
     """The predictor's annotations for a prompt ({} when it has none)."""
     return dict(predictor.annotations(prompt)) if isinstance(predictor, Annotates) else {}

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clinqa.errors import ClinqaError
-from clinqa.models.base import HasContextLimit, HasTokenizer
+from clinqa.models.base import HasContextLimit, tokenizer_of
 from clinqa.records.fhir import PatientRecord
 from clinqa.records.questions import RecordQuestion
 from clinqa.records.render import render_record
@@ -38,11 +38,7 @@ def _question_text(question: str | RecordQuestion) -> str:
     return question.question if isinstance(question, RecordQuestion) else str(question)
 
 
-def _tokenizer(predictor: Any):
-    for obj in (predictor, getattr(predictor, "base", None), getattr(predictor, "predictor", None)):
-        if isinstance(obj, HasTokenizer) and callable(obj.tokenizer):
-            return obj.tokenizer
-    return None
+_tokenizer = tokenizer_of  # the old private name (clinqa.records.pipeline re-exports it)
 
 
 def count_tokens(predictor: Any, texts: Sequence[str]) -> list[int]:

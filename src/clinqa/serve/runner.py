@@ -36,11 +36,11 @@ from clinqa.models.base import (
     Encodes,
     FormatsChat,
     HasContextLimit,
-    HasTokenizer,
     Predictor,
     ReportsLogprobs,
     SharesPrefix,
     forward_capabilities,
+    tokenizer_of,
 )
 from clinqa.serve.coalesce import Coalescer, RequestCancelled
 
@@ -142,10 +142,9 @@ class _CancellablePredictor:
         self._coalescer = coalescer
         self.info = inner.info
         forward_capabilities(self, inner, self.FORWARDED)
-        for obj in (inner, getattr(inner, "base", None), getattr(inner, "predictor", None)):
-            if isinstance(obj, HasTokenizer) and obj.tokenizer is not None:
-                self.tokenizer = obj.tokenizer
-                break
+        tokenizer = tokenizer_of(inner)
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
         if isinstance(inner, SharesPrefix):
             shared = inner.next_token_logprobs_shared
             self.next_token_logprobs_shared = lambda prefix, suffixes, candidates: self._direct(
