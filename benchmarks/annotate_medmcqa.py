@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED, machine, write_json  # noqa: E402
-from annotate_pubmedqa import accuracy  # noqa: E402
+from annotate_pubmedqa import accuracy, llm_annotations  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -112,7 +112,7 @@ def main() -> None:
     import torch
 
     from clinqa.data.loaders import load_questions
-    from clinqa.specialties.annotate import annotate_to_file, conformal_from_probs, tradeoff_table
+    from clinqa.specialties.annotate import conformal_from_probs, tradeoff_table
     from clinqa.specialties.embed import SPECIALTY_IDS, EmbeddingAnnotator, embed_texts, question_text
     from clinqa.specialties.label import ALL_SPECIALTIES_SPEC
     from clinqa.specialties.taxonomy import EXPERIMENT_SPECIALTIES
@@ -213,25 +213,9 @@ def main() -> None:
     )
 
     if args.llm_limit:
-        from rich.progress import Progress
-
-        from clinqa.adapt import load_predictor
-
         sub = labelled[: args.llm_limit]
         sub_gold = gold[: len(sub)]
-        predictor = load_predictor(args.model)
-        t = time.perf_counter()
-        with Progress() as bar:
-            task = bar.add_task(f"LLM annotator, {args.prompts} prompts", total=len(sub))
-            anns = annotate_to_file(
-                predictor,
-                sub,
-                args.out / "llm.jsonl",
-                n_prompts=args.prompts,
-                min_votes=1,
-                progress=lambda d, n: bar.update(task, completed=d),
-            )
-        seconds = time.perf_counter() - t
+        anns, seconds = llm_annotations(args.model, sub, args.out / "llm.jsonl", args.prompts)
         llm_top = [a.top_label for a in anns]
         acc = accuracy_with_ci(llm_top, sub_gold)
         sub_base = accuracy_with_ci([majority] * len(sub_gold), sub_gold)

@@ -176,6 +176,29 @@ def mesh_specialties(meshes: list[str]) -> list[str]:
     return sorted(hits, key=lambda s: (-hits[s], order.index(s)))
 
 
+def llm_annotations(model: str, questions: list, out_file: Path, n_prompts: int) -> tuple[list, float]:
+    """The LLM vote annotator (majority over `n_prompts` prompts) on `questions`, appended to `out_file` as
+    it goes (a killed run resumes), with a progress bar; the annotations and the seconds taken."""
+    from rich.progress import Progress
+
+    from clinqa.adapt import load_predictor
+    from clinqa.specialties.annotate import annotate_to_file
+
+    predictor = load_predictor(model)
+    t = time.perf_counter()
+    with Progress() as bar:
+        task = bar.add_task(f"LLM annotator, {n_prompts} prompts", total=len(questions))
+        anns = annotate_to_file(
+            predictor,
+            questions,
+            out_file,
+            n_prompts=n_prompts,
+            min_votes=1,
+            progress=lambda d, n: bar.update(task, completed=d),
+        )
+    return anns, time.perf_counter() - t
+
+
 def accuracy(top: list[str], gold: list[list[str]]) -> float:
     return sum(t in g for t, g in zip(top, gold)) / len(gold)
 
@@ -201,7 +224,7 @@ def main() -> None:
 
     from clinqa.data.loaders import load_questions, write_questions
     from clinqa.specialties import conformal
-    from clinqa.specialties.annotate import annotate_to_file, conformal_from_probs, tradeoff_table
+    from clinqa.specialties.annotate import conformal_from_probs, tradeoff_table
     from clinqa.specialties.embed import EmbeddingAnnotator
     from clinqa.specialties.label import conformal_sets
     from clinqa.specialties.taxonomy import EXPERIMENT_SPECIALTIES
@@ -265,23 +288,8 @@ def main() -> None:
 
     p_llm = None
     if not args.no_llm:
-        from rich.progress import Progress
-
-        from clinqa.adapt import load_predictor
-
-        predictor = load_predictor(args.model)
-        t = time.perf_counter()
-        with Progress() as bar:
-            task = bar.add_task(f"LLM annotator, {args.prompts} prompts", total=len(questions))
-            anns = annotate_to_file(
-                predictor,
-                questions,
-                args.out / "llm.jsonl",
-                n_prompts=args.prompts,
-                min_votes=1,
-                progress=lambda d, n: bar.update(task, completed=d),
-            )
-        report(f"LLM, {args.prompts}-prompt majority", [a.top_label for a in anns], time.perf_counter() - t)
+        anns, seconds = llm_annotations(args.model, questions, args.out / "llm.jsonl", args.prompts)
+        report(f"LLM, {args.prompts}-prompt majority", [a.top_label for a in anns], seconds)
         p_llm = np.array([a.probs for a in anns])
         rows = tradeoff_table(anns, questions, n_prompts=args.prompts)
         results["llm_tradeoff"] = rows
