@@ -2,7 +2,7 @@
 eight real Synthea R4 bundles in ../shared/data/fhir/synthea-r4 that training never saw.
 
     python benchmarks/study_records.py [--out exp/study-records] [--model default] [--train-patients 20]
-                                       [--epochs 2] [--limit N] [--small] [--shared DIR]
+                                       [--epochs 2] [--sample N] [--small] [--shared DIR]
 
 Steps (each a clinqa command writing a resumable folder; run the same command again to resume):
 1. `records questions` on the real bundles (at least 200 questions with ground truth) and on
@@ -20,6 +20,7 @@ holds the wall time of every step. Needs ../shared/data (not part of a clone).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -35,7 +36,13 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--train-patients", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N real questions in every evaluation")
+    ap.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="test on N of the real questions (seeded, spread over question types; a larger N keeps the smaller "
+        "sample's questions, so evaluations grown later resume); default all",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument(
         "--small", action="store_true", help="2 training patients, 1 epoch, 6 questions: an end-to-end check"
@@ -49,9 +56,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"study: record QA on real Synthea, {machine()}, model {m}, out {out}", flush=True)
     n_train, epochs = (2, 1) if a.small else (a.train_patients, a.epochs)
-    limit = ["--limit", str(6 if a.small else a.limit)] if (a.small or a.limit) else []
     real_qa, train_qa, train_pts = out / "real-qa.jsonl", out / "train-qa.jsonl", out / "train-patients"
     step("real questions", ["records", "questions", str(real), "--out", str(real_qa)], out, done=real_qa)
+    n_sample = 6 if a.small else a.sample
+    test_qa = write_sample(real_qa, out / f"real-qa-sample-{n_sample}.jsonl", n_sample) if n_sample else real_qa
     step(
         "training patients",
         ["records", "synth", "--patients", str(n_train), "--seed", "101", "--out", str(train_pts)],
@@ -72,7 +80,7 @@ def main() -> None:
             str(train_pts),
             "--sequential",
             "--test",
-            str(real_qa),
+            str(test_qa),
             "--test-records",
             str(real),
             "--epochs",
@@ -98,22 +106,45 @@ def main() -> None:
                 "records",
                 "eval",
                 m,
-                str(real_qa),
+                str(test_qa),
                 "--records",
                 str(real),
                 "--out",
                 str(out / "runs" / name),
                 *extra,
                 *gen,
-                *limit,
             ],
             out,
         )
-    judge_args = ["records", "judge", str(real_qa), "--judge", m, "--out", str(out / "judge.json")]
+    judge_args = ["records", "judge", str(test_qa), "--judge", m, "--out", str(out / "judge.json")]
     for name in runs:
         judge_args += ["--run", f"{name}={out / 'runs' / name}"]
     step("judge", judge_args, out, done=out / "judge.json")
-    write_results(out, list(runs))
+    write_results(out, list(runs), test_qa)
+
+
+def sample_order(rows: list[dict], seed: int = 0) -> list[dict]:
+    """All rows in a seeded order that takes the question types in turn (each type's rows in a hash
+    order), so every prefix is spread over the types and a longer prefix contains a shorter one."""
+    by_type: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest()):
+        by_type.setdefault(str(r.get("qtype")), []).append(r)
+    queues = [by_type[t] for t in sorted(by_type)]
+    out = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+def write_sample(src: Path, dst: Path, n: int) -> Path:
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    if n > len(rows):
+        raise SystemExit(f"--sample {n}: {src} has only {len(rows)} questions")
+    if not dst.exists():
+        dst.write_text("".join(json.dumps(r) + "\n" for r in sample_order(rows)[:n]))
+    return dst
 
 
 def _fmt(x) -> str:
@@ -122,10 +153,11 @@ def _fmt(x) -> str:
     return "—" if x is None else str(x)
 
 
-def write_results(out: Path, names: list[str]) -> None:
+def write_results(out: Path, names: list[str], test_qa: Path) -> None:
     lines = ["# Record QA on real Synthea", "", f"Machine: {machine()}.", ""]
-    qa = out / "real-qa.jsonl"
-    lines.append(f"Real questions: {sum(1 for _ in open(qa))} from the eight shared Synthea bundles.")
+    n_all = sum(1 for _ in open(out / "real-qa.jsonl"))
+    n_test = sum(1 for _ in open(test_qa))
+    lines.append(f"Real questions: {n_all} from the eight shared Synthea bundles; tested on {n_test} ({test_qa.name}).")
     lines += ["", "## Per method (stage-1 selection, stage-2 answer)", ""]
     for name in names:
         run = out / "runs" / name / "summary.json"
