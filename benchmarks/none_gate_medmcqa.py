@@ -168,11 +168,13 @@ def main() -> None:
     def f(d):
         return f"{d['share']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}] (n={d['n']})"
 
+    def ci(d, key="auroc", sign=""):
+        return f"{d[key]:{sign}.3f} [{d['ci95'][0]:{sign}.3f}, {d['ci95'][1]:{sign}.3f}]"
+
+    diff = res["auroc_gate_minus_top_probability"]
     print(
-        f"AUROC none vs specialty: gate {res['auroc_gate']['auroc']:.3f} {res['auroc_gate']['ci95']}, "
-        f"1 - top probability {res['auroc_top_probability']['auroc']:.3f} {res['auroc_top_probability']['ci95']}; "
-        f"difference {res['auroc_gate_minus_top_probability']['difference']:+.3f} "
-        f"{res['auroc_gate_minus_top_probability']['ci95']} p={res['auroc_gate_minus_top_probability']['p']:.4f}"
+        f"AUROC none vs specialty (n={len(every)}): gate {ci(res['auroc_gate'])}, 1 - top probability "
+        f"{ci(res['auroc_top_probability'])}; difference {ci(diff, 'difference', '+')} p={diff['p']:.4f}"
     )
     print(
         f"gate at P(none) >= {args.threshold}: none left unlabelled {f(g['none_recall'])}; specialty kept {f(g['specialty_retention'])}"
