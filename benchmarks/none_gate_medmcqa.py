@@ -174,7 +174,8 @@ def main() -> None:
     diff = res["auroc_gate_minus_top_probability"]
     print(
         f"AUROC none vs specialty (n={len(every)}): gate {ci(res['auroc_gate'])}, 1 - top probability "
-        f"{ci(res['auroc_top_probability'])}; difference {ci(diff, 'difference', '+')} p={diff['p']:.4f}"
+        f"{ci(res['auroc_top_probability'])}; difference {ci(diff, 'difference', '+')} "
+        + (f"p={diff['p']:.4f}" if diff["p"] > 0 else f"p<{1 / diff['n_boot']:.4f} (no bootstrap sample at or below 0)")
     )
     print(
         f"gate at P(none) >= {args.threshold}: none left unlabelled {f(g['none_recall'])}; specialty kept {f(g['specialty_retention'])}"
