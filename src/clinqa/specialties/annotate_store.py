@@ -194,8 +194,8 @@ def _migrate(
     """Turn the format-1 annotation file `legacy` into the run folder `folder` (which may be the same path)."""
     backup = legacy_backup(legacy)
     start_afresh = (
-        f"to start afresh, move it aside (mv {legacy} {backup}) or choose another {what}; "
-        "clinqa.specialties.annotate.read_annotations still reads it"
+        f"re-run with its settings to migrate it, or, to start afresh, move it aside (mv {legacy} {backup}) "
+        f"or choose another {what}; clinqa.specialties.annotate.read_annotations still reads it"
     )
     with lock_path(legacy, folder=False, what=what):  # an older clinqa still writing it is refused
         records = _read_records(legacy)
