@@ -21,7 +21,8 @@ with a fixed seed and labelled by hand against the taxonomy's definitions (209 w
 - on all 4,183 MedMCQA dev questions (skip with --no-dev): the share each MiniLM annotator puts into
   the six experiment specialties (issue 15's symptom: over 98% with the six-specialty training set).
 
-LLM annotations are appended to OUT/llm.jsonl as they are made, so a killed run resumes.
+LLM annotations are appended to the run folder OUT/llm/ as they are made, so a killed run resumes (an
+OUT/llm.jsonl written by an older clinqa is migrated into it).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def main() -> None:
     if args.llm_limit:
         sub = labelled[: args.llm_limit]
         sub_gold = gold[: len(sub)]
-        anns, seconds = llm_annotations(args.model, sub, args.out / "llm.jsonl", args.prompts)
+        anns, seconds = llm_annotations(args.model, sub, args.out / "llm", args.prompts)
         llm_top = [a.top_label for a in anns]
         acc = accuracy_with_ci(llm_top, sub_gold)
         sub_base = accuracy_with_ci([majority] * len(sub_gold), sub_gold)

@@ -21,7 +21,8 @@ absolute numbers are agreement with MeSH, a lower bound on accuracy. Compared on
   coverage is only guaranteed for exchangeable data) vs calibrated on half of PubMedQA and tested on
   the other half; the LLM calibrated on half of PubMedQA.
 
-LLM annotations are appended to OUT/llm.jsonl as they are made, so a killed run resumes.
+LLM annotations are appended to the run folder OUT/llm/ as they are made, so a killed run resumes (an
+OUT/llm.jsonl written by an older clinqa is migrated into it).
 """
 
 from __future__ import annotations
@@ -176,25 +177,27 @@ def mesh_specialties(meshes: list[str]) -> list[str]:
     return sorted(hits, key=lambda s: (-hits[s], order.index(s)))
 
 
-def llm_annotations(model: str, questions: list, out_file: Path, n_prompts: int) -> tuple[list, float]:
-    """The LLM vote annotator (majority over `n_prompts` prompts) on `questions`, appended to `out_file` as
-    it goes (a killed run resumes), with a progress bar; the annotations and the seconds taken."""
+def llm_annotations(model: str, questions: list, out_dir: Path, n_prompts: int) -> tuple[list, float]:
+    """The LLM vote annotator (majority over `n_prompts` prompts) on `questions`, appended to the run folder
+    `out_dir` as it goes (a killed run resumes), with a progress bar; the annotations and the seconds taken.
+    The file ``out_dir.jsonl`` an older clinqa wrote instead is migrated into the folder the first time."""
     from rich.progress import Progress
 
     from clinqa.adapt import load_predictor
-    from clinqa.specialties.annotate import annotate_to_file
+    from clinqa.specialties.annotate import annotate_to_run
 
     predictor = load_predictor(model)
     t = time.perf_counter()
     with Progress() as bar:
         task = bar.add_task(f"LLM annotator, {n_prompts} prompts", total=len(questions))
-        anns = annotate_to_file(
+        anns = annotate_to_run(
             predictor,
             questions,
-            out_file,
+            out_dir,
             n_prompts=n_prompts,
             min_votes=1,
             progress=lambda d, n: bar.update(task, completed=d),
+            legacy_file=out_dir.with_name(out_dir.name + ".jsonl"),
         )
     return anns, time.perf_counter() - t
 
@@ -288,7 +291,7 @@ def main() -> None:
 
     p_llm = None
     if not args.no_llm:
-        anns, seconds = llm_annotations(args.model, questions, args.out / "llm.jsonl", args.prompts)
+        anns, seconds = llm_annotations(args.model, questions, args.out / "llm", args.prompts)
         report(f"LLM, {args.prompts}-prompt majority", [a.top_label for a in anns], seconds)
         p_llm = np.array([a.probs for a in anns])
         rows = tradeoff_table(anns, questions, n_prompts=args.prompts)

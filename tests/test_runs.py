@@ -293,15 +293,15 @@ def test_more_shuffles_than_orders_uses_each_order_once():
 
 
 def test_every_resumable_writer_takes_the_lock(tiny_predictor, tmp_path):
-    """annotate (a file), records eval, compare and steer sweep (folders) refuse a folder another process holds."""
+    """annotate, records eval, compare and steer sweep refuse a run folder another process holds."""
     from clinqa.experiments.compare import CompareConfig, compare
     from clinqa.specialties.annotate import annotate_to_file
 
-    ann = tmp_path / "ann.jsonl"
+    ann = tmp_path / "ann"  # an annotation run folder
     exp = tmp_path / "exp"
-    holders = [_holder(ann, "file"), _holder(exp)]
+    holders = [_holder(ann), _holder(exp)]
     try:
-        with pytest.raises(ClinqaError, match=f"ann.jsonl is in use by pid {holders[0].pid}"):
+        with pytest.raises(ClinqaError, match=f"ann is in use by pid {holders[0].pid}"):
             annotate_to_file(tiny_predictor, questions(2), ann)
         with pytest.raises(ClinqaError, match=f"exp is in use by pid {holders[1].pid}"):
             compare(CompareConfig(model="tiny", data="d"), questions(2), exp, load=lambda spec: tiny_predictor)
@@ -309,7 +309,7 @@ def test_every_resumable_writer_takes_the_lock(tiny_predictor, tmp_path):
         for p in holders:
             p.terminate()
             p.wait()
-    assert not ann.exists() and not (exp / "base").exists()
+    assert not (ann / "run.json").exists() and not (exp / "base").exists()
 
 
 def test_locks_live_in_clinqa_locks_and_lora_records_the_same_versions():

@@ -166,11 +166,12 @@ def test_annotate_command_reports_tradeoff(tmp_path):
             "--min-votes",
             "1",
             "--out",
-            str(tmp_path / "a.jsonl"),
+            str(tmp_path / "a"),
         ],
     )
     assert r.exit_code == 0, r.output
-    assert "coverage" in r.output and len((tmp_path / "a.jsonl").read_text().splitlines()) == 3
+    assert "coverage" in r.output and len((tmp_path / "a" / "samples.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["n_prompts"] == 2
 
 
 def _write_jsonl(path, questions, strip=False):
@@ -207,6 +208,9 @@ def test_annotate_with_minilm_calibrated_sets_and_labelled_output(tmp_path):
     assert r.exit_code == 0, r.output
     assert "calibrated on 51 questions" in r.output and "51 of 51 with a specialty" in r.output
     assert "vote threshold" not in r.output  # one classifier: no vote table
+    meta = json.loads((tmp_path / "a.jsonl" / "run.json").read_text())
+    assert meta["kind"] == "annotate" and meta["config"]["annotator"] == "minilm" and meta["config"]["n_train"] == 102
+    assert meta["data"]["n"] == 51 and (tmp_path / "a.jsonl" / "calibration" / "run.json").is_file()
     r = runner.invoke(app, ["annotate", cal, "--train", train, "--out", str(tmp_path / "d.jsonl")])
     assert r.exit_code == 0 and "top label is a gold label for" in r.output
     labelled = load_questions(str(tmp_path / "labelled.jsonl")).questions
@@ -243,13 +247,16 @@ def test_annotate_llm_with_calibration_file_writes_labelled_questions(tmp_path):
             "--alpha",
             "0.5",
             "--out",
-            str(tmp_path / "a.jsonl"),
+            str(tmp_path / "a"),
             "--labelled",
             str(tmp_path / "l.jsonl"),
         ],
     )
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "a.calibration.jsonl").exists() and "calibrated on 3 questions" in r.output
+    assert "calibrated on 3 questions" in r.output
+    from clinqa.specialties.annotate import read_annotations
+
+    assert [a.question_id for a in read_annotations(tmp_path / "a" / "calibration")] == [q.id for q in qs[:3]]
     labelled = load_questions(str(tmp_path / "l.jsonl")).questions
     assert [q.id for q in labelled] == [q.id for q in qs[100:103]] and all(q.specialties for q in labelled)
 

@@ -79,3 +79,46 @@ def test_bad_input_is_named():
 def test_embedding_annotations_take_the_most_probable_label():
     (a,) = embedding_annotations(np.array([probs(0.2, 0.7)]), [q(0)])
     assert a.label == "neurology" and a.votes == {"neurology": 1} and len(a.probs) == len(SPECIALTY_IDS)
+
+
+class FakeMiniLM:
+    """Duck-typed EmbeddingAnnotator: cardiology for 'heart', else neurology; counts fits and predictions."""
+
+    def __init__(self):
+        self.coef_, self.include_options, self.embedding_model = None, False, "fake-minilm"
+        self.C, self.random_state, self.max_iter = 1.0, 0, 100
+        self.fits, self.predicted = 0, []
+
+    def fit(self, questions):
+        self.fits += 1
+        self.coef_ = np.zeros((15, 2))
+        return self
+
+    def predict_proba(self, qs):
+        self.predicted += [x.id for x in qs]
+        return np.array([probs(0.7, 0.2) if "heart" in x.question else probs(0.1, 0.8) for x in qs])
+
+
+def test_minilm_annotations_go_to_a_resumable_run_folder(tmp_path):
+    from clinqa.specialties.annotate import read_annotations
+    from clinqa.specialties.label import minilm_to_run
+
+    train = [q(10, ["cardiology"]), q(11, ["neurology"])]
+    qs = [q(0).model_copy(update={"question": "heart murmur?"}), q(1)]
+    out = tmp_path / "ann"
+    fake = FakeMiniLM()
+    anns = minilm_to_run(out, qs[:1], train, "train.jsonl", annotator=fake)
+    assert [a.label for a in anns] == ["cardiology"] and fake.fits == 1 and fake.predicted == ["q0"]
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["kind"] == "annotate" and meta["config"]["annotator"] == "minilm"
+    assert meta["config"]["train"] == "train.jsonl" and meta["config"]["embedding_model"] == "fake-minilm"
+    again = FakeMiniLM()
+    anns = minilm_to_run(out, qs, train, "train.jsonl", annotator=again)
+    assert again.predicted == ["q1"] and [a.label for a in anns] == ["cardiology", "neurology"]
+    assert [a.label for a in read_annotations(out)] == ["cardiology", "neurology"]
+    done = FakeMiniLM()
+    minilm_to_run(out, qs, train, "train.jsonl", annotator=done)
+    assert done.fits == 0 and done.predicted == []  # nothing left: not even fitted
+    other_train = [train[0], q(11, ["pediatrics"])]
+    with pytest.raises(ClinqaError, match="train_questions: "):
+        minilm_to_run(out, qs, other_train, "train.jsonl", annotator=FakeMiniLM())

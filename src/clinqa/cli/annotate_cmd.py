@@ -27,7 +27,13 @@ from clinqa.textsafe import safe
 @app.command("annotate")
 def annotate_cmd(
     data: str = typer.Argument(..., help="questions to label with specialties"),
-    out: Path = typer.Option(..., "--out", "-o", help="annotations JSONL (resumable)"),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="annotation run folder (run.json + samples.jsonl; --calibration's in OUT/calibration), resumed when run "
+        "again; an annotation file of an older clinqa given here is migrated (kept as NAME.v1.jsonl)",
+    ),
     model: str = typer.Option("default", "--model", help="the annotating model (spec)"),
     prompts: int = typer.Option(5, "--prompts", help="differently worded prompts that each vote"),
     min_votes: int = typer.Option(3, "--min-votes", help="votes the majority label needs to be kept"),
@@ -58,12 +64,17 @@ def annotate_cmd(
     multi-label sets where gold labels exist, and optionally write the labelled questions (--labelled)."""
     from clinqa.data.loaders import load_questions, write_questions
     from clinqa.specialties import conformal
-    from clinqa.specialties.annotate import annotate_to_file, conformal_from_probs, tradeoff_table, write_annotations
-    from clinqa.specialties.label import conformal_sets, embedding_annotations, gold_labels, labelled_questions
+    from clinqa.specialties.annotate import annotate_to_run, conformal_from_probs, tradeoff_table
+    from clinqa.specialties.annotate_store import CALIBRATION_DIR, check_annotation_out, legacy_calibration_file
+    from clinqa.specialties.label import conformal_sets, gold_labels, labelled_questions, minilm_to_run
 
     _at_least("--limit", limit)
     _at_least("--prompts", prompts)
-    _writable_out(out, folder=False)
+    check_annotation_out(out)
+    if labelled:
+        _writable_out(labelled, folder=False)
+    note = lambda message: err.print(f"note: {safe(message)}", highlight=False, soft_wrap=True)  # noqa: E731
+    cal_out, cal_legacy = out / CALIBRATION_DIR, legacy_calibration_file(out)
     questions = load_questions(data, limit=limit).questions
     cal_qs = load_questions(calibration).questions if calibration else []
     cal_gold = gold_labels(cal_qs, calibration) if calibration else []  # fail before any annotating
@@ -90,28 +101,36 @@ def annotate_cmd(
                 f"also in --train {safe(train)}: their accuracy below is not held out"
             )
         with console.status("MiniLM annotator: embedding and fitting"):
-            annotator = EmbeddingAnnotator().fit(train_qs)
-            anns = embedding_annotations(annotator.predict_proba(questions), questions)
-            cal_anns = embedding_annotations(annotator.predict_proba(cal_qs), cal_qs) if cal_qs else []
-        write_annotations(out, anns)
+            annotator = EmbeddingAnnotator()  # fitted only if something is still to annotate
+            anns = minilm_to_run(out, questions, train_qs, train, annotator=annotator, notify=note)
+            cal_anns = minilm_to_run(cal_out, cal_qs, train_qs, train, annotator=annotator) if cal_qs else []
         n_votes = 1
     else:
         predictor = load_predictor(model)
         with progress_bar(f"annotate · {prompts} prompts") as update:
-            anns = annotate_to_file(
-                predictor, questions, out, n_prompts=prompts, min_votes=min_votes, calibrate=calibrate, progress=update
+            anns = annotate_to_run(
+                predictor,
+                questions,
+                out,
+                n_prompts=prompts,
+                min_votes=min_votes,
+                calibrate=calibrate,
+                progress=update,
+                notify=note,
             )
         cal_anns = []
         if cal_qs:
             with progress_bar("annotate calibration set") as update:
-                cal_anns = annotate_to_file(
+                cal_anns = annotate_to_run(
                     predictor,
                     cal_qs,
-                    out.with_name(out.stem + ".calibration.jsonl"),
+                    cal_out,
                     n_prompts=prompts,
                     min_votes=min_votes,
                     calibrate=calibrate,
                     progress=update,
+                    legacy_file=cal_legacy,
+                    notify=note,
                 )
         n_votes = prompts
     rows = tradeoff_table(anns, questions, n_prompts=n_votes)
@@ -150,7 +169,10 @@ def annotate_cmd(
             )
         except ClinqaError as exc:
             err.print(f"[yellow]conformal sets skipped:[/yellow] {safe(exc)}")
-    console.print(f"annotations in [bold]{safe(out)}[/bold]")
+    console.print(
+        f"annotations in the run folder [bold]{safe(out)}[/bold]"
+        + (f" (calibration set: {safe(cal_out)})" if cal_qs else "")
+    )
     if labelled:
         out_qs = labelled_questions(questions, anns, sets)
         write_questions(labelled, out_qs)

@@ -26,23 +26,29 @@ How a question is labelled
 
 ``tradeoff_table`` shows what the vote threshold buys: coverage against accuracy. ``conformal_from_probs``
 turns the mean probabilities (or ``EmbeddingAnnotator`` probabilities) into split-conformal label
-sets with an empirical coverage check. ``annotate_to_file`` is the resumable form of ``annotate``.
+sets with an empirical coverage check. ``annotate_to_run`` is the resumable form of ``annotate``: it
+writes a run folder of the one run store (``clinqa.specialties.annotate_store``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from clinqa.errors import ClinqaError
-from clinqa.jsonl import read_appended
 from clinqa.models.base import Predictor
 from clinqa.specialties import conformal
+from clinqa.specialties.annotate_store import (  # noqa: F401  (read_annotations, write_annotations: part of this module's API)
+    FILE_FORMAT,
+    FORMAT_VERSION,
+    annotate_into,
+    read_annotations,
+    write_annotations,
+)
 from clinqa.specialties.taxonomy import SPECIALTIES, resolve_specialty
 from clinqa.specialties.votes import SPECIALTY_IDS, Annotation, _majority  # noqa: F401  (part of this module's API)
 
@@ -55,6 +61,7 @@ __all__ = [
     "Annotation",
     "annotate",
     "annotate_to_file",
+    "annotate_to_run",
     "annotations_from_scores",
     "conformal_from_probs",
     "content_free_scores",
@@ -81,8 +88,6 @@ PROMPTS: tuple[str, ...] = (
 CONTENT_FREE = "N/A"  # the content-free question of contextual calibration (Zhao et al. 2021)
 NORMS = ("token", "char")
 DEFAULT_CALIBRATE = True  # bundled set, embedded model, norm="token": accuracy 0.60 calibrated vs 0.34 not
-
-FILE_FORMAT = "clinqa.specialty_annotations"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,58 +294,11 @@ def annotate(
 
 
 # --------------------------------------------------------------------------------------------------
-# Files
-
-
-def _write_lines(fh, records: Iterable[dict]) -> None:
-    fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def write_annotations(path: str | Path, annotations: Iterable[Annotation]) -> Path:
-    """Write annotations as JSONL, one per line: question_id, label, votes, probs (taxonomy order), per_prompt.
-
-    The file is replaced atomically.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        _write_lines(fh, (a.to_dict() for a in annotations))
-    os.replace(tmp, path)
-    return path
-
-
-def _read_records(path: Path, repair: bool) -> list[dict]:
-    """JSON records of an annotation file; a torn last line (a kill mid-write) is dropped (and cut off if repair)."""
-
-    def parse(line: bytes) -> dict:
-        rec = json.loads(line)
-        if not isinstance(rec, dict):
-            raise ValueError("not an object")
-        return rec
-
-    return read_appended(
-        path, parse, corrupt="not a JSON annotation record; move the file aside and re-run", repair=repair
-    )
-
-
-def read_annotations(path: str | Path) -> list[Annotation]:
-    """Annotations from a JSONL file written by ``write_annotations`` or ``annotate_to_file``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClinqaError(f"annotation file {path} does not exist")
-    out = []
-    for n, rec in enumerate(_read_records(path, repair=False), 1):
-        try:
-            out.append(Annotation.from_dict(rec))
-        except ClinqaError as e:
-            raise ClinqaError(f"{path}: record {n}: {e}") from None
-    return out
+# Run folders (clinqa.specialties.annotate_store)
 
 
 def _config(predictor: Predictor, n_prompts: int, min_votes: int, calibrate: bool, norm: str) -> dict[str, Any]:
+    """The settings of a vote annotation, as format 1 recorded them on every line of its file."""
     info = getattr(predictor, "info", None)
     model = getattr(info, "spec", None) or getattr(info, "name", None) or type(predictor).__name__
     adapter = (getattr(info, "extra", None) or {}).get("adapter") if info is not None else None
@@ -357,10 +315,10 @@ def _config(predictor: Predictor, n_prompts: int, min_votes: int, calibrate: boo
     }
 
 
-def annotate_to_file(
+def annotate_to_run(
     predictor: Predictor,
     questions: Sequence[Any],
-    out_path: str | Path,
+    out: str | Path,
     *,
     n_prompts: int = len(PROMPTS),
     min_votes: int = 3,
@@ -368,61 +326,45 @@ def annotate_to_file(
     norm: str = "token",
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    legacy_file: str | Path | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> list[Annotation]:
-    """``annotate``, appending each finished batch to the JSONL ``out_path`` (fsynced) and resuming.
+    """``annotate`` into the run folder `out` (``OUT/run.json`` + ``OUT/samples.jsonl``), resuming by id.
 
-    Questions whose id is already in the file are skipped, so re-running the same call after a kill
-    loses at most one batch; the file is locked (``OUT.lock``, clinqa.runs.lock_path) while it is written. Every line records the settings (model, prompts, min_votes, calibrate,
-    norm) as ``config``; a file written with other settings is refused rather than mixed. Returns the
-    annotations of ``questions`` in their order (read back from the file).
+    Each finished batch is appended (fsynced), so re-running the same call after a kill loses at most
+    one batch and scores only the questions not yet in the folder; the folder is locked while written.
+    The settings (model, adapter, prompts, min_votes, calibrate, norm) are the run's config and the
+    questions' texts its data: other settings or a changed question text are refused, naming what
+    differs. An annotation file of format 1 at `out` (or at `legacy_file` while `out` does not exist)
+    is migrated (see ``clinqa.specialties.annotate_store``). Returns the annotations of ``questions``
+    in their order.
     """
     n_prompts, min_votes = _check_args(n_prompts, min_votes, norm, batch_size)
     items = [_id_and_text(q, i) for i, q in enumerate(questions)]
-    seen: set[str] = set()
-    for qid, _ in items:
-        if qid in seen:
-            raise ClinqaError(
-                f"question id {qid!r} appears twice: annotate_to_file resumes by id, so ids must be unique"
-            )
-        seen.add(qid)
-    from clinqa.runs import append_lines, describe_config_change, lock_path
+    legacy = _config(predictor, n_prompts, min_votes, calibrate, norm)
+    config = {"annotator": "llm-vote", **legacy, "format_version": FORMAT_VERSION}
+    cf: list[np.ndarray | None] = []  # the content-free scores, computed once, only if something is scored
 
-    out_path = Path(out_path)
-    config = _config(predictor, n_prompts, min_votes, calibrate, norm)
-    with lock_path(out_path, folder=False):  # a second annotator of the same file is refused
-        done: dict[str, Annotation] = {}
-        checked: set[str] = set()  # each distinct recorded config is compared once, not every line
-        for n, rec in enumerate(_read_records(out_path, repair=True), 1):
-            theirs = rec.get("config") if isinstance(rec.get("config"), dict) else {}
-            blob = json.dumps(theirs, sort_keys=True)
-            if blob not in checked:
-                if theirs != config:
-                    diff = "; ".join(describe_config_change(theirs, config)) if theirs else "no recorded settings"
-                    raise ClinqaError(
-                        f"{out_path}:{n} was written with other settings ({diff}): "
-                        "choose another output file or delete it to start over"
-                    )
-                checked.add(blob)
-            done[str(rec.get("question_id"))] = Annotation.from_dict(rec)
-        todo = [it for it in items if it[0] not in done]
-        total = len(items)
-        finished = total - len(todo)
-        if progress:
-            progress(finished, total)
-        if todo:
-            cf = content_free_scores(predictor, n_prompts=n_prompts, norm=norm) if calibrate else None
-            for s in range(0, len(todo), batch_size):
-                batch = todo[s : s + batch_size]
-                scores = _score_texts(predictor, [t for _, t in batch], n_prompts, norm)
-                anns = annotations_from_scores([qid for qid, _ in batch], scores, min_votes=min_votes, content_free=cf)
-                append_lines(
-                    out_path, (json.dumps({**a.to_dict(), "config": config}, ensure_ascii=False) for a in anns)
-                )
-                done.update((a.question_id, a) for a in anns)
-                finished += len(batch)
-                if progress:
-                    progress(finished, total)
-    return [done[qid] for qid, _ in items]
+    def compute(batch: list[tuple[str, str]]) -> list[Annotation]:
+        if not cf:
+            cf.append(content_free_scores(predictor, n_prompts=n_prompts, norm=norm) if calibrate else None)
+        scores = _score_texts(predictor, [t for _, t in batch], n_prompts, norm)
+        return annotations_from_scores([qid for qid, _ in batch], scores, min_votes=min_votes, content_free=cf[0])
+
+    return annotate_into(
+        out,
+        items,
+        config,
+        compute,
+        legacy_config=legacy,
+        legacy_file=legacy_file,
+        batch_size=batch_size,
+        progress=progress,
+        notify=notify,
+    )
+
+
+annotate_to_file = annotate_to_run  # the name from when the output was one JSONL file
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ __all__ = [
     "embedding_annotations",
     "gold_labels",
     "labelled_questions",
+    "minilm_config",
+    "minilm_to_run",
 ]
 
 # The bundled questions of all fifteen taxonomy specialties (the 204 clinical ones + the taxonomy set).
@@ -80,6 +82,55 @@ def embedding_annotations(probs: np.ndarray, questions: Sequence[Question]) -> l
             Annotation(question_id=q.id, votes={top: 1}, label=top, probs=[float(p) for p in row], per_prompt=[top])
         )
     return out
+
+
+def minilm_config(annotator: Any, train: str, train_questions: Sequence[Question]) -> dict[str, Any]:
+    """The settings that determine a MiniLM annotation: the classifier's parameters, its embedding
+    model, the training spec and a digest of the training questions (id, text, options, specialties)."""
+    from clinqa.runs import digest
+    from clinqa.specialties.annotate_store import FILE_FORMAT, FORMAT_VERSION
+
+    return {
+        "annotator": "minilm",
+        "format": FILE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "embedding_model": str(annotator.embedding_model),
+        "include_options": bool(annotator.include_options),
+        "params": {"C": annotator.C, "random_state": annotator.random_state, "max_iter": annotator.max_iter},
+        "train": train,
+        "n_train": len(train_questions),
+        "train_questions": digest([[q.id, q.question, q.options, list(q.specialties)] for q in train_questions]),
+    }
+
+
+def minilm_to_run(
+    out: Any,
+    questions: Sequence[Question],
+    train_questions: Sequence[Question],
+    train: str,
+    *,
+    annotator: Any = None,
+    notify: Any = None,
+) -> list[Annotation]:
+    """MiniLM annotations of `questions` into the run folder `out` (``clinqa.specialties.annotate_store``),
+    resuming by id; the annotator (an unfitted ``EmbeddingAnnotator`` by default) is fitted on
+    `train_questions` (named `train` in the config) only if some question is still to annotate."""
+    from clinqa.specialties.annotate_store import annotate_into
+    from clinqa.specialties.embed import EmbeddingAnnotator, question_text
+
+    annotator = annotator if annotator is not None else EmbeddingAnnotator()
+    by_id = {q.id: q for q in questions}
+
+    def compute(batch: list[tuple[str, str]]) -> list[Annotation]:
+        if annotator.coef_ is None:
+            annotator.fit(train_questions)
+        qs = [by_id[qid] for qid, _ in batch]
+        return embedding_annotations(annotator.predict_proba(qs), qs)
+
+    items = [(q.id, question_text(q, include_options=annotator.include_options)) for q in questions]
+    return annotate_into(
+        out, items, minilm_config(annotator, train, train_questions), compute, batch_size=256, notify=notify
+    )
 
 
 def conformal_sets(
