@@ -172,6 +172,7 @@ def test_a_finished_folder_written_before_is_accepted_and_upgraded(finished, tin
     run = read(folder, "run.json")
     assert run["kind"] == "lora" and run["store"] == 2 and run["migrated_at"]
     assert run["finished_at"] == meta["created_at"] and run["compute_s"] == meta["train_seconds"]
+    assert run["counts"] == read(finished, "run.json")["counts"] == {"epochs": 2, "steps": 6, "n_train": 12, "n_val": 4}
     assert run["config"] == read(finished, "run.json")["config"] and run["data"] == read(finished, "run.json")["data"]
     assert read(folder, "samples.jsonl") == read(finished, "samples.jsonl")  # the epochs from its metadata
     # upgraded: from now on the store checks it, naming the question that differs
@@ -245,6 +246,28 @@ def test_an_unfinished_folder_written_before_resumes_from_its_checkpoint(tiny_pr
     assert not (folder / "clinqa_train.json").exists()
     assert [e["epoch"] for e in read(folder, "samples.jsonl")] == [1, 2]  # epoch 1 from the checkpoint, once
     assert read(folder, "samples.jsonl")[-1]["val_loss"] == pytest.approx(res.history[-1]["val_loss"])
+
+
+def test_a_killed_run_resumes_and_writes_each_epoch_once(tiny_predictor, tmp_path):
+    folder = tmp_path / "killed"
+
+    def kill_at_5(step, total, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_predictor, questions(), LoraTrainConfig(**CFG), folder, checkpoint_every=2, progress=kill_at_5)
+    with open(folder / "samples.jsonl", "a") as fh:  # a kill in the middle of writing epoch 2's line
+        fh.write('{"epoch": 2, "step": 6, "train_lo')
+    res = finetune(tiny_predictor, questions(), LoraTrainConfig(**CFG), folder, checkpoint_every=2)
+    assert (
+        res.resumed_from == 4
+        and read(folder, "run.json")["finished_at"]
+        and len(read(folder, "run.json")["resumed_at"]) == 1
+    )
+    assert read(folder, "samples.jsonl") == [
+        {k: h[k] for k in ("epoch", "step", "train_loss", "val_loss")} for h in res.history
+    ]  # the torn line was cut off, and epoch 1 (finished before the kill) is there once
 
 
 def test_a_folder_that_is_not_an_adapter_is_refused(tiny_predictor, tmp_path):

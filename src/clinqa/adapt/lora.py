@@ -64,6 +64,7 @@ import torch
 
 from clinqa.adapt.lora_adapter import (
     CHECKPOINT_DIR,
+    COUNTS,
     METADATA_FILE,
     apply_modifier,
     atomic_write_text,
@@ -357,7 +358,7 @@ def finetune(
     if run is not None:
         _record_epochs(run, history)
         run.add_compute(time.perf_counter() - t0)
-        run.finish(epochs=len(history), steps=state.global_step, n_train=len(train_q), n_val=len(val_q))
+        run.finish(**{k: meta[m] for k, m in COUNTS.items()})
         atomic_write_text(out_dir / METADATA_FILE, json.dumps(meta, indent=2, default=str))  # last: finished
         if not keep_checkpoint:
             shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)

@@ -15,9 +15,11 @@ from typing import Any
 
 from clinqa.adapt.lora_config import LoraTrainConfig, TrainingEpoch, identity_config
 from clinqa.errors import ClinqaError
+from clinqa.jsonl import read_appended
 from clinqa.runs import (  # noqa: F401  (versions, now: lora.py imports them from here)
     LOCK_FILE,
     RUN_FILE,
+    SAMPLES_FILE,
     RunFolder,
     atomic_write_text,
     describe_config_change,
@@ -31,6 +33,7 @@ KIND = "lora"  # run.json's kind for an adapter folder
 METADATA_FILE = "clinqa_adapter.json"  # the adapter's public metadata, written last: it marks a finished folder
 LEGACY_TRAIN_FILE = "clinqa_train.json"  # an unfinished run's identity before adapter folders were run folders
 CHECKPOINT_DIR = "checkpoint"  # the Trainer's checkpoint-N/ folders
+COUNTS = {"epochs": "epochs_run", "steps": "steps", "n_train": "n_train", "n_val": "n_val"}  # run.json <- metadata
 
 
 def load_adapter_metadata(path: str | Path) -> dict[str, Any]:
@@ -108,6 +111,9 @@ def open_adapter_run(
         data_may_grow=False,  # other questions train another adapter: none may be added either
     )
     (out_dir / LEGACY_TRAIN_FILE).unlink(missing_ok=True)  # its run.json now says the same
+    # the caller's lock makes this process the writer: cut a last line torn by a kill so appends stay whole
+    # (RunFolder repairs only when it took the lock itself)
+    read_appended(out_dir / SAMPLES_FILE, json.loads, corrupt="corrupt epoch line; move the folder aside and re-run")
     return run
 
 
@@ -153,8 +159,9 @@ def adopt_legacy(out_dir: Path, cfg: Mapping[str, Any], legacy_data: str) -> str
         "finished_at": found.get("created_at") if finished else None,
         "counts": {},
     }
-    if finished and found.get("train_seconds") is not None:
-        meta["compute_s"] = found["train_seconds"]
+    if finished:
+        meta["compute_s"] = found.get("train_seconds")
+        meta["counts"] = {k: found.get(m) for k, m in COUNTS.items()}
     atomic_write_text(out_dir / RUN_FILE, json.dumps(meta, indent=2, default=str))
     return identity
 
