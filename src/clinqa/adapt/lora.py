@@ -22,7 +22,8 @@ The pieces live in their own modules; this one is the public entry and re-export
   re-running the same call resumes from the newest and ends with the weights an uninterrupted run
   would have produced. Early stopping on the validation loss (mean per answer token) with
   `patience`; the adapter saved is the best epoch's;
-- `lora_adapter`: the folder's metadata and identity, and the `+lora:` modifier.
+- `lora_adapter`: the folder as a run folder (identity, upgrading older folders), its metadata,
+  and the `+lora:` modifier.
 
 Devices: the CPU in float32; a CUDA GPU with bf16 mixed precision (QLoRA when bitsandbytes is
 installed); several GPUs by launching the same command under `accelerate launch` or `torchrun`
@@ -31,9 +32,15 @@ of activations per token in a batch on top of two copies of the weights, so batc
 bounds memory; on a shared 2-core machine torch.set_num_threads(1) is several times faster than 2
 threads (benchmarks/lora_train.py --threads).
 
-Output: PEFT's `adapter_config.json` + `adapter_model.safetensors`, and `clinqa_adapter.json` (what
-it was trained on and how, and what it cost). `clinqa_adapter.json` is written last, so its presence
-marks a finished folder, which `finetune` returns at once.
+Output: an adapter folder is a run folder of the one run store (`clinqa.runs.RunFolder`, kind
+"lora"): `run.json` (the identity config from `lora_adapter.run_config`: the training settings, base
+model spec, starting adapter's hash and labels; the training questions' fingerprint; versions, git,
+host, times, compute) and `samples.jsonl` (one `TrainingEpoch` per finished epoch, appended as its
+checkpoint completes); the same call resumes it, anything else is refused by the store naming what
+differs. Then PEFT's `adapter_config.json` + `adapter_model.safetensors`, and `clinqa_adapter.json`
+(what it was trained on and how, and what it cost), written last, so its presence marks a finished
+folder, which `finetune` returns at once. Folders written before (no run.json) are upgraded when
+they match and refused otherwise (`lora_adapter.adopt_legacy`).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import random
 import resource
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,22 +64,23 @@ import torch
 
 from clinqa.adapt.lora_adapter import (
     CHECKPOINT_DIR,
+    COUNTS,
     METADATA_FILE,
-    TRAIN_FILE,
     apply_modifier,
     atomic_write_text,
-    check_identity,
-    claim_folder,
     is_finished,
     load_adapter_metadata,
     now,
+    open_adapter_run,
     read_init_adapter,
+    run_config,
     versions,
 )
 from clinqa.adapt.lora_config import (
     AdapterResult,
     LoraTrainConfig,
     ProgressFn,
+    TrainingEpoch,
     identity_config,
 )
 from clinqa.adapt.lora_data import (
@@ -79,6 +88,7 @@ from clinqa.adapt.lora_data import (
     TextExample,
     balance_by_specialty,
     build_examples,
+    data_fingerprint,
     fingerprint,
     mean_answer_loss,
     prepare_questions,
@@ -125,7 +135,7 @@ def _distributed() -> bool:
 
 
 @contextlib.contextmanager
-def _main_process_first(device: str):
+def _main_process_first(device: str | None):
     """Under several processes (accelerate launch / torchrun): the main process runs the block first,
     the others after it; a single process just runs it."""
     if not _distributed():
@@ -133,8 +143,19 @@ def _main_process_first(device: str):
         return
     from accelerate import PartialState
 
-    with PartialState(cpu=device == "cpu").main_process_first():
+    with PartialState(cpu=resolve_device(device) == "cpu").main_process_first():
         yield
+
+
+def _record_epochs(run, history: Sequence[Mapping[str, Any]]) -> None:
+    """Append the finished epochs not yet in the run's samples.jsonl (a resumed run replays an epoch
+    whose checkpoint was not complete; its line is written once)."""
+    done = run.done_keys(lambda e: e.epoch)
+    run.append(
+        TrainingEpoch(epoch=h["epoch"], step=h["step"], train_loss=h["train_loss"], val_loss=h["val_loss"])
+        for h in history
+        if h["epoch"] not in done
+    )
 
 
 def _is_main_process() -> bool:
@@ -210,27 +231,26 @@ def finetune(
             "name": getattr(getattr(base, "info", None), "name", None),
         }
     )
-    identity = {
-        "config": config.identity(),
-        "base": {"spec": base_desc["spec"]},
-        "data_fingerprint": fingerprint(qs, labels),
-    }
     init_weights, init_info = None, None
     if init_adapter is not None:
         init_weights, init_info = read_init_adapter(Path(init_adapter), config)
-        identity["init_adapter"] = init_info["sha256"]  # its weights, wherever the folder lives
+    legacy_data = fingerprint(qs, labels)  # what clinqa_adapter.json records, and folders written before held
 
-    # -- an existing folder: finished, resumable, or someone else's --------------------------------
+    # -- the run folder (main process): created, resumed, upgraded from an older clinqa, or refused -----
+    run = None
+    with _main_process_first(config.device):
+        if _is_main_process():
+            cfg = run_config(config, base_desc["spec"], init_info and init_info["sha256"], labels)
+            run = open_adapter_run(out_dir, cfg, data_fingerprint(qs), legacy_data)
+    # (opened without its own lock: `_holding_folder_lock` holds the folder's; `run` is None elsewhere)
     if is_finished(out_dir):
         meta = load_adapter_metadata(out_dir)
-        check_identity(out_dir, meta, identity, "a finished adapter")
-        if _is_main_process():
-            (out_dir / TRAIN_FILE).unlink(missing_ok=True)  # left over if a kill came right after finishing
+        if run is not None:
+            _record_epochs(run, meta.get("history") or [])  # an upgraded folder gets its epochs too
         return AdapterResult(out_dir, meta, cached=True)
+    t0 = time.perf_counter()
     device = resolve_device(config.device)
     precision = resolve_precision(config.dtype, device)
-    with _main_process_first(device):
-        claim_folder(out_dir, identity)
 
     train_q, val_q = split_train_val(qs, config.val_fraction, config.seed)
     if not train_q:
@@ -257,18 +277,25 @@ def finetune(
         n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         if config.gradient_checkpointing:
             fix_mmap_threshold()
-        trainer, book, resumed_from = lora_trainer.train(
-            peft_model,
-            tokenizer,
-            train_ex,
-            val_ex,
-            config,
-            out_dir / CHECKPOINT_DIR,
-            device=device,
-            precision=precision,
-            progress=progress,
-            checkpoint_every=checkpoint_every,
-        )
+        try:
+            trainer, book, resumed_from = lora_trainer.train(
+                peft_model,
+                tokenizer,
+                train_ex,
+                val_ex,
+                config,
+                out_dir / CHECKPOINT_DIR,
+                device=device,
+                precision=precision,
+                progress=progress,
+                checkpoint_every=checkpoint_every,
+                on_saved=(lambda history: _record_epochs(run, history)) if run is not None else None,
+            )
+        except BaseException:
+            if run is not None:  # a kill or Ctrl-C: the time spent is kept with the checkpoint
+                run.add_compute(time.perf_counter() - t0)
+                run.save_meta()
+            raise
         train_device = str(trainer.args.device)
         world_size = trainer.args.world_size
         state = trainer.state
@@ -297,7 +324,7 @@ def finetune(
         "precision": precision,
         "world_size": world_size,
         "target_modules": list(targets),
-        "data_fingerprint": identity["data_fingerprint"],
+        "data_fingerprint": legacy_data,
         "init_adapter": init_info,
         "specialties": labels,
         "control": bool(extra.get("control", False)),
@@ -328,9 +355,11 @@ def finetune(
         "created_at": now(),
         "extra": extra,
     }
-    if _is_main_process():
-        atomic_write_text(out_dir / METADATA_FILE, json.dumps(meta, indent=2, default=str))
-        (out_dir / TRAIN_FILE).unlink(missing_ok=True)
+    if run is not None:
+        _record_epochs(run, history)
+        run.add_compute(time.perf_counter() - t0)
+        run.finish(**{k: meta[m] for k, m in COUNTS.items()})
+        atomic_write_text(out_dir / METADATA_FILE, json.dumps(meta, indent=2, default=str))  # last: finished
         if not keep_checkpoint:
             shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()  # the other processes return once the folder is complete

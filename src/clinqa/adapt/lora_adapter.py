@@ -1,5 +1,8 @@
-"""A LoRA adapter folder: its metadata file, its identity (what a training in it must agree on), the
-starting adapter's hash, and the `+lora:` spec modifier that loads it into a local model."""
+"""A LoRA adapter folder: a run folder of the one run store (`clinqa.runs.RunFolder`, kind "lora":
+run.json with the identity, samples.jsonl with one `TrainingEpoch` per finished epoch) plus PEFT's
+files and `clinqa_adapter.json`, the adapter's metadata, written last. Here: opening it as a run
+(and upgrading folders written before), the metadata, the starting adapter's hash, and the
+`+lora:` spec modifier that loads it into a local model."""
 
 from __future__ import annotations
 
@@ -10,13 +13,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from clinqa.adapt.lora_config import LoraTrainConfig, identity_config
+from clinqa.adapt.lora_config import LoraTrainConfig, TrainingEpoch, identity_config
 from clinqa.errors import ClinqaError
-from clinqa.runs import LOCK_FILE, atomic_write_text, now, versions  # noqa: F401  (versions: lora.py imports it from here)
+from clinqa.jsonl import read_appended
+from clinqa.runs import (  # noqa: F401  (versions, now: lora.py imports them from here)
+    LOCK_FILE,
+    RUN_FILE,
+    SAMPLES_FILE,
+    RunFolder,
+    atomic_write_text,
+    describe_config_change,
+    digest,
+    now,
+    read_json_object,
+    versions,
+)
 
-METADATA_FILE = "clinqa_adapter.json"
-TRAIN_FILE = "clinqa_train.json"  # identity of an unfinished training run; removed when it finishes
+KIND = "lora"  # run.json's kind for an adapter folder
+METADATA_FILE = "clinqa_adapter.json"  # the adapter's public metadata, written last: it marks a finished folder
+LEGACY_TRAIN_FILE = "clinqa_train.json"  # an unfinished run's identity before adapter folders were run folders
 CHECKPOINT_DIR = "checkpoint"  # the Trainer's checkpoint-N/ folders
+COUNTS = {"epochs": "epochs_run", "steps": "steps", "n_train": "n_train", "n_val": "n_val"}  # run.json <- metadata
 
 
 def load_adapter_metadata(path: str | Path) -> dict[str, Any]:
@@ -37,31 +54,6 @@ def load_adapter_metadata(path: str | Path) -> dict[str, Any]:
 
 def is_finished(out_dir: Path) -> bool:
     return all((out_dir / f).is_file() for f in (METADATA_FILE, "adapter_config.json", "adapter_model.safetensors"))
-
-
-def check_identity(out_dir: Path, found: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
-    """Refuse to mix two trainings in one folder, naming what differs."""
-    diffs = []
-    old_cfg = identity_config(found.get("config") or {})
-    new_cfg = wanted["config"]
-    for k in sorted(set(old_cfg) | set(new_cfg)):
-        if old_cfg.get(k) != new_cfg.get(k):
-            diffs.append(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}")
-    if (found.get("base") or {}).get("spec") != wanted["base"]["spec"]:
-        diffs.append(f"base model: {(found.get('base') or {}).get('spec')!r} -> {wanted['base']['spec']!r}")
-    if found.get("data_fingerprint") != wanted["data_fingerprint"]:
-        diffs.append("training questions differ")
-
-    def sha(v):  # metadata keeps {"path", "sha256"}; a run's identity the hash alone
-        return v.get("sha256") if isinstance(v, Mapping) else v
-
-    if sha(found.get("init_adapter")) != sha(wanted.get("init_adapter")):
-        diffs.append(f"starting adapter: {sha(found.get('init_adapter'))!r} -> {sha(wanted.get('init_adapter'))!r}")
-    if diffs:
-        raise ClinqaError(
-            f"{out_dir} holds {where} with a different setup ({'; '.join(diffs)}): "
-            "choose another output folder or delete this one"
-        )
 
 
 def read_init_adapter(path: Path, config: LoraTrainConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -87,18 +79,91 @@ def read_init_adapter(path: Path, config: LoraTrainConfig) -> tuple[dict[str, An
     }
 
 
-def claim_folder(out_dir: Path, identity: Mapping[str, Any]) -> None:
-    """Make `out_dir` this training's folder, or refuse: an unfinished run's folder must have been
-    started with the same identity; any other non-empty folder is someone else's. Run it on one
-    process at a time (the main one first under several processes), after the finished check."""
-    train_file = out_dir / TRAIN_FILE
-    if train_file.is_file():
-        check_identity(out_dir, json.loads(train_file.read_text()), identity, "an unfinished training run")
-        return
-    if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
+def run_config(config: LoraTrainConfig, base_spec: str, starting_adapter: str | None, labels) -> dict[str, Any]:
+    """What decides an adapter, as its run.json keeps it (the run store's config and identity): the
+    training settings without the memory/speed knobs (`LoraTrainConfig.identity`), the base model's
+    spec, the starting adapter's weights hash (None for a fresh LoRA initialisation) and the
+    specialty labels. The training questions are the run's data fingerprint."""
+    return {
+        **config.identity(),
+        "base_model": base_spec,
+        "starting_adapter": starting_adapter,
+        "specialties": sorted(labels),
+    }
+
+
+def open_adapter_run(
+    out_dir: Path, cfg: Mapping[str, Any], data: Mapping[str, Any], legacy_data: str
+) -> RunFolder[TrainingEpoch]:
+    """`out_dir` as this training's run folder (kind "lora"): created, resumed, or refused by the run
+    store naming what differs; an adapter folder written before adapter folders were run folders is
+    upgraded when it matches (`adopt_legacy`). The caller holds the folder's lock (`lock_path`);
+    call it on the main process only."""
+    legacy = adopt_legacy(out_dir, cfg, legacy_data)
+    run = RunFolder.open(
+        out_dir,
+        cfg,
+        kind=KIND,
+        sample_type=TrainingEpoch,
+        data=data,
+        legacy_identity=legacy,
+        lock=False,
+        data_may_grow=False,  # other questions train another adapter: none may be added either
+    )
+    (out_dir / LEGACY_TRAIN_FILE).unlink(missing_ok=True)  # its run.json now says the same
+    # the caller's lock makes this process the writer: cut a last line torn by a kill so appends stay whole
+    # (RunFolder repairs only when it took the lock itself)
+    read_appended(out_dir / SAMPLES_FILE, json.loads, corrupt="corrupt epoch line; move the folder aside and re-run")
+    return run
+
+
+def adopt_legacy(out_dir: Path, cfg: Mapping[str, Any], legacy_data: str) -> str | None:
+    """An adapter folder without run.json but with clinqa_adapter.json (finished) or clinqa_train.json
+    (unfinished), as clinqa wrote them before: refused with a one-line error naming what differs from
+    this training (`legacy_data`: `lora_data.fingerprint` of its questions, the hash those files
+    hold), or given a store-version-1 run.json that `RunFolder.open` upgrades; returns the identity
+    to pass it as `legacy_identity`. None when `out_dir` is not such a folder; any other non-empty
+    folder is refused."""
+    if not out_dir.is_dir() or (out_dir / RUN_FILE).exists():
+        return None
+    if not any(p.name != LOCK_FILE for p in out_dir.iterdir()):
+        return None
+    finished = (out_dir / METADATA_FILE).is_file()
+    source = out_dir / (METADATA_FILE if finished else LEGACY_TRAIN_FILE)
+    if not source.is_file():
         raise ClinqaError(f"{out_dir} exists and is not a clinqa adapter folder: choose another output folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(train_file, json.dumps({**identity, "started_at": now()}, indent=2))
+    found = read_json_object(source)
+    start = found.get("init_adapter")  # clinqa_adapter.json keeps {"path", "sha256"}, clinqa_train.json the hash
+    old = {
+        **identity_config(found.get("config") or {}),
+        "base_model": (found.get("base") or {}).get("spec"),
+        "starting_adapter": start.get("sha256") if isinstance(start, Mapping) else start,
+    }
+    diffs = describe_config_change(old, {k: v for k, v in cfg.items() if k != "specialties"})
+    if found.get("data_fingerprint") != legacy_data:
+        diffs.append("the training questions differ")  # one hash then: which question cannot be named
+    if diffs:
+        raise ClinqaError(
+            f"{out_dir} holds {'a finished adapter' if finished else 'an unfinished training run'} written by an "
+            f"older clinqa with a different setup ({'; '.join(diffs)}): choose another output folder or delete this one"
+        )
+    identity = digest({"lora-legacy": old, "data": legacy_data})
+    meta = {
+        "kind": KIND,
+        "identity": identity,
+        "config": dict(cfg),
+        "versions": found.get("versions") or versions(),
+        "git": None,
+        "host": None,
+        "started_at": found.get("started_at"),
+        "finished_at": found.get("created_at") if finished else None,
+        "counts": {},
+    }
+    if finished:
+        meta["compute_s"] = found.get("train_seconds")
+        meta["counts"] = {k: found.get(m) for k, m in COUNTS.items()}
+    atomic_write_text(out_dir / RUN_FILE, json.dumps(meta, indent=2, default=str))
+    return identity
 
 
 def apply_modifier(predictor, modifier):

@@ -1,5 +1,6 @@
 """The LoRA training configuration (PEFT's style: a config dataclass in its own file) and the result
-of a training: `LoraTrainConfig`, `identity_config`, `AdapterResult`."""
+of a training: `LoraTrainConfig`, `identity_config`, `TrainingEpoch` (one line of an adapter folder's
+samples.jsonl), `AdapterResult`."""
 
 from __future__ import annotations
 
@@ -164,6 +165,18 @@ def identity_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: v for k, v in config.items() if k not in _NOT_IDENTITY and not (k in _ADDED_LATER and v == _ADDED_LATER[k])
     }
+
+
+@dataclass
+class TrainingEpoch:
+    """One finished epoch of a training: a line of the adapter folder's samples.jsonl (the run store's
+    samples), appended once the epoch's checkpoint is complete. `val_loss` is None without a
+    validation set; `step` is the optimizer step the epoch ended at."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    val_loss: float | None = None
 
 
 @dataclass

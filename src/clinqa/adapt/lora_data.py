@@ -173,8 +173,32 @@ def prepare_questions(questions, config: LoraTrainConfig) -> tuple[list[Example]
     return list(seen.values()), list(groups)
 
 
+_QUESTION_FIELDS = ("question", "options", "answer", "contexts")
+_TEXT_FIELDS = ("prompt", "target", "system", "chat")
+
+
+def data_fingerprint(questions: Sequence[Example]) -> dict[str, Any]:
+    """The run store's fingerprint of the training questions (`clinqa.runs.fingerprint`: a hash per
+    question and field, in their order, which decides the batches), so a changed, added, missing or
+    moved question is named: "1 training questions differ, first: q03 answer"."""
+    from clinqa.runs import fingerprint as run_fingerprint
+
+    kinds = {isinstance(q, TextExample) for q in questions}
+    fields = (_TEXT_FIELDS if True in kinds else ()) + (_QUESTION_FIELDS if False in kinds else ())
+
+    def values(q: Example) -> dict[str, Any]:
+        if isinstance(q, TextExample):
+            got = {"prompt": q.prompt, "target": q.target, "system": q.system, "chat": q.chat}
+        else:
+            got = {"question": q.question, "options": q.options, "answer": q.answer, "contexts": q.meta.get("contexts")}
+        return {f: got.get(f) for f in fields}
+
+    return run_fingerprint(((q.id, values(q)) for q in questions), noun="training questions")
+
+
 def fingerprint(questions: Sequence[Example], labels: Sequence[str]) -> str:
-    """A hash of the training data (ids and content, order-free) and its labels."""
+    """A hash of the training data (ids and content, order-free) and its labels: the identity adapter
+    folders held before they were run folders (`data_fingerprint` in clinqa_adapter.json)."""
     rows = sorted(
         json.dumps(
             [q.id, q.prompt, q.target, q.system, q.chat]

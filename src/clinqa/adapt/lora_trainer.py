@@ -25,7 +25,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +195,16 @@ def _callback_class():
     class ClinqaCallback(TrainerCallback):
         """Progress, mid-epoch checkpoints every `checkpoint_every` steps, history and counters."""
 
-        def __init__(self, book: Book, progress: ProgressFn | None, checkpoint_every: int, sampler: EpochSampler):
+        def __init__(
+            self,
+            book: Book,
+            progress: ProgressFn | None,
+            checkpoint_every: int,
+            sampler: EpochSampler,
+            on_saved: Callable[[list[dict[str, Any]]], None] | None = None,
+        ):
             self.book, self.progress, self.every, self.sampler = book, progress, checkpoint_every, sampler
+            self.on_saved = on_saved
             self.t_run = self.t_step = time.perf_counter()
             self.seconds_before = book.train_seconds
 
@@ -231,6 +239,8 @@ def _callback_class():
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 (folder / BOOK_FILE).write_text(self.book.to_json(**totals))  # last: marks the checkpoint complete
+                if self.on_saved:  # the epochs in this checkpoint, never ahead of the newest complete one
+                    self.on_saved(self.book.history)
 
         def on_train_end(self, args, state, control, **kwargs):
             self.book.train_seconds = self.seconds_before + time.perf_counter() - self.t_run
@@ -314,8 +324,11 @@ def train(
     precision: str,
     progress: ProgressFn | None,
     checkpoint_every: int,
+    on_saved: Callable[[list[dict[str, Any]]], None] | None = None,
 ):
     """Train `peft_model` in place; the best epoch's weights are loaded at the end.
+    `on_saved(history)` is called on the main process after every complete checkpoint with the
+    per-epoch history so far ({"epoch", "train_loss", "val_loss", "step"} per finished epoch).
     Returns (trainer, book, resumed_from step or None)."""
     import os
 
@@ -338,7 +351,7 @@ def train(
             f"resume it with {book.world_size}, or delete {ckpt_dir.parent} to start again"
         )
     sampler = EpochSampler([len(e["input_ids"]) for e in train_ex], config.batch_size, config.seed)
-    callbacks = [_callback_class()(book, progress, checkpoint_every, sampler)]
+    callbacks = [_callback_class()(book, progress, checkpoint_every, sampler, on_saved)]
     if val_ex and config.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=int(config.patience)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
