@@ -323,3 +323,23 @@ def test_locks_live_in_clinqa_locks_and_lora_records_the_same_versions():
     assert {"peft", "accelerate", "bitsandbytes"} <= set(runs.VERSIONED_PACKAGES)
     v = runs.versions()
     assert v["clinqa"] == clinqa.__version__ and v["python"].count(".") == 2
+
+
+@pytest.mark.parametrize("lock", [True, False])
+def test_a_line_torn_by_a_kill_is_cut_off_by_a_writer_and_left_alone_by_a_reader(tmp_path, lock):
+    folder = tmp_path / "run"
+    with RunFolder.open(folder, {"a": 1}, kind="t", sample_type=Row) as run:
+        run.append([Row(key="x", value=1.0)])
+    samples = folder / "samples.jsonl"
+    whole = samples.read_bytes()
+    samples.write_bytes(whole + b'{"key": "y", "va')  # a kill mid-write
+    assert [r.key for r in RunFolder.load(folder, Row).samples()] == ["x"]
+    assert samples.read_bytes() == whole + b'{"key": "y", "va'  # a reader never writes
+    run = RunFolder.open(folder, {"a": 1}, kind="t", sample_type=Row, lock=lock)  # lock=False: the caller holds it
+    try:
+        assert [r.key for r in run.samples()] == ["x"]
+        assert samples.read_bytes() == whole
+        run.append([Row(key="z", value=2.0)])
+    finally:
+        run.close()
+    assert [r.key for r in RunFolder.load(folder, Row).samples()] == ["x", "z"]

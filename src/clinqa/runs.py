@@ -302,6 +302,7 @@ class RunFolder(Generic[S]):
         self.samples_file = samples_file
         self._adapter = TypeAdapter(sample_type)
         self._lock_cm = None
+        self._writer = False  # opened with `open` (its lock, or the caller's): may repair a torn last line
 
     # -- opening ---------------------------------------------------------------------------------------
     @classmethod
@@ -344,6 +345,7 @@ class RunFolder(Generic[S]):
         except OSError as exc:
             raise ClinqaError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None
         run = cls(path, {}, sample_type, samples_file=samples_file)
+        run._writer = True
         if lock:
             run._lock_cm = lock_path(path, folder=True, what=what)
             run._lock_cm.__enter__()
@@ -420,7 +422,8 @@ class RunFolder(Generic[S]):
         return cls(path, read_meta(path), sample_type, samples_file=samples_file)
 
     def close(self) -> None:
-        """Release the lock (idempotent)."""
+        """Release the lock (idempotent); the folder is read-only to this object from now on."""
+        self._writer = False
         cm, self._lock_cm = self._lock_cm, None
         if cm is not None:
             cm.__exit__(None, None, None)
@@ -449,12 +452,13 @@ class RunFolder(Generic[S]):
 
     # -- samples ---------------------------------------------------------------------------------------
     def samples(self) -> list[S]:
-        """All complete samples; a half-written last line (a kill mid-write) is dropped and repaired."""
+        """All complete samples; a half-written last line (a kill mid-write) is dropped, and cut off the
+        file when the folder was opened for writing (``open``), so the next append starts a whole line."""
         return read_appended(
             self.path / self.samples_file,
             self._adapter.validate_json,
             corrupt="corrupt sample line; move the run folder aside and re-run",
-            repair=self._lock_cm is not None,
+            repair=self._writer,
         )
 
     def done_keys(self, key: Callable[[S], Hashable]) -> set:

@@ -15,7 +15,6 @@ from typing import Any
 
 from clinqa.adapt.lora_config import LoraTrainConfig, TrainingEpoch, identity_config
 from clinqa.errors import ClinqaError
-from clinqa.jsonl import read_appended
 from clinqa.runs import (  # noqa: F401  (versions, now: lora.py imports them from here)
     LOCK_FILE,
     RUN_FILE,
@@ -111,9 +110,7 @@ def open_adapter_run(
         data_may_grow=False,  # other questions train another adapter: none may be added either
     )
     (out_dir / LEGACY_TRAIN_FILE).unlink(missing_ok=True)  # its run.json now says the same
-    # the caller's lock makes this process the writer: cut a last line torn by a kill so appends stay whole
-    # (RunFolder repairs only when it took the lock itself)
-    read_appended(out_dir / SAMPLES_FILE, json.loads, corrupt="corrupt epoch line; move the folder aside and re-run")
+    run.samples()  # cuts off a last line torn by a kill, so the next epoch's line starts whole
     return run
 
 
