@@ -88,6 +88,7 @@ def test_generate_method_counts_unparseable(tmp_path):
         (["eval", "default", "no_such_data.jsonl", "--out", "X"], "no such file or folder"),
         (["eval", "default+lora:", "bundled", "--out", "X"], "needs a target"),
         (["finetune", "default", "bundled", "--part", "3/2", "--out", "X"], "part '3/2': use K/N"),
+        (["annotate", "bundled", "--none-from", "bundled", "--out", "X"], "give --train too"),
     ],
 )
 def test_errors_are_one_line_without_traceback(tmp_path, args, message):

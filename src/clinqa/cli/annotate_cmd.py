@@ -43,6 +43,14 @@ def annotate_cmd(
         "--train",
         help="labelled questions: annotate with the MiniLM classifier trained on them instead of prompting a model (bundled = bundled:all, all fifteen specialties)",
     ),
+    none_from: Optional[str] = typer.Option(
+        None,
+        "--none-from",
+        help="hand-labelled questions, some with an empty specialties list: fit the none gate on them (with --train) "
+        "and leave the questions it judges outside the fifteen specialties unlabelled "
+        "(e.g. benchmarks/data/medmcqa_specialty_val.jsonl)",
+    ),
+    none_threshold: float = typer.Option(0.5, "--none-threshold", help="P(none) at which the gate leaves a question"),
     calibration: Optional[str] = typer.Option(
         None,
         "--calibration",
@@ -70,6 +78,10 @@ def annotate_cmd(
 
     _at_least("--limit", limit)
     _at_least("--prompts", prompts)
+    if none_from and not train:
+        raise ClinqaError("--none-from fits the none gate of the MiniLM annotator: give --train too")
+    if not 0 < none_threshold < 1:
+        raise ClinqaError(f"--none-threshold must be between 0 and 1 (exclusive), got {none_threshold}")
     check_annotation_out(out)
     if labelled:
         _writable_out(labelled, folder=False)
@@ -100,10 +112,29 @@ def annotate_cmd(
                 f"[yellow]warning:[/yellow] {len(train_ids & {q.id for q in questions})} questions of {safe(data)} are "
                 f"also in --train {safe(train)}: their accuracy below is not held out"
             )
+        gate_from = None
+        if none_from:
+            none_qs = load_questions(none_from).questions
+            gate_from = (none_from, none_qs)
+            shared = {x.id for x in none_qs} & {x.id for x in questions}
+            if shared:
+                err.print(
+                    f"[yellow]warning:[/yellow] {len(shared)} questions of {safe(data)} are also in --none-from "
+                    f"{safe(none_from)}: the gate has seen them"
+                )
+        gate_args = {"none_from": gate_from, "none_threshold": none_threshold}
         with console.status("MiniLM annotator: embedding and fitting"):
             annotator = EmbeddingAnnotator()  # fitted only if something is still to annotate
-            anns = minilm_to_run(out, questions, train_qs, train, annotator=annotator, notify=note)
-            cal_anns = minilm_to_run(cal_out, cal_qs, train_qs, train, annotator=annotator) if cal_qs else []
+            anns = minilm_to_run(out, questions, train_qs, train, annotator=annotator, notify=note, **gate_args)
+            cal_anns = (
+                minilm_to_run(cal_out, cal_qs, train_qs, train, annotator=annotator, **gate_args) if cal_qs else []
+            )
+        if gate_from:
+            left = sum(a.label is None for a in anns)
+            console.print(
+                f"none gate (fitted on {safe(none_from)}, P(none) >= {none_threshold}): {left} of {len(anns)} "
+                "questions left without a specialty"
+            )
         n_votes = 1
     else:
         predictor = load_predictor(model)

@@ -68,29 +68,51 @@ def gold_labels(questions: Sequence[Question], where: str) -> list[list[str]]:
     return out
 
 
-def embedding_annotations(probs: np.ndarray, questions: Sequence[Question]) -> list[Annotation]:
-    """``EmbeddingAnnotator.predict_proba`` rows as Annotations (one 'vote': the most probable label)."""
+def embedding_annotations(
+    probs: np.ndarray, questions: Sequence[Question], p_none: Any = None, threshold: float = 0.5
+) -> list[Annotation]:
+    """``EmbeddingAnnotator.predict_proba`` rows as Annotations (one 'vote': the most probable label).
+
+    p_none: the none gate's P(no specialty) per question (``none_gate.NoneGate.p_none``); where it
+    reaches `threshold` the annotation keeps its votes and probabilities but gets no label."""
     probs = np.asarray(probs, dtype=float)
+    if p_none is not None and len(p_none) != len(questions):
+        raise ClinqaError(f"got {len(p_none)} none-gate scores for {len(questions)} questions")
     if probs.shape != (len(questions), len(SPECIALTY_IDS)):
         raise ClinqaError(
             f"expected probabilities of shape ({len(questions)}, {len(SPECIALTY_IDS)}), got {probs.shape}"
         )
     out = []
-    for q, row in zip(questions, probs):
+    for i, (q, row) in enumerate(zip(questions, probs)):
         top = SPECIALTY_IDS[int(np.argmax(row))]
+        pn = None if p_none is None else float(p_none[i])
         out.append(
-            Annotation(question_id=q.id, votes={top: 1}, label=top, probs=[float(p) for p in row], per_prompt=[top])
+            Annotation(
+                question_id=q.id,
+                votes={top: 1},
+                label=None if pn is not None and pn >= threshold else top,
+                probs=[float(p) for p in row],
+                per_prompt=[top],
+                p_none=pn,
+            )
         )
     return out
 
 
-def minilm_config(annotator: Any, train: str, train_questions: Sequence[Question]) -> dict[str, Any]:
+def minilm_config(
+    annotator: Any,
+    train: str,
+    train_questions: Sequence[Question],
+    none_from: tuple[str, Sequence[Question]] | None = None,
+    none_threshold: float = 0.5,
+) -> dict[str, Any]:
     """The settings that determine a MiniLM annotation: the classifier's parameters, its embedding
-    model, the training spec and a digest of the training questions (id, text, options, specialties)."""
+    model, the training spec and a digest of the training questions (id, text, options, specialties),
+    and the none gate's examples and threshold where one is used."""
     from clinqa.runs import digest
     from clinqa.specialties.annotate_store import FILE_FORMAT, FORMAT_VERSION
 
-    return {
+    config = {
         "annotator": "minilm",
         "format": FILE_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -101,6 +123,15 @@ def minilm_config(annotator: Any, train: str, train_questions: Sequence[Question
         "n_train": len(train_questions),
         "train_questions": digest([[q.id, q.question, q.options, list(q.specialties)] for q in train_questions]),
     }
+    if none_from is not None:  # only then: folders written without a gate keep their identity
+        spec, qs = none_from
+        config["none_gate"] = {
+            "from": spec,
+            "n": len(qs),
+            "questions": digest([[q.id, q.question, q.options, list(q.specialties)] for q in qs]),
+            "threshold": float(none_threshold),
+        }
+    return config
 
 
 def minilm_to_run(
@@ -111,26 +142,47 @@ def minilm_to_run(
     *,
     annotator: Any = None,
     notify: Any = None,
+    none_from: tuple[str, Sequence[Question]] | None = None,
+    none_threshold: float = 0.5,
 ) -> list[Annotation]:
     """MiniLM annotations of `questions` into the run folder `out` (``clinqa.specialties.annotate_store``),
     resuming by id; the annotator (an unfitted ``EmbeddingAnnotator`` by default) is fitted on
-    `train_questions` (named `train` in the config) only if some question is still to annotate."""
+    `train_questions` (named `train` in the config) only if some question is still to annotate.
+
+    none_from: (spec, hand-labelled questions) to fit the none gate on (``none_gate.fit_none_gate_on``,
+    with `train_questions` as further in-taxonomy examples): a question whose P(none) reaches
+    `none_threshold` gets no label."""
     from clinqa.specialties.annotate_store import annotate_into
-    from clinqa.specialties.embed import EmbeddingAnnotator, question_text
+    from clinqa.specialties.embed import EmbeddingAnnotator, embed_texts, question_text
+    from clinqa.specialties.none_gate import fit_none_gate_on
 
     annotator = annotator if annotator is not None else EmbeddingAnnotator()
     by_id = {q.id: q for q in questions}
+    gate: list = []
 
     def compute(batch: list[tuple[str, str]]) -> list[Annotation]:
         if annotator.coef_ is None:
             annotator.fit(train_questions)
+        if none_from is not None and not gate:
+            gate.append(
+                fit_none_gate_on(
+                    none_from[1],
+                    train_questions,
+                    threshold=none_threshold,
+                    where=none_from[0],
+                    model=annotator.model,
+                    include_options=annotator.include_options,
+                )
+            )
         qs = [by_id[qid] for qid, _ in batch]
-        return embedding_annotations(annotator.predict_proba(qs), qs)
+        if not gate:
+            return embedding_annotations(annotator.predict_proba(qs), qs)
+        emb = embed_texts([t for _, t in batch], batch_size=annotator.batch_size, model=annotator.model)
+        return embedding_annotations(annotator.predict_proba_embeddings(emb), qs, gate[0].p_none(emb), none_threshold)
 
     items = [(q.id, question_text(q, include_options=annotator.include_options)) for q in questions]
-    return annotate_into(
-        out, items, minilm_config(annotator, train, train_questions), compute, batch_size=256, notify=notify
-    )
+    config = minilm_config(annotator, train, train_questions, none_from, none_threshold)
+    return annotate_into(out, items, config, compute, batch_size=256, notify=notify)
 
 
 def conformal_sets(
@@ -144,7 +196,8 @@ def conformal_sets(
 def labelled_questions(
     questions: Sequence[Question], annotations: Sequence[Annotation], sets: Sequence[Sequence[str]] | None = None
 ) -> list[Question]:
-    """``questions`` with ``specialties`` replaced by the conformal set (if given) or the kept majority label."""
+    """``questions`` with ``specialties`` replaced by the conformal set (if given) or the kept majority
+    label; none where the none gate left the question out."""
     by_id = {a.question_id: a for a in annotations}
     if sets is not None and len(sets) != len(questions):
         raise ClinqaError(f"got {len(sets)} label sets for {len(questions)} questions")
@@ -153,12 +206,15 @@ def labelled_questions(
         a = by_id.get(q.id)
         if a is None:
             raise ClinqaError(f"question {q.id!r} has no annotation")
-        labels = list(sets[i]) if sets is not None else ([a.label] if a.label else [])
+        gated = a.p_none is not None and a.label is None  # the none gate left it out: no set either
+        labels = [] if gated else list(sets[i]) if sets is not None else ([a.label] if a.label else [])
         info = {
             "votes": dict(a.votes),
             "label": a.label,
-            "labels_from": "conformal set" if sets is not None else "majority vote",
+            "labels_from": "none gate" if gated else "conformal set" if sets is not None else "majority vote",
         }
+        if a.p_none is not None:
+            info["p_none"] = a.p_none
         if q.specialties:
             info["original_specialties"] = list(q.specialties)
         out.append(q.model_copy(update={"specialties": labels, "meta": {**q.meta, "specialty_annotation": info}}))

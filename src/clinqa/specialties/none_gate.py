@@ -130,4 +130,34 @@ def cross_fitted_p_none(
     return out
 
 
-__all__ = ["NoneGate", "cross_fitted_p_none", "fit_none_gate"]
+def fit_none_gate_on(
+    labelled: Sequence[Any],
+    extra_specialty: Sequence[Any] = (),
+    *,
+    threshold: float = 0.5,
+    where: str = "the none examples",
+    model: Any = None,
+    include_options: bool = False,
+) -> NoneGate:
+    """Fit the gate on hand-labelled questions: those whose ``specialties`` is empty are "none", the
+    others (and `extra_specialty`, e.g. the annotator's training questions) belong to the taxonomy.
+    A file in which no question has a specialty is refused: it was not labelled, so emptiness there
+    does not mean "none"."""
+    from clinqa.specialties.embed import embed_texts, question_text
+
+    threshold = _check_threshold(threshold)
+    none = [q for q in labelled if not q.specialties]
+    spec = [q for q in labelled if q.specialties]
+    if not spec:
+        raise ClinqaError(
+            f"{where}: no question has a specialty, so the file does not look labelled; the gate learns "
+            "'none' from a labelled file's questions whose specialties list is empty"
+        )
+    if not none:
+        raise ClinqaError(f"{where}: no question is labelled none (an empty specialties list)")
+    spec += list(extra_specialty)
+    emb = embed_texts([question_text(q, include_options=include_options) for q in spec + none], model=model)
+    return fit_none_gate(emb[: len(spec)], emb[len(spec) :], threshold=threshold)
+
+
+__all__ = ["NoneGate", "cross_fitted_p_none", "fit_none_gate", "fit_none_gate_on"]

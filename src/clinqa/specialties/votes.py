@@ -20,6 +20,8 @@ class Annotation:
     label: the majority specialty if it has at least ``min_votes`` votes, else None (abstain).
     probs: mean over prompts of the softmax over the 15 labels, in taxonomy order (``SPECIALTY_IDS``).
     per_prompt: each prompt's top label, in prompt order.
+    p_none: P(the question belongs to no specialty) from the none gate (``none_gate``), where one was
+      used; a question the gate left out has label None.
     """
 
     question_id: str
@@ -27,6 +29,7 @@ class Annotation:
     label: str | None
     probs: list[float]
     per_prompt: list[str] = field(default_factory=list)
+    p_none: float | None = None
 
     @property
     def n_prompts(self) -> int:
@@ -48,6 +51,7 @@ class Annotation:
             "votes": dict(self.votes),
             "probs": [float(p) for p in self.probs],
             "per_prompt": list(self.per_prompt),
+            **({} if self.p_none is None else {"p_none": float(self.p_none)}),
         }
 
     @classmethod
@@ -59,6 +63,7 @@ class Annotation:
                 label=data.get("label"),
                 probs=[float(p) for p in data["probs"]],
                 per_prompt=[str(p) for p in data.get("per_prompt", [])],
+                p_none=None if data.get("p_none") is None else float(data["p_none"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ClinqaError(
