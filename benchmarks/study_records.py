@@ -7,11 +7,14 @@ eight real Synthea R4 bundles in ../shared/data/fhir/synthea-r4 that training ne
 Steps (each a clinqa command writing a resumable folder; run the same command again to resume):
 1. `records questions` on the real bundles (at least 200 questions with ground truth) and on
    `records synth` training patients;
-2. `records finetune --sequential --test`: a stage-1 adapter, stage 2 continued from it, with stage-1
-   F1 on the real questions before and after stage-2 training (the forgetting measurement);
-3. `records eval` on the real questions with every stage-1 method: BM25, MiniLM embeddings, the base
-   LLM selector, the fine-tuned LLM selector with the fine-tuned stage 2, and the full record;
-4. `records judge` over the runs (blind vs named).
+2. `records eval` on the real questions (all, or the --sample) with the stage-1 methods that need no
+   training: BM25, MiniLM embeddings, the full record, the base LLM selector (threshold tuned on
+   training questions); OUT/results.md is rewritten after each, so results show as they come;
+3. `records finetune --sequential --test`: a stage-1 adapter, stage 2 continued from it (and the
+   reverse order), with stage-1 F1 on the real questions before and after stage-2 training (the
+   forgetting measurement) — the long step: hours on a 2-core CPU;
+4. `records eval` with the fine-tuned LLM selector and the fine-tuned stage 2;
+5. `records judge` over the runs (blind vs named).
 OUT/results.md collects stage-1 precision/recall/F1, METEOR, ROUGE-L, exact match, citation
 precision and abstention per method, the forgetting figures and the judge table; OUT/steps.jsonl
 holds the wall time of every step. Needs ../shared/data (not part of a clone).
@@ -69,6 +72,28 @@ def main() -> None:
     (train_pts / ".done").touch()
     step("training questions", ["records", "questions", str(train_pts), "--out", str(train_qa)], out, done=train_qa)
     adapters = out / "adapters"
+    gen = ["--max-new-tokens", str(a.max_new_tokens)]
+    runs = {
+        "bm25": ["--selector", "bm25"],
+        "minilm": ["--selector", "embedding"],
+        "full-record": ["--selector", "full"],
+        "llm-base": ["--selector", "llm", "--tune", str(train_qa), "--tune-records", str(train_pts)],
+        "fine-tuned": ["--adapters", str(adapters)],
+    }
+
+    def evaluate(name: str) -> None:
+        step(
+            f"eval {name}",
+            ["records", "eval", m, str(test_qa), "--records", str(real), "--out", str(out / "runs" / name)]
+            + runs[name]
+            + gen,
+            out,
+        )
+        write_results(out, list(runs), test_qa)  # the tables so far: a long study shows results as it goes
+
+    # the methods that need no training first: their results come hours before the fine-tuned one's
+    for name in ("bm25", "minilm", "full-record", "llm-base"):
+        evaluate(name)
     step(
         "finetune (sequential, forgetting on the real questions)",
         [
@@ -91,31 +116,7 @@ def main() -> None:
         + (["--limit", "20", "--tune-questions", "4"] if a.small else []),
         out,
     )
-    gen = ["--max-new-tokens", str(a.max_new_tokens)]
-    runs = {
-        "bm25": ["--selector", "bm25"],
-        "minilm": ["--selector", "embedding"],
-        "llm-base": ["--selector", "llm", "--tune", str(train_qa), "--tune-records", str(train_pts)],
-        "fine-tuned": ["--adapters", str(adapters)],
-        "full-record": ["--selector", "full"],
-    }
-    for name, extra in runs.items():
-        step(
-            f"eval {name}",
-            [
-                "records",
-                "eval",
-                m,
-                str(test_qa),
-                "--records",
-                str(real),
-                "--out",
-                str(out / "runs" / name),
-                *extra,
-                *gen,
-            ],
-            out,
-        )
+    evaluate("fine-tuned")
     judge_args = ["records", "judge", str(test_qa), "--judge", m, "--out", str(out / "judge.json")]
     for name in runs:
         judge_args += ["--run", f"{name}={out / 'runs' / name}"]
