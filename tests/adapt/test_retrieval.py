@@ -492,3 +492,17 @@ def test_corpus_names_are_reexported_from_retrieval(tmp_path):
         assert getattr(retrieval, name) is getattr(corpus_module, name)
     doc = retrieval.Document("d", " ".join(f"w{i}" for i in range(7)))
     assert [p.text for p in retrieval.chunk(doc, max_words=4, overlap=1)] == ["w0 w1 w2 w3", "w3 w4 w5 w6"]
+
+
+def test_bm25s_index_builds_log_nothing_below_warning(caplog):
+    import logging
+
+    from clinqa.adapt.retrieval import import_bm25s
+
+    caplog.set_level(logging.DEBUG)
+    bm25s = import_bm25s()
+    retriever = bm25s.BM25()
+    retriever.index(
+        bm25s.tokenize(["aspirin for chest pain", "insulin for diabetes"], show_progress=False), show_progress=False
+    )
+    assert not [r for r in caplog.records if r.name == "bm25s" and r.levelno < logging.WARNING]

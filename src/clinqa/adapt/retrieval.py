@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -110,6 +111,15 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[Any]], k: int = RRF_K) ->
     return sorted(scores.items(), key=lambda kv: (-kv[1], best[kv[0]], first[kv[0]]))
 
 
+def import_bm25s():
+    """The bm25s module, with its logger at WARNING: bm25s sets it to DEBUG when imported, so once any
+    library has configured the root logger every index build prints "Building index from tokens"."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
 def bm25_tokenize(
     texts: Sequence[str],
     *,
@@ -120,7 +130,7 @@ def bm25_tokenize(
     """bm25s's tokenizer with English stopwords (plus `extra_stopwords`), optionally after splitting
     CamelCase words ("MedicationRequest" -> "Medication Request") and with each token passed through
     `fold` (e.g. plural folding). The one BM25 tokenizer: the index here and the records selector."""
-    import bm25s
+    bm25s = import_bm25s()
 
     if split_camel_case:
         texts = [re.sub(r"(?<=[a-z])(?=[A-Z])", " ", t) for t in texts]
@@ -165,7 +175,7 @@ class Index:
     @classmethod
     def load(cls, path: str | Path, *, model: Any = None) -> Index:
         """Open an index folder written by build_index. `model` overrides the recorded query encoder."""
-        import bm25s
+        bm25s = import_bm25s()
 
         path = Path(path).expanduser()
         hint = "build one with build_index(docs, folder) (CLI: clinqa index build DOCS OUT)"
@@ -324,7 +334,7 @@ def build_index(
     The folder is written next to `out_dir` and moved into place at the end, so a failed build never
     leaves half an index; an existing index there is replaced, any other non-empty folder is refused.
     """
-    import bm25s
+    bm25s = import_bm25s()
 
     from clinqa.models.embed import embed_texts, embedding_model_name
 

@@ -188,7 +188,9 @@ class RetrievalSelector:
         if not lines:
             return []
         if self.mode == "bm25":
-            import bm25s
+            from clinqa.adapt.retrieval import import_bm25s
+
+            bm25s = import_bm25s()
 
             def build():
                 retriever = bm25s.BM25()
