@@ -29,3 +29,15 @@ def test_import_graph_finds_a_planted_cycle_and_an_upward_arrow():
 def test_no_arrow_points_up():
     tool = _tool()
     assert tool.upward_arrows(tool.package_graph(tool.module_imports())) == []
+
+
+MAX_MODULE_LINES = 600  # "a module you read in one sitting" (docs/design.md)
+
+
+def test_no_module_is_longer_than_a_sitting():
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in sorted((ROOT / "src" / "clinqa").rglob("*.py"))
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"split these along a seam that is already there: {long}"
