@@ -159,13 +159,24 @@ def write_results(out: Path, names: list[str], test_qa: Path) -> None:
     n_all = sum(1 for _ in open(out / "real-qa.jsonl"))
     n_test = sum(1 for _ in open(test_qa))
     lines.append(f"Real questions: {n_all} from the eight shared Synthea bundles; tested on {n_test} ({test_qa.name}).")
-    lines += ["", "## Per method (stage-1 selection, stage-2 answer)", ""]
-    for name in names:
-        run = out / "runs" / name / "summary.json"
-        if not run.exists():
-            continue
-        summary = json.loads(run.read_text())
-        lines += [f"### {name}", "", "```json", json.dumps(summary, indent=1, default=str)[:4000], "```", ""]
+    done = {name: out / "runs" / name for name in names if (out / "runs" / name / "summary.json").exists()}
+    if done:
+        from clinqa.records.compare import compare_runs, to_markdown
+        from clinqa.records.evaluation import read_records_run
+
+        result = compare_runs({name: read_records_run(path) for name, path in done.items()})
+        (out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
+        lines += ["", "## Per method (stage-1 selection, stage-2 answer)", "", to_markdown(result), ""]
+    for name, path in done.items():
+        summary = json.loads((path / "summary.json").read_text())
+        lines += [
+            f"### {name}: full summary",
+            "",
+            "```json",
+            json.dumps(summary, indent=1, default=str)[:4000],
+            "```",
+            "",
+        ]
     stages = out / "adapters" / "stages.json"
     if stages.exists():
         lines += ["## Fine-tuning and forgetting", "", "```json", stages.read_text()[:3000], "```", ""]

@@ -252,6 +252,34 @@ def records_eval(
     console.print(f"run saved in [bold]{safe(out)}[/bold]")
 
 
+@records_app.command("compare")
+def records_compare(
+    runs: list[str] = typer.Argument(..., help="run folders of `records eval`, each PATH or NAME=PATH"),
+    baseline: Optional[str] = typer.Option(None, help="the run the others are compared with (default: the first)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the tables (.md) and figures (.json)"),
+) -> None:
+    """Record-QA runs side by side on the same questions: stage-1 F1, exact match, METEOR, ROUGE-L and
+    abstention, each with a bootstrap interval, and paired tests of every run against the baseline."""
+    import json as _json
+
+    from clinqa.records.compare import compare_runs, to_markdown
+    from clinqa.records.evaluation import read_records_run
+
+    named: dict[str, list] = {}
+    for arg in runs:
+        name, _, path = arg.partition("=") if "=" in arg else (Path(arg).name, "", arg)
+        if name in named:
+            raise ClinqaError(f"two runs are named {name!r}: give them names, NAME=PATH")
+        named[name] = read_records_run(path)
+    result = compare_runs(named, baseline)
+    text = to_markdown(result)
+    if out is not None:
+        _writable_out(out, folder=False)
+        out.with_suffix(".md").write_text(text, encoding="utf-8")
+        out.with_suffix(".json").write_text(_json.dumps(result, indent=1, default=str), encoding="utf-8")
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 @records_app.command("judge")
 def records_judge(
     qa: Path = typer.Argument(..., help="the questions JSONL the runs answered"),
