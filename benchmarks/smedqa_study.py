@@ -83,9 +83,13 @@ def load_pool(spec: str) -> list:
     return medmcqa or qs
 
 
-def annotate_dev(mirage: Path | str, out: Path, limit: int | None) -> Path:
-    """Step 1: MiniLM (bundled:all) labels on MedMCQA dev, appended in chunks so a kill loses one chunk."""
-    from clinqa.specialties.embed import SPECIALTY_IDS
+NONE_EXAMPLES = Path(__file__).resolve().parent / "data" / "medmcqa_specialty_val.jsonl"
+
+
+def annotate_dev(mirage: Path | str, out: Path, limit: int | None, none_gate: bool = False) -> Path:
+    """Step 1: MiniLM (bundled:all) labels on MedMCQA dev, appended in chunks so a kill loses one chunk;
+    with `none_gate`, each question's P(none) from the none gate fitted on the hand-labelled sample."""
+    from clinqa.specialties.embed import SPECIALTY_IDS, embed_texts, question_text
     from clinqa.specialties.label import ALL_SPECIALTIES_SPEC, bundled_annotator
 
     path = out / "medmcqa_dev_labelled.jsonl"
@@ -97,17 +101,31 @@ def annotate_dev(mirage: Path | str, out: Path, limit: int | None) -> Path:
         return path
     log(f"1 annotate: MiniLM trained on {ALL_SPECIALTIES_SPEC}, {len(dev)} MedMCQA dev questions ({done} already done)")
     ann = bundled_annotator()
+    gate = None
+    if none_gate:
+        from clinqa.data.loaders import load_questions
+        from clinqa.specialties.none_gate import fit_none_gate_on
+
+        gate = fit_none_gate_on(
+            load_questions(str(NONE_EXAMPLES), skip_invalid=True).questions,
+            load_questions(ALL_SPECIALTIES_SPEC).questions,
+            where=str(NONE_EXAMPLES),
+        )
+        log(f"  none gate fitted on {NONE_EXAMPLES.name} ({gate.n_none} none, {gate.n_specialty} with a specialty)")
     for s in range(done, len(dev), CHUNK):
         batch = dev[s : s + CHUNK]
-        probs = ann.predict_proba(batch)
+        emb = embed_texts([question_text(q) for q in batch])
+        probs = ann.predict_proba_embeddings(emb)
+        p_none = gate.p_none(emb) if gate is not None else [None] * len(batch)
         with open(path, "a", encoding="utf-8") as fh:
-            for q, row in zip(batch, probs):
+            for q, row, pn in zip(batch, probs, p_none):
                 order = row.argsort()[::-1]
                 top = SPECIALTY_IDS[int(order[0])]
                 info = {
                     "annotator": f"MiniLM trained on {ALL_SPECIALTIES_SPEC}",
                     "prob": float(row[order[0]]),
                     "top3": {SPECIALTY_IDS[int(j)]: round(float(row[j]), 4) for j in order[:3]},
+                    **({} if pn is None else {"p_none": round(float(pn), 4)}),
                 }
                 d = q.model_copy(update={"specialties": [top], "meta": {**q.meta, "specialty_annotation": info}})
                 fh.write(json.dumps(d.model_dump(), ensure_ascii=False) + "\n")
@@ -124,6 +142,11 @@ def select(labelled: Path, out: Path, specs: tuple[str, ...], per_specialty: int
     rows = read_jsonl(labelled)
     chosen, info = [], {"per_specialty": per_specialty, "min_prob": min_prob, "seed": seed, "specialties": {}}
     short = []
+    gated = [r for r in rows if r["meta"]["specialty_annotation"].get("p_none", 0.0) >= 0.5]
+    if gated:
+        info["left_out_by_the_none_gate"] = len(gated)
+        rows = [r for r in rows if r["meta"]["specialty_annotation"].get("p_none", 0.0) < 0.5]
+        log(f"2 select: the none gate leaves out {len(gated)} questions (P(none) >= 0.5)")
     for s in specs:
         mine = [r for r in rows if r["specialties"] and r["specialties"][0] == s]
         sure = sorted((r for r in mine if r["meta"]["specialty_annotation"]["prob"] >= min_prob), key=lambda r: r["id"])
@@ -296,6 +319,12 @@ def main() -> None:
         help="comma-separated specialties to select and train (default: the six experiment specialties); "
         "e.g. the four MedMCQA dev has 220 questions of, for the issue's 150 + 60 per specialty",
     )
+    ap.add_argument(
+        "--none-gate",
+        action="store_true",
+        help="leave out, before selecting, the questions the none gate judges outside the fifteen specialties "
+        "(fitted on benchmarks/data/medmcqa_specialty_val.jsonl and bundled:all; a new --out)",
+    )
     ap.add_argument("--shuffles", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--general-n", type=int, default=300, help="held-out MMLU questions for general ability (0: all)")
@@ -328,6 +357,8 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("threads", "out")}
+    if not args.none_gate:
+        settings.pop("none_gate")  # the default: studies written before the option resume
     if args.specialties is None:
         settings.pop("specialties")  # the default: studies written before the option resume
         specialties = EXPERIMENT_SPECIALTIES
@@ -343,7 +374,7 @@ def main() -> None:
     log(f"S-MedQA study in {out} ({'small check' if args.small else 'full'}); {machine()}")
 
     t = time.perf_counter()
-    labelled = annotate_dev(args.mirage, out, dev_limit)
+    labelled = annotate_dev(args.mirage, out, dev_limit, args.none_gate)
     rows = read_jsonl(labelled)
     in_six = sum(r["specialties"][0] in EXPERIMENT_SPECIALTIES for r in rows) / len(rows)
     timings.add("1 annotate", time.perf_counter() - t)

@@ -114,7 +114,10 @@ def annotate_cmd(
             )
         gate_from = None
         if none_from:
-            none_qs = load_questions(none_from).questions
+            loaded = load_questions(none_from, skip_invalid=True)  # the gate reads question texts only
+            none_qs = loaded.questions
+            if loaded.skipped:
+                note(f"--none-from {none_from}: {len(loaded.skipped)} rows with invalid options left out")
             gate_from = (none_from, none_qs)
             shared = {x.id for x in none_qs} & {x.id for x in questions}
             if shared:
