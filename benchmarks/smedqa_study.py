@@ -9,8 +9,10 @@ cross-specialty experiment resumes adapter by adapter and run by run):
 
 1. annotate: MedMCQA dev (4,183 questions, MIRAGE's copy) with the MiniLM annotator trained on the
    bundled questions of all fifteen specialties (`bundled:all`) -> OUT/medmcqa_dev_labelled.jsonl,
-   every question with its top specialty (and the probabilities in meta), written in chunks;
-2. select: the six experiment specialties, balanced: per specialty --per-specialty questions drawn
+   every question with its top specialty (and the probabilities in meta), written in chunks; with
+   --none-gate also its P(none) from the none gate (clinqa.specialties.none_gate) fitted on the
+   hand-labelled sample benchmarks/data/medmcqa_specialty_val.jsonl;
+2. select (with --none-gate, among the questions with P(none) < 0.5): the six experiment specialties, balanced: per specialty --per-specialty questions drawn
    (seeded) from those whose top label it is with probability >= --min-prob, topped up with the most
    confident of the rest if too few (default 220 = 154 train + 66 test at --test-fraction 0.3)
    -> OUT/selected.jsonl, selection.json;
