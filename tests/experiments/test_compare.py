@@ -133,15 +133,8 @@ class PicksByQuestion:
 def safety_qs(n=8):
     # answer C ("maybe") for i % 3 == 2, else A/B; one wrong option of A/B is marked harmful (never C)
     return [
-        Question(
-            id=f"q{i}",
-            question=f"Question number {i}?",
-            options={"A": f"yes {i}", "B": f"no {i}", "C": "maybe"},
-            answer="ABC"[i % 3],
-            specialties=["cardiology"],
-            meta={"harmful_options": ["B" if i % 3 == 0 else "A"]},
-        )
-        for i in range(n)
+        q.model_copy(update={"specialties": ["cardiology"], "meta": {"harmful_options": ["B" if i % 3 == 0 else "A"]}})
+        for i, q in enumerate(qs(n))
     ]
 
 
