@@ -35,16 +35,19 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("false_abstention", "false abstention"),
     ("correct_abstention", "abstains when unanswerable"),
 )
-# lower is better for these; the rest higher
-LOWER_IS_BETTER = {"false_abstention"}
+
+
+def _selection_counts(sample: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(tp, fp, fn) of the selected resources against the relevant ones."""
+    sel, rel = {x["id"] for x in sample.get("selected") or []}, set(sample.get("relevant_ids") or [])
+    return len(sel & rel), len(sel - rel), len(rel - sel)
 
 
 def per_question(sample: Mapping[str, Any]) -> dict[str, float | None]:
     """One sample's per-question values (None where a metric does not apply to the question)."""
-    selected = {x["id"] for x in sample.get("selected") or []}
-    relevant = set(sample.get("relevant_ids") or [])
+    relevant = bool(sample.get("relevant_ids"))
     m = sample.get("metrics") or {}
-    answerable = bool(m.get("answerable", bool(relevant)))
+    answerable = bool(m.get("answerable", relevant))
     abstained = bool(m.get("abstained"))
 
     def num(key: str) -> float | None:
@@ -52,24 +55,13 @@ def per_question(sample: Mapping[str, Any]) -> dict[str, float | None]:
         return None if v is None else float(v)
 
     return {
-        "stage1_f1": prf(len(selected & relevant), len(selected - relevant), len(relevant - selected))["f1"]
-        if relevant
-        else None,
+        "stage1_f1": prf(*_selection_counts(sample))["f1"] if relevant else None,
         "exact_match": num("exact_match"),
         "meteor": num("meteor"),
         "rouge_l": num("rouge_l"),
         "false_abstention": float(abstained) if answerable else None,
         "correct_abstention": None if answerable else float(abstained),
     }
-
-
-def _counts(samples: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """Per question (tp, fp, fn) of the selected resources against the relevant ones."""
-    out = []
-    for s in samples:
-        sel, rel = {x["id"] for x in s.get("selected") or []}, set(s.get("relevant_ids") or [])
-        out.append((len(sel & rel), len(sel - rel), len(rel - sel)))
-    return np.asarray(out, dtype=int).reshape(-1, 3)
 
 
 def run_figures(samples: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[str, Any]:
@@ -82,7 +74,7 @@ def run_figures(samples: Sequence[Mapping[str, Any]], *, seed: int = 0) -> dict[
         vals = [r[key] for r in rows if r[key] is not None]
         lo, hi = bootstrap_ci(vals, seed=seed) if vals else (None, None)
         out[key] = {"n": len(vals), "mean": float(np.mean(vals)) if vals else None, "ci95": [lo, hi]}
-    counts = _counts(samples)
+    counts = np.asarray([_selection_counts(s) for s in samples], dtype=int).reshape(-1, 3)
     idx = np.arange(len(samples), dtype=float)
     for name in ("precision", "recall", "f1"):
         lo, hi = bootstrap_ci(idx, seed=seed, stat=lambda i, k=name: prf(*counts[i.astype(int)].sum(0))[k])
@@ -122,12 +114,12 @@ def compare_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], baseline: str 
     }
 
 
-def _ci(d: Mapping[str, Any], scale: float = 1.0, sign: str = "") -> str:
+def _ci(d: Mapping[str, Any], sign: str = "") -> str:
     v = d.get("mean", d.get("difference"))
     lo, hi = d["ci95"]
     if v is None:
         return "—"
-    return f"{scale * v:{sign}.3f} ({scale * lo:{sign}.3f} to {scale * hi:{sign}.3f})"
+    return f"{v:{sign}.3f} ({lo:{sign}.3f} to {hi:{sign}.3f})"
 
 
 def to_markdown(result: Mapping[str, Any]) -> str:
