@@ -99,6 +99,13 @@ def embedding_annotations(
     return out
 
 
+def _questions_digest(questions: Sequence[Question]) -> str:
+    """A digest of what a classifier learns from: each question's id, text, options and specialties."""
+    from clinqa.runs import digest
+
+    return digest([[q.id, q.question, q.options, list(q.specialties)] for q in questions])
+
+
 def minilm_config(
     annotator: Any,
     train: str,
@@ -109,7 +116,6 @@ def minilm_config(
     """The settings that determine a MiniLM annotation: the classifier's parameters, its embedding
     model, the training spec and a digest of the training questions (id, text, options, specialties),
     and the none gate's examples and threshold where one is used."""
-    from clinqa.runs import digest
     from clinqa.specialties.annotate_store import FILE_FORMAT, FORMAT_VERSION
 
     config = {
@@ -121,14 +127,14 @@ def minilm_config(
         "params": {"C": annotator.C, "random_state": annotator.random_state, "max_iter": annotator.max_iter},
         "train": train,
         "n_train": len(train_questions),
-        "train_questions": digest([[q.id, q.question, q.options, list(q.specialties)] for q in train_questions]),
+        "train_questions": _questions_digest(train_questions),
     }
     if none_from is not None:  # only then: folders written without a gate keep their identity
         spec, qs = none_from
         config["none_gate"] = {
             "from": spec,
             "n": len(qs),
-            "questions": digest([[q.id, q.question, q.options, list(q.specialties)] for q in qs]),
+            "questions": _questions_digest(qs),
             "threshold": float(none_threshold),
         }
     return config
