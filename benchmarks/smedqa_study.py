@@ -144,11 +144,11 @@ def select(labelled: Path, out: Path, specs: tuple[str, ...], per_specialty: int
     rows = read_jsonl(labelled)
     chosen, info = [], {"per_specialty": per_specialty, "min_prob": min_prob, "seed": seed, "specialties": {}}
     short = []
-    gated = [r for r in rows if r["meta"]["specialty_annotation"].get("p_none", 0.0) >= 0.5]
-    if gated:
-        info["left_out_by_the_none_gate"] = len(gated)
-        rows = [r for r in rows if r["meta"]["specialty_annotation"].get("p_none", 0.0) < 0.5]
-        log(f"2 select: the none gate leaves out {len(gated)} questions (P(none) >= 0.5)")
+    n_rows = len(rows)
+    rows = [r for r in rows if r["meta"]["specialty_annotation"].get("p_none", 0.0) < 0.5]
+    if len(rows) < n_rows:
+        info["left_out_by_the_none_gate"] = n_rows - len(rows)
+        log(f"2 select: the none gate leaves out {n_rows - len(rows)} questions (P(none) >= 0.5)")
     for s in specs:
         mine = [r for r in rows if r["specialties"] and r["specialties"][0] == s]
         sure = sorted((r for r in mine if r["meta"]["specialty_annotation"]["prob"] >= min_prob), key=lambda r: r["id"])
