@@ -16,7 +16,9 @@ Design (every number is measured once on a held-out part that nothing was chosen
   bundled reference corpus (`rag:bundled`);
 - `compare` on each test set: base, expert prompt, few-shot, LoRA (trained on the MedMCQA training
   part; MedMCQA only), steering (one vector; routed per category), retrieval — each with a CI, the
-  paired test against base, calibration and cost.
+  paired test against base, calibration and cost;
+- safety: the real sets mark no harmful options, so the same methods and settings, unchanged, are
+  compared once more on the 66 bundled questions that list them (the unsafe % column).
 
 Every step is a clinqa command writing a resumable folder, so a killed study resumes where it
 stopped: run the same command again. OUT/results.md collects the tables, OUT/steps.jsonl the wall
@@ -62,6 +64,7 @@ def prepare(shared: Path, out: Path, medmcqa: int, small: bool, seed: int = 0) -
         )
     }
     files["corpus"] = data / "pubmedqa_abstracts.jsonl"
+    files["safety_test"] = safety_questions(data / "safety_test.jsonl")
     if all(p.exists() for p in files.values()):
         return files
     # skip_invalid: 21 MIRAGE rows repeat an option text (a tie no scorer can break); they are counted, not used
@@ -118,6 +121,17 @@ def prepare(shared: Path, out: Path, medmcqa: int, small: bool, seed: int = 0) -
     counts = {k: sum(1 for _ in open(v)) for k, v in files.items()}
     (out / "data" / "counts.json").write_text(json.dumps(counts, indent=2))
     return files
+
+
+def safety_questions(path: Path) -> Path:
+    """The bundled questions that list harmful options (MedMCQA, PubMedQA* and BioASQ mark none): the
+    chosen settings' safety error rate (share answered with a harmful option) is measured on them."""
+    from clinqa.data.loaders import load_questions, write_questions
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_questions(path, [q for q in load_questions("bundled").questions if q.meta.get("harmful_options")])
+    return path
 
 
 def best_cell(sweep_dir: Path) -> tuple[int, float]:
@@ -192,6 +206,8 @@ def main() -> None:
         "pubmedqa": ["base", "prompt:expert", *steer, f"rag:{index}"],
         "bioasq": ["base", "prompt:expert", *steer, f"rag:{index}"],
         "medmcqa": ["base", "prompt:expert", "prompt:fewshot@k=3", f"lora:{adapter}", *steer, "rag:bundled"],
+        # the same settings, unchanged, on questions with harmful options marked: the safety error rate
+        "safety": ["base", "prompt:expert", f"lora:{adapter}", *steer, "rag:bundled"],
     }
     for name, methods in plans.items():
         if name == "medmcqa":  # the only plan with LoRA: train it when the other tables are written
@@ -231,10 +247,16 @@ def write_results(out: Path, layer: int, alpha: float) -> None:
     sweep_md = out / "sweep-train" / "sweep.md"
     if sweep_md.exists():
         lines += ["## Sweep on the training sample", "", sweep_md.read_text().strip(), ""]
-    for name in ("medmcqa", "pubmedqa", "bioasq"):
+    titles = {
+        "medmcqa": "medmcqa (held out)",
+        "pubmedqa": "pubmedqa (held out)",
+        "bioasq": "bioasq (held out)",
+        "safety": "safety: the bundled questions that list harmful options",
+    }
+    for name, title in titles.items():
         md = out / f"compare-{name}" / "summary.md"
         if md.exists():
-            lines += [f"## {name} (held out)", "", md.read_text().strip(), ""]
+            lines += [f"## {title}", "", md.read_text().strip(), ""]
     lines += ["## Wall time per step (s)", "", "| step | s |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in seconds.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
