@@ -91,6 +91,23 @@ def test_shared_prefix_next_token_matches_direct(tiny_predictor, monkeypatch):
     assert tiny_predictor.next_token_logprobs_shared(prefix, [], cands).shape == (0, 2)
 
 
+def test_shared_prefix_passes_the_cache_by_the_installed_transformers_name(tiny_predictor):
+    import warnings
+
+    from clinqa.models.local import _cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    assert _cache_keyword(Old()) == "past_key_values"  # transformers before the rename
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_predictor.next_token_logprobs_shared(
+            "Question: heart rate?\nEntry:\n", [" HR 60\nA:", " BP\nA:"], [" yes"]
+        )
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_encode_pair_moves_trailing_space(tiny_predictor):
     ctx, cont = tiny_predictor.encode_pair("Answer: ", "A")
     ctx2, cont2 = tiny_predictor.encode_pair("Answer:", " A")

@@ -17,6 +17,7 @@ free memory and an out-of-memory error halves the batch (`clinqa.models.batching
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import threading
 from contextlib import contextmanager
@@ -55,6 +56,15 @@ def length_batches(
     if cur:
         batches.append(cur)
     return batches
+
+
+def _cache_keyword(decoder) -> str:
+    """What a decoder's forward calls its KV cache (and its output's field): `cache` in newer
+    transformers, which warns on `past_key_values` and will drop it; `past_key_values` before."""
+    try:
+        return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):  # a forward without a signature to read: the long-standing name
+        return "past_key_values"
 
 
 class LocalModel(ContinuationScoring):
@@ -346,7 +356,8 @@ class LocalModel(ContinuationScoring):
         c = len(ctx)
         tails = [w[c:] for w in wholes]
         with steer_start(torch.tensor([c])):  # the unshared path steers only the last token: never the prefix
-            cache = self._decoder(input_ids=self._to(torch.tensor([ctx])), use_cache=True).past_key_values
+            kw = _cache_keyword(self._decoder)
+            cache = getattr(self._decoder(input_ids=self._to(torch.tensor([ctx])), use_cache=True), kw)
         out = np.zeros((len(suffixes), len(candidates)), dtype=np.float64)
 
         def step(batch: list[int]) -> None:
@@ -358,7 +369,7 @@ class LocalModel(ContinuationScoring):
             with steer_start(last.clone()):  # right padding: causal attention never lets a real token see a pad
                 hidden = self._decoder(
                     input_ids=ids,
-                    past_key_values=kv,
+                    **{kw: kv},
                     position_ids=pos,
                     use_cache=True,
                     attention_mask=self._to(torch.ones((len(batch), c + width), dtype=torch.long)),
