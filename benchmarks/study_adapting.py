@@ -256,11 +256,44 @@ def write_results(out: Path, layer: int, alpha: float) -> None:
     for name, title in titles.items():
         md = out / f"compare-{name}" / "summary.md"
         if md.exists():
-            lines += [f"## {title}", "", md.read_text().strip(), ""]
+            lines += [f"## {title}", "", md.read_text().strip(), "", *flips_table(out / f"compare-{name}")]
+            if name == "pubmedqa":
+                lines += own_abstract_retrieved(out / f"compare-{name}")
     lines += ["## Wall time per step (s)", "", "| step | s |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in seconds.items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'results.md'}", flush=True)
+
+
+def flips_table(compare_dir: Path) -> list[str]:
+    """Per method, the questions it turned from wrong to right and from right to wrong against base
+    (the discordant pairs of McNemar's exact test, both from `compare`'s summary.json)."""
+    methods = json.loads((compare_dir / "summary.json").read_text())["methods"]
+    rows = [(name, m["vs_base"]) for name, m in methods.items() if m.get("vs_base")]
+    if not rows:
+        return []
+    out = ["| method | wrong→right | right→wrong | McNemar p (exact) | n |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {name} | {v['mcnemar_c']} | {v['mcnemar_b']} | {v['p_mcnemar']:.3f} | {v['n']} |" for name, v in rows]
+    return [*out, ""]
+
+
+def own_abstract_retrieved(compare_dir: Path) -> list[str]:
+    """PubMedQA*: how often retrieval found the question's own abstract (the oracle corpus's point)."""
+    lines = []
+    for samples in sorted(compare_dir.glob("rag_*/samples.jsonl")):
+        rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
+
+        def own(r, hit):
+            return hit.split("#")[0] == "pmid-" + r["question_id"].rsplit("-", 1)[-1]
+
+        got = [r["extras"].get("retrieved") or [] for r in rows]
+        top = sum(bool(g) and own(r, g[0]) for r, g in zip(rows, got))
+        anywhere = sum(any(own(r, h) for h in g) for r, g in zip(rows, got))
+        lines.append(
+            f"Retrieval ({samples.parent.name}): the question's own abstract was among the passages for "
+            f"{anywhere} of {len(rows)} questions, first for {top}."
+        )
+    return [*lines, ""] if lines else []
 
 
 ARGS: argparse.Namespace
