@@ -24,11 +24,7 @@ from clinqa.errors import ClinqaError
 from clinqa.evaluate.prompts import cloze_prompt, letter_prompt
 from clinqa.models.spec import Modifier
 
-# LocalModel.load_adapter -> PeftModel.__init__ reads a deprecated transformers property
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = [pytest.mark.usefixtures("one_thread")]
 
 DRUGS = ["Aspirin", "Heparin", "Atropine", "Adenosine", "Amiodarone", "Digoxin", "Furosemide", "Metoprolol"]
 
@@ -427,6 +423,15 @@ def test_two_adapters_on_one_base_switch_without_reloading(adapters, tiny_predic
     for key, got in (("a", sa), ("b", sb)):
         fresh_base = _fresh_tiny(tiny_predictor, tokenizer)
         np.testing.assert_allclose(logprobs(fresh_base.load_adapter(adapters[key].path)), got, rtol=0, atol=1e-5)
+
+
+def test_loading_an_adapter_shows_no_peft_deprecation_warning(adapters, tiny_predictor, tokenizer):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fresh_tiny(tiny_predictor, tokenizer).load_adapter(adapters["a"].path)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 def _fresh_tiny(pred, tokenizer):

@@ -8,7 +8,6 @@ import ctypes
 import importlib.util
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 
 from clinqa.adapt.lora_config import LoraTrainConfig
 from clinqa.errors import ClinqaError
+from clinqa.models.local import quiet_peft_deprecations
 
 
 def fix_mmap_threshold(nbytes: int = 1 << 16) -> bool:
@@ -291,8 +291,7 @@ def attach_lora(model, config: LoraTrainConfig, targets: list[str], init_weights
         task_type="CAUSAL_LM",
     )
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        with quiet_peft_deprecations():
             peft_model = get_peft_model(model, lora_cfg)
     except ValueError as exc:
         raise ClinqaError(f"could not attach LoRA to modules {targets}: {exc}") from exc

@@ -20,6 +20,7 @@ import copy
 import inspect
 import os
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -56,6 +57,15 @@ def length_batches(
     if cur:
         batches.append(cur)
     return batches
+
+
+@contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """peft reads `model.is_gradient_checkpointing`, which newer transformers deprecates with a
+    FutureWarning on every adapter load; it is peft's to change, not the user's, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 def _cache_keyword(decoder) -> str:
@@ -107,9 +117,10 @@ class LocalModel(ContinuationScoring):
                 name = known[str(path.resolve())]
             else:
                 if self._shared["peft"] is None:
-                    self._shared["peft"] = PeftModel.from_pretrained(
-                        self.model, str(path), adapter_name=name, is_trainable=False
-                    )
+                    with quiet_peft_deprecations():
+                        self._shared["peft"] = PeftModel.from_pretrained(
+                            self.model, str(path), adapter_name=name, is_trainable=False
+                        )
                 else:
                     self._shared["peft"].load_adapter(str(path), adapter_name=name, is_trainable=False)
                 known[str(path.resolve())] = name
