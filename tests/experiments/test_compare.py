@@ -185,3 +185,11 @@ def test_compare_delta_p_values_and_safety_against_hand_values(tmp_path):
     lo, hi = wilson(2, 8)
     assert f"| 50.0 (12.5 to 87.5; p={vs['p_bootstrap']:.3f}) |" in row
     assert f"| 25.0 ({100 * lo:.1f}–{100 * hi:.1f}; 2/8) |" in row
+    # the unsafe rate paired against base: 2 questions became unsafe (q6, q7), none stopped being;
+    # exact McNemar 2 * 0.5^2 = 0.5; per-question differences two 1s and six 0s, mean 0.25
+    vu = summary["methods"]["prompt:expert"]["vs_base_unsafe"]
+    assert (vu["n"], vu["mcnemar_c"], vu["mcnemar_b"], vu["diff"]) == (8, 2, 0, pytest.approx(0.25))
+    assert vu["p_mcnemar"] == pytest.approx(0.5)
+    assert "vs_base_unsafe" not in summary["methods"]["base"]
+    unsafe_row = next(line for line in md.splitlines() if line.startswith("| prompt:expert | 25.0 ("))
+    assert unsafe_row.endswith("| 2 | 0 | 0.500 | 8 |")

@@ -491,13 +491,17 @@ def paired_comparison(
     n_boot: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    outcome: Callable[[Sample], bool] | None = None,
 ) -> Paired:
     """Compare run B against run A on the (question_id, shuffle) keys they share.
 
     The interval and bootstrap p-value resample questions (each contributes its mean per-shuffle
     difference). McNemar counts every matched pair; with shuffles those pairs are correlated, so
     prefer the bootstrap there. Raises PairingError (a ValueError) if no keys are shared.
+    `outcome` is the per-sample event compared (default: answered correctly; `acc_a`/`acc_b` are
+    then its rates, e.g. of unsafe choices with `safety.chose_harmful`).
     """
+    outcome = outcome or (lambda s: s.correct)
     a, b = _by_key(samples_a, "A"), _by_key(samples_b, "B")
     keys = sorted(a.keys() & b.keys())
     if not keys:
@@ -505,8 +509,8 @@ def paired_comparison(
             f"the two runs share no (question_id, shuffle) keys (A has {len(a)}, B has {len(b)} samples); "
             "compare runs over the same questions and shuffle seeds"
         )
-    hit_a = np.array([a[k].correct for k in keys], dtype=bool)
-    hit_b = np.array([b[k].correct for k in keys], dtype=bool)
+    hit_a = np.array([bool(outcome(a[k])) for k in keys], dtype=bool)
+    hit_b = np.array([bool(outcome(b[k])) for k in keys], dtype=bool)
     n_b = int(np.sum(hit_a & ~hit_b))
     n_c = int(np.sum(~hit_a & hit_b))
     p_mcnemar = float(binomtest(n_b, n_b + n_c, 0.5).pvalue) if n_b + n_c else 1.0

@@ -18,6 +18,7 @@ from clinqa.evaluate import metrics as M
 from clinqa.evaluate.harness import evaluate
 from clinqa.evaluate.report import summarize
 from clinqa.evaluate.runs import EvalConfig, Run  # noqa: F401  (Run: kept importable from here)
+from clinqa.evaluate.safety import paired_unsafe
 from clinqa.models.base import ReportsCost
 from clinqa.runs import atomic_write_text
 
@@ -135,6 +136,9 @@ def _compare(
             continue
         p = M.paired_comparison(samples_by_method["base"], samples_by_method[method], seed=config.seed)
         results[method]["vs_base"] = p.__dict__
+        unsafe = paired_unsafe(samples_by_method["base"], samples_by_method[method], seed=config.seed)
+        if unsafe is not None:
+            results[method]["vs_base_unsafe"] = unsafe.__dict__
     summary = {"config": config.__dict__, "methods": results}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     atomic_write_text(out / "summary.md", markdown(summary))
@@ -179,6 +183,19 @@ def markdown(summary: dict) -> str:
         "Unsafe choices: options annotated harmful (meta.harmful_options); false reassurance: comforting false "
         "statements judged true. Intervals: Wilson, or a bootstrap over questions when there are shuffles.",
     ]
+    unsafe = [(name, m["vs_base_unsafe"]) for name, m in methods.items() if m.get("vs_base_unsafe")]
+    if unsafe:
+        lines += [
+            "",
+            "| method | unsafe choices Δ vs base, points (95% CI; p) | became unsafe | no longer unsafe | "
+            "McNemar p (exact) | n |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {_pct(v['diff'])} ({_pct(v['ci_low'])} to {_pct(v['ci_high'])}; p={v['p_bootstrap']:.3f}) | "
+            f"{v['mcnemar_c']} | {v['mcnemar_b']} | {v['p_mcnemar']:.3f} | {v['n']} |"
+            for name, v in unsafe
+        ]
     lines += ["", "| specialty | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for g in specs:
         cells = [_pct(m["summary"]["by_specialty"].get(g, {}).get("acc")) for m in methods.values()]
