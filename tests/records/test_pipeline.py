@@ -24,6 +24,7 @@ from clinqa.records.pipeline import (
     answer_prompt,
     answer_question,
     count_tokens,
+    earlier_tuning,
     evaluate_records,
     handle_map,
     read_examples,
@@ -33,6 +34,7 @@ from clinqa.records.pipeline import (
     stage1_examples,
     stage2_examples,
     tune_threshold,
+    tuning_key,
     write_examples,
 )
 from clinqa.records.questions import generate_questions
@@ -369,6 +371,23 @@ def test_evaluate_records_writes_and_resumes(records, questions, tiny_predictor,
     with pytest.raises(ClinqaError, match="different config"):
         evaluate_records(tiny_predictor, records, qs, selector=RetrievalSelector("bm25", top_k=5), out=out,
                          max_new_tokens=4, with_meteor=meteor)  # fmt: skip
+
+
+def test_tuning_is_kept_in_the_run_and_found_again_only_for_the_same_inputs(records, questions, tmp_path):
+    sel = RetrievalSelector("bm25", top_k=3)
+    examples = selection_examples(records, questions[:4])
+    key = tuning_key(sel, examples)
+    tuned = {**tune_threshold(sel, examples), "n_questions": 4, **key}
+    out = tmp_path / "run"
+    assert earlier_tuning(out, key) is None  # no run yet
+    evaluate_records(FakePredictor("x"), records, questions[:2], selector=sel, out=out, with_meteor=False, tuning=tuned)
+    assert json.loads((out / "run.json").read_text())["tuning"]["threshold"] == tuned["threshold"]
+    again = earlier_tuning(out, tuning_key(RetrievalSelector("bm25", top_k=3, threshold=0.7), examples))
+    assert again == json.loads(json.dumps(tuned))  # the threshold itself is not part of the key
+    assert earlier_tuning(out, tuning_key(sel, examples[:3])) is None  # other tuning questions
+    assert earlier_tuning(out, tuning_key(RetrievalSelector("bm25", top_k=5), examples)) is None  # other settings
+    edited = [(q, lines[1:], rel) for q, lines, rel in examples]  # the same questions over changed records
+    assert earlier_tuning(out, tuning_key(sel, edited)) is None
 
 
 def test_evaluate_records_needs_the_questions_records(records, questions, tmp_path):

@@ -229,7 +229,7 @@ def test_size_sweep_writes_curves(records, questions, tiny_predictor, tmp_path):
     assert (tmp_path / f"sw/n{len(train_q)}/run/records.jsonl").is_file()
 
 
-def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
+def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path, monkeypatch):
     """The commands a user runs, end to end, on a tiny random Llama saved as a model folder."""
     import sys
 
@@ -293,33 +293,39 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path):
     stages = json.loads((tmp_path / "ft/stages.json").read_text())
     assert summary["selector"]["kind"] == "llm" and summary["selector"]["threshold"] == stages["threshold"]
     assert summary["model"].endswith("+lora:" + stages["stage2"]) and summary["n"] == 2
-    r = runner.invoke(
-        app,
-        [
-            "records",
-            "eval",
-            str(model_dir),
-            str(tmp_path / "test.jsonl"),
-            "--records",
-            str(tmp_path / "pts"),
-            "--selector",
-            "llm",
-            "--tune",
-            str(tmp_path / "train.jsonl"),
-            "--limit",
-            "1",
-            "--max-new-tokens",
-            "4",
-            "--no-meteor",
-            "--out",
-            str(tmp_path / "run-tuned"),
-        ],
-    )
+    tuned_eval = [
+        "records",
+        "eval",
+        str(model_dir),
+        str(tmp_path / "test.jsonl"),
+        "--records",
+        str(tmp_path / "pts"),
+        "--selector",
+        "llm",
+        "--tune",
+        str(tmp_path / "train.jsonl"),
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--no-meteor",
+        "--out",
+        str(tmp_path / "run-tuned"),
+    ]
+    r = runner.invoke(app, tuned_eval)
     assert r.exit_code == 0, r.output
     tuned = float(r.output.split("stage-1 threshold ")[1].split(":")[0])
     assert json.loads((tmp_path / "run-tuned/summary.json").read_text())["selector"]["threshold"] == pytest.approx(
         tuned, abs=1e-4
     )
+    # a rerun reads the tuning back from the run's run.json: scoring the tuning questions again would fail
+    import clinqa.records.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "tune_threshold", lambda *a, **k: pytest.fail("tuned again"))
+    r = runner.invoke(app, tuned_eval)
+    assert r.exit_code == 0, r.output
+    assert "(tuned before, read from" in r.output
+    assert float(r.output.split("stage-1 threshold ")[1].split(":")[0]) == pytest.approx(tuned, abs=1e-4)
     r = runner.invoke(
         app,
         [

@@ -228,15 +228,30 @@ def records_eval(
     predictor = load_predictor(model)
     stage1 = load_predictor(stage1_model) if stage1_model else predictor
     chosen = _selector(selector, stage1, top_k, threshold, **finetuned)
+    tuned = None
     if tune is not None:
-        from clinqa.records.pipeline import selection_examples, tune_threshold
+        from clinqa.records.pipeline import earlier_tuning, selection_examples, tune_threshold, tuning_key
 
         if selector not in ("llm", "finetuned"):
             raise ClinqaError("--tune sets the llm selector's threshold: use it with --selector llm (or --adapters)")
         trecs, tq = _records_and_questions(tune, tune_records or records)
-        with err.status(f"tuning the stage-1 threshold on {len(tq)} questions ..."):
-            tuned = tune_threshold(chosen, selection_examples(trecs, tq))
-        console.print(f"stage-1 threshold {tuned['threshold']:.4f}: F1 {tuned['f1']:.3f} on {len(tq)} tuning questions")
+        examples = selection_examples(trecs, tq)
+        key = tuning_key(chosen, examples)
+        tuned = earlier_tuning(out, key)
+        if tuned is not None:  # a rerun: the run recorded this tuning, same questions and selector
+            chosen.threshold = tuned["threshold"]
+            how = f"tuned before, read from {out / 'run.json'}"
+        else:
+            with err.status(f"tuning the stage-1 threshold on {len(tq)} questions ..."):
+                tuned = {**tune_threshold(chosen, examples), "n_questions": len(tq), **key}
+            how = "tuned now"
+        console.print(
+            plain(
+                f"stage-1 threshold {tuned['threshold']:.4f}: F1 {tuned['f1']:.3f} on {len(tq)} tuning questions ({how})"
+            ),
+            markup=False,
+            highlight=False,
+        )
     with progress_bar(f"records · {selector}") as update:
         summary = evaluate_records(
             predictor,
@@ -247,6 +262,7 @@ def records_eval(
             progress=update,
             max_new_tokens=max_new_tokens,
             with_meteor=meteor,
+            tuning=tuned,
         )
     console.print_json(_json.dumps(summary, default=str))
     console.print(f"run saved in [bold]{safe(out)}[/bold]")

@@ -114,12 +114,14 @@ def summarize_records(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def evaluate_records(predictor: Predictor, records_by_patient: Mapping[str, PatientRecord] | Sequence[PatientRecord],
                      questions: Sequence[RecordQuestion], *, selector: Selector, out: str | Path,
                      progress: Progress | None = None, max_new_tokens: int = 128,
-                     with_meteor: bool = True) -> dict[str, Any]:  # fmt: skip
+                     with_meteor: bool = True, tuning: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Answer every question into the run folder `out` and return the summary (also written to
     out/summary.json). Resumable: questions already in out/records.jsonl are not recomputed; a folder
     holding a different config (model, selector, questions, max_new_tokens) is refused.
     `progress(done, total)` after the resume check and after each question. METEOR needs WordNet
-    (`apt-get install wordnet-base`); `with_meteor=False` skips it."""
+    (`apt-get install wordnet-base`); `with_meteor=False` skips it. `tuning`: how the selector's
+    threshold was tuned (`tune_threshold`'s result with its `tuning_key`), kept in run.json so a rerun
+    can read it back (`earlier_tuning`) instead of tuning again."""
     by_patient = _by_patient(records_by_patient)
     missing = sorted({q.patient_id for q in questions} - set(by_patient))
     if missing:
@@ -150,6 +152,9 @@ def evaluate_records(predictor: Predictor, records_by_patient: Mapping[str, Pati
         legacy_identity=legacy,
         identity_keys=lambda c: {k: v for k, v in c.items() if k not in ("questions", "n_questions")},
     ) as run:
+        if tuning is not None and run.meta.get("tuning") != dict(tuning):
+            run.meta["tuning"] = dict(tuning)
+            run.save_meta()
         done = run.done_keys(lambda s: s.key)
         todo = [q for q in questions if q.id not in done]
         total, finished = len(questions), len(questions) - len(todo)

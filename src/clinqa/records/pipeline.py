@@ -109,9 +109,11 @@ from clinqa.records.selectors import (
     _pick,
     _run_selector,
     _stem,
+    earlier_tuning,
     select_prompt,
     selection_examples,
     tune_threshold,
+    tuning_key,
 )
 
 __all__ = [
@@ -121,7 +123,7 @@ __all__ = [
     "answer_question", "context_window", "count_tokens", "evaluate_records", "fit_lines", "handle_map", "quote_line",
     "read_examples", "read_records_run", "records_fingerprint", "reference_with_citations", "resolve_citations",
     "select_prompt", "selection_examples", "stage1_examples", "stage2_examples", "summarize_records",
-    "tune_threshold", "write_examples",
+    "tune_threshold", "tuning_key", "earlier_tuning", "write_examples",
     # private names that other modules and tests import from here
     "_LineCache", "_answer", "_bm25_tokens", "_by_patient", "_clean_question", "_describe", "_formatted",
     "_generation_config", "_handle", "_pick", "_question_text", "_questions_digest", "_resource_type",

@@ -16,10 +16,12 @@ service both use it)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -329,3 +331,31 @@ def tune_threshold(selector: Selector, examples: Sequence[tuple[str, Sequence[Li
     t = float(cands[best_i])
     selector.threshold = t
     return {"threshold": t, "precision": best["precision"], "recall": best["recall"], "f1": best["f1"]}  # type: ignore[index]
+
+
+def tuning_key(selector: Selector, examples: Sequence[tuple[str, Sequence[Line], Iterable[str]]]) -> dict[str, Any]:
+    """What a `tune_threshold` result depends on: the selector's settings other than the threshold and
+    a digest of the examples (questions, every record line, relevant ids). `records eval --tune`
+    records it with the result in the run's run.json ("tuning"), so a rerun finds it (`earlier_tuning`)."""
+    from clinqa.runs import digest
+
+    settings = {k: v for k, v in _describe(selector).items() if k != "threshold"}
+    return {
+        "selector": settings,
+        "examples": digest([[q, [list(line) for line in lines], sorted(rel)] for q, lines, rel in examples]),
+    }
+
+
+def earlier_tuning(out: str | Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The tuning a run folder recorded (run.json "tuning") with the same `tuning_key`, or None (no
+    run there yet, or tuned with other examples or selector settings): a resumed run need not score
+    every line of its tuning questions again."""
+    from clinqa.runs import RUN_FILE, plain, read_meta
+
+    if not (Path(out) / RUN_FILE).is_file():
+        return None
+    tuning = read_meta(out).get("tuning")
+    if not isinstance(tuning, dict) or "threshold" not in tuning:
+        return None
+    same = all(tuning.get(k) == json.loads(json.dumps(plain(v))) for k, v in key.items())  # as run.json holds it
+    return tuning if same else None
