@@ -270,15 +270,11 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path, mo
     assert r.exit_code == 0, r.output
     assert "stage-1 micro F1 on 2 test questions: before stage 2" in r.output
     assert (tmp_path / "ft/stages-sequential.json").is_file() and (tmp_path / "ft/forgetting.json").is_file()
+    evaluate = ["records", "eval", str(model_dir), str(tmp_path / "test.jsonl"), "--records", str(tmp_path / "pts")]
     r = runner.invoke(
         app,
         [
-            "records",
-            "eval",
-            str(model_dir),
-            str(tmp_path / "test.jsonl"),
-            "--records",
-            str(tmp_path / "pts"),
+            *evaluate,
             "--adapters",
             str(tmp_path / "ft"),
             "--max-new-tokens",
@@ -294,12 +290,7 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path, mo
     assert summary["selector"]["kind"] == "llm" and summary["selector"]["threshold"] == stages["threshold"]
     assert summary["model"].endswith("+lora:" + stages["stage2"]) and summary["n"] == 2
     tuned_eval = [
-        "records",
-        "eval",
-        str(model_dir),
-        str(tmp_path / "test.jsonl"),
-        "--records",
-        str(tmp_path / "pts"),
+        *evaluate,
         "--selector",
         "llm",
         "--tune",
