@@ -60,10 +60,13 @@ def test_shift_is_zero_for_same_model_and_nonzero_for_an_adapter(tiny_predictor,
 
     import copy
 
-    peft_model = get_peft_model(
-        copy.deepcopy(tiny_predictor.model),
-        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
+    from clinqa.models.local import quiet_peft_deprecations
+
+    with quiet_peft_deprecations():
+        peft_model = get_peft_model(
+            copy.deepcopy(tiny_predictor.model),
+            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
     peft_model.save_pretrained(tmp_path / "adapter")
     adapted = tiny_predictor.load_adapter(tmp_path / "adapter")
     res = token_shift(tiny_predictor, {"lora": adapted}, QUESTIONS, terms)

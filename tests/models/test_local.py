@@ -100,6 +100,10 @@ def test_shared_prefix_passes_the_cache_by_the_installed_transformers_name(tiny_
         def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
 
     assert _cache_keyword(Old()) == "past_key_values"  # transformers before the rename
+    decoder = tiny_predictor._decoder
+    wrapped = type(decoder)(decoder.config)
+    wrapped.forward = lambda *a, **k: None  # a spy or hook on the instance hides the signature
+    assert _cache_keyword(wrapped) == _cache_keyword(decoder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tiny_predictor.next_token_logprobs_shared(

@@ -70,9 +70,10 @@ def quiet_peft_deprecations() -> Iterator[None]:
 
 def _cache_keyword(decoder) -> str:
     """What a decoder's forward calls its KV cache (and its output's field): `cache` in newer
-    transformers, which warns on `past_key_values` and will drop it; `past_key_values` before."""
+    transformers, which warns on `past_key_values` and will drop it; `past_key_values` before. Read
+    from the class, so a forward wrapped on the instance (hooks, a test's spy) does not hide it."""
     try:
-        return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
     except (TypeError, ValueError):  # a forward without a signature to read: the long-standing name
         return "past_key_values"
 
