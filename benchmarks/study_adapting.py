@@ -279,13 +279,13 @@ def flips_table(compare_dir: Path) -> list[str]:
 
 def own_abstract_retrieved(compare_dir: Path) -> list[str]:
     """PubMedQA*: how often retrieval found the question's own abstract (the oracle corpus's point)."""
+
+    def own(r, hit):  # a passage id "pmid-N#k" of the question "…-N"'s own abstract
+        return hit.split("#")[0] == "pmid-" + r["question_id"].rsplit("-", 1)[-1]
+
     lines = []
     for samples in sorted(compare_dir.glob("rag_*/samples.jsonl")):
         rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
-
-        def own(r, hit):
-            return hit.split("#")[0] == "pmid-" + r["question_id"].rsplit("-", 1)[-1]
-
         got = [r["extras"].get("retrieved") or [] for r in rows]
         top = sum(bool(g) and own(r, g[0]) for r, g in zip(rows, got))
         anywhere = sum(any(own(r, h) for h in g) for r, g in zip(rows, got))
