@@ -17,6 +17,7 @@ free memory and an out-of-memory error halves the batch (`clinqa.models.batching
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 import threading
@@ -72,8 +73,13 @@ def _cache_keyword(decoder) -> str:
     """What a decoder's forward calls its KV cache (and its output's field): `cache` in newer
     transformers, which warns on `past_key_values` and will drop it; `past_key_values` before. Read
     from the class, so a forward wrapped on the instance (hooks, a test's spy) does not hide it."""
+    return _class_cache_keyword(type(decoder))
+
+
+@functools.cache
+def _class_cache_keyword(cls: type) -> str:  # once per decoder class, not on every scoring call
     try:
-        return "cache" if "cache" in inspect.signature(type(decoder).forward).parameters else "past_key_values"
+        return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
     except (TypeError, ValueError):  # a forward without a signature to read: the long-standing name
         return "past_key_values"
 
