@@ -10,10 +10,12 @@ Steps (each a clinqa command writing a resumable folder; run the same command ag
 2. `records eval` on the real questions (all, or the --sample) with the stage-1 methods that need no
    training: BM25, MiniLM embeddings, the full record, the base LLM selector (threshold tuned on
    training questions); OUT/results.md is rewritten after each, so results show as they come;
-3. `records finetune --sequential --test`: a stage-1 adapter, stage 2 continued from it (and the
-   reverse order), with stage-1 F1 on the real questions before and after stage-2 training (the
-   forgetting measurement) — the long step: hours on a 2-core CPU;
-4. `records eval` with the fine-tuned LLM selector and the fine-tuned stage 2;
+3. `records finetune`: one adapter per stage (the paper's recommendation), then `records eval` with
+   the fine-tuned LLM selector and the fine-tuned stage 2, so the fine-tuned row comes before the
+   forgetting measurement;
+4. `records finetune --sequential --test`: stage 2 continued from the stage-1 adapter (and the reverse
+   order; the two adapters of step 3 are reused), with stage-1 F1 on the real questions before and
+   after stage-2 training (the forgetting measurement) — the long step: hours on a 2-core CPU;
 5. `records judge` over the runs (blind vs named).
 OUT/results.md collects stage-1 precision/recall/F1, METEOR, ROUGE-L, exact match, citation
 precision and abstention per method, the forgetting figures and the judge table; OUT/steps.jsonl
@@ -83,7 +85,9 @@ def main() -> None:
         "minilm": ["--selector", "embedding"],
         "full-record": ["--selector", "full"],
         "llm-base": ["--selector", "llm", "--tune", str(tune_qa), "--tune-records", str(train_pts)],
-        "fine-tuned": ["--adapters", str(adapters)],
+        # stages-separate.json, not stages.json: the sequential run of step 4 rewrites that one, and a
+        # grown --sample resumes this run with the same adapters
+        "fine-tuned": ["--adapters", str(adapters / "stages-separate.json")],
     }
 
     def evaluate(name: str) -> None:
@@ -99,29 +103,15 @@ def main() -> None:
     # the methods that need no training first: their results come hours before the fine-tuned one's
     for name in ("bm25", "minilm", "full-record", "llm-base"):
         evaluate(name)
+    finetune = ["records", "finetune", m, str(train_qa), "--records", str(train_pts), "--epochs", str(epochs)]
+    finetune += ["--out", str(adapters)] + (["--limit", "20", "--tune-questions", "4"] if a.small else [])
+    step("finetune (one adapter per stage)", finetune, out, done=adapters / "stages-separate.json")
+    evaluate("fine-tuned")
     step(
         "finetune (sequential, forgetting on the real questions)",
-        [
-            "records",
-            "finetune",
-            m,
-            str(train_qa),
-            "--records",
-            str(train_pts),
-            "--sequential",
-            "--test",
-            str(test_qa),
-            "--test-records",
-            str(real),
-            "--epochs",
-            str(epochs),
-            "--out",
-            str(adapters),
-        ]
-        + (["--limit", "20", "--tune-questions", "4"] if a.small else []),
+        finetune + ["--sequential", "--test", str(test_qa), "--test-records", str(real)],
         out,
     )
-    evaluate("fine-tuned")
     judge_args = ["records", "judge", str(test_qa), "--judge", m, "--out", str(out / "judge.json")]
     for name in runs:
         judge_args += ["--run", f"{name}={out / 'runs' / name}"]
@@ -159,6 +149,22 @@ def _fmt(x) -> str:
     return "—" if x is None else str(x)
 
 
+def _forgetting_summary(f: dict) -> dict:
+    """forgetting.json without its per-question rows: stage-1 micro P/R/F1 before and after stage-2
+    training with the paired per-question F1 change, and the reverse direction's stage-2 METEOR/ROUGE-L change with its interval and p."""
+    out = {k: f.get(k) for k in ("n_questions", "threshold", "f1_drop", "f1_change")}
+    for name in ("before", "after"):
+        out[f"stage1_{name}"] = (f.get(name) or {}).get("micro")
+    rev = f.get("reverse") or {}
+    for key in ("meteor_change", "rouge_l_change"):
+        if key in rev:
+            out[f"reverse_{key}"] = rev[key]
+    for name in ("before", "after"):
+        if name in rev:
+            out[f"reverse_stage2_{name}"] = {k: v for k, v in rev[name].items() if k != "per_question"}
+    return out
+
+
 def write_results(out: Path, names: list[str], test_qa: Path) -> None:
     lines = ["# Record QA on real Synthea", "", f"Machine: {machine()}.", ""]
     n_all = sum(1 for _ in open(out / "real-qa.jsonl"))
@@ -182,9 +188,21 @@ def write_results(out: Path, names: list[str], test_qa: Path) -> None:
             "```",
             "",
         ]
-    stages = out / "adapters" / "stages.json"
-    if stages.exists():
-        lines += ["## Fine-tuning and forgetting", "", "```json", stages.read_text()[:3000], "```", ""]
+    for mode in ("separate", "sequential"):
+        stages = out / "adapters" / f"stages-{mode}.json"
+        if stages.exists():
+            data = {k: v for k, v in json.loads(stages.read_text()).items() if k != "config"}
+            lines += [f"## Fine-tuning ({mode})", "", "```json", json.dumps(data, indent=1)[:3000], "```", ""]
+    forgetting = out / "adapters" / "forgetting.json"
+    if forgetting.exists():
+        lines += [
+            "## Forgetting",
+            "",
+            "```json",
+            json.dumps(_forgetting_summary(json.loads(forgetting.read_text())), indent=1),
+            "```",
+            "",
+        ]
     judge = out / "judge.json"
     if judge.exists():
         data = json.loads(judge.read_text())

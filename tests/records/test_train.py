@@ -143,6 +143,19 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
         "f1"
     ] == pytest.approx(f1["after"])
     assert result["f1_drop"] == pytest.approx(f1["before"] - f1["after"])
+    # the paired change: per-question F1 from the selections written, recomputed here by hand
+    per = {}
+    for name in ("before", "after"):
+        for line in (tmp_path / f"seq/selection-{name}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            s, r = set(row["selected"]), set(row["relevant_ids"])
+            if r:
+                per.setdefault(row["question_id"], {})[name] = 2 * len(s & r) / (len(s) + len(r))
+    diffs = [v["after"] - v["before"] for v in per.values()]
+    assert diffs, "the test questions need relevant lines"
+    assert result["f1_change"]["n"] == len(diffs) and result["f1_change"]["diff"] == pytest.approx(
+        sum(diffs) / len(diffs)
+    )
     assert json.loads((tmp_path / "seq/forgetting.json").read_text())["f1_drop"] == pytest.approx(result["f1_drop"])
     # reverse: stage-2 answers from the gold lines, ROUGE-L by rouge-score directly
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -270,6 +283,10 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path, mo
     assert r.exit_code == 0, r.output
     assert "stage-1 micro F1 on 2 test questions: before stage 2" in r.output
     assert (tmp_path / "ft/stages-sequential.json").is_file() and (tmp_path / "ft/forgetting.json").is_file()
+    if json.loads((tmp_path / "ft/forgetting.json").read_text())["f1_change"]:
+        assert "per-question stage-1 F1 change" in r.output
+    # --adapters takes the folder or one mode's stages file (a study pins stages-separate.json)
+    assert read_stages(tmp_path / "ft/stages-sequential.json") == read_stages(tmp_path / "ft")
     evaluate = ["records", "eval", str(model_dir), str(tmp_path / "test.jsonl"), "--records", str(tmp_path / "pts")]
     r = runner.invoke(
         app,

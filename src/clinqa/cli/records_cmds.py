@@ -486,6 +486,11 @@ def records_finetune(
             f"stage-1 micro F1 on {len(tq)} test questions: before stage 2 {result['before']['micro']['f1']:.3f}, "
             f"after {result['after']['micro']['f1']:.3f} (drop {result['f1_drop']:+.3f}); saved in {safe(out)}/forgetting.json"
         )
+        if c := result.get("f1_change"):
+            console.print(
+                f"per-question stage-1 F1 change {c['diff']:+.3f} (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, "
+                f"p={c['p']:.3f}, n={c['n']})"
+            )
         rev = result.get("reverse")
         for key, label in (("meteor", "METEOR"), ("rouge_l", "ROUGE-L")):
             c = rev and rev.get(f"{key}_change")

@@ -283,12 +283,20 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
         if progress:
             progress(done, len(questions))
     picked_rows = [rows[q.id] for q in questions]
-    return stage1_metrics(
+    metrics = stage1_metrics(
         [r["selected"] for r in picked_rows],
         [r["relevant_ids"] for r in picked_rows],
         qtypes=[r["qtype"] for r in picked_rows],
         types=[r["types"] for r in picked_rows],
     )
+    # per-question F1 (None where a question has no relevant lines), for paired before/after tests
+    metrics["per_question"] = {
+        r["question_id"]: {
+            "f1": stage1_metrics([r["selected"]], [r["relevant_ids"]])["micro"]["f1"] if r["relevant_ids"] else None
+        }
+        for r in picked_rows
+    }
+    return metrics
 
 
 def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord],
@@ -350,7 +358,9 @@ def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[Patien
     `stages_dir/forgetting.json`.
 
     Forward: stage-1 F1 of the stage-1 adapter before and after stage-2 training continued it, both at
-    the tuned threshold (`before`, `after`, `f1_drop` = before - after).
+    the tuned threshold (`before`, `after`, `f1_drop` = before - after of the micro F1), and the
+    paired per-question F1 change (`f1_change`: after - before over the questions with relevant lines,
+    a bootstrap interval and p).
     Reverse (`reverse`, when the folder has the reverse adapters; re-run `records finetune --sequential`
     on an older folder to train them): stage-2 METEOR and ROUGE-L of the stage-2 adapter before and after
     stage-1 training continued it, each question answered from its gold lines, with the paired
@@ -372,6 +382,7 @@ def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[Patien
             progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None,
         )
     out["f1_drop"] = out["before"]["micro"]["f1"] - out["after"]["micro"]["f1"]
+    out["f1_change"] = _paired(out["before"]["per_question"], out["after"]["per_question"], "f1")
     reverse = stages.get("reverse")
     if reverse:
         rev: dict[str, Any] = {}
