@@ -28,9 +28,65 @@ console = _console()
 err = _console(stderr=True)
 
 
+PROGRESS_EVERY_ENV = "CLINQA_PROGRESS_EVERY"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+class _ProgressLines:
+    """callback(done, total, extra) that prints a plain line at most every `every` seconds, and one at
+    the end: what a job logged to a file (nohup, a batch scheduler, a study step) shows instead of a
+    live bar. The time left comes from the pace since the first call, so a resumed job's skipped part
+    does not count."""
+
+    def __init__(self, description: str, every: float) -> None:
+        import time
+
+        self.description, self.every, self._now = description, every, time.monotonic
+        self.t0 = self.last_print = self._now()
+        self.first: int | None = None
+        self.state: tuple[int, int, str] | None = None
+
+    def __call__(self, done: int, total: int, extra: str = "") -> None:
+        if self.first is None:
+            self.first = done
+        self.state = (done, total, extra)
+        if self._now() - self.last_print >= self.every:
+            self._print()
+
+    def finish(self) -> None:
+        if self.state is not None:
+            self._print()
+
+    def _print(self) -> None:
+        done, total, extra = self.state  # type: ignore[misc]
+        now = self.last_print = self._now()
+        rate = (done - (self.first or 0)) / (now - self.t0) if now > self.t0 else 0.0
+        left = f", about {_clock((total - done) / rate)} left" if rate > 0 and total and done < total else ""
+        of = f"/{total} ({100 * done / total:.0f}%)" if total else ""
+        line = f"{self.description}: {done}{of}{' ' + extra if extra else ''}, {_clock(now - self.t0)} elapsed{left}"
+        err.print(plain(line), markup=False, highlight=False)
+
+
 @contextmanager
 def progress_bar(description: str) -> Iterator:
-    """A rich progress bar; yields a callback(done, total) for long jobs."""
+    """A rich progress bar; yields a callback(done, total) for long jobs. Where stderr is no terminal
+    (a log file, a pipe) rich draws nothing until the end, so a line every $CLINQA_PROGRESS_EVERY
+    seconds (default 60) tells the log how far the job is."""
+    import os
+
+    if not err.is_terminal:
+        try:
+            every = float(os.environ.get(PROGRESS_EVERY_ENV) or 60)
+        except ValueError:
+            raise ClinqaError(f"{PROGRESS_EVERY_ENV} must be a number of seconds") from None
+        lines = _ProgressLines(safe(description), every)
+        yield lines
+        lines.finish()  # the end, as the bar's last frame would show it
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
