@@ -30,13 +30,17 @@ def test_a_long_interval_prints_only_the_end(monkeypatch, capsys):
 
 
 def test_time_left_from_the_pace_since_the_first_call(capsys):
-    clock = iter([30.0, 90.0, 90.0])
-    lines = _ProgressLines("train stage1", every=60)
+    clock = iter([0.0, 30.0, 100.0, 100.0, 200.0])
+    lines = _ProgressLines("records finetune", every=60)
     lines._now, lines.t0, lines.last_print = (lambda: next(clock)), 0.0, 0.0
-    lines(10, 100)  # t = 30: a resumed job starts at 10 of 100; under the interval, no line
-    lines(40, 100, "loss 0.05")  # t = 90: 30 steps in 90 s, 60 left at that pace: 180 s
+    lines(10, 100, "stage1")  # t = 0: a resumed job starts at 10 of 100
+    lines(20, 100, "stage1")  # t = 30: under the interval, no line
+    lines(40, 100, "stage1")  # t = 100: 30 steps in 100 s, 60 left at that pace: 200 s
+    lines(0, 50, "stage2")  # t = 100: the next adapter counts from 0, a new pace
+    lines(25, 50, "stage2")  # t = 200: 25 steps in 100 s, 25 left: 100 s
     assert capsys.readouterr().err.splitlines() == [
-        "train stage1: 40/100 (40%) loss 0.05, 0:01:30 elapsed, about 0:03:00 left"
+        "records finetune: 40/100 (40%) stage1, 0:01:40 elapsed, about 0:03:20 left",
+        "records finetune: 25/50 (50%) stage2, 0:03:20 elapsed, about 0:01:40 left",
     ]
 
 

@@ -40,31 +40,33 @@ class _ProgressLines:
     """callback(done, total, extra) that prints a plain line at most every `every` seconds, and one at
     the end: what a job logged to a file (nohup, a batch scheduler, a study step) shows instead of a
     live bar. The time left comes from the pace since the first call, so a resumed job's skipped part
-    does not count."""
+    does not count; a count that goes down (the next adapter, the next pass) starts a new pace."""
 
     def __init__(self, description: str, every: float) -> None:
         import time
 
         self.description, self.every, self._now = description, every, time.monotonic
         self.t0 = self.last_print = self._now()
-        self.first: int | None = None
+        self.first: int | None = None  # `done` at the first call of this phase (a job may count anew)
+        self.phase_t0 = self.t0
         self.state: tuple[int, int, str] | None = None
 
     def __call__(self, done: int, total: int, extra: str = "") -> None:
-        if self.first is None:
-            self.first = done
+        now = self._now()
+        if self.first is None or (self.state and done < self.state[0]):  # the start, or a new phase's
+            self.first, self.phase_t0 = done, now
         self.state = (done, total, extra)
-        if self._now() - self.last_print >= self.every:
-            self._print()
+        if now - self.last_print >= self.every:
+            self._print(now)
 
     def finish(self) -> None:
         if self.state is not None:
-            self._print()
+            self._print(self._now())
 
-    def _print(self) -> None:
+    def _print(self, now: float) -> None:
         done, total, extra = self.state  # type: ignore[misc]
-        now = self.last_print = self._now()
-        rate = (done - (self.first or 0)) / (now - self.t0) if now > self.t0 else 0.0
+        self.last_print = now
+        rate = (done - (self.first or 0)) / (now - self.phase_t0) if now > self.phase_t0 else 0.0
         left = f", about {_clock((total - done) / rate)} left" if rate > 0 and total and done < total else ""
         of = f"/{total} ({100 * done / total:.0f}%)" if total else ""
         line = f"{self.description}: {done}{of}{' ' + extra if extra else ''}, {_clock(now - self.t0)} elapsed{left}"
