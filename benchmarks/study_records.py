@@ -11,8 +11,9 @@ Steps (each a clinqa command writing a resumable folder; run the same command ag
    training: BM25, MiniLM embeddings, the full record, the base LLM selector (threshold tuned on
    training questions); OUT/results.md is rewritten after each, so results show as they come;
 3. `records finetune`: one adapter per stage (the paper's recommendation), then `records eval` with
-   the fine-tuned LLM selector and the fine-tuned stage 2, so the fine-tuned row comes before the
-   forgetting measurement;
+   the fine-tuned LLM selector and the base stage 2 (only stage 1 differs from step 2's rows; its
+   threshold tuned on the questions `records finetune` held out, adapters/tune-questions.jsonl), and
+   with both stages fine-tuned, so the fine-tuned rows come before the forgetting measurement;
 4. `records finetune --sequential --test`: stage 2 continued from the stage-1 adapter (and the reverse
    order; the two adapters of step 3 are reused), with stage-1 F1 on the real questions before and
    after stage-2 training (the forgetting measurement) — the long step: hours on a 2-core CPU;
@@ -85,7 +86,19 @@ def main() -> None:
         "minilm": ["--selector", "embedding"],
         "full-record": ["--selector", "full"],
         "llm-base": ["--selector", "llm", "--tune", str(tune_qa), "--tune-records", str(train_pts)],
-        # stages-separate.json, not stages.json: the sequential run of step 4 rewrites that one, and a
+        # the fine-tuned stage-1 adapter with the base stage 2 (only stage 1 differs from the rows above),
+        # its threshold tuned on the questions `records finetune` held out of its training
+        "llm-fine-tuned": [
+            "--selector",
+            "llm",
+            "--stage1-model",
+            f"{m}+lora:{adapters / 'stage1'}",
+            "--tune",
+            str(adapters / "tune-questions.jsonl"),
+            "--tune-records",
+            str(train_pts),
+        ],
+        # both stages fine-tuned; stages-separate.json, not stages.json: the sequential run of step 4 rewrites that one, and a
         # grown --sample resumes this run with the same adapters
         "fine-tuned": ["--adapters", str(adapters / "stages-separate.json")],
     }
@@ -106,6 +119,7 @@ def main() -> None:
     finetune = ["records", "finetune", m, str(train_qa), "--records", str(train_pts), "--epochs", str(epochs)]
     finetune += ["--out", str(adapters)] + (["--limit", "20", "--tune-questions", "4"] if a.small else [])
     step("finetune (one adapter per stage)", finetune, out, done=adapters / "stages-separate.json")
+    evaluate("llm-fine-tuned")
     evaluate("fine-tuned")
     step(
         "finetune (sequential, forgetting on the real questions)",

@@ -12,7 +12,7 @@ from clinqa.adapt.lora import LoraTrainConfig
 from clinqa.errors import ClinqaError
 from clinqa.records.fhir import record_from_bundle
 from clinqa.records.pipeline import ANSWER_SYSTEM, LLMSelector, select_prompt
-from clinqa.records.questions import generate_questions
+from clinqa.records.questions import generate_questions, read_questions
 from clinqa.records.render import render_record
 from clinqa.records.synth import synthesize_patients
 from clinqa.records.train import (
@@ -97,6 +97,10 @@ def test_separate_stages_train_tune_and_reuse(records, questions, tiny_predictor
     trained_q = {i.split("|")[0] for i in meta1["train_ids"] + meta1["val_ids"]}
     assert len(trained_q) == stages["n_questions"]  # every training question has pairs (at least its negatives)
     assert len({q.id for q in questions} - trained_q) == stages["n_tune_questions"]
+    # ... and written out, so another selector can be tuned on the same held-out questions
+    held_out = read_questions(tmp_path / "sep/tune-questions.jsonl")
+    assert {q.id for q in held_out} == {q.id for q in questions} - trained_q
+    assert [q.id for q in held_out] == stages["tuning"]["key"][0]
     assert 0.0 <= stages["threshold"] <= 1.0 and 0.0 <= stages["tuning"]["f1"] <= 1.0
     # a moved folder still finds its adapters
     import shutil

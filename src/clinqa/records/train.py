@@ -20,6 +20,8 @@ Decisions:
 - The stage-1 threshold is tuned for micro F1 on held-out questions (`StagesConfig.tune_fraction` of
   the training questions, whose examples are never trained on): a classifier trained on 1:3
   positives to negatives is miscalibrated for a record where 1 line in 200 is relevant.
+  They are written first, to `tune-questions.jsonl` in the output folder: tuning another selector
+  on the same held-out questions (`records eval --tune`) compares like with like.
 - `stages.json` in the output folder names the adapters and the threshold of the last run and
   `stages-MODE.json` those of each mode; `records eval --adapters` reads either. Several modes trained
   into one folder share the stage-1 adapter ("separate" and "sequential" train the same one).
@@ -52,10 +54,11 @@ from clinqa.records.pipeline import (
     stage2_examples,
     tune_threshold,
 )
-from clinqa.records.questions import RecordQuestion
+from clinqa.records.questions import RecordQuestion, write_questions
 
 MODES = ("separate", "sequential", "multitask")
 STAGES_FILE = "stages.json"
+TUNE_FILE = "tune-questions.jsonl"  # the held-out questions that tune the stage-1 threshold
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -153,6 +156,8 @@ def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[P
             f"no record for patient(s) {', '.join(missing[:3])}: pass the records the training questions were made from"
         )
     train_q, tune_q = split_train_val(questions, config.tune_fraction, config.seed, max_val=config.max_tune)
+    if tune_q:
+        write_questions(out / TUNE_FILE, tune_q)
     ex1 = stage_examples(by_patient, train_q, 1, negatives=config.negatives, seed=config.seed)
     ex2 = stage_examples(by_patient, train_q, 2, distractors=config.distractors, seed=config.seed)
 
@@ -465,5 +470,5 @@ def _plot_sweep(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["MODES", "STAGES_FILE", "StagesConfig", "evaluate_answering", "evaluate_selection", "finetune_stages", "forgetting", "read_stages",
+__all__ = ["MODES", "STAGES_FILE", "TUNE_FILE", "StagesConfig", "evaluate_answering", "evaluate_selection", "finetune_stages", "forgetting", "read_stages",
            "size_sweep", "stage_examples", "stage_models", "with_adapter"]  # fmt: skip
