@@ -78,9 +78,20 @@ def test_paired_differences_on_shared_questions_by_hand():
     assert d["false_abstention"]["difference"] == pytest.approx(0.5)  # q2 newly abstains
     lo, hi = d["meteor"]["ci95"]
     assert lo <= d["meteor"]["difference"] <= hi and 0.0 <= d["meteor"]["p"] <= 1.0
+    # micro F1 over the shared questions: A tp 2 fp 2 fn 1 -> 4/7; B tp 2 fp 0 fn 1 -> 4/5
+    micro = d["stage1_micro_f1"]
+    assert micro["n"] == 3 and micro["difference"] == pytest.approx(4 / 5 - 4 / 7)
+    assert micro["ci95"][0] <= micro["difference"] <= micro["ci95"][1] and 0.0 <= micro["p"] <= 1.0
     # only shared questions count
     d2 = paired(RUN_A, RUN_B[:1])
     assert d2["stage1_f1"]["n"] == 1 and d2["stage1_f1"]["difference"] == pytest.approx(0.5)
+    # q1 alone: A selects {a, x} of {a, b} (F1 0.5), B both (F1 1); one question resamples to itself
+    assert d2["stage1_micro_f1"] == {
+        "n": 1,
+        "difference": pytest.approx(0.5),
+        "ci95": [0.5, 0.5],
+        "p": pytest.approx(2 / 2001),
+    }
 
 
 def test_identical_runs_differ_by_nothing_and_the_table_names_the_baseline():

@@ -115,21 +115,28 @@ def bootstrap_ci(
 
 
 def bootstrap_mean_test(
-    diffs: npt.ArrayLike, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+    diffs: npt.ArrayLike,
+    *,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    stat: Callable[[np.ndarray], float] = np.mean,
 ) -> tuple[float, float, float, float]:
     """Mean of paired differences with a percentile interval and a two-sided bootstrap p-value for mean 0.
 
-    One value per independent unit (a question), so correlated samples never count twice.
-    Returns (mean, ci_low, ci_high, p); all nan for empty input.
+    One value per independent unit (a question), so correlated samples never count twice. `stat`
+    replaces the mean by another difference statistic of the resampled units (e.g. pass question
+    indices and return a difference of two micro F1s). Returns (stat, ci_low, ci_high, p); all nan
+    for empty input.
     """
     arr = np.asarray(diffs, dtype=float).ravel()
     if arr.size == 0:
         return (_NAN, _NAN, _NAN, _NAN)
-    stats = _bootstrap_stats(arr, n_boot, seed, np.mean)
+    stats = _bootstrap_stats(arr, n_boot, seed, stat)
     lo, hi = _percentile_interval(stats, confidence)
     below = (np.sum(stats <= 0) + 1) / (n_boot + 1)
     above = (np.sum(stats >= 0) + 1) / (n_boot + 1)
-    return float(arr.mean()), lo, hi, float(min(1.0, 2.0 * min(below, above)))
+    return float(stat(arr)), lo, hi, float(min(1.0, 2.0 * min(below, above)))
 
 
 def per_question(samples: Iterable[Sample]) -> dict[str, float]:

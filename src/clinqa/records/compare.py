@@ -11,8 +11,8 @@ noise. Per question, from the run folders' samples:
 - micro stage-1 precision/recall/F1 over all questions, with an interval from resampling questions.
 
 Each mean carries a 95% percentile bootstrap interval over questions; each run is compared with the
-baseline on the questions both answered (paired bootstrap of the per-question difference: interval
-and two-sided p). `clinqa records compare` prints the tables.
+baseline on the questions both answered (paired bootstrap of the per-question difference, and of the
+difference of micro F1s over resampled questions: interval and two-sided p). `clinqa records compare` prints the tables.
 """
 
 from __future__ import annotations
@@ -88,15 +88,27 @@ def paired(
     base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]], *, seed: int = 0
 ) -> dict[str, dict[str, Any]]:
     """Per metric: mean of other - base over the questions both runs answered and the metric applies
-    to, with a paired bootstrap interval and two-sided p."""
-    a = {s["question_id"]: per_question(s) for s in base}
-    b = {s["question_id"]: per_question(s) for s in other}
+    to, with a paired bootstrap interval and two-sided p; and `stage1_micro_f1`, the difference of the
+    two micro F1s over the shared questions, its interval and p from resampling those questions."""
+    ra, rb = {s["question_id"]: s for s in base}, {s["question_id"]: s for s in other}
+    a, b = {q: per_question(s) for q, s in ra.items()}, {q: per_question(s) for q, s in rb.items()}
     shared = [q for q in a if q in b]
     out = {}
     for key, _ in METRICS:
         diffs = [b[q][key] - a[q][key] for q in shared if a[q][key] is not None and b[q][key] is not None]
         mean, lo, hi, p = bootstrap_mean_test(diffs, seed=seed) if diffs else (None, None, None, None)
         out[key] = {"n": len(diffs), "difference": mean, "ci95": [lo, hi], "p": p}
+    # micro F1 pools the lines of all questions: resample the shared questions, recompute both
+    ca = np.asarray([_selection_counts(ra[q]) for q in shared], dtype=int).reshape(-1, 3)
+    cb = np.asarray([_selection_counts(rb[q]) for q in shared], dtype=int).reshape(-1, 3)
+
+    def micro_diff(i: np.ndarray) -> float:
+        i = i.astype(int)
+        return prf(*cb[i].sum(0))["f1"] - prf(*ca[i].sum(0))["f1"]
+
+    idx = np.arange(len(shared), dtype=float)
+    mean, lo, hi, p = bootstrap_mean_test(idx, seed=seed, stat=micro_diff) if shared else (None, None, None, None)
+    out["stage1_micro_f1"] = {"n": len(shared), "difference": mean, "ci95": [lo, hi], "p": p}
     return out
 
 
@@ -144,12 +156,12 @@ def to_markdown(result: Mapping[str, Any]) -> str:
             f"Against {base}, on the same questions: mean difference (run − {base}), 95% paired bootstrap CI, p "
             "(false abstention: lower is better).",
             "",
-            "| run | " + " | ".join(label for _, label in METRICS) + " |",
-            "|---|" + "---:|" * len(METRICS),
+            "| run | " + " | ".join(label for _, label in cols) + " |",
+            "|---|" + "---:|" * len(cols),
         ]
         for name, diffs in result["vs_baseline"].items():
             cells = []
-            for key, _ in METRICS:
+            for key, _ in cols:
                 d = diffs[key]
                 cells.append("—" if d["difference"] is None else f"{_ci(d, sign='+')} p={d['p']:.3f} [{d['n']}]")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
