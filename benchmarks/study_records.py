@@ -94,12 +94,12 @@ def main() -> None:
             "--stage1-model",
             f"{m}+lora:{adapters / 'stage1'}",
             "--tune",
-            str(adapters / "tune-questions.jsonl"),
+            str(adapters / "tune-questions.jsonl"),  # clinqa.records.train.TUNE_FILE (importing it loads torch)
             "--tune-records",
             str(train_pts),
         ],
-        # both stages fine-tuned; stages-separate.json, not stages.json: the sequential run of step 4 rewrites that one, and a
-        # grown --sample resumes this run with the same adapters
+        # both stages fine-tuned; stages-separate.json, not stages.json: the sequential run of step 4
+        # rewrites that one, and a grown --sample resumes this run with the same adapters
         "fine-tuned": ["--adapters", str(adapters / "stages-separate.json")],
     }
 
@@ -165,7 +165,8 @@ def _fmt(x) -> str:
 
 def _forgetting_summary(f: dict) -> dict:
     """forgetting.json without its per-question rows: stage-1 micro P/R/F1 before and after stage-2
-    training with the paired per-question F1 change, and the reverse direction's stage-2 METEOR/ROUGE-L change with its interval and p."""
+    training with the paired per-question F1 change, and the reverse direction's stage-2 METEOR and
+    ROUGE-L change with its interval and p."""
     out = {k: f.get(k) for k in ("n_questions", "threshold", "f1_drop", "f1_change")}
     for name in ("before", "after"):
         out[f"stage1_{name}"] = (f.get(name) or {}).get("micro")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -43,8 +45,6 @@ class _ProgressLines:
     does not count; a count that goes down (the next adapter, the next pass) starts a new pace."""
 
     def __init__(self, description: str, every: float) -> None:
-        import time
-
         self.description, self.every, self._now = description, every, time.monotonic
         self.t0 = self.last_print = self._now()
         self.first: int | None = None  # `done` at the first call of this phase (a job may count anew)
@@ -78,8 +78,6 @@ def progress_bar(description: str) -> Iterator:
     """A rich progress bar; yields a callback(done, total) for long jobs. Where stderr is no terminal
     (a log file, a pipe) rich draws nothing until the end, so a line every $CLINQA_PROGRESS_EVERY
     seconds (default 60) tells the log how far the job is."""
-    import os
-
     if not err.is_terminal:
         try:
             every = float(os.environ.get(PROGRESS_EVERY_ENV) or 60)
