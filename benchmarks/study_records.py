@@ -14,10 +14,10 @@ Steps (each a clinqa command writing a resumable folder; run the same command ag
    the fine-tuned LLM selector and the base stage 2 (only stage 1 differs from step 2's rows; its
    threshold tuned on the questions `records finetune` held out, adapters/tune-questions.jsonl), and
    with both stages fine-tuned, so the fine-tuned rows come before the forgetting measurement;
-4. `records finetune --sequential --test`: stage 2 continued from the stage-1 adapter (and the reverse
+4. `records judge` over the six runs (blind vs named);
+5. `records finetune --sequential --test`: stage 2 continued from the stage-1 adapter (and the reverse
    order; the two adapters of step 3 are reused), with stage-1 F1 on the real questions before and
-   after stage-2 training (the forgetting measurement) — the long step: hours on a 2-core CPU;
-5. `records judge` over the runs (blind vs named).
+   after stage-2 training (the forgetting measurement) — the long step: hours on a 2-core CPU.
 OUT/results.md collects stage-1 precision/recall/F1, METEOR, ROUGE-L, exact match, citation
 precision and abstention per method, the forgetting figures and the judge table; OUT/steps.jsonl
 holds the wall time of every step. Needs ../shared/data (not part of a clone).
@@ -98,7 +98,7 @@ def main() -> None:
             "--tune-records",
             str(train_pts),
         ],
-        # both stages fine-tuned; stages-separate.json, not stages.json: the sequential run of step 4
+        # both stages fine-tuned; stages-separate.json, not stages.json: the sequential run of step 5
         # rewrites that one, and a grown --sample resumes this run with the same adapters
         "fine-tuned": ["--adapters", str(adapters / "stages-separate.json")],
     }
@@ -121,15 +121,18 @@ def main() -> None:
     step("finetune (one adapter per stage)", finetune, out, done=adapters / "stages-separate.json")
     evaluate("llm-fine-tuned")
     evaluate("fine-tuned")
+    # the judge needs only the six runs: it comes before the sequential adapters' hours of training
+    # a run folder: it resumes, and judges only the new questions when --sample grows
+    judge_args = ["records", "judge", str(test_qa), "--judge", m, "--out", str(out / "judge")]
+    for name in runs:
+        judge_args += ["--run", f"{name}={out / 'runs' / name}"]
+    step("judge", judge_args, out)
+    write_results(out, list(runs), test_qa)
     step(
         "finetune (sequential, forgetting on the real questions)",
         finetune + ["--sequential", "--test", str(test_qa), "--test-records", str(real)],
         out,
     )
-    judge_args = ["records", "judge", str(test_qa), "--judge", m, "--out", str(out / "judge.json")]
-    for name in runs:
-        judge_args += ["--run", f"{name}={out / 'runs' / name}"]
-    step("judge", judge_args, out, done=out / "judge.json")
     write_results(out, list(runs), test_qa)
 
 
@@ -180,6 +183,33 @@ def _forgetting_summary(f: dict) -> dict:
     return out
 
 
+def _judge_table(rep: dict) -> list[str]:
+    """The judge's report as markdown: per system the blind and named expected grades (0-4), named
+    minus blind with its interval and Wilcoxon p, kappa with exact match; then position bias."""
+    lines = [
+        f"## Judge ({rep['judge']}, {rep['n_questions']} questions)",
+        "",
+        "| system | self | n | blind | named | named − blind (95% CI) | p (Wilcoxon) | κ vs exact match (blind) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rep["systems"].items():
+        d = r["named_minus_blind"]
+        lines.append(
+            f"| {name} | {'yes' if r['self'] else ''} | {d['n']} | {_fmt(r['blind']['mean_expected'])} "
+            f"| {_fmt(r['named']['mean_expected'])} | {_fmt(d['mean'])} ({_fmt(d['ci_low'])} to {_fmt(d['ci_high'])}) "
+            f"| {_fmt(d['p_wilcoxon'])} | {_fmt(r['kappa_blind']['kappa'])} |"
+        )
+    pb = rep.get("position_bias")
+    if pb:
+        lines += [
+            "",
+            f"Position bias: {pb['follows_position']} of {pb['pairs']} pairs asked in both orders follow the position "
+            f"(rate {_fmt(pb['rate'])}, {_fmt(pb['ci_low'])} to {_fmt(pb['ci_high'])}); A chosen {pb['first_wins']} "
+            f"of {pb['verdicts']} (p vs 1/2 {_fmt(pb['p_first_vs_half'])}).",
+        ]
+    return lines + [""]
+
+
 def write_results(out: Path, names: list[str], test_qa: Path) -> None:
     lines = ["# Record QA on real Synthea", "", f"Machine: {machine()}.", ""]
     n_all = sum(1 for _ in open(out / "real-qa.jsonl"))
@@ -218,17 +248,9 @@ def write_results(out: Path, names: list[str], test_qa: Path) -> None:
             "```",
             "",
         ]
-    judge = out / "judge.json"
+    judge = out / "judge" / "report.json"
     if judge.exists():
-        data = json.loads(judge.read_text())
-        lines += [
-            "## Judge",
-            "",
-            "```json",
-            json.dumps(data.get("summary", data), indent=1, default=str)[:4000],
-            "```",
-            "",
-        ]
+        lines += _judge_table(json.loads(judge.read_text()))
     seconds = step_seconds(out)
     lines += ["## Wall time per step (s)", "", "| step | s |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in seconds.items()]

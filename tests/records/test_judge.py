@@ -27,6 +27,7 @@ from clinqa.records.judge import (
     parse_verdict,
 )
 from clinqa.records.judge_report import judge_report, kappa_with_exact_match, position_bias, wilson
+from clinqa.records.judge_run import JUDGED_FILE, REPORT_FILE
 from clinqa.records.questions import RecordQuestion
 
 GARBLED = "#garbled#"
@@ -307,3 +308,97 @@ def test_cli_refuses_an_unknown_self_name(tmp_path):
     (tmp_path / "run/run.json").write_text("{}")
     r = CliRunner().invoke(app, ["records", "judge", "qa.jsonl", "--run", f"a={tmp_path / 'run'}", "--self", "b"])
     assert isinstance(r.exception, ClinqaError) and "--self 'b' is not one of the --run names (a)" in str(r.exception)
+
+
+# -- a judge run folder: grades written chunk by chunk, a killed judge resumed without judging twice, a
+# grown question set or a changed answer judged on the next run (and nothing else), another judge
+# refused. The reference is the same report computed in one go without a folder.
+
+
+class CountingJudge(FakeJudge):
+    """FakeJudge that records which questions it was asked about, and can die after `die_after` calls."""
+
+    def __init__(self, spec="fake-judge", die_after=None):
+        super().__init__(spec)
+        self.asked: list[str] = []
+        self.die_after = die_after
+
+    def next_token_logprobs(self, contexts, candidates):
+        if self.die_after is not None and self.die_after <= 0:
+            raise KeyboardInterrupt("killed")
+        if self.die_after is not None:
+            self.die_after -= 1
+        for c in contexts:
+            self.asked.append(re.search(r"What was measurement (\d+)\?", c).group(1))
+        return super().next_token_logprobs(contexts, candidates)
+
+
+def _strip(rep):
+    """The report as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(rep, default=str))
+
+
+def reference(items=ITEMS, sy=None):
+    return _strip(judge_report(Judge(FakeJudge(), chat=False), items, sy or systems(), n_boot=200))
+
+
+def test_a_killed_judge_resumes_and_gives_the_uninterrupted_report(tmp_path):
+    out = tmp_path / "judge"
+    # chunks of 3 questions: each chunk asks 3 panel positions blind, 3 named, then all pairs at once
+    # (7 calls); dying on the 11th call kills it inside the second chunk, after the first was written
+    killed = CountingJudge(die_after=10)
+    with pytest.raises(KeyboardInterrupt):
+        judge_report(Judge(killed, chat=False), ITEMS, systems(), n_boot=200, out=out, chunk=3)
+    lines = (out / JUDGED_FILE).read_text().splitlines()
+    assert [json.loads(x)["key"] for x in lines] == ["q0", "q1", "q2"]
+    assert not (out / REPORT_FILE).exists()
+    again = CountingJudge()
+    rep = judge_report(Judge(again, chat=False), ITEMS, systems(), n_boot=200, out=out, chunk=3)
+    assert set(again.asked) == {str(i) for i in range(3, 8)}  # the first chunk is not judged again
+    assert _strip(rep) == reference()
+    assert json.loads((out / REPORT_FILE).read_text()) == reference()
+    # a third run judges nothing and reports the same
+    idle = CountingJudge()
+    assert _strip(judge_report(Judge(idle, chat=False), ITEMS, systems(), n_boot=200, out=out)) == reference()
+    assert idle.asked == []
+
+
+def test_a_grown_question_set_and_a_changed_answer_are_judged_and_nothing_else(tmp_path):
+    out = tmp_path / "judge"
+    judge_report(Judge(CountingJudge(), chat=False), ITEMS[:5], systems(), n_boot=200, out=out)
+    grown = CountingJudge()
+    rep = judge_report(Judge(grown, chat=False), ITEMS, systems(), n_boot=200, out=out)
+    assert set(grown.asked) == {"5", "6", "7"}
+    assert _strip(rep) == reference()  # each question keeps its panel order when the set grows
+    sy = systems()
+    sy["plain"]["q1"] = ITEMS[1].answer  # plain's run was redone: now right on q1
+    changed = CountingJudge()
+    rep = judge_report(Judge(changed, chat=False), ITEMS, sy, n_boot=200, out=out)
+    assert set(changed.asked) == {"1"}
+    assert _strip(rep) == reference(sy=sy)
+    plain_q1 = [g for g in rep["grades"]["blind"] if g["system"] == "plain" and g["question_id"] == "q1"]
+    assert [g["grade"] for g in plain_q1] == [4]
+
+
+def test_another_judge_seed_or_systems_is_refused(tmp_path):
+    out = tmp_path / "judge"
+    judge_report(Judge(FakeJudge(), chat=False), ITEMS[:2], systems(), n_boot=200, out=out)
+    with pytest.raises(ClinqaError, match="judge"):
+        judge_report(Judge(FakeJudge(spec="other-judge"), chat=False), ITEMS[:2], systems(), n_boot=200, out=out)
+    with pytest.raises(ClinqaError, match="seed"):
+        judge_report(Judge(FakeJudge(), chat=False), ITEMS[:2], systems(), n_boot=200, out=out, seed=1)
+    fewer = {k: v for k, v in systems().items() if k != "plain"}
+    with pytest.raises(ClinqaError, match="systems"):
+        judge_report(Judge(FakeJudge(), chat=False), ITEMS[:2], fewer, n_boot=200, out=out)
+    edited = [ITEMS[0].model_copy(update={"answer": "1 mg/dL"}), ITEMS[1]]
+    with pytest.raises(ClinqaError, match="q0"):
+        judge_report(Judge(FakeJudge(), chat=False), edited, systems(), n_boot=200, out=out)
+
+
+def test_progress_counts_questions_including_those_judged_before(tmp_path):
+    out = tmp_path / "judge"
+    judge_report(Judge(FakeJudge(), chat=False), ITEMS[:3], systems(), n_boot=200, out=out)
+    seen = []
+    judge_report(Judge(FakeJudge(), chat=False), ITEMS, systems(), n_boot=200, out=out, chunk=2,
+                 progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    assert seen == [(3, 8), (5, 8), (7, 8), (8, 8)]

@@ -351,11 +351,11 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path, mo
             "--judge",
             str(model_dir),
             "--out",
-            str(tmp_path / "judge.json"),
+            str(tmp_path / "judge"),
         ],
     )
     assert r.exit_code == 0, r.output
-    judged = json.loads((tmp_path / "judge.json").read_text())
+    judged = json.loads((tmp_path / "judge" / "report.json").read_text())
     assert set(judged["systems"]) == {"tuned", "again"} and len(judged["grades"]["blind"]) == 4
     # the two systems gave the same answers: both orders of a pair are the same prompt, so each of the
     # 2 pairs gets the same slot twice, which counts as following the position

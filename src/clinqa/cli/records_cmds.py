@@ -304,7 +304,10 @@ def records_judge(
     ),
     judge: str = typer.Option("default", help="judge model spec (any backend, e.g. openai:URL#MODEL)"),
     out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="write every grade, verdict and the report as JSON here"
+        None,
+        "--out",
+        "-o",
+        help="run folder: every grade and verdict written as it comes (a rerun resumes), the report in report.json",
     ),
     seed: int = typer.Option(0, help="seed of the blind panel's answer order (and of the bootstrap)"),
     reading: str = typer.Option(
@@ -324,8 +327,6 @@ def records_judge(
     device_map: DeviceMapOpt = None,
 ) -> None:
     """LLM-as-judge of record answers: blind (all systems' answers, anonymised, shuffled) vs named, self-preference, position bias."""
-    import json as _json
-
     from clinqa.records.judge import Judge
     from clinqa.records.judge_report import judge_report
     from clinqa.records.questions import read_questions
@@ -343,10 +344,9 @@ def records_judge(
         raise ClinqaError(f"--self {unknown[0]!r} is not one of the --run names ({', '.join(systems)})")
     questions = read_questions(qa)
     judge_model = Judge(load_predictor(judge), reading=reading)
-    with err.status(
-        f"judging {len(systems)} systems x {len(questions)} questions: blind, named{', pairwise' if pairwise else ''} ..."
-    ):
-        rep = judge_report(judge_model, questions, systems, seed=seed, pairwise=pairwise, self_names=self_name or None)
+    with progress_bar(f"judge · {len(systems)} systems · blind, named{', pairwise' if pairwise else ''}") as update:
+        rep = judge_report(judge_model, questions, systems, seed=seed, pairwise=pairwise,
+                           self_names=self_name or None, out=out, progress=update)  # fmt: skip
     fmt = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
     table = Table("system", "self", "n", "blind", "named", "named − blind [95% CI]", "p (Wilcoxon)", "κ vs EM (blind)",
                   "unparseable b/n", title="judge grades 0-4 (expected grade), per system")  # fmt: skip
@@ -377,9 +377,7 @@ def records_judge(
         f"κ with exact match (judge correct = grade >= 3): blind {fmt(kb['kappa'])}, named {fmt(kn['kappa'])} (n={kb['n']})"
     )
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(_json.dumps({"judge": judge, **rep}, indent=2, default=str))
-        console.print(f"grades in [bold]{safe(out)}[/bold]")
+        console.print(f"grades in [bold]{safe(out)}[/bold] (report.json, judged.jsonl)")
 
 
 def _stages_config(

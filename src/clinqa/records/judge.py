@@ -239,12 +239,13 @@ def answers_of(source: Mapping[str, str] | str | Path) -> dict[str, str]:
 def panel_orders(
     items: Sequence[RecordQuestion], answers: Mapping[str, Mapping[str, str]], seed: int = 0
 ) -> dict[str, list[str]]:
-    """Per question, the systems that answered it in the seeded shuffled order both panel modes use."""
-    rng = random.Random(f"clinqa-judge:{seed}")
+    """Per question, the systems that answered it in the seeded shuffled order both panel modes use.
+    Each question's order depends only on the seed, the question id and the systems, so a question
+    keeps its order when the question set grows (a resumed judge run)."""
     orders = {}
     for q in items:
         names = [n for n in answers if q.id in answers[n]]
-        rng.shuffle(names)
+        random.Random(f"clinqa-judge:{seed}:{q.id}").shuffle(names)
         orders[q.id] = names
     return orders
 

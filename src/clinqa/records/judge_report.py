@@ -1,6 +1,10 @@
 """What a judge's grades are worth: named vs blind, self-preference, position bias, agreement with exact match.
 
-    rep = judge_report(Judge("default"), questions, {"bm25": "runs/bm25", "full": "runs/full"})
+    rep = judge_report(Judge("default"), questions, {"bm25": "runs/bm25", "full": "runs/full"}, out="runs/judge")
+
+With `out`, the grades go to a resumable run folder as they come (`clinqa.records.judge_run`: a killed
+judge loses at most one chunk of questions, a grown question set or a redone system's answers are
+judged on the next run, nothing else) and the report to its report.json.
 
 - named minus blind, per system: per question the named panel's expected grade minus the blind
   panel's (same prompt, same answer order, only the authors' names added); the mean over questions
@@ -23,6 +27,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -39,12 +44,12 @@ from clinqa.records.judge import (
     Verdict,
     answers_of,
     by_system,
-    judge_pairs,
-    judge_panel,
     panel_orders,
 )
+from clinqa.records.judge_run import REPORT_FILE, collect_judgements
 from clinqa.records.metrics import exact_match
 from clinqa.records.questions import RecordQuestion
+from clinqa.runs import Progress, atomic_write_text
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -159,8 +164,6 @@ def model_identity(spec: str | None) -> str | None:
 
 def run_model_spec(folder: str | Path) -> str | None:
     """The model spec a records run folder was made with (its run.json config), or None."""
-    import json
-
     f = Path(folder) / "run.json"
     try:
         data = json.loads(f.read_text())
@@ -218,18 +221,22 @@ def _relative(
 
 def judge_report(judge: Judge, items: Sequence[RecordQuestion], systems: Mapping[str, Mapping[str, str] | str | Path], *,
                  seed: int = 0, pairwise: bool = True, system_specs: Mapping[str, str | None] | None = None,
-                 self_names: Sequence[str] | None = None, n_boot: int = 2000) -> dict[str, Any]:  # fmt: skip
+                 self_names: Sequence[str] | None = None, n_boot: int = 2000, out: str | Path | None = None,
+                 chunk: int = 16, progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
     """The full comparison (module docstring). `systems`: name -> {question id: answer} or a records run
     folder; `system_specs`: name -> model spec (read from run folders when not given); `self_names`
-    overrides which systems count as the judge's own model."""
+    overrides which systems count as the judge's own model. `out`: a run folder the grades are written
+    to as they come and resumed from (`clinqa.records.judge_run`), with the report in its report.json;
+    `chunk` questions are judged at a time, `progress(done, total)` after each chunk."""
     answers = {name: answers_of(src) for name, src in systems.items()}
     names = list(answers)
     if system_specs is None:
         system_specs = {n: (run_model_spec(s) if not isinstance(s, Mapping) else None) for n, s in systems.items()}
     mine = list(self_names) if self_names is not None else self_systems(judge.spec, system_specs)
     orders = panel_orders(items, answers, seed)
-    blind = judge_panel(judge, items, answers, named=False, orders=orders)
-    named = judge_panel(judge, items, answers, named=True, orders=orders)
+    blind, named, verdicts = collect_judgements(
+        judge, items, answers, orders, pairwise=pairwise, seed=seed, out=out, chunk=chunk, progress=progress
+    )
     diffs = _per_question_diff(named, blind)
     b_sys, n_sys = by_system(blind, names), by_system(named, names)
     per_system = {}
@@ -248,7 +255,7 @@ def judge_report(judge: Judge, items: Sequence[RecordQuestion], systems: Mapping
             "named_inflation": _relative(diffs, mine, others, n_boot=n_boot, seed=seed),
             "blind_excess_over_exact_match": _relative(_em_excess(blind, items, answers), mine, others, n_boot=n_boot, seed=seed),
         }  # fmt: skip
-    out: dict[str, Any] = {
+    report: dict[str, Any] = {
         "judge": judge.spec, "reading": judge.reading, "seed": seed, "n_questions": len(items), "systems": per_system,
         "self_preference": self_pref,
         "kappa_blind": kappa_with_exact_match(blind, items, answers),
@@ -257,12 +264,13 @@ def judge_report(judge: Judge, items: Sequence[RecordQuestion], systems: Mapping
         "grades": {"blind": [g.to_dict() for g in blind], "named": [g.to_dict() for g in named]},
     }  # fmt: skip
     if pairwise and len(names) >= 2:
-        verdicts = judge_pairs(judge, items, answers)
-        out["position_bias"] = position_bias(verdicts)
-        out["pairwise_wins"] = pairwise_wins(verdicts, names)
-        out["unparseable"]["pairwise"] = sum(v.choice is None for v in verdicts)
-        out["verdicts"] = [v.to_dict() for v in verdicts]
-    return out
+        report["position_bias"] = position_bias(verdicts)
+        report["pairwise_wins"] = pairwise_wins(verdicts, names)
+        report["unparseable"]["pairwise"] = sum(v.choice is None for v in verdicts)
+        report["verdicts"] = [v.to_dict() for v in verdicts]
+    if out is not None:
+        atomic_write_text(Path(out) / REPORT_FILE, json.dumps(report, indent=2, default=str))
+    return report
 
 
 __all__ = ["judge_report", "kappa_with_exact_match", "model_identity", "paired_mean", "pairwise_wins", "position_bias",
