@@ -187,6 +187,65 @@ def test_tune_threshold_on_the_llm_selector(records, questions, tiny_predictor):
     assert got["f1"] >= f1_at(0.5) - 1e-12
 
 
+class TablePredictor(FakePredictor):
+    """P(yes) of each record line from a table keyed by the line's text."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def next_token_logprobs(self, contexts, candidates):
+        self._call("next", contexts)
+        p = np.array([self.table[c.split("<<<")[1].split(">>>")[0]] for c in contexts])
+        return np.log(np.stack([p, 1.0 - p], axis=1))
+
+
+def test_llm_selector_min_lines_keeps_the_best_lines_when_none_pass():
+    table = {"a": 0.30, "b": 0.60, "c": 0.20, "d": 0.55, "e": 0.10}
+    lines = [(k, k) for k in table]
+    fake = TablePredictor(table)
+    assert LLMSelector(fake, threshold=0.9).select("q", lines) == []
+    got = LLMSelector(fake, threshold=0.9, min_lines=2).select("q", lines)
+    assert [s.id for s in got] == ["b", "d"] and got[0].score == pytest.approx(0.60)
+    # the floor never cuts: three lines pass 0.25, so min_lines=2 keeps all three
+    assert [s.id for s in LLMSelector(fake, threshold=0.25, min_lines=2).select("q", lines)] == ["b", "d", "a"]
+    assert [s.id for s in LLMSelector(fake, threshold=0.9, min_lines=9).select("q", lines)] == ["b", "d", "a", "c", "e"]
+    assert "min_lines" not in LLMSelector(fake).describe()  # runs from before min_lines keep their identity
+    assert LLMSelector(fake, min_lines=2).describe()["min_lines"] == 2
+    for bad in ({"min_lines": -1}, {"min_lines": 3, "max_lines": 2}):
+        with pytest.raises(ValueError, match="min_lines"):
+            LLMSelector(fake, **bad)
+
+
+def test_tune_threshold_with_min_lines_matches_selecting_at_each_threshold():
+    rng = np.random.default_rng(3)
+    table = {f"l{i}": float(x) for i, x in enumerate(rng.uniform(0, 1, 30))}
+    lines = [(k, k) for k in table]
+    examples = [(f"q{j}", lines[j * 6 : j * 6 + 6], [f"l{j * 6 + (j % 3)}"]) for j in range(5)]
+    for min_lines in (0, 1, 2):
+        sel = LLMSelector(TablePredictor(table), min_lines=min_lines)
+        got = tune_threshold(sel, examples)
+
+        def f1_at(t, sel=sel):  # an independent count: the selector's own select at threshold t
+            sel.threshold = t
+            tp = fp = fn = 0
+            for question, ls, rel in examples:
+                chosen = {s.id for s in sel.select(question, ls)}
+                tp, fp, fn = tp + len(chosen & set(rel)), fp + len(chosen - set(rel)), fn + len(set(rel) - chosen)
+            return prf(tp, fp, fn)["f1"]
+
+        best = max(f1_at(t) for t in sorted(set(table.values())))
+        assert got["f1"] == pytest.approx(best) and f1_at(got["threshold"]) == pytest.approx(got["f1"])
+    # each question's best line is its relevant one, at very different levels: without a floor the best
+    # threshold (0.2) also takes x1 (F1 6/7); with one line kept per question, 0.9 takes exactly r1-r3
+    table = {"r1": 0.9, "x1": 0.5, "r2": 0.3, "x2": 0.05, "r3": 0.2, "x3": 0.1}
+    examples = [(f"q{i}", [(f"r{i}", f"r{i}"), (f"x{i}", f"x{i}")], [f"r{i}"]) for i in (1, 2, 3)]
+    plain = tune_threshold(LLMSelector(TablePredictor(table)), examples)
+    assert (plain["threshold"], plain["f1"]) == (pytest.approx(0.2), pytest.approx(6 / 7))
+    floor = tune_threshold(LLMSelector(TablePredictor(table), min_lines=1), examples)
+    assert (floor["threshold"], floor["f1"]) == (pytest.approx(0.9), pytest.approx(1.0))
+
+
 def test_bm25_finds_the_obviously_relevant_resource(records, questions):
     lines = [("p", "[Patient/p] 1970-01-01 Patient: Ann Lee; female"),
              ("a1c", "[Observation/a1c] 2024-02-03 Observation: Hemoglobin A1c/Hemoglobin.total in Blood (LOINC 4548-4) = 6.3 %"),

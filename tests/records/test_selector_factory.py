@@ -65,6 +65,10 @@ def test_factory_builds_each_kind_with_its_settings(tmp_path, monkeypatch):
     assert isinstance(ft, LLMSelector) and ft.threshold == pytest.approx(0.37)
     assert ft.describe()["model"] == loaded[0]
     assert make_selector("finetuned", base="b", adapters=tmp_path / "st", threshold=0.6).threshold == 0.6
+    # the LLM selectors' floor of lines; the other kinds ignore it
+    assert make_selector("llm", predictor=model, min_lines=2).min_lines == 2
+    assert make_selector("finetuned", base="b", adapters=tmp_path / "st", min_lines=1).min_lines == 1
+    assert same(make_selector("bm25", top_k=5, min_lines=3), RetrievalSelector("bm25", top_k=5))
 
 
 def test_every_selector_satisfies_the_protocol(tmp_path, monkeypatch, synthetic_records):
@@ -98,6 +102,7 @@ def test_every_selector_satisfies_the_protocol(tmp_path, monkeypatch, synthetic_
         ("bm25", {"top_k": None}, "selector 'bm25': give top_k, threshold or both"),
         ("bm25", {"adapters": "ft"}, "adapters are the fine-tuned stage 1"),
         ("finetuned", {"base": "default"}, "needs a `records finetune` folder"),
+        ("llm", {"predictor": FakeModel("m"), "min_lines": -1}, "selector 'llm': min_lines must be between 0"),
     ],
 )
 def test_factory_refuses_bad_settings_in_one_line(kind, kw, message):
@@ -181,3 +186,13 @@ def test_cli_and_service_build_equal_fine_tuned_selectors(tmp_path, monkeypatch,
     # --stage1-model would be ignored beside --adapters: refused instead
     r = CliRunner().invoke(app, [*args, "--adapters", str(st), "--stage1-model", "x", "--out", str(tmp_path / "r2")])
     assert r.exit_code != 0 and "drop --stage1-model" in str(r.exception)
+    # --min-lines reaches the fine-tuned selector; beside a retrieval selector, or negative, it is refused
+    # before any model loads
+    r = CliRunner().invoke(app, [*args, "--adapters", str(st), "--min-lines", "1", "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 0, r.output
+    assert seen[-1][1].min_lines == 1 and seen[-1][1].threshold == pytest.approx(0.37)
+    del loaded[:]
+    for bad, message in ((["--selector", "bm25", "--min-lines", "1"], "--min-lines is the llm selector's floor"),
+                         (["--selector", "llm", "--min-lines", "-1"], "--min-lines must be at least 0")):  # fmt: skip
+        r = CliRunner().invoke(app, [*args, *bad, "--out", str(tmp_path / "r4")])
+        assert r.exit_code != 0 and message in str(r.exception) and loaded == []

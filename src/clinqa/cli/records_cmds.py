@@ -107,13 +107,27 @@ def records_questions(
     )
 
 
-def _selector(selector: str, model_predictor, top_k: int, threshold: float | None, **finetuned):
+def _selector(selector: str, model_predictor, top_k: int, threshold: float | None, min_lines: int = 0, **finetuned):
     """The stage-1 selector of --selector (clinqa.records.selector_factory.make_selector, as the service)."""
     from clinqa.records.selector_factory import make_selector
 
-    return make_selector(
-        selector, predictor=model_predictor, top_k=top_k, threshold=threshold, load=load_predictor, **finetuned
-    )
+    _check_min_lines(selector, min_lines)
+    return make_selector(selector, predictor=model_predictor, top_k=top_k, threshold=threshold, min_lines=min_lines,
+                         load=load_predictor, **finetuned)  # fmt: skip
+
+
+def _check_min_lines(selector: str, min_lines: int) -> None:
+    _at_least("--min-lines", min_lines, 0)
+    if min_lines and selector not in ("llm", "finetuned"):
+        raise ClinqaError(
+            f"--min-lines is the llm selector's floor: use it with --selector llm (or --adapters), not {selector}"
+        )
+
+
+MIN_LINES_HELP = (
+    "llm selector: keep at least this many best-scoring lines when fewer pass the threshold "
+    "(0: stage 1 may select nothing, and stage 2 says the answer is not in the record)"
+)
 
 
 SELECTOR_HELP = "stage 1: bm25 | embedding | llm (P(yes) from the model; use MODEL+lora:... for a fine-tuned one) | full (whole record baseline) | finetuned (with --adapters)"
@@ -127,6 +141,7 @@ def records_ask(
     selector: str = typer.Option("bm25", help=SELECTOR_HELP),
     top_k: int = typer.Option(8, help="lines kept by a retrieval selector"),
     threshold: float = typer.Option(0.5, help="P(yes) threshold of the llm selector"),
+    min_lines: int = typer.Option(0, help=MIN_LINES_HELP),
     patient: Optional[str] = typer.Option(None, help="patient id when the source holds several"),
     max_new_tokens: int = typer.Option(128),
     max_question_chars: int = typer.Option(2000, help="refuse longer questions (the service's default limit)"),
@@ -152,13 +167,14 @@ def records_ask(
     if len(records) != 1:
         raise ClinqaError(f"{source} holds {len(records)} patients: choose one with --patient ID")
     record = records[0]
+    _check_min_lines(selector, min_lines)  # before the model loads
     predictor = load_predictor(model)
     with err.status("answering ..."):
         res = answer_question(
             predictor,
             record,
             question,
-            selector=_selector(selector, predictor, top_k, threshold),
+            selector=_selector(selector, predictor, top_k, threshold, min_lines),
             max_new_tokens=max_new_tokens,
         )
     lines = dict(render_record(record))
@@ -190,6 +206,7 @@ def records_eval(
     threshold: Optional[float] = typer.Option(
         None, help="P(yes) threshold of the llm selector (default: the tuned one with --adapters, else 0.5)"
     ),
+    min_lines: int = typer.Option(0, help=MIN_LINES_HELP),
     limit: Optional[int] = typer.Option(None, help="only the first N questions"),
     max_new_tokens: int = typer.Option(128),
     meteor: bool = typer.Option(True, help="compute METEOR (needs Debian's wordnet-base)"),
@@ -225,9 +242,10 @@ def records_eval(
             raise ClinqaError("--adapters brings its own stage 1: drop --stage1-model (or --adapters)")
         finetuned = {"adapters": adapters, "base": model}
         model, selector = f"{model}+lora:{read_stages(adapters)['stage2']}", "finetuned"
+    _check_min_lines(selector, min_lines)  # before any model loads
     predictor = load_predictor(model)
     stage1 = load_predictor(stage1_model) if stage1_model else predictor
-    chosen = _selector(selector, stage1, top_k, threshold, **finetuned)
+    chosen = _selector(selector, stage1, top_k, threshold, min_lines, **finetuned)
     tuned = None
     if tune is not None:
         from clinqa.records.pipeline import earlier_tuning, selection_examples, tune_threshold, tuning_key

@@ -33,6 +33,7 @@ def make_selector(
     predictor: Predictor | None = None,
     top_k: int | None = DEFAULT_TOP_K,
     threshold: float | None = None,
+    min_lines: int = 0,
     adapters: str | Path | None = None,
     base: str | None = None,
     load: Callable[[str], Predictor] | None = None,
@@ -47,14 +48,18 @@ def make_selector(
       `clinqa.adapt.load_predictor`), with the tuned threshold of its stages.json unless `threshold`
       is given.
 
-    `top_k` is the retrieval selectors' setting and `threshold` the LLM selectors'; the other kinds
-    ignore them. A bad kind or setting is a one-line ClinqaError."""
+    `top_k` is the retrieval selectors' setting, `threshold` and `min_lines` (the fewest lines an LLM
+    selector keeps, `LLMSelector`) the LLM selectors'; the other kinds ignore them. A bad kind or
+    setting is a one-line ClinqaError."""
     if kind not in SELECTOR_KINDS:
         raise ClinqaError(f"unknown selector {kind!r}: use {', '.join(SELECTOR_KINDS[:-1])} or {SELECTOR_KINDS[-1]}")
     if adapters is not None and kind != "finetuned":
         raise ClinqaError(f"adapters are the fine-tuned stage 1: use the selector 'finetuned', not {kind!r}")
     if kind == "finetuned":
-        return _finetuned(adapters, base, threshold, load)
+        try:
+            return _finetuned(adapters, base, threshold, load, min_lines)
+        except ValueError as exc:
+            raise ClinqaError(f"selector {kind!r}: {exc}") from exc
     try:
         if kind in ("bm25", "embedding"):
             return RetrievalSelector(kind, top_k=top_k)
@@ -62,13 +67,19 @@ def make_selector(
             return FullRecordBaseline()
         if predictor is None:
             raise ClinqaError("the llm selector needs a model (predictor) to score the record lines")
-        return LLMSelector(predictor, threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+        return LLMSelector(
+            predictor, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, min_lines=min_lines
+        )
     except ValueError as exc:  # the selectors' own checks (threshold range, top_k) as one line
         raise ClinqaError(f"selector {kind!r}: {exc}") from exc
 
 
 def _finetuned(
-    adapters: str | Path | None, base: str | None, threshold: float | None, load: Callable[[str], Predictor] | None
+    adapters: str | Path | None,
+    base: str | None,
+    threshold: float | None,
+    load: Callable[[str], Predictor] | None,
+    min_lines: int = 0,
 ) -> LLMSelector:
     if adapters is None or not base:
         raise ClinqaError(
@@ -89,7 +100,9 @@ def _finetuned(
         raise ClinqaError(f"{adapters}: the stage-1 threshold must be in [0, 1], got {threshold}")
     if load is None:
         from clinqa.adapt import load_predictor as load  # looked up now, so a patched loader is honoured
-    return LLMSelector(load(f"{base}+lora:{stages['stage1']}"), threshold=threshold)
+    if min_lines < 0:  # before loading the model
+        raise ValueError(f"min_lines must be between 0 and max_lines, got {min_lines}")
+    return LLMSelector(load(f"{base}+lora:{stages['stage1']}"), threshold=threshold, min_lines=min_lines)
 
 
 __all__ = ["DEFAULT_THRESHOLD", "DEFAULT_TOP_K", "SELECTOR_KINDS", "make_selector"]

@@ -81,21 +81,31 @@ class LLMSelector:
     """Stage 1 by a language model: P(yes) that a line is needed, normalised over " yes" and " no".
 
     `threshold`: lines with P(yes) >= threshold are selected (tune it with `tune_threshold`).
-    `max_lines`: optionally keep only the best-scoring lines. `chunk`: pairs per predictor call."""
+    `max_lines`: optionally keep only the best-scoring lines. `min_lines`: when fewer lines than this
+    pass the threshold, the best-scoring ones up to `min_lines` are kept anyway (a record always gives
+    stage 2 something to read; 0, the default, lets stage 1 select nothing, and stage 2 then says the
+    answer is not in the record). `chunk`: pairs per predictor call."""
 
     kind = "llm"
 
-    def __init__(self, predictor: Predictor, threshold: float = 0.5, *, max_lines: int | None = None, chunk: int = 512):
+    def __init__(self, predictor: Predictor, threshold: float = 0.5, *, max_lines: int | None = None,
+                 min_lines: int = 0, chunk: int = 512):  # fmt: skip
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if min_lines < 0 or (max_lines is not None and min_lines > max_lines):
+            raise ValueError(f"min_lines must be between 0 and max_lines, got {min_lines}")
         self.predictor = predictor
         self.threshold = float(threshold)
         self.max_lines = max_lines
+        self.min_lines = int(min_lines)
         self.chunk = max(1, int(chunk))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.predictor.info.spec, "threshold": self.threshold,
-                "max_lines": self.max_lines, "prompt": SELECT_PROMPT}  # fmt: skip
+        d = {"kind": self.kind, "model": self.predictor.info.spec, "threshold": self.threshold,
+             "max_lines": self.max_lines, "prompt": SELECT_PROMPT}  # fmt: skip
+        if self.min_lines:  # only when set: runs made before min_lines existed keep their identity
+            d["min_lines"] = self.min_lines
+        return d
 
     def prompts(self, question: str, lines: Sequence[Line]) -> list[str]:
         return [select_prompt(question, text) for _, text in lines]
@@ -125,6 +135,8 @@ class LLMSelector:
         """(selected lines, best first; LLM tokens processed)."""
         scores, tokens = self._scores(question, lines)
         picked = _pick(lines, scores, threshold=self.threshold, top_k=self.max_lines)
+        if len(picked) < self.min_lines:
+            picked = _pick(lines, scores, threshold=None, top_k=self.min_lines)
         return picked, tokens
 
     def select(self, question: str, lines: Sequence[Line]) -> list[Selected]:
@@ -287,10 +299,11 @@ def tune_threshold(selector: Selector, examples: Sequence[tuple[str, Sequence[Li
     ((question, lines, relevant ids), validation questions) and return {"threshold", "precision",
     "recall", "f1"}. Candidate thresholds: the distinct scores (at most `max_candidates` quantiles of
     them) or `grid`; ties go to the higher threshold (fewer lines for stage 2). The selector's own cap
-    (`max_lines` / `top_k`) and BM25's no-zero-score rule apply as in `select`."""
-    cap = (
-        getattr(selector, "max_lines", None) if isinstance(selector, LLMSelector) else getattr(selector, "top_k", None)
-    )
+    (`max_lines` / `top_k`), an LLM selector's `min_lines` and BM25's no-zero-score rule apply as in
+    `select`."""
+    llm = isinstance(selector, LLMSelector)
+    cap = getattr(selector, "max_lines", None) if llm else getattr(selector, "top_k", None)
+    least = selector.min_lines if llm else 0
     floor = 0.0 if getattr(selector, "mode", None) == "bm25" else None
     per_example = []
     n_relevant = 0
@@ -319,6 +332,7 @@ def tune_threshold(selector: Selector, examples: Sequence[tuple[str, Sequence[Li
     chosen = np.zeros(len(cands))
     for ranked, cum in per_example:
         n = np.searchsorted(-ranked, -cands, side="right")  # lines scoring >= each threshold
+        n = np.maximum(n, min(least, len(ranked)))  # an LLM selector's floor: its best min_lines lines
         if cap is not None:
             n = np.minimum(n, cap)
         tp += cum[n]
