@@ -2,7 +2,12 @@
 eight real Synthea R4 bundles in ../shared/data/fhir/synthea-r4 that training never saw.
 
     python benchmarks/study_records.py [--out exp/study-records] [--model default] [--train-patients 20]
-                                       [--epochs 2] [--sample N] [--small] [--shared DIR]
+                                       [--epochs 2] [--sample N] [--forgetting-sample N] [--no-forgetting]
+                                       [--small] [--shared DIR]
+
+On a 2-core CPU: `--sample 80 --no-forgetting` first (every row and the judge on 80 questions), then
+`--forgetting-sample 80` (every row and the judge grown to all real questions, resumed; the forgetting
+measurement on the same 80).
 
 Steps (each a clinqa command writing a resumable folder; run the same command again to resume):
 1. `records questions` on the real bundles (at least 200 questions with ground truth) and on
@@ -51,6 +56,18 @@ def main() -> None:
         help="test on N of the real questions (seeded, spread over question types; a larger N keeps the smaller "
         "sample's questions, so evaluations grown later resume); default all",
     )
+    ap.add_argument(
+        "--forgetting-sample",
+        type=int,
+        default=None,
+        help="the forgetting measurement (stage-1 F1 before/after, every line of a record scored per question) on N "
+        "of the real questions, the same seeded sample as --sample N; default the test questions",
+    )
+    ap.add_argument(
+        "--no-forgetting",
+        action="store_true",
+        help="stop after the judge (a first pass on a --sample, grown later before the sequential adapters' hours)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument(
         "--small", action="store_true", help="2 training patients, 1 epoch, 6 questions: an end-to-end check"
@@ -68,6 +85,8 @@ def main() -> None:
     step("real questions", ["records", "questions", str(real), "--out", str(real_qa)], out, done=real_qa)
     n_sample = 6 if a.small else a.sample
     test_qa = write_sample(real_qa, out / f"real-qa-sample-{n_sample}.jsonl", n_sample) if n_sample else real_qa
+    n_forget = a.forgetting_sample
+    forget_qa = write_sample(real_qa, out / f"real-qa-sample-{n_forget}.jsonl", n_forget) if n_forget else test_qa
     step(
         "training patients",
         ["records", "synth", "--patients", str(n_train), "--seed", "101", "--out", str(train_pts)],
@@ -128,9 +147,11 @@ def main() -> None:
         judge_args += ["--run", f"{name}={out / 'runs' / name}"]
     step("judge", judge_args, out)
     write_results(out, list(runs), test_qa)
+    if a.no_forgetting:
+        return
     step(
         "finetune (sequential, forgetting on the real questions)",
-        finetune + ["--sequential", "--test", str(test_qa), "--test-records", str(real)],
+        finetune + ["--sequential", "--test", str(forget_qa), "--test-records", str(real)],
         out,
     )
     write_results(out, list(runs), test_qa)
