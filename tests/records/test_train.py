@@ -17,6 +17,7 @@ from clinqa.records.render import render_record
 from clinqa.records.synth import synthesize_patients
 from clinqa.records.train import (
     StagesConfig,
+    evaluate_answering,
     evaluate_selection,
     finetune_stages,
     forgetting,
@@ -214,6 +215,16 @@ def test_evaluate_selection_matches_the_selector(records, questions, tiny_predic
         rel = set(q.relevant_ids)
         tp, fp, fn = tp + len(picked & rel), fp + len(picked - rel), fn + len(rel - picked)
     assert (m["micro"]["tp"], m["micro"]["fp"], m["micro"]["fn"]) == (tp, fp, fn)
+    # the same selector resumes from the file (nothing appended); another threshold selects again
+    n_lines = len((tmp_path / "sel.jsonl").read_text().splitlines())
+    assert evaluate_selection(selector, records, qs, out=tmp_path / "sel.jsonl")["micro"] == m["micro"]
+    assert len((tmp_path / "sel.jsonl").read_text().splitlines()) == n_lines == 2
+    strict = LLMSelector(tiny_predictor, threshold=0.999)
+    m2 = evaluate_selection(strict, records, qs, out=tmp_path / "sel.jsonl")
+    assert len((tmp_path / "sel.jsonl").read_text().splitlines()) == 4
+    picked = [{s.id for s in strict.select(q.question, lines[q.patient_id])} for q in qs]
+    assert m2["micro"]["tp"] == sum(len(p & set(q.relevant_ids)) for p, q in zip(picked, qs))
+    assert m2["micro"]["fp"] == sum(len(p - set(q.relevant_ids)) for p, q in zip(picked, qs))
 
 
 def test_size_sweep_writes_curves(records, questions, tiny_predictor, tmp_path):
@@ -390,3 +401,20 @@ def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path, mo
         app, ["records", "sweep", str(model_dir), "a", "b", "--records", "x", "--sizes", "ten", "--out", "y"]
     )
     assert isinstance(r.exception, ClinqaError) and "--sizes 'ten'" in str(r.exception)
+
+
+def test_evaluate_answering_answers_again_for_other_settings(records, questions, tiny_predictor, tmp_path, monkeypatch):
+    calls = []
+    generate = tiny_predictor.generate
+    monkeypatch.setattr(
+        tiny_predictor, "generate", lambda prompts, config=None: calls.append(len(prompts)) or generate(prompts, config)
+    )
+    qs = [q for q in questions if q.relevant_ids][:2]
+    out = tmp_path / "answers.jsonl"
+    first = evaluate_answering(tiny_predictor, records, qs, out=out, max_new_tokens=4, with_meteor=False)
+    assert sum(calls) == 2
+    again = evaluate_answering(tiny_predictor, records, qs, out=out, max_new_tokens=4, with_meteor=False)
+    assert sum(calls) == 2 and again == json.loads(json.dumps(first))  # resumed: no model call
+    # another max_new_tokens is another answer: both questions are answered again
+    evaluate_answering(tiny_predictor, records, qs, out=out, max_new_tokens=6, with_meteor=False)
+    assert sum(calls) == 4 and len(out.read_text().splitlines()) == 4

@@ -45,6 +45,7 @@ from clinqa.records.pipeline import (
     ANSWER_SYSTEM,
     LLMSelector,
     _by_patient,
+    _describe,
     _LineCache,
     _resource_type,
     _run_selector,
@@ -55,6 +56,7 @@ from clinqa.records.pipeline import (
     tune_threshold,
 )
 from clinqa.records.questions import RecordQuestion, write_questions
+from clinqa.runs import append_lines, digest
 
 MODES = ("separate", "sequential", "multitask")
 STAGES_FILE = "stages.json"
@@ -253,17 +255,14 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
                        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Stage-1 precision/recall/F1 of `selector` without generating answers (the forgetting experiment
     needs only this). With `out` (a JSONL file) each question's selection is appended as it is made and
-    a re-run skips the questions already there."""
+    a re-run skips the questions already there, made by the same selector (model, adapter, threshold)
+    with the same relevant lines; anything else is selected again."""
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
-    rows: dict[str, dict[str, Any]] = {}
     path = Path(out) if out else None
-    if path and path.exists():
-        rows = {
-            r["question_id"]: r
-            for r in read_appended(path, json.loads, corrupt="corrupt selection line; delete the file and re-run")
-        }
-    todo = [q for q in questions if q.id not in rows]
+    settings = _describe(selector)
+    rows = _resumed_rows(path, settings, "selection")
+    todo = [q for q in questions if q.id not in rows or rows[q.id]["relevant_ids"] != list(q.relevant_ids)]
     done = len(questions) - len(todo)
     if progress:
         progress(done, len(questions))
@@ -280,10 +279,7 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
             "types": {rid: _resource_type(record, rid) for rid in set(ids) | set(q.relevant_ids)},
         }
         rows[q.id] = row
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+        _append_row(path, row, settings)
         done += 1
         if progress:
             progress(done, len(questions))
@@ -309,8 +305,9 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
                        with_meteor: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Stage 2 alone: each question answered from its gold relevant lines (an oracle stage 1), scored by
     METEOR (None without WordNet or with `with_meteor=False`) and ROUGE-L against the reference. With
-    `out` (a JSONL file) each answer is appended as it is made and a re-run skips those there.
-    Returns {"n", "meteor", "rouge_l", "per_question": {id: {"meteor", "rouge_l", "answer"}}}."""
+    `out` (a JSONL file) each answer is appended as it is made and a re-run skips those there, made by
+    the same model (adapter included) with the same settings and reference; anything else is answered
+    again. Returns {"n", "meteor", "rouge_l", "per_question": {id: {"meteor", "rouge_l", "answer"}}}."""
     from clinqa.records.metrics import meteor as meteor_score
     from clinqa.records.metrics import rouge_l
     from clinqa.records.pipeline import answer
@@ -323,19 +320,16 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
     path = Path(out) if out else None
-    rows = {r["question_id"]: r for r in read_appended(path, json.loads, corrupt="corrupt answer line; delete the file and re-run")} \
-        if path and path.exists() else {}  # fmt: skip
-    todo = [q for q in questions if q.id not in rows]
+    settings = {"model": predictor.info.spec, "max_new_tokens": max_new_tokens, "meteor": with_meteor}
+    rows = _resumed_rows(path, settings, "answer")
+    todo = [q for q in questions if q.id not in rows or rows[q.id].get("reference") != q.answer]
     for i, q in enumerate(todo):
         gold = [(rid, text) for rid, text in lines[q.patient_id] if rid in set(q.relevant_ids)]
         text = answer(predictor, q.question, gold, max_new_tokens=max_new_tokens)
-        row = {"question_id": q.id, "answer": text, "rouge_l": rouge_l(q.answer, text),
+        row = {"question_id": q.id, "reference": q.answer, "answer": text, "rouge_l": rouge_l(q.answer, text),
                "meteor": meteor_score(q.answer, text, wordnet=wordnet) if with_meteor else None}  # fmt: skip
         rows[q.id] = row
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+        _append_row(path, row, settings)
         if progress:
             progress(len(questions) - len(todo) + i + 1, len(questions))
     per = {q.id: rows[q.id] for q in questions}
@@ -343,6 +337,22 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
         (sum(r[k] for r in per.values()) / len(per)) if per and all(r[k] is not None for r in per.values()) else None
     )  # noqa: E731
     return {"n": len(per), "meteor": mean("meteor"), "rouge_l": mean("rouge_l"), "per_question": per}
+
+
+def _resumed_rows(path: Path | None, settings: Mapping[str, Any], what: str) -> dict[str, dict[str, Any]]:
+    """The rows of a resumable JSONL file (`evaluate_selection`, `evaluate_answering`) made with these
+    `settings`, by question id (the last one wins); a line torn by a kill is cut off."""
+    if not path or not path.exists():
+        return {}
+    key = digest(dict(settings))
+    rows = read_appended(path, json.loads, corrupt=f"corrupt {what} line; delete the file and re-run")
+    return {r["question_id"]: {k: v for k, v in r.items() if k != "settings"} for r in rows if r.get("settings") == key}
+
+
+def _append_row(path: Path | None, row: dict[str, Any], settings: Mapping[str, Any]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        append_lines(path, [json.dumps({**row, "settings": digest(dict(settings))})])
 
 
 def _paired(before: Mapping[str, Any], after: Mapping[str, Any], key: str) -> dict[str, Any] | None:
