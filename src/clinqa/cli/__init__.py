@@ -21,7 +21,7 @@ from clinqa.textsafe import safe  # noqa: E402
 __all__ = ["app", "main"]
 
 # importing a command module registers its commands on `app`, in the order `clinqa --help` lists them
-for _module in ("evaluate_cmds", "adapt_cmds", "annotate_cmd", "records_cmds", "serve_cmds"):
+for _module in ("evaluate_cmds", "adapt_cmds", "annotate_cmd", "records_cmds", "records_train_cmds", "serve_cmds"):
     importlib.import_module(f"clinqa.cli.{_module}")
 
 
