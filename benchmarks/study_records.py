@@ -19,7 +19,8 @@ Steps (each a clinqa command writing a resumable folder; run the same command ag
    the fine-tuned LLM selector and the base stage 2 (only stage 1 differs from step 2's rows; its
    threshold tuned on the questions `records finetune` held out, adapters/tune-questions.jsonl), and
    with both stages fine-tuned, so the fine-tuned rows come before the forgetting measurement;
-4. `records judge` over the six runs (blind vs named);
+   then the fine-tuned selector with a floor of one line (`--min-lines 1`), an ablation;
+4. `records judge` over the seven runs (blind vs named);
 5. `records finetune --sequential --test`: stage 2 continued from the stage-1 adapter (and the reverse
    order; the two adapters of step 3 are reused), with stage-1 F1 on the real questions before and
    after stage-2 training (the forgetting measurement) — the long step: hours on a 2-core CPU.
@@ -117,10 +118,16 @@ def main() -> None:
             "--tune-records",
             str(train_pts),
         ],
+        # the same selector with a floor of one line (--min-lines 1): where no line passes the threshold it
+        # shows stage 2 its best line instead of nothing; its threshold tuned with the floor in place, on
+        # the same held-out training questions. An ablation fixed before the test: both rows are reported
+        "llm-fine-tuned-floor1": [],
         # both stages fine-tuned; stages-separate.json, not stages.json: the sequential run of step 5
         # rewrites that one, and a grown --sample resumes this run with the same adapters
         "fine-tuned": ["--adapters", str(adapters / "stages-separate.json")],
     }
+
+    runs["llm-fine-tuned-floor1"] = runs["llm-fine-tuned"] + ["--min-lines", "1"]
 
     def evaluate(name: str) -> None:
         step(
@@ -140,7 +147,8 @@ def main() -> None:
     step("finetune (one adapter per stage)", finetune, out, done=adapters / "stages-separate.json")
     evaluate("llm-fine-tuned")
     evaluate("fine-tuned")
-    # the judge needs only the six runs: it comes before the sequential adapters' hours of training
+    evaluate("llm-fine-tuned-floor1")
+    # the judge needs only the runs: it comes before the sequential adapters' hours of training
     # a run folder: it resumes, and judges only the new questions when --sample grows
     judge_args = ["records", "judge", str(test_qa), "--judge", m, "--out", str(out / "judge")]
     for name in runs:
