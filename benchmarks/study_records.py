@@ -120,7 +120,8 @@ def main() -> None:
         ],
         # the same selector with a floor of one line (--min-lines 1): where no line passes the threshold it
         # shows stage 2 its best line instead of nothing; its threshold tuned with the floor in place, on
-        # the same held-out training questions. An ablation fixed before the test: both rows are reported
+        # the same held-out training questions. Added after the 80-question pass showed empty selections, so
+        # both rows are reported and neither is chosen on the test questions
         "llm-fine-tuned-floor1": [],
         # both stages fine-tuned; stages-separate.json, not stages.json: the sequential run of step 5
         # rewrites that one, and a grown --sample resumes this run with the same adapters
