@@ -175,16 +175,18 @@ def test_tune_threshold_on_the_llm_selector(records, questions, tiny_predictor):
     assert 0.0 <= got["threshold"] <= 1.0 and sel.threshold == got["threshold"]
 
     # selecting with the tuned threshold reproduces the reported F1, and beats the default 0.5
-    def f1_at(t):
-        sel.threshold = t
-        tp = fp = fn = 0
-        for question, lines, rel in examples:
-            chosen = {s.id for s in sel.select(question, lines)}
-            tp, fp, fn = tp + len(chosen & set(rel)), fp + len(chosen - set(rel)), fn + len(set(rel) - chosen)
-        return prf(tp, fp, fn)["f1"]
+    assert _f1_selecting(sel, examples, got["threshold"]) == pytest.approx(got["f1"])
+    assert got["f1"] >= _f1_selecting(sel, examples, 0.5) - 1e-12
 
-    assert f1_at(got["threshold"]) == pytest.approx(got["f1"])
-    assert got["f1"] >= f1_at(0.5) - 1e-12
+
+def _f1_selecting(sel, examples, t):
+    """Micro F1 of the selector's own `select` at threshold t: a count independent of tune_threshold's."""
+    sel.threshold = t
+    tp = fp = fn = 0
+    for question, lines, rel in examples:
+        chosen = {s.id for s in sel.select(question, lines)}
+        tp, fp, fn = tp + len(chosen & set(rel)), fp + len(chosen - set(rel)), fn + len(set(rel) - chosen)
+    return prf(tp, fp, fn)["f1"]
 
 
 class TablePredictor(FakePredictor):
@@ -225,17 +227,9 @@ def test_tune_threshold_with_min_lines_matches_selecting_at_each_threshold():
     for min_lines in (0, 1, 2):
         sel = LLMSelector(TablePredictor(table), min_lines=min_lines)
         got = tune_threshold(sel, examples)
-
-        def f1_at(t, sel=sel):  # an independent count: the selector's own select at threshold t
-            sel.threshold = t
-            tp = fp = fn = 0
-            for question, ls, rel in examples:
-                chosen = {s.id for s in sel.select(question, ls)}
-                tp, fp, fn = tp + len(chosen & set(rel)), fp + len(chosen - set(rel)), fn + len(set(rel) - chosen)
-            return prf(tp, fp, fn)["f1"]
-
-        best = max(f1_at(t) for t in sorted(set(table.values())))
-        assert got["f1"] == pytest.approx(best) and f1_at(got["threshold"]) == pytest.approx(got["f1"])
+        best = max(_f1_selecting(sel, examples, t) for t in sorted(set(table.values())))
+        assert got["f1"] == pytest.approx(best)
+        assert _f1_selecting(sel, examples, got["threshold"]) == pytest.approx(got["f1"])
     # each question's best line is its relevant one, at very different levels: without a floor the best
     # threshold (0.2) also takes x1 (F1 6/7); with one line kept per question, 0.9 takes exactly r1-r3
     table = {"r1": 0.9, "x1": 0.5, "r2": 0.3, "x2": 0.05, "r3": 0.2, "x3": 0.1}
