@@ -101,6 +101,16 @@ def main() -> None:
     # (records finetune --tune-questions, default 8): scoring every line of a record is the slow part
     tune_qa = write_sample(train_qa, out / f"tune-qa-{TUNE}.jsonl", TUNE)
     gen = ["--max-new-tokens", str(a.max_new_tokens)]
+    llm_ft = [
+        "--selector",
+        "llm",
+        "--stage1-model",
+        f"{m}+lora:{adapters / 'stage1'}",
+        "--tune",
+        str(adapters / "tune-questions.jsonl"),  # clinqa.records.train.TUNE_FILE (importing it loads torch)
+        "--tune-records",
+        str(train_pts),
+    ]
     runs = {
         "bm25": ["--selector", "bm25"],
         "minilm": ["--selector", "embedding"],
@@ -108,27 +118,16 @@ def main() -> None:
         "llm-base": ["--selector", "llm", "--tune", str(tune_qa), "--tune-records", str(train_pts)],
         # the fine-tuned stage-1 adapter with the base stage 2 (only stage 1 differs from the rows above),
         # its threshold tuned on the questions `records finetune` held out of its training
-        "llm-fine-tuned": [
-            "--selector",
-            "llm",
-            "--stage1-model",
-            f"{m}+lora:{adapters / 'stage1'}",
-            "--tune",
-            str(adapters / "tune-questions.jsonl"),  # clinqa.records.train.TUNE_FILE (importing it loads torch)
-            "--tune-records",
-            str(train_pts),
-        ],
+        "llm-fine-tuned": llm_ft,
         # the same selector with a floor of one line (--min-lines 1): where no line passes the threshold it
         # shows stage 2 its best line instead of nothing; its threshold tuned with the floor in place, on
         # the same held-out training questions. Added after the 80-question pass showed empty selections, so
         # both rows are reported and neither is chosen on the test questions
-        "llm-fine-tuned-floor1": [],
+        "llm-fine-tuned-floor1": llm_ft + ["--min-lines", "1"],
         # both stages fine-tuned; stages-separate.json, not stages.json: the sequential run of step 5
         # rewrites that one, and a grown --sample resumes this run with the same adapters
         "fine-tuned": ["--adapters", str(adapters / "stages-separate.json")],
     }
-
-    runs["llm-fine-tuned-floor1"] = runs["llm-fine-tuned"] + ["--min-lines", "1"]
 
     def evaluate(name: str) -> None:
         step(

@@ -110,7 +110,6 @@ def _selector(selector: str, model_predictor, top_k: int, threshold: float | Non
     """The stage-1 selector of --selector (clinqa.records.selector_factory.make_selector, as the service)."""
     from clinqa.records.selector_factory import make_selector
 
-    _check_min_lines(selector, min_lines)
     return make_selector(selector, predictor=model_predictor, top_k=top_k, threshold=threshold, min_lines=min_lines,
                          load=load_predictor, **finetuned)  # fmt: skip
 

@@ -18,10 +18,9 @@ in order. Another judge, reading, seed or set of systems is refused, as for any 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from clinqa.records.judge import Grade, Judge, Verdict, judge_pairs, judge_panel
 from clinqa.records.questions import RecordQuestion
-from clinqa.runs import Progress, RunFolder, fingerprint
+from clinqa.runs import Progress, RunFolder, digest, fingerprint
 
 JUDGED_FILE = "judged.jsonl"
 REPORT_FILE = "report.json"
@@ -43,17 +42,12 @@ class JudgedQuestion(BaseModel):
     answers: str  # hash of {system: answer} that was judged; another hash is stale
     blind: list[dict[str, Any]] = Field(default_factory=list)  # Grade dicts
     named: list[dict[str, Any]] = Field(default_factory=list)
-    verdicts: list[dict[str, Any]] = Field(default_factory=list)  # Verdict dicts without "winner"
+    verdicts: list[dict[str, Any]] = Field(default_factory=list)  # Verdict fields (no derived "winner")
 
 
 def answers_hash(q: RecordQuestion, answers: Mapping[str, Mapping[str, str]]) -> str:
     """Hash of the answers the systems gave to `q` (systems that did not answer it left out)."""
-    mine = {name: a[q.id] for name, a in answers.items() if q.id in a}
-    return hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _verdict(d: Mapping[str, Any]) -> Verdict:
-    return Verdict(**{k: v for k, v in d.items() if k != "winner"})
+    return digest({name: a[q.id] for name, a in answers.items() if q.id in a})
 
 
 def collect_judgements(
@@ -103,11 +97,7 @@ def collect_judgements(
                     answers=hashes[q.id],
                     blind=[g.to_dict() for g in blind if g.question_id == q.id],
                     named=[g.to_dict() for g in named if g.question_id == q.id],
-                    verdicts=[
-                        {k: v for k, v in x.to_dict().items() if k != "winner"}
-                        for x in verdicts
-                        if x.question_id == q.id
-                    ],
+                    verdicts=[asdict(x) for x in verdicts if x.question_id == q.id],
                 )  # fmt: skip
                 for q in part
             ]
@@ -127,7 +117,7 @@ def collect_judgements(
     return (
         [Grade(**g) for r in rows for g in r.blind],
         [Grade(**g) for r in rows for g in r.named],
-        [_verdict(v) for r in rows for v in r.verdicts],
+        [Verdict(**v) for r in rows for v in r.verdicts],
     )
 
 

@@ -260,7 +260,7 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
     path = Path(out) if out else None
-    settings = _describe(selector)
+    settings = digest(_describe(selector))
     rows = _resumed_rows(path, settings, "selection")
     todo = [q for q in questions if q.id not in rows or rows[q.id]["relevant_ids"] != list(q.relevant_ids)]
     done = len(questions) - len(todo)
@@ -320,7 +320,7 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
     path = Path(out) if out else None
-    settings = {"model": predictor.info.spec, "max_new_tokens": max_new_tokens, "meteor": with_meteor}
+    settings = digest({"model": predictor.info.spec, "max_new_tokens": max_new_tokens, "meteor": with_meteor})
     rows = _resumed_rows(path, settings, "answer")
     todo = [q for q in questions if q.id not in rows or rows[q.id].get("reference") != q.answer]
     for i, q in enumerate(todo):
@@ -339,20 +339,21 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
     return {"n": len(per), "meteor": mean("meteor"), "rouge_l": mean("rouge_l"), "per_question": per}
 
 
-def _resumed_rows(path: Path | None, settings: Mapping[str, Any], what: str) -> dict[str, dict[str, Any]]:
+def _resumed_rows(path: Path | None, settings: str, what: str) -> dict[str, dict[str, Any]]:
     """The rows of a resumable JSONL file (`evaluate_selection`, `evaluate_answering`) made with these
-    `settings`, by question id (the last one wins); a line torn by a kill is cut off."""
+    `settings` (a digest), by question id (the last one wins); a line torn by a kill is cut off."""
     if not path or not path.exists():
         return {}
-    key = digest(dict(settings))
     rows = read_appended(path, json.loads, corrupt=f"corrupt {what} line; delete the file and re-run")
-    return {r["question_id"]: {k: v for k, v in r.items() if k != "settings"} for r in rows if r.get("settings") == key}
+    return {
+        r["question_id"]: {k: v for k, v in r.items() if k != "settings"} for r in rows if r.get("settings") == settings
+    }
 
 
-def _append_row(path: Path | None, row: dict[str, Any], settings: Mapping[str, Any]) -> None:
+def _append_row(path: Path | None, row: dict[str, Any], settings: str) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        append_lines(path, [json.dumps({**row, "settings": digest(dict(settings))})])
+        append_lines(path, [json.dumps({**row, "settings": settings})])
 
 
 def _paired(before: Mapping[str, Any], after: Mapping[str, Any], key: str) -> dict[str, Any] | None:
