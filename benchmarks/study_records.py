@@ -196,12 +196,14 @@ def _fmt(x) -> str:
 
 
 def _forgetting_summary(f: dict) -> dict:
-    """forgetting.json without its per-question rows: stage-1 micro P/R/F1 before and after stage-2
-    training with the paired per-question F1 change, and the reverse direction's stage-2 METEOR and
+    """forgetting.json without its per-question rows: stage-1 micro P/R/F1 and the mean average
+    precision of the line ranking before and after stage-2 training with the paired per-question
+    changes, and the reverse direction's stage-2 METEOR and
     ROUGE-L change with its interval and p."""
-    out = {k: f.get(k) for k in ("n_questions", "threshold", "f1_drop", "f1_change")}
+    out = {k: f.get(k) for k in ("n_questions", "threshold", "f1_drop", "f1_change", "ap_change")}
     for name in ("before", "after"):
         out[f"stage1_{name}"] = (f.get(name) or {}).get("micro")
+        out[f"stage1_{name}_mean_ap"] = (f.get(name) or {}).get("mean_ap")
     rev = f.get("reverse") or {}
     for key in ("meteor_change", "rouge_l_change"):
         if key in rev:

@@ -161,6 +161,16 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
     assert result["f1_change"]["n"] == len(diffs) and result["f1_change"]["diff"] == pytest.approx(
         sum(diffs) / len(diffs)
     )
+    # the ranking with no threshold: average precision from each adapter's own P(yes), by hand
+    lines_of = {r.patient_id: render_record(r) for r in records}
+    ap = {}
+    for name, key in (("before", "stage1"), ("after", "stage2")):
+        sel = LLMSelector(with_adapter(tiny_predictor, stages[key]))
+        ap[name] = [_ap_by_hand(sel, q, lines_of[q.patient_id]) for q in test_q]
+        assert result[name]["mean_ap"] == pytest.approx(sum(ap[name]) / len(ap[name]))
+    assert result["ap_change"]["n"] == len(test_q) and result["ap_change"]["diff"] == pytest.approx(
+        sum(a - b for a, b in zip(ap["after"], ap["before"])) / len(test_q)
+    )
     assert json.loads((tmp_path / "seq/forgetting.json").read_text())["f1_drop"] == pytest.approx(result["f1_drop"])
     # reverse: stage-2 answers from the gold lines, ROUGE-L by rouge-score directly
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -202,6 +212,49 @@ def test_multitask_is_one_adapter_for_both_stages(records, questions, tiny_predi
     meta = json.loads((tmp_path / "mt/multitask/clinqa_adapter.json").read_text())
     assert sorted(meta["specialties"]) == ["stage1", "stage2"]
     assert meta["n_train"] + meta["n_val"] == stages["n_examples"]["stage1"] + stages["n_examples"]["stage2"]
+
+
+def _ap_by_hand(selector, q, lines) -> float:
+    """Average precision as its definition: over the relevant lines, the precision among the lines
+    scoring at least as high as each (tied scores enter together)."""
+    scores = selector.scores(q.question, lines)
+    rel = [s for (rid, _), s in zip(lines, scores) if rid in q.relevant_ids]
+    assert rel, "the question needs a relevant line in its record"
+    precision = [
+        sum(1 for x in rel if x >= s) / sum(1 for x in scores if x >= s) for s in rel
+    ]  # fmt: skip
+    return sum(precision) / len(rel)
+
+
+def test_evaluate_selection_ranks_every_line(records, questions, tiny_predictor, tmp_path):
+    """The LLM selector's rows carry the average precision of its line ranking, which needs no threshold;
+    rows written before it existed are selected again, a selector without scores writes none."""
+    selector = LLMSelector(tiny_predictor, threshold=0.999)
+    qs = [q for q in questions if q.relevant_ids][:2]
+    lines = {r.patient_id: render_record(r) for r in records}
+    picked, tokens, scores = selector.run_scored(qs[0].question, lines[qs[0].patient_id])
+    assert (picked, tokens) == selector.run(qs[0].question, lines[qs[0].patient_id])
+    assert scores == pytest.approx(selector.scores(qs[0].question, lines[qs[0].patient_id]))
+    path = tmp_path / "sel.jsonl"
+    m = evaluate_selection(selector, records, qs, out=path)
+    by_hand = [_ap_by_hand(selector, q, lines[q.patient_id]) for q in qs]
+    assert [m["per_question"][q.id]["ap"] for q in qs] == pytest.approx(by_hand)
+    assert m["mean_ap"] == pytest.approx(sum(by_hand) / 2) and m["n_ap"] == 2
+    # a file from before the ranking was measured: its rows are redone, then resumed
+    old = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        row.pop("ap")
+        old.append(json.dumps(row))
+    path.write_text("\n".join(old) + "\n")
+    assert evaluate_selection(selector, records, qs, out=path)["mean_ap"] == pytest.approx(m["mean_ap"])
+    assert len(path.read_text().splitlines()) == 4
+    evaluate_selection(selector, records, qs, out=path)
+    assert len(path.read_text().splitlines()) == 4
+    from clinqa.records.selectors import RetrievalSelector
+
+    bm25 = evaluate_selection(RetrievalSelector("bm25", top_k=3), records, qs)
+    assert bm25["mean_ap"] is None and bm25["per_question"][qs[0].id]["ap"] is None
 
 
 def test_evaluate_selection_matches_the_selector(records, questions, tiny_predictor, tmp_path):

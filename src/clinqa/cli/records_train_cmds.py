@@ -125,6 +125,12 @@ def records_finetune(
                 f"per-question stage-1 F1 change {c['diff']:+.3f} (95% CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, "
                 f"p={c['p']:.3f}, n={c['n']})"
             )
+        if c := result.get("ap_change"):
+            console.print(
+                f"average precision of the line ranking (no threshold): before {result['before']['mean_ap']:.3f}, "
+                f"after {result['after']['mean_ap']:.3f} (change {c['diff']:+.3f}, 95% CI {c['ci_low']:+.3f} to "
+                f"{c['ci_high']:+.3f}, p={c['p']:.3f}, n={c['n']})"
+            )
         rev = result.get("reverse")
         for key, label in (("meteor", "METEOR"), ("rouge_l", "ROUGE-L")):
             c = rev and rev.get(f"{key}_change")

@@ -131,12 +131,19 @@ class LLMSelector:
         """P(yes) for every line, in order."""
         return self._scores(question, lines)[0]
 
-    def run(self, question: str, lines: Sequence[Line]) -> tuple[list[Selected], int]:
-        """(selected lines, best first; LLM tokens processed)."""
+    def run_scored(self, question: str, lines: Sequence[Line]) -> tuple[list[Selected], int, list[float]]:
+        """(selected lines, best first; LLM tokens processed; P(yes) of every line, in order): `run` with
+        the scores it chose from, for measures that need no threshold (the forgetting experiment's
+        average precision)."""
         scores, tokens = self._scores(question, lines)
         picked = _pick(lines, scores, threshold=self.threshold, top_k=self.max_lines)
         if len(picked) < self.min_lines:
             picked = _pick(lines, scores, threshold=None, top_k=self.min_lines)
+        return picked, tokens, scores
+
+    def run(self, question: str, lines: Sequence[Line]) -> tuple[list[Selected], int]:
+        """(selected lines, best first; LLM tokens processed)."""
+        picked, tokens, _ = self.run_scored(question, lines)
         return picked, tokens
 
     def select(self, question: str, lines: Sequence[Line]) -> list[Selected]:

@@ -256,19 +256,35 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
     """Stage-1 precision/recall/F1 of `selector` without generating answers (the forgetting experiment
     needs only this). With `out` (a JSONL file) each question's selection is appended as it is made and
     a re-run skips the questions already there, made by the same selector (model, adapter, threshold)
-    with the same relevant lines; anything else is selected again."""
+    with the same relevant lines; anything else is selected again.
+
+    A selector that exposes its scores (`run_scored`: the LLM selector) also gets a measure with no
+    threshold: each question's average precision of its P(yes) ranking of every record line
+    (`per_question[id]["ap"]`, `mean_ap` over the questions with relevant lines), which tells a model
+    that lost the ranking from one whose probabilities merely moved past the tuned threshold."""
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
     path = Path(out) if out else None
     settings = digest(_describe(selector))
     rows = _resumed_rows(path, settings, "selection")
-    todo = [q for q in questions if q.id not in rows or rows[q.id]["relevant_ids"] != list(q.relevant_ids)]
+    scored = getattr(selector, "run_scored", None)
+    scored = scored if callable(scored) else None
+    todo = [
+        q
+        for q in questions
+        if q.id not in rows
+        or rows[q.id]["relevant_ids"] != list(q.relevant_ids)
+        or (scored is not None and "ap" not in rows[q.id])  # rows written before the ranking was measured
+    ]
     done = len(questions) - len(todo)
     if progress:
         progress(done, len(questions))
     for q in todo:
         record = by_patient[q.patient_id]
-        picked, tokens = _run_selector(selector, q.question, lines[q.patient_id])
+        if scored is not None:
+            picked, tokens, scores = scored(q.question, lines[q.patient_id])
+        else:
+            (picked, tokens), scores = _run_selector(selector, q.question, lines[q.patient_id]), None
         ids = [s.id for s in picked]
         row = {
             "question_id": q.id,
@@ -278,6 +294,8 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
             "tokens": tokens,
             "types": {rid: _resource_type(record, rid) for rid in set(ids) | set(q.relevant_ids)},
         }
+        if scores is not None:
+            row["ap"] = _average_precision(lines[q.patient_id], scores, q.relevant_ids)
         rows[q.id] = row
         _append_row(path, row, settings)
         done += 1
@@ -293,11 +311,27 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
     # per-question F1 (None where a question has no relevant lines), for paired before/after tests
     metrics["per_question"] = {
         r["question_id"]: {
-            "f1": stage1_metrics([r["selected"]], [r["relevant_ids"]])["micro"]["f1"] if r["relevant_ids"] else None
+            "f1": stage1_metrics([r["selected"]], [r["relevant_ids"]])["micro"]["f1"] if r["relevant_ids"] else None,
+            "ap": r.get("ap"),
         }
         for r in picked_rows
     }
+    aps = [r["ap"] for r in picked_rows if r.get("ap") is not None]
+    metrics["mean_ap"] = sum(aps) / len(aps) if aps else None
+    metrics["n_ap"] = len(aps)
     return metrics
+
+
+def _average_precision(
+    lines: Sequence[tuple[str, str]], scores: Sequence[float], relevant: Sequence[str]
+) -> float | None:
+    """Average precision of ranking a record's lines by `scores` against the relevant ones (scikit-learn's,
+    ties in the score counted as one step); None when none of the record's lines is relevant."""
+    from sklearn.metrics import average_precision_score
+
+    rel = set(relevant)
+    flags = [rid in rel for rid, _ in lines]
+    return float(average_precision_score(flags, list(scores))) if any(flags) else None
 
 
 def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord],
@@ -376,7 +410,8 @@ def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[Patien
     Forward: stage-1 F1 of the stage-1 adapter before and after stage-2 training continued it, both at
     the tuned threshold (`before`, `after`, `f1_drop` = before - after of the micro F1), and the
     paired per-question F1 change (`f1_change`: after - before over the questions with relevant lines,
-    a bootstrap interval and p).
+    a bootstrap interval and p); the same for the average precision of each question's line ranking
+    (`ap_change`; `mean_ap` before and after), which needs no threshold.
     Reverse (`reverse`, when the folder has the reverse adapters; re-run `records finetune --sequential`
     on an older folder to train them): stage-2 METEOR and ROUGE-L of the stage-2 adapter before and after
     stage-1 training continued it, each question answered from its gold lines, with the paired
@@ -399,6 +434,9 @@ def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[Patien
         )
     out["f1_drop"] = out["before"]["micro"]["f1"] - out["after"]["micro"]["f1"]
     out["f1_change"] = _paired(out["before"]["per_question"], out["after"]["per_question"], "f1")
+    # the ranking with no threshold: a drop here is lost knowledge, not only probabilities moved past
+    # the threshold tuned before stage 2
+    out["ap_change"] = _paired(out["before"]["per_question"], out["after"]["per_question"], "ap")
     reverse = stages.get("reverse")
     if reverse:
         rev: dict[str, Any] = {}
