@@ -198,6 +198,17 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
     again = forgetting(tiny_predictor, records, test_q, tmp_path / "seq", max_new_tokens=8, with_meteor=False)
     assert again["before"] == result["before"] and again["reverse"] == json.loads(json.dumps(result["reverse"]))
     assert (tmp_path / "seq/selection-before.jsonl").read_text().splitlines() == lines_before
+    # a view of another adapter keeps the base model's spec; the hash of its weights tells the rows apart,
+    # so the "after" adapters writing into the "before" files select and answer every question again
+    after1 = with_adapter(tiny_predictor, stages["stage2"])
+    assert after1.info.spec == tiny_predictor.info.spec
+    sel_file, ans_file = tmp_path / "seq/selection-before.jsonl", tmp_path / "seq/answers-before.jsonl"
+    other = evaluate_selection(LLMSelector(after1, threshold=stages["threshold"]), records, test_q, out=sel_file)
+    assert other["micro"] == result["after"]["micro"] and len(sel_file.read_text().splitlines()) == 6
+    after2 = with_adapter(tiny_predictor, rev["stage1_after_stage2"])
+    other = evaluate_answering(after2, records, test_q, out=ans_file, max_new_tokens=8, with_meteor=False)
+    assert other["rouge_l"] == pytest.approx(result["reverse"]["after"]["rouge_l"])
+    assert len(ans_file.read_text().splitlines()) == 6
     with pytest.raises(ClinqaError, match="needs --mode sequential"):
         sep = finetune_stages(tiny_predictor, records, questions, tmp_path / "sep1", tiny_config(tune_fraction=0.0))
         assert sep["threshold"] == 0.5

@@ -71,11 +71,13 @@ def read_init_adapter(path: Path, config: LoraTrainConfig) -> tuple[dict[str, An
         raise ClinqaError(
             f"starting adapter {path} targets {cfg.get('target_modules')}; this training targets {config.target_modules}"
         )
-    blob = (path / "adapter_model.safetensors").read_bytes()
-    return load_file(str(path / "adapter_model.safetensors")), {
-        "path": str(path),
-        "sha256": hashlib.sha256(blob).hexdigest()[:16],
-    }
+    return load_file(str(path / "adapter_model.safetensors")), {"path": str(path), "sha256": weights_hash(path)}
+
+
+def weights_hash(path: str | Path) -> str:
+    """An adapter folder's identity wherever it lives: the first 16 hex digits of the sha256 of its
+    weights file."""
+    return hashlib.sha256((Path(path) / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def run_config(config: LoraTrainConfig, base_spec: str, starting_adapter: str | None, labels) -> dict[str, Any]:

@@ -133,11 +133,17 @@ class LocalModel(ContinuationScoring):
                 known[str(path.resolve())] = name
         return self.with_adapter(name)
 
+    @property
+    def adapter_path(self) -> Path | None:
+        """The folder of this view's adapter (None for the base model). `info.spec` of a view made by
+        `load_adapter` names only the base model, so whatever must tell two adapters apart asks this."""
+        if self.adapter is None:
+            return None
+        return next((Path(p) for p, n in self._shared["adapters"].items() if n == self.adapter), None)
+
     def cost(self) -> dict:
         """What this view adds to the base model: the adapter's parameters and training time."""
-        if self.adapter is None:
-            return {}
-        path = next((Path(p) for p, n in self._shared["adapters"].items() if n == self.adapter), None)
+        path = self.adapter_path
         meta_file = path / "clinqa_adapter.json" if path else None
         if meta_file is None or not meta_file.is_file():
             return {}

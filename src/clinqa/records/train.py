@@ -265,7 +265,7 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
     path = Path(out) if out else None
-    settings = digest(_describe(selector))
+    settings = digest({**_describe(selector), **_adapter_identity(getattr(selector, "predictor", None))})
     rows = _resumed_rows(path, settings, "selection")
     scored = getattr(selector, "run_scored", None)
     scored = scored if callable(scored) else None
@@ -354,7 +354,14 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
     path = Path(out) if out else None
-    settings = digest({"model": predictor.info.spec, "max_new_tokens": max_new_tokens, "meteor": with_meteor})
+    settings = digest(
+        {
+            "model": predictor.info.spec,
+            **_adapter_identity(predictor),
+            "max_new_tokens": max_new_tokens,
+            "meteor": with_meteor,
+        }
+    )
     rows = _resumed_rows(path, settings, "answer")
     todo = [q for q in questions if q.id not in rows or rows[q.id].get("reference") != q.answer]
     for i, q in enumerate(todo):
@@ -371,6 +378,18 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
         (sum(r[k] for r in per.values()) / len(per)) if per and all(r[k] is not None for r in per.values()) else None
     )  # noqa: E731
     return {"n": len(per), "meteor": mean("meteor"), "rouge_l": mean("rouge_l"), "per_question": per}
+
+
+def _adapter_identity(predictor: Any) -> dict[str, str]:
+    """{"adapter": hash of its weights} for a model with a LoRA adapter, else {}: a view made by
+    `LocalModel.load_adapter` (as `forgetting` makes them) keeps the base model's spec, so without this
+    the rows of one adapter would be taken for another's, or for a retrained one's in the same folder."""
+    from clinqa.adapt.lora_adapter import weights_hash
+
+    path = getattr(predictor, "adapter_path", None)
+    if path is None or not (Path(path) / "adapter_model.safetensors").is_file():
+        return {}
+    return {"adapter": weights_hash(path)}
 
 
 def _resumed_rows(path: Path | None, settings: str, what: str) -> dict[str, dict[str, Any]]:
