@@ -183,6 +183,31 @@ def _holder(folder: Path, kind: str = "folder") -> subprocess.Popen:
     return p
 
 
+def test_a_lock_taken_but_not_yet_signed_is_waited_for_so_the_error_names_the_owner(tmp_path):
+    """Two commands started together: the loser may find the lock held before the winner has written
+    who it is; it waits a moment for the owner's note instead of saying "another process"."""
+    import fcntl
+    import threading
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, still empty
+
+    def sign() -> None:
+        os.write(fd, json.dumps({"pid": 4242, "host": "h", "since": "t"}).encode())
+
+    timer = threading.Timer(0.3, sign)
+    timer.start()
+    try:
+        with pytest.raises(ClinqaError, match="is in use by pid 4242 on h since t"):
+            with lock_path(folder, folder=True):
+                pass
+    finally:
+        timer.join()
+        os.close(fd)
+
+
 def test_second_process_gets_one_line_error_and_a_dead_owner_is_taken_over(tmp_path):
     folder = tmp_path / "run"
     p = _holder(folder)

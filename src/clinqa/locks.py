@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -131,6 +132,12 @@ def lock_path(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = _read_owner(fd)
+            # the owner writes who it is just after taking the lock: give it a moment to, so the error
+            # names it (the two commands were started together)
+            deadline = time.monotonic() + 2.0
+            while not owner and time.monotonic() < deadline:
+                time.sleep(0.05)
+                owner = _read_owner(fd)
             os.close(fd)
             raise ClinqaError(
                 f"{what} {target} is in use by {_describe_owner(owner)}: wait for it to finish, "
