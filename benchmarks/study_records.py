@@ -214,6 +214,56 @@ def _forgetting_summary(f: dict) -> dict:
     return out
 
 
+def _forgetting_table(f: dict) -> list[str]:
+    """forgetting.json as markdown: each measure before and after the other stage's training, with the
+    paired per-question change (95% bootstrap CI, p); micro F1 is pooled over lines, so it has no pair."""
+
+    def mean_of(rows: dict, key: str, ids: list[str]) -> float | None:
+        return sum(rows[q][key] for q in ids) / len(ids) if ids else None
+
+    def paired_row(label: str, before: dict, after: dict, key: str, change: dict | None) -> str:
+        b, a = before.get("per_question") or {}, after.get("per_question") or {}
+        ids = [q for q in b if q in a and b[q].get(key) is not None and a[q].get(key) is not None]
+        if not change or not ids:
+            return f"| {label} | {len(ids)} | | | | |"
+        return (
+            f"| {label} | {change['n']} | {_fmt(mean_of(b, key, ids))} | {_fmt(mean_of(a, key, ids))} "
+            f"| {_fmt(change['diff'])} ({_fmt(change['ci_low'])} to {_fmt(change['ci_high'])}) | {_fmt(change['p'])} |"
+        )
+
+    before, after = f.get("before") or {}, f.get("after") or {}
+    lines = [
+        f"## Forgetting ({f.get('n_questions')} test questions)",
+        "",
+        "| measure | n | before | after | after − before (95% CI) | p |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| stage 2 after stage 1: stage-1 micro F1 at P(yes) ≥ {_fmt(f.get('threshold'))} | {f.get('n_questions')} "
+        f"| {_fmt((before.get('micro') or {}).get('f1'))} | {_fmt((after.get('micro') or {}).get('f1'))} "
+        f"| {_fmt(-f['f1_drop']) if f.get('f1_drop') is not None else ''} | |",
+        paired_row("stage 2 after stage 1: stage-1 F1 per question", before, after, "f1", f.get("f1_change")),
+        paired_row(
+            "stage 2 after stage 1: average precision of the line ranking (no threshold)",
+            before,
+            after,
+            "ap",
+            f.get("ap_change"),
+        ),
+    ]
+    rev = f.get("reverse") or {}
+    for key, label in (("meteor", "METEOR"), ("rouge_l", "ROUGE-L")):
+        if rev:
+            lines.append(
+                paired_row(
+                    f"stage 1 after stage 2: stage-2 {label} from the gold lines",
+                    rev.get("before") or {},
+                    rev.get("after") or {},
+                    key,
+                    rev.get(f"{key}_change"),
+                )
+            )
+    return lines + [""]
+
+
 def _judge_table(rep: dict) -> list[str]:
     """The judge's report as markdown: per system the blind and named expected grades (0-4), named
     minus blind with its interval and Wilcoxon p, kappa with exact match; then position bias."""
@@ -271,9 +321,8 @@ def write_results(out: Path, names: list[str], test_qa: Path) -> None:
             lines += [f"## Fine-tuning ({mode})", "", "```json", json.dumps(data, indent=1)[:3000], "```", ""]
     forgetting = out / "adapters" / "forgetting.json"
     if forgetting.exists():
+        lines += _forgetting_table(json.loads(forgetting.read_text()))
         lines += [
-            "## Forgetting",
-            "",
             "```json",
             json.dumps(_forgetting_summary(json.loads(forgetting.read_text())), indent=1),
             "```",
