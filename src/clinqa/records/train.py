@@ -281,10 +281,11 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
         progress(done, len(questions))
     for q in todo:
         record = by_patient[q.patient_id]
+        scores = None
         if scored is not None:
             picked, tokens, scores = scored(q.question, lines[q.patient_id])
         else:
-            (picked, tokens), scores = _run_selector(selector, q.question, lines[q.patient_id]), None
+            picked, tokens = _run_selector(selector, q.question, lines[q.patient_id])
         ids = [s.id for s in picked]
         row = {
             "question_id": q.id,
