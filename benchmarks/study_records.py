@@ -198,8 +198,7 @@ def _fmt(x) -> str:
 def _forgetting_summary(f: dict) -> dict:
     """forgetting.json without its per-question rows: stage-1 micro P/R/F1 and the mean average
     precision of the line ranking before and after stage-2 training with the paired per-question
-    changes, and the reverse direction's stage-2 METEOR and
-    ROUGE-L change with its interval and p."""
+    changes, and the reverse direction's stage-2 METEOR and ROUGE-L change with its interval and p."""
     out = {k: f.get(k) for k in ("n_questions", "threshold", "f1_drop", "f1_change", "ap_change")}
     for name in ("before", "after"):
         out[f"stage1_{name}"] = (f.get(name) or {}).get("micro")
@@ -321,10 +320,11 @@ def write_results(out: Path, names: list[str], test_qa: Path) -> None:
             lines += [f"## Fine-tuning ({mode})", "", "```json", json.dumps(data, indent=1)[:3000], "```", ""]
     forgetting = out / "adapters" / "forgetting.json"
     if forgetting.exists():
-        lines += _forgetting_table(json.loads(forgetting.read_text()))
+        f = json.loads(forgetting.read_text())
+        lines += _forgetting_table(f)
         lines += [
             "```json",
-            json.dumps(_forgetting_summary(json.loads(forgetting.read_text())), indent=1),
+            json.dumps(_forgetting_summary(f), indent=1),
             "```",
             "",
         ]
