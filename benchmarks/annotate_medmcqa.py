@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED, machine, write_json  # noqa: E402
-from annotate_pubmedqa import accuracy, llm_annotations  # noqa: E402
+from annotate_pubmedqa import accuracy, accuracy_with_ci, llm_annotations, paired_vs  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,23 +44,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VAL = Path(__file__).resolve().parent / "data" / "medmcqa_specialty_val.jsonl"
 MIRAGE = SHARED / "mirage" / "benchmark.json"
-
-
-def accuracy_with_ci(top: list[str], gold: list[list[str]], seed: int = 0) -> dict:
-    """Share of items whose top label is a gold label, with a 95% percentile bootstrap interval over items."""
-    from clinqa.evaluate.metrics import bootstrap_ci
-
-    hits = [float(t in g) for t, g in zip(top, gold)]
-    lo, hi = bootstrap_ci(hits, seed=seed)
-    return {"n": len(hits), "accuracy": accuracy(top, gold), "ci95": [lo, hi], "hits": hits}
-
-
-def paired_vs(hits_a: list[float], hits_b: list[float]) -> dict:
-    """Mean paired difference a - b over the same items, its 95% interval and two-sided bootstrap p."""
-    from clinqa.evaluate.metrics import bootstrap_mean_test
-
-    mean, lo, hi, p = bootstrap_mean_test([a - b for a, b in zip(hits_a, hits_b)])
-    return {"difference": mean, "ci95": [lo, hi], "p": p}
 
 
 def kappa(a: list[str], b: list[str]) -> float:

@@ -12,14 +12,16 @@ absolute numbers are agreement with MeSH, a lower bound on accuracy. Compared on
 
 - the LLM annotator (the embedded model unless --model; majority vote over the prompts, contextual
   calibration), with the accuracy/coverage trade-off of the vote threshold;
-- the MiniLM annotator trained on the 204 bundled questions (which cover the six experiment
-  specialties plus a few second labels, so it is also scored on the questions whose silver labels
-  include one of those six);
+- the MiniLM annotator trained on the 204 bundled questions of the six experiment specialties
+  (`bundled`; it is also scored on the questions whose silver labels include one of those six) and on
+  the 440 of all fifteen (`bundled:all`, what `--train bundled` means now), with 95% bootstrap
+  intervals and paired bootstrap tests of the fifteen-specialty annotator against the six-specialty
+  one and the baseline;
 - the majority-class baseline (always the most common silver label); every accuracy is also printed
   as a ratio to it;
 - split-conformal sets at alpha 0.1: MiniLM calibrated on the bundled set (a distribution shift:
   coverage is only guaranteed for exchangeable data) vs calibrated on half of PubMedQA and tested on
-  the other half; the LLM calibrated on half of PubMedQA.
+  the other half; the fifteen-specialty MiniLM and the LLM calibrated on the same half.
 
 LLM annotations are appended to the run folder OUT/llm/ as they are made, so a killed run resumes (an
 OUT/llm.jsonl written by an older clinqa is migrated into it).
@@ -206,6 +208,23 @@ def accuracy(top: list[str], gold: list[list[str]]) -> float:
     return sum(t in g for t, g in zip(top, gold)) / len(gold)
 
 
+def accuracy_with_ci(top: list[str], gold: list[list[str]], seed: int = 0) -> dict:
+    """Share of items whose top label is a gold label, with a 95% percentile bootstrap interval over items."""
+    from clinqa.evaluate.metrics import bootstrap_ci
+
+    hits = [float(t in g) for t, g in zip(top, gold)]
+    lo, hi = bootstrap_ci(hits, seed=seed)
+    return {"n": len(hits), "accuracy": accuracy(top, gold), "ci95": [lo, hi], "hits": hits}
+
+
+def paired_vs(hits_a: list[float], hits_b: list[float]) -> dict:
+    """Mean paired difference a - b over the same items, its 95% interval and two-sided bootstrap p."""
+    from clinqa.evaluate.metrics import bootstrap_mean_test
+
+    mean, lo, hi, p = bootstrap_mean_test([a - b for a, b in zip(hits_a, hits_b)])
+    return {"difference": mean, "ci95": [lo, hi], "p": p}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=PUBMEDQA)
@@ -228,8 +247,8 @@ def main() -> None:
     from clinqa.data.loaders import load_questions, write_questions
     from clinqa.specialties import conformal
     from clinqa.specialties.annotate import conformal_from_probs, tradeoff_table
-    from clinqa.specialties.embed import EmbeddingAnnotator
-    from clinqa.specialties.label import conformal_sets
+    from clinqa.specialties.embed import SPECIALTY_IDS, EmbeddingAnnotator, embed_texts, question_text
+    from clinqa.specialties.label import ALL_SPECIALTIES_SPEC, conformal_sets
     from clinqa.specialties.taxonomy import EXPERIMENT_SPECIALTIES
 
     if args.threads:
@@ -261,33 +280,58 @@ def main() -> None:
         "silver_counts": dict(counts.most_common()),
     }
 
+    hits: dict[str, list[float]] = {}  # per question, 1 where the top label is a silver label: for paired tests
+
     def report(name: str, top: list[str], seconds: float | None = None) -> None:
-        acc = accuracy(top, gold)
+        acc = accuracy_with_ci(top, gold)
         acc1 = accuracy([top[i] for i in single], [gold[i] for i in single])
         acc6 = accuracy([top[i] for i in six], [gold[i] for i in six])
         base = accuracy([majority] * len(gold), gold)
+        hits[name] = acc.pop("hits")
         results[name] = {
-            "accuracy": acc,
+            **acc,
             "accuracy_single_label": acc1,
             "accuracy_six_specialties": acc6,
-            "ratio_to_majority": acc / base,
+            "ratio_to_majority": acc["accuracy"] / base,
             "seconds": seconds,
         }
+        lo, hi = acc["ci95"]
         print(
-            f"  {name:<28} accuracy {acc:.3f} = {acc / base:.2f}x the majority baseline; single-label {acc1:.3f}; "
-            f"six experiment specialties {acc6:.3f}" + (f"   {seconds:.0f} s" if seconds is not None else "")
+            f"  {name:<36} accuracy {acc['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] = {acc['accuracy'] / base:.2f}x the "
+            f"majority baseline; single-label {acc1:.3f}; six experiment specialties {acc6:.3f}"
+            + (f"   {seconds:.0f} s" if seconds is not None else "")
         )
 
-    print("top label is one of the silver labels:")
+    def difference(a: str, b: str) -> None:
+        vs = paired_vs(hits[a], hits[b])
+        results[f"{a} minus {b}"] = vs
+        print(
+            f"  {a} minus {b}: {vs['difference']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}], "
+            f"paired bootstrap p={vs['p']:.4f} (n={len(gold)})"
+        )
+
+    print(f"top label is one of the silver labels (n={len(gold)}, 95% bootstrap CI):")
     report("majority baseline", [majority] * len(gold))
 
+    # the MiniLM annotator trained on the six experiment specialties (`bundled`, what `--train bundled` meant
+    # before issue 15) and on all fifteen (`bundled:all`, what it means now)
     t = time.perf_counter()
+    emb = embed_texts([question_text(q) for q in questions])
+    results["embed_seconds"] = embed_s = time.perf_counter() - t  # shared by both: counted in each one's time
+    minilm_probs = {}
+    for name, spec in (
+        ("MiniLM (trained on bundled)", "bundled"),
+        ("MiniLM, 15 specialties (bundled:all)", ALL_SPECIALTIES_SPEC),
+    ):
+        t = time.perf_counter()
+        train = load_questions(spec).questions
+        ann = EmbeddingAnnotator().fit(train)
+        minilm_probs[name] = ann.predict_proba_embeddings(emb)
+        report(name, [SPECIALTY_IDS[int(i)] for i in minilm_probs[name].argmax(1)], embed_s + time.perf_counter() - t)
     bundled = load_questions("bundled").questions
-    minilm = EmbeddingAnnotator().fit(bundled)
-    p_mini = minilm.predict_proba(questions)
-    p_bundled = minilm.predict_proba(bundled)  # in-sample for the classifier: kept for the shift comparison below
-    ids = list(minilm.labels)
-    report("MiniLM (trained on bundled)", [ids[int(i)] for i in p_mini.argmax(1)], time.perf_counter() - t)
+    p_mini = minilm_probs["MiniLM (trained on bundled)"]
+    difference("MiniLM, 15 specialties (bundled:all)", "majority baseline")
+    difference("MiniLM, 15 specialties (bundled:all)", "MiniLM (trained on bundled)")
 
     p_llm = None
     if not args.no_llm:
@@ -311,7 +355,7 @@ def main() -> None:
     # MiniLM calibrated on bundled must not use its own training questions: 5-fold out-of-fold probabilities instead.
     from sklearn.model_selection import KFold
 
-    oof = np.zeros_like(p_bundled)
+    oof = np.zeros((len(bundled), p_mini.shape[1]))
     for tr, te in KFold(5, shuffle=True, random_state=0).split(bundled):
         oof[te] = EmbeddingAnnotator().fit([bundled[i] for i in tr]).predict_proba([bundled[i] for i in te])
     for name, cal_p, cal_g in (
@@ -333,11 +377,17 @@ def main() -> None:
             f"  {name:<36} coverage {m.coverage_any:.3f}, {m.mean_set_size:.2f} labels, precision {m.precision:.2f}, "
             f"recall {m.recall:.2f}"
         )
-    if p_llm is not None:
-        c = conformal_from_probs(p_llm, gold, args.alpha)
-        results["LLM, calibrated on PubMedQA half"] = c
+    # the same split (seed 0) as above for the fifteen-specialty MiniLM and the LLM
+    for name, probs in (
+        ("MiniLM 15, calibrated on PubMedQA half", minilm_probs["MiniLM, 15 specialties (bundled:all)"]),
+        ("LLM, calibrated on PubMedQA half", p_llm),
+    ):
+        if probs is None:
+            continue
+        c = conformal_from_probs(probs, gold, args.alpha)
+        results[name] = c
         print(
-            f"  {'LLM, calibrated on PubMedQA half':<36} coverage {c['coverage']:.3f}, {c['mean_set_size']:.2f} labels, "
+            f"  {name:<36} coverage {c['coverage']:.3f}, {c['mean_set_size']:.2f} labels, "
             f"precision {c['precision']:.2f}, recall {c['recall']:.2f}"
         )
     write_json(args.out / "results.json", results)
