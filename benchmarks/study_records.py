@@ -198,11 +198,15 @@ def _fmt(x) -> str:
 def _forgetting_summary(f: dict) -> dict:
     """forgetting.json without its per-question rows: stage-1 micro P/R/F1 and the mean average
     precision of the line ranking before and after stage-2 training with the paired per-question
-    changes, and the reverse direction's stage-2 METEOR and ROUGE-L change with its interval and p."""
+    changes (and the F1 at a threshold tuned again after it), and the reverse direction's stage-2 METEOR and ROUGE-L change with its interval and p."""
     out = {k: f.get(k) for k in ("n_questions", "threshold", "f1_drop", "f1_change", "ap_change")}
     for name in ("before", "after"):
         out[f"stage1_{name}"] = (f.get(name) or {}).get("micro")
         out[f"stage1_{name}_mean_ap"] = (f.get(name) or {}).get("mean_ap")
+    if f.get("after_retuned"):
+        out["stage1_after_retuned"] = f["after_retuned"]["micro"]
+        out["retuned_threshold"] = f["after_retuned"]["tuning"]["threshold"]
+        out["f1_change_retuned"] = f.get("f1_change_retuned")
     rev = f.get("reverse") or {}
     for key in ("meteor_change", "rouge_l_change"):
         if key in rev:
@@ -248,6 +252,20 @@ def _forgetting_table(f: dict) -> list[str]:
             f.get("ap_change"),
         ),
     ]
+    retuned = f.get("after_retuned")
+    if retuned:  # the threshold tuned again after stage 2, on the same held-out training questions
+        at = f"P(yes) ≥ {_fmt(retuned['tuning']['threshold'])} re-tuned"
+        lines += [
+            f"| stage 2 after stage 1, {at}: stage-1 micro F1 | {f.get('n_questions')} "
+            f"| {_fmt((before.get('micro') or {}).get('f1'))} | {_fmt(retuned['micro']['f1'])} | | |",
+            paired_row(
+                f"stage 2 after stage 1, {at}: stage-1 F1 per question",
+                before,
+                retuned,
+                "f1",
+                f.get("f1_change_retuned"),
+            ),  # fmt: skip
+        ]
     rev = f.get("reverse") or {}
     for key, label in (("meteor", "METEOR"), ("rouge_l", "ROUGE-L")):
         if rev:

@@ -124,7 +124,7 @@ def _micro_f1(selector, records, qs):
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
-def test_sequential_continues_stage1_and_measures_forgetting(records, questions, tiny_predictor, tmp_path):
+def test_sequential_continues_stage1_and_measures_forgetting(records, questions, tiny_predictor, tmp_path, monkeypatch):
     from rouge_score import rouge_scorer
 
     from clinqa.records.metrics import strip_citations
@@ -209,6 +209,38 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
     other = evaluate_answering(after2, records, test_q, out=ans_file, max_new_tokens=8, with_meteor=False)
     assert other["rouge_l"] == pytest.approx(result["reverse"]["after"]["rouge_l"])
     assert len(ans_file.read_text().splitlines()) == 6
+    # the threshold tuned again after stage 2, on the same held-out training questions: computed here
+    # with tune_threshold on the "after" adapter directly, then the F1 at it from its own selections
+    from clinqa.records.pipeline import selection_examples, tune_threshold
+    from clinqa.records.train import TUNE_FILE
+
+    held_out = read_questions(tmp_path / "seq" / TUNE_FILE)
+    retuned = LLMSelector(with_adapter(tiny_predictor, stages["stage2"]))
+    threshold = tune_threshold(retuned, selection_examples(records, held_out))["threshold"]
+    result = forgetting(tiny_predictor, records, test_q, tmp_path / "seq", tune_records=records, with_meteor=False,
+                        max_new_tokens=8)  # fmt: skip
+    r = result["after_retuned"]
+    assert r["tuning"]["threshold"] == pytest.approx(threshold) and r["tuning"]["questions"] == len(held_out)
+    assert r["micro"]["f1"] == pytest.approx(_micro_f1(retuned, records, test_q))
+    per_retuned = {}
+    for line in (tmp_path / "seq/selection-after-retuned.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        s, rel = set(row["selected"]), set(row["relevant_ids"])
+        if rel:
+            per_retuned[row["question_id"]] = 2 * len(s & rel) / (len(s) + len(rel))
+    assert result["f1_change_retuned"]["diff"] == pytest.approx(
+        sum(per_retuned[q] - per[q]["before"] for q in per_retuned) / len(per_retuned)
+    )
+    # a rerun reads the tuning back (tuning-after-retuned.json) instead of scoring the held-out questions again
+    import clinqa.records.train as train_mod
+
+    def no_tuning(*a, **k):
+        raise AssertionError("tuned again")
+
+    monkeypatch.setattr(train_mod, "tune_threshold", no_tuning)
+    again = forgetting(tiny_predictor, records, test_q, tmp_path / "seq", tune_records=records, with_meteor=False,
+                       max_new_tokens=8)  # fmt: skip
+    assert again["after_retuned"] == json.loads(json.dumps(r))
     with pytest.raises(ClinqaError, match="needs --mode sequential"):
         sep = finetune_stages(tiny_predictor, records, questions, tmp_path / "sep1", tiny_config(tune_fraction=0.0))
         assert sep["threshold"] == 0.5

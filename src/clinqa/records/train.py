@@ -54,13 +54,15 @@ from clinqa.records.pipeline import (
     stage1_examples,
     stage2_examples,
     tune_threshold,
+    tuning_key,
 )
-from clinqa.records.questions import RecordQuestion, write_questions
+from clinqa.records.questions import RecordQuestion, read_questions, write_questions
 from clinqa.runs import append_lines, digest
 
 MODES = ("separate", "sequential", "multitask")
 STAGES_FILE = "stages.json"
 TUNE_FILE = "tune-questions.jsonl"  # the held-out questions that tune the stage-1 threshold
+RETUNED_FILE = "tuning-after-retuned.json"  # the threshold tuned again after stage 2 (`forgetting`)
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -215,6 +217,15 @@ def finetune_stages(base: Any, records: Mapping[str, PatientRecord] | Sequence[P
     _write_json(out / f"stages-{config.mode}.json", stages)
     _write_json(out / STAGES_FILE, stages)
     return stages
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object written by this module, or {} when there is none or it is not readable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _all_stages(out: Path) -> list[dict[str, Any]]:
@@ -421,8 +432,29 @@ def _paired(before: Mapping[str, Any], after: Mapping[str, Any], key: str) -> di
     return {"n": len(ids), "diff": mean, "ci_low": lo, "ci_high": hi, "p": p}
 
 
+def _after_retuned(base: Any, stages: Mapping[str, Any], stages_dir: Path, tune_records: Any, records: Any,
+                   questions: Sequence[RecordQuestion], progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:  # fmt: skip
+    """`evaluate_selection` of the adapter after stage-2 training at a threshold tuned for it as the
+    stage-1 threshold was (`tune_threshold` on the held-out training questions), with its "tuning";
+    kept in RETUNED_FILE and reused for the same questions, selector and adapter weights."""
+    selector = LLMSelector(with_adapter(base, stages["stage2"]))
+    tune_q = read_questions(stages_dir / TUNE_FILE)
+    examples = selection_examples(tune_records, tune_q)
+    key = {**tuning_key(selector, examples), **_adapter_identity(selector.predictor)}
+    previous = _read_json(stages_dir / RETUNED_FILE)
+    if "threshold" in previous and all(previous.get(k) == json.loads(json.dumps(v)) for k, v in key.items()):
+        tuning, selector.threshold = previous, previous["threshold"]
+    else:
+        tuning = {**tune_threshold(selector, examples), "questions": len(tune_q), **key}
+        _write_json(stages_dir / RETUNED_FILE, tuning)
+    result = evaluate_selection(selector, records, questions, out=stages_dir / "selection-after-retuned.jsonl",
+                                progress=(lambda d, t: progress("after, re-tuned", d, t)) if progress else None)  # fmt: skip
+    return {**result, "tuning": tuning}
+
+
 def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[PatientRecord], questions: Sequence[RecordQuestion],
-               stages_dir: str | Path, *, progress: Callable[[str, int, int], None] | None = None, max_new_tokens: int = 64,
+               stages_dir: str | Path, *, tune_records: Mapping[str, PatientRecord] | Sequence[PatientRecord] | None = None,
+               progress: Callable[[str, int, int], None] | None = None, max_new_tokens: int = 64,
                with_meteor: bool = True) -> dict[str, Any]:  # fmt: skip
     """Both directions of forgetting in a "sequential" stages folder, on `questions`; written to
     `stages_dir/forgetting.json`.
@@ -431,7 +463,11 @@ def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[Patien
     the tuned threshold (`before`, `after`, `f1_drop` = before - after of the micro F1), and the
     paired per-question F1 change (`f1_change`: after - before over the questions with relevant lines,
     a bootstrap interval and p); the same for the average precision of each question's line ranking
-    (`ap_change`; `mean_ap` before and after), which needs no threshold.
+    (`ap_change`; `mean_ap` before and after), which needs no threshold. With `tune_records` (the
+    records of the training questions) the threshold is also tuned again for the adapter after stage 2,
+    on the same held-out training questions (`tune-questions.jsonl`) and in the same way as before
+    (`after_retuned`, with its `tuning`; `f1_change_retuned` against before): what a user who re-tunes
+    gets back.
     Reverse (`reverse`, when the folder has the reverse adapters; re-run `records finetune --sequential`
     on an older folder to train them): stage-2 METEOR and ROUGE-L of the stage-2 adapter before and after
     stage-1 training continued it, each question answered from its gold lines, with the paired
@@ -457,6 +493,9 @@ def forgetting(base: Any, records: Mapping[str, PatientRecord] | Sequence[Patien
     # the ranking with no threshold: a drop here is lost knowledge, not only probabilities moved past
     # the threshold tuned before stage 2
     out["ap_change"] = _paired(out["before"]["per_question"], out["after"]["per_question"], "ap")
+    if tune_records is not None and (stages_dir / TUNE_FILE).is_file():
+        out["after_retuned"] = _after_retuned(base, stages, stages_dir, tune_records, records, questions, progress)
+        out["f1_change_retuned"] = _paired(out["before"]["per_question"], out["after_retuned"]["per_question"], "f1")
     reverse = stages.get("reverse")
     if reverse:
         rev: dict[str, Any] = {}
