@@ -198,7 +198,8 @@ def _fmt(x) -> str:
 def _forgetting_summary(f: dict) -> dict:
     """forgetting.json without its per-question rows: stage-1 micro P/R/F1 and the mean average
     precision of the line ranking before and after stage-2 training with the paired per-question
-    changes (and the F1 at a threshold tuned again after it), and the reverse direction's stage-2 METEOR and ROUGE-L change with its interval and p."""
+    changes (and the F1 at a threshold tuned again after it), and the reverse direction's stage-2
+    METEOR and ROUGE-L change with its interval and p."""
     out = {k: f.get(k) for k in ("n_questions", "threshold", "f1_drop", "f1_change", "ap_change")}
     for name in ("before", "after"):
         out[f"stage1_{name}"] = (f.get(name) or {}).get("micro")
@@ -264,7 +265,7 @@ def _forgetting_table(f: dict) -> list[str]:
                 retuned,
                 "f1",
                 f.get("f1_change_retuned"),
-            ),  # fmt: skip
+            ),
         ]
     rev = f.get("reverse") or {}
     for key, label in (("meteor", "METEOR"), ("rouge_l", "ROUGE-L")):
