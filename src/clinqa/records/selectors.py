@@ -371,12 +371,19 @@ def earlier_tuning(out: str | Path, key: Mapping[str, Any]) -> dict[str, Any] | 
     """The tuning a run folder recorded (run.json "tuning") with the same `tuning_key`, or None (no
     run there yet, or tuned with other examples or selector settings): a resumed run need not score
     every line of its tuning questions again."""
-    from clinqa.runs import RUN_FILE, plain, read_meta
+    from clinqa.runs import RUN_FILE, read_meta
 
     if not (Path(out) / RUN_FILE).is_file():
         return None
-    tuning = read_meta(out).get("tuning")
+    return matching_tuning(read_meta(out).get("tuning"), key)
+
+
+def matching_tuning(tuning: Any, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`tuning` (a `tune_threshold` result stored as JSON with its `tuning_key`) when it holds a
+    threshold and the same key, else None."""
+    from clinqa.runs import plain
+
     if not isinstance(tuning, dict) or "threshold" not in tuning:
         return None
-    same = all(tuning.get(k) == json.loads(json.dumps(plain(v))) for k, v in key.items())  # as run.json holds it
+    same = all(tuning.get(k) == json.loads(json.dumps(plain(v))) for k, v in key.items())  # as JSON holds it
     return tuning if same else None

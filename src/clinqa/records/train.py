@@ -57,6 +57,7 @@ from clinqa.records.pipeline import (
     tuning_key,
 )
 from clinqa.records.questions import RecordQuestion, read_questions, write_questions
+from clinqa.records.selectors import matching_tuning
 from clinqa.runs import append_lines, digest
 
 MODES = ("separate", "sequential", "multitask")
@@ -441,8 +442,8 @@ def _after_retuned(base: Any, stages: Mapping[str, Any], stages_dir: Path, tune_
     tune_q = read_questions(stages_dir / TUNE_FILE)
     examples = selection_examples(tune_records, tune_q)
     key = {**tuning_key(selector, examples), **_adapter_identity(selector.predictor)}
-    previous = _read_json(stages_dir / RETUNED_FILE)
-    if "threshold" in previous and all(previous.get(k) == json.loads(json.dumps(v)) for k, v in key.items()):
+    previous = matching_tuning(_read_json(stages_dir / RETUNED_FILE), key)
+    if previous:
         tuning, selector.threshold = previous, previous["threshold"]
     else:
         tuning = {**tune_threshold(selector, examples), "questions": len(tune_q), **key}
