@@ -416,6 +416,13 @@ def test_apply_modifier_loads_the_adapter(adapters, tiny_predictor):
     assert not np.allclose(logprobs(tuned), base, atol=1e-3)
     assert np.array_equal(logprobs(tuned.with_adapter(None)), base)
     assert np.array_equal(logprobs(tiny_predictor), base)
+    # a view made in code names its adapter as the +lora: spec does, and its base view names none
+    spec = f"tiny+lora:{adapters['a'].path}"
+    assert tuned.info.spec == tiny_predictor.load_adapter(adapters["a"].path).info.spec == spec
+    assert tuned.with_adapter(tuned.adapter).info.spec == spec.replace(
+        str(adapters["a"].path), str(adapters["a"].path.resolve())
+    )
+    assert tuned.with_adapter(None).info.spec == tiny_predictor.info.spec == "tiny"
 
 
 def test_two_adapters_on_one_base_switch_without_reloading(adapters, tiny_predictor, tokenizer):

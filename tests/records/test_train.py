@@ -198,10 +198,10 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
     again = forgetting(tiny_predictor, records, test_q, tmp_path / "seq", max_new_tokens=8, with_meteor=False)
     assert again["before"] == result["before"] and again["reverse"] == json.loads(json.dumps(result["reverse"]))
     assert (tmp_path / "seq/selection-before.jsonl").read_text().splitlines() == lines_before
-    # a view of another adapter keeps the base model's spec; the hash of its weights tells the rows apart,
+    # a view of another adapter names it (`tiny+lora:FOLDER`) and its rows carry the hash of its weights,
     # so the "after" adapters writing into the "before" files select and answer every question again
     after1 = with_adapter(tiny_predictor, stages["stage2"])
-    assert after1.info.spec == tiny_predictor.info.spec
+    assert after1.info.spec == f"tiny+lora:{stages['stage2']}"
     sel_file, ans_file = tmp_path / "seq/selection-before.jsonl", tmp_path / "seq/answers-before.jsonl"
     other = evaluate_selection(LLMSelector(after1, threshold=stages["threshold"]), records, test_q, out=sel_file)
     assert other["micro"] == result["after"]["micro"] and len(sel_file.read_text().splitlines()) == 6
@@ -241,6 +241,35 @@ def test_sequential_continues_stage1_and_measures_forgetting(records, questions,
     again = forgetting(tiny_predictor, records, test_q, tmp_path / "seq", tune_records=records, with_meteor=False,
                        max_new_tokens=8)  # fmt: skip
     assert again["after_retuned"] == json.loads(json.dumps(r))
+    # files written when an adapter view's spec was the base model's (its weights hash told the adapter)
+    # resume too: their settings rewritten as they were then, the rerun selects, answers and tunes nothing
+    from clinqa.adapt.lora_adapter import weights_hash
+    from clinqa.records import pipeline
+    from clinqa.runs import digest
+
+    def as_before(file, described, adapter):
+        old = digest({**described, "model": "tiny", "adapter": weights_hash(adapter)})
+        rows = [json.loads(line) for line in file.read_text().splitlines()]
+        file.write_text("".join(json.dumps({**row, "settings": old}) + "\n" for row in rows))
+
+    selector_then = LLMSelector(
+        with_adapter(tiny_predictor, stages["stage2"]), threshold=stages["threshold"]
+    ).describe()
+    as_before(tmp_path / "seq/selection-after.jsonl", selector_then, stages["stage2"])
+    as_before(tmp_path / "seq/answers-after.jsonl", {"max_new_tokens": 8, "meteor": False}, rev["stage1_after_stage2"])
+    tuned_file = tmp_path / "seq/tuning-after-retuned.json"
+    tuned = json.loads(tuned_file.read_text())
+    tuned_file.write_text(json.dumps({**tuned, "selector": {**tuned["selector"], "model": "tiny"}}))
+
+    def computed_again(*a, **k):
+        raise AssertionError("selected or answered again")
+
+    for name in ("run_scored", "select"):
+        monkeypatch.setattr(LLMSelector, name, computed_again)
+    monkeypatch.setattr(pipeline, "answer", computed_again)
+    resumed = forgetting(tiny_predictor, records, test_q, tmp_path / "seq", tune_records=records, with_meteor=False,
+                         max_new_tokens=8)  # fmt: skip
+    assert resumed["after"] == again["after"] and resumed["reverse"] == again["reverse"]
     with pytest.raises(ClinqaError, match="needs --mode sequential"):
         sep = finetune_stages(tiny_predictor, records, questions, tmp_path / "sep1", tiny_config(tune_fraction=0.0))
         assert sep["threshold"] == 0.5
@@ -351,6 +380,18 @@ def test_size_sweep_writes_curves(records, questions, tiny_predictor, tmp_path):
     assert saved["sizes"] == [4, len(train_q)]
     assert (tmp_path / "sw/sweep.png").stat().st_size > 1000
     assert (tmp_path / f"sw/n{len(train_q)}/run/records.jsonl").is_file()
+    # each evaluation's run folder names the adapters that made it, as a `+lora:` spec would ...
+    small, full = (read_stages(tmp_path / f"sw/n{n}/adapters") for n in (4, len(train_q)))
+    config = json.loads((tmp_path / "sw/n4/run/run.json").read_text())["config"]
+    assert config["model"] == f"tiny+lora:{small['stage2']}"
+    assert config["selector"]["model"] == f"tiny+lora:{small['stage1']}"
+    # ... so the other size's adapters are not taken for its own: that run folder is refused
+    from clinqa.records.evaluation import evaluate_records
+
+    stage1, stage2 = stage_models(full, tiny_predictor)
+    with pytest.raises(ClinqaError, match="different config"):
+        evaluate_records(stage2, records, test_q, selector=LLMSelector(stage1, threshold=0.5), out=tmp_path / "sw/n4/run",
+                         max_new_tokens=8)  # fmt: skip
 
 
 def test_cli_finetune_eval_and_sweep(records, questions, tokenizer, tmp_path, monkeypatch):

@@ -89,6 +89,8 @@ class LocalModel(ContinuationScoring):
 
     LoRA adapters are loaded into the one model object and switched per call: `with_adapter(name)`
     returns a view that shares weights, so several adapters cost no second copy of the base model.
+    A view's `info.spec` names its adapter as a `+lora:` spec would (`BASE+lora:FOLDER`), so whatever
+    records the spec (a run folder's identity, a selector's settings) tells two adapters apart.
     """
 
     def __init__(self, model, tokenizer, info: ModelInfo, adapter: str | None = None, _shared: dict | None = None):
@@ -97,7 +99,11 @@ class LocalModel(ContinuationScoring):
         self.info = info
         self.adapter = adapter
         # state shared by all adapter views of this model: the PeftModel (once an adapter is loaded)
-        self._shared = _shared if _shared is not None else {"peft": None, "lock": threading.RLock(), "adapters": {}}
+        self._shared = (
+            _shared
+            if _shared is not None
+            else {"peft": None, "lock": threading.RLock(), "adapters": {}, "spec": info.spec}  # spec: the base's
+        )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = tokenizer.pad_token_id
@@ -131,15 +137,13 @@ class LocalModel(ContinuationScoring):
                 else:
                     self._shared["peft"].load_adapter(str(path), adapter_name=name, is_trainable=False)
                 known[str(path.resolve())] = name
-        return self.with_adapter(name)
+        return self.with_adapter(name, folder=path)
 
     @property
     def adapter_path(self) -> Path | None:
-        """The folder of this view's adapter (None for the base model). `info.spec` of a view made by
-        `load_adapter` names only the base model, so whatever must tell two adapters apart asks this."""
-        if self.adapter is None:
-            return None
-        return next((Path(p) for p, n in self._shared["adapters"].items() if n == self.adapter), None)
+        """The folder of this view's adapter, resolved (None for the base model): what its weights are
+        read from (`cost`, the weights hash of `records.train`)."""
+        return None if self.adapter is None else self._folder_of(self.adapter)
 
     def cost(self) -> dict:
         """What this view adds to the base model: the adapter's parameters and training time."""
@@ -155,9 +159,19 @@ class LocalModel(ContinuationScoring):
             "training_s": float(meta.get("train_seconds") or 0.0),
         }
 
-    def with_adapter(self, name: str | None) -> LocalModel:
-        info = ModelInfo(**{**self.info.__dict__, "extra": {**self.info.extra, "adapter": name}})
+    def with_adapter(self, name: str | None, *, folder: str | Path | None = None) -> LocalModel:
+        """A view of the shared model that uses the loaded adapter `name` (None: the base model). Its
+        spec is the base model's plus `+lora:FOLDER` (`folder` as the caller named it, else the folder
+        the adapter was loaded from), the spec that loading it with `+lora:` gives."""
+        base = self._shared.get("spec", self.info.spec)
+        if name is not None:
+            folder = folder if folder is not None else self._folder_of(name)
+            base = f"{base}+lora:{folder}" if folder is not None else f"{base}+lora@{name}"
+        info = ModelInfo(**{**self.info.__dict__, "spec": base, "extra": {**self.info.extra, "adapter": name}})
         return LocalModel(self.model, self.tokenizer, info, adapter=name, _shared=self._shared)
+
+    def _folder_of(self, name: str) -> Path | None:
+        return next((Path(p) for p, n in self._shared["adapters"].items() if n == name), None)
 
     @contextmanager
     def _adapter_scope(self) -> Iterator[None]:

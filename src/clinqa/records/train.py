@@ -277,7 +277,7 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
     path = Path(out) if out else None
-    settings = digest({**_describe(selector), **_adapter_identity(getattr(selector, "predictor", None))})
+    settings = _row_settings(_describe(selector), getattr(selector, "predictor", None))
     rows = _resumed_rows(path, settings, "selection")
     scored = getattr(selector, "run_scored", None)
     scored = scored if callable(scored) else None
@@ -310,7 +310,7 @@ def evaluate_selection(selector: Any, records: Mapping[str, PatientRecord] | Seq
         if scores is not None:
             row["ap"] = _average_precision(lines[q.patient_id], scores, q.relevant_ids)
         rows[q.id] = row
-        _append_row(path, row, settings)
+        _append_row(path, row, settings[0])
         done += 1
         if progress:
             progress(done, len(questions))
@@ -367,14 +367,8 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
     by_patient = _by_patient(records)
     lines = _LineCache(by_patient)
     path = Path(out) if out else None
-    settings = digest(
-        {
-            "model": predictor.info.spec,
-            **_adapter_identity(predictor),
-            "max_new_tokens": max_new_tokens,
-            "meteor": with_meteor,
-        }
-    )
+    described = {"model": predictor.info.spec, "max_new_tokens": max_new_tokens, "meteor": with_meteor}
+    settings = _row_settings(described, predictor)
     rows = _resumed_rows(path, settings, "answer")
     todo = [q for q in questions if q.id not in rows or rows[q.id].get("reference") != q.answer]
     for i, q in enumerate(todo):
@@ -383,7 +377,7 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
         row = {"question_id": q.id, "reference": q.answer, "answer": text, "rouge_l": rouge_l(q.answer, text),
                "meteor": meteor_score(q.answer, text, wordnet=wordnet) if with_meteor else None}  # fmt: skip
         rows[q.id] = row
-        _append_row(path, row, settings)
+        _append_row(path, row, settings[0])
         if progress:
             progress(len(questions) - len(todo) + i + 1, len(questions))
     per = {q.id: rows[q.id] for q in questions}
@@ -394,9 +388,9 @@ def evaluate_answering(predictor: Any, records: Mapping[str, PatientRecord] | Se
 
 
 def _adapter_identity(predictor: Any) -> dict[str, str]:
-    """{"adapter": hash of its weights} for a model with a LoRA adapter, else {}: a view made by
-    `LocalModel.load_adapter` (as `forgetting` makes them) keeps the base model's spec, so without this
-    the rows of one adapter would be taken for another's, or for a retrained one's in the same folder."""
+    """{"adapter": hash of its weights} for a model with a LoRA adapter, else {}: its spec names the
+    adapter's folder, so without this the rows of an adapter retrained in that folder would be taken
+    for the old one's."""
     from clinqa.adapt.lora_adapter import weights_hash
 
     path = getattr(predictor, "adapter_path", None)
@@ -405,14 +399,26 @@ def _adapter_identity(predictor: Any) -> dict[str, str]:
     return {"adapter": weights_hash(path)}
 
 
-def _resumed_rows(path: Path | None, settings: str, what: str) -> dict[str, dict[str, Any]]:
-    """The rows of a resumable JSONL file (`evaluate_selection`, `evaluate_answering`) made with these
-    `settings` (a digest), by question id (the last one wins); a line torn by a kill is cut off."""
+def _row_settings(described: dict[str, Any], predictor: Any) -> tuple[str, ...]:
+    """The digests of `described` (settings with the model's spec under "model") that a row file
+    accepts, the first the one new rows get: with the adapter's weights hash for a LoRA view, and the
+    same with the base model's spec, which an adapter view's spec was before it named its adapter (the
+    hash tells the adapter), so rows written then resume."""
+    identity = _adapter_identity(predictor)
+    now = digest({**described, **identity})
+    if not identity:
+        return (now,)
+    return now, digest({**described, **identity, "model": predictor.with_adapter(None).info.spec})
+
+
+def _resumed_rows(path: Path | None, settings: tuple[str, ...], what: str) -> dict[str, dict[str, Any]]:
+    """The rows of a resumable JSONL file (`evaluate_selection`, `evaluate_answering`) made with one of
+    these `settings` (`_row_settings`), by question id (the last one wins); a line torn by a kill is cut off."""
     if not path or not path.exists():
         return {}
     rows = read_appended(path, json.loads, corrupt=f"corrupt {what} line; delete the file and re-run")
     return {
-        r["question_id"]: {k: v for k, v in r.items() if k != "settings"} for r in rows if r.get("settings") == settings
+        r["question_id"]: {k: v for k, v in r.items() if k != "settings"} for r in rows if r.get("settings") in settings
     }
 
 
@@ -442,7 +448,9 @@ def _after_retuned(base: Any, stages: Mapping[str, Any], stages_dir: Path, tune_
     tune_q = read_questions(stages_dir / TUNE_FILE)
     examples = selection_examples(tune_records, tune_q)
     key = {**tuning_key(selector, examples), **_adapter_identity(selector.predictor)}
-    previous = matching_tuning(_read_json(stages_dir / RETUNED_FILE), key)
+    earlier = _read_json(stages_dir / RETUNED_FILE)  # kept before a view's spec named its adapter: the base's
+    as_before = {**key, "selector": {**key["selector"], "model": selector.predictor.with_adapter(None).info.spec}}
+    previous = matching_tuning(earlier, key) or matching_tuning(earlier, as_before)
     if previous:
         tuning, selector.threshold = previous, previous["threshold"]
     else:
