@@ -98,11 +98,12 @@ class LocalModel(ContinuationScoring):
         self.tokenizer = tokenizer
         self.info = info
         self.adapter = adapter
-        # state shared by all adapter views of this model: the PeftModel (once an adapter is loaded)
+        # state shared by all adapter views of this model: the PeftModel (once an adapter is loaded), the
+        # adapters loaded (resolved folder -> name) and the base model's spec
         self._shared = (
             _shared
             if _shared is not None
-            else {"peft": None, "lock": threading.RLock(), "adapters": {}, "spec": info.spec}  # spec: the base's
+            else {"peft": None, "lock": threading.RLock(), "adapters": {}, "spec": info.spec}
         )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -163,7 +164,7 @@ class LocalModel(ContinuationScoring):
         """A view of the shared model that uses the loaded adapter `name` (None: the base model). Its
         spec is the base model's plus `+lora:FOLDER` (`folder` as the caller named it, else the folder
         the adapter was loaded from), the spec that loading it with `+lora:` gives."""
-        base = self._shared.get("spec", self.info.spec)
+        base = self._shared["spec"]
         if name is not None:
             folder = folder if folder is not None else self._folder_of(name)
             base = f"{base}+lora:{folder}" if folder is not None else f"{base}+lora@{name}"
